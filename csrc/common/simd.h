@@ -1,0 +1,153 @@
+// The vector type each ISA build computes with. A kernel source includes this header and is
+// compiled once per ISA (setup.py passes -DFASTCONV_ISA_<NAME> and that ISA's -m flags); all
+// of its code lives in namespace fastconv::<isa>, so the three builds never share a symbol.
+//
+// Rule for ISA translation units: do not instantiate std:: templates with code in them
+// (std::min, std::vector, ...). The linker keeps one copy of such weak symbols for the whole
+// library, and it may be the AVX-512 one, which would then run on the scalar path.
+#pragma once
+#include <cstdint>
+
+#if defined(FASTCONV_ISA_AVX512) || defined(FASTCONV_ISA_AVX2)
+#include <immintrin.h>
+#endif
+
+#if defined(FASTCONV_ISA_AVX512)
+#define FASTCONV_ISA avx512
+#elif defined(FASTCONV_ISA_AVX2)
+#define FASTCONV_ISA avx2
+#elif defined(FASTCONV_ISA_SCALAR)
+#define FASTCONV_ISA scalar
+#else
+#error "compile with -DFASTCONV_ISA_AVX512, -DFASTCONV_ISA_AVX2 or -DFASTCONV_ISA_SCALAR"
+#endif
+
+#define FASTCONV_STR2(x) #x
+#define FASTCONV_STR(x) FASTCONV_STR2(x)
+
+namespace fastconv {
+namespace FASTCONV_ISA {
+
+// Vec<T>: `lanes` values of T. Operations: zero, load (unaligned), broadcast of one value
+// from memory, fused multiply-add, add, store (unaligned). Nothing else is needed by the kernels.
+template <typename T>
+struct Vec;
+
+#if defined(FASTCONV_ISA_AVX512)
+
+constexpr int kVectorRegisters = 32;
+
+template <>
+struct Vec<float> {
+  static constexpr int lanes = 16;
+  __m512 v;
+  static Vec zero() { return {_mm512_setzero_ps()}; }
+  static Vec load(const float* p) { return {_mm512_loadu_ps(p)}; }
+  static Vec broadcast(const float* p) { return {_mm512_set1_ps(*p)}; }
+  void store(float* p) const { _mm512_storeu_ps(p, v); }
+};
+template <>
+struct Vec<double> {
+  static constexpr int lanes = 8;
+  __m512d v;
+  static Vec zero() { return {_mm512_setzero_pd()}; }
+  static Vec load(const double* p) { return {_mm512_loadu_pd(p)}; }
+  static Vec broadcast(const double* p) { return {_mm512_set1_pd(*p)}; }
+  void store(double* p) const { _mm512_storeu_pd(p, v); }
+};
+inline Vec<float> fmadd(Vec<float> a, Vec<float> b, Vec<float> c) {
+  return {_mm512_fmadd_ps(a.v, b.v, c.v)};
+}
+inline Vec<double> fmadd(Vec<double> a, Vec<double> b, Vec<double> c) {
+  return {_mm512_fmadd_pd(a.v, b.v, c.v)};
+}
+inline Vec<float> add(Vec<float> a, Vec<float> b) { return {_mm512_add_ps(a.v, b.v)}; }
+inline Vec<double> add(Vec<double> a, Vec<double> b) { return {_mm512_add_pd(a.v, b.v)}; }
+
+#elif defined(FASTCONV_ISA_AVX2)
+
+constexpr int kVectorRegisters = 16;
+
+template <>
+struct Vec<float> {
+  static constexpr int lanes = 8;
+  __m256 v;
+  static Vec zero() { return {_mm256_setzero_ps()}; }
+  static Vec load(const float* p) { return {_mm256_loadu_ps(p)}; }
+  static Vec broadcast(const float* p) { return {_mm256_broadcast_ss(p)}; }
+  void store(float* p) const { _mm256_storeu_ps(p, v); }
+};
+template <>
+struct Vec<double> {
+  static constexpr int lanes = 4;
+  __m256d v;
+  static Vec zero() { return {_mm256_setzero_pd()}; }
+  static Vec load(const double* p) { return {_mm256_loadu_pd(p)}; }
+  static Vec broadcast(const double* p) { return {_mm256_broadcast_sd(p)}; }
+  void store(double* p) const { _mm256_storeu_pd(p, v); }
+};
+inline Vec<float> fmadd(Vec<float> a, Vec<float> b, Vec<float> c) {
+  return {_mm256_fmadd_ps(a.v, b.v, c.v)};
+}
+inline Vec<double> fmadd(Vec<double> a, Vec<double> b, Vec<double> c) {
+  return {_mm256_fmadd_pd(a.v, b.v, c.v)};
+}
+inline Vec<float> add(Vec<float> a, Vec<float> b) { return {_mm256_add_ps(a.v, b.v)}; }
+inline Vec<double> add(Vec<double> a, Vec<double> b) { return {_mm256_add_pd(a.v, b.v)}; }
+
+#else  // scalar: plain C++ on the baseline ISA; the compiler may still use SSE2.
+
+constexpr int kVectorRegisters = 16;
+
+template <typename T>
+struct Vec {
+  static constexpr int lanes = 4;
+  T v[lanes];
+  static Vec zero() {
+    Vec r;
+    for (int i = 0; i < lanes; ++i) r.v[i] = T(0);
+    return r;
+  }
+  static Vec load(const T* p) {
+    Vec r;
+    for (int i = 0; i < lanes; ++i) r.v[i] = p[i];
+    return r;
+  }
+  static Vec broadcast(const T* p) {
+    Vec r;
+    for (int i = 0; i < lanes; ++i) r.v[i] = *p;
+    return r;
+  }
+  void store(T* p) const {
+    for (int i = 0; i < lanes; ++i) p[i] = v[i];
+  }
+};
+template <typename T>
+inline Vec<T> fmadd(Vec<T> a, Vec<T> b, Vec<T> c) {
+  Vec<T> r;
+  for (int i = 0; i < Vec<T>::lanes; ++i) r.v[i] = a.v[i] * b.v[i] + c.v[i];
+  return r;
+}
+template <typename T>
+inline Vec<T> add(Vec<T> a, Vec<T> b) {
+  Vec<T> r;
+  for (int i = 0; i < Vec<T>::lanes; ++i) r.v[i] = a.v[i] + b.v[i];
+  return r;
+}
+
+#endif
+
+inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+inline int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
+
+// Static split of [0, n) over `parts` workers: worker i gets [begin, end).
+inline void split_range(int64_t n, int parts, int i, int64_t* begin, int64_t* end) {
+  int64_t base = n / parts, extra = n % parts;
+  *begin = i * base + min64(i, extra);
+  *end = *begin + base + (i < extra ? 1 : 0);
+}
+
+}  // namespace FASTCONV_ISA
+}  // namespace fastconv

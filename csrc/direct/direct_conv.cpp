@@ -1,0 +1,504 @@
+// Direct convolution: forward, grad-input, grad-weight and grad-bias, for one ISA (this file
+// is compiled once per ISA, see simd.h).
+//
+// Strategy (after oneDNN's jit_avx512_common / brgconv kernels, ../shared/notes §1):
+//   * Activations are read as zero-padded NHWC ("padded input"): a channels_last input with
+//     no padding is used in place; anything else is copied once per call into a reused
+//     workspace. With the borders materialised the micro-kernel has no bounds checks.
+//   * Weights are packed per group and per block of BK = NBK * lanes output channels as
+//     [tap = r*S + s][c][BK]: one vector load gives BK/NBK output channels of one (c, tap).
+//   * The micro-kernel holds an UR x NBK tile of accumulators: UR consecutive output pixels
+//     (flattened over n, oh, ow, so 7x7 and 14x14 maps fill every tile) times NBK vectors of
+//     output channels. Per input channel it loads NBK weight vectors and broadcasts UR input
+//     values, then issues UR * NBK FMAs.
+//   * Grad-input is the same kernel run over the output gradient (zeros inserted between
+//     pixels when strided) with the weights flipped and in/out channels swapped.
+//   * Grad-weight holds a URC x NBK tile of dW (URC input channels of one tap, NBK vectors of
+//     output channels) in registers and sweeps a chunk of output pixels.
+#include <omp.h>
+
+#include <cstring>
+
+#include "../common/geometry.h"
+#include "../common/simd.h"
+
+namespace fastconv {
+namespace FASTCONV_ISA {
+namespace {
+
+// Register blocking, measured on Zen 5 (see benchmarks/): UR pixels x NBK channel vectors.
+// UR * NBK accumulators + NBK weight vectors + one broadcast must fit the register file.
+#if defined(FASTCONV_ISA_AVX512)
+constexpr int kUr = 12, kNbk = 2;  // 24 accumulators of 32 zmm
+#elif defined(FASTCONV_ISA_AVX2)
+constexpr int kUr = 6, kNbk = 2;  // 12 accumulators of 16 ymm
+#else
+constexpr int kUr = 4, kNbk = 2;
+#endif
+constexpr int kUrc = kUr;  // grad-weight: input channels per tile
+
+// Below this many FLOPs a parallel region costs more than it saves.
+constexpr int64_t kSerialFlops = int64_t(1) << 18;
+
+inline int threads_for(int64_t flops, int nthreads) {
+  return flops < kSerialFlops ? 1 : (nthreads < 1 ? 1 : nthreads);
+}
+
+template <typename T>
+T* ws(int slot, int64_t count) {
+  return static_cast<T*>(workspace(slot, count * int64_t(sizeof(T))));
+}
+
+// ---------------------------------------------------------------------------------------
+// Layout transforms
+// ---------------------------------------------------------------------------------------
+
+// dst(n, top + h*step_h, left + w*step_w, c) = src(n, c, h, w) for every source element that
+// lands inside dst's Hd x Wd; every other element of dst is zero. dst is NHWC (channels C).
+// step > 1 inserts zeros between pixels (grad-input of a strided convolution).
+template <typename T>
+void scatter_to_nhwc(const T* src, int layout, int64_t N, int64_t C, int64_t H, int64_t W, T* dst,
+                     int64_t Hd, int64_t Wd, int64_t top, int64_t left, int64_t step_h,
+                     int64_t step_w, int nthreads) {
+  // Source columns w whose destination column lies in [0, Wd).
+  int64_t w_lo = 0;
+  while (w_lo < W && left + w_lo * step_w < 0) ++w_lo;
+  int64_t w_hi = W;
+  while (w_hi > w_lo && left + (w_hi - 1) * step_w >= Wd) --w_hi;
+  const int64_t HW = H * W;
+  const int64_t rows = N * Hd;
+  const int nt = threads_for(rows * Wd * C * 4, nthreads);
+#pragma omp parallel for num_threads(nt) schedule(static)
+  for (int64_t row = 0; row < rows; ++row) {
+    const int64_t n = row / Hd, hd = row % Hd;
+    T* d = dst + row * Wd * C;
+    const int64_t hh = hd - top;
+    const bool has_src = hh >= 0 && hh % step_h == 0 && hh / step_h < H && w_lo < w_hi;
+    if (!has_src) {
+      std::memset(d, 0, sizeof(T) * Wd * C);
+      continue;
+    }
+    const int64_t h = hh / step_h;
+    if (step_w == 1) {  // zero only the margins
+      std::memset(d, 0, sizeof(T) * (left + w_lo) * C);
+      const int64_t end = left + w_hi;
+      std::memset(d + end * C, 0, sizeof(T) * (Wd - end) * C);
+    } else {
+      std::memset(d, 0, sizeof(T) * Wd * C);
+    }
+    if (layout == kNHWC) {
+      const T* s = src + ((n * H + h) * W) * C;
+      if (step_w == 1) {
+        std::memcpy(d + (left + w_lo) * C, s + w_lo * C, sizeof(T) * (w_hi - w_lo) * C);
+      } else {
+        for (int64_t w = w_lo; w < w_hi; ++w)
+          std::memcpy(d + (left + w * step_w) * C, s + w * C, sizeof(T) * C);
+      }
+    } else {
+      // Transpose in 16-column strips: reads stay sequential, the 16 destination pixels
+      // being written stay in L1 while c advances.
+      const T* s = src + n * C * HW + h * W;
+      for (int64_t w0 = w_lo; w0 < w_hi; w0 += 16) {
+        const int64_t w1 = min64(w0 + 16, w_hi);
+        for (int64_t c = 0; c < C; ++c) {
+          const T* sc = s + c * HW;
+          for (int64_t w = w0; w < w1; ++w) d[(left + w * step_w) * C + c] = sc[w];
+        }
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Weight packing
+// ---------------------------------------------------------------------------------------
+
+// Packed weights for G groups of Kg output x Cg input channels and RS taps. Block (g, kb)
+// starts at ((g * KB + kb) * RS * Cg) * BK and holds [tap][c][bw] with bw = BK, or for the
+// last block round_up(remaining channels, lanes); channels past Kg are zero.
+// `src(g, k, c, tap)` reads the unpacked weight.
+template <typename T, typename Src>
+void pack_weights(int64_t G, int64_t Kg, int64_t Cg, int64_t RS, int64_t BK, int lanes, Src src,
+                  T* wp, int nthreads) {
+  const int64_t KB = ceil_div(Kg, BK);
+  const int nt = threads_for(G * Kg * Cg * RS * 4, nthreads);
+#pragma omp parallel for num_threads(nt) schedule(static)
+  for (int64_t blk = 0; blk < G * KB; ++blk) {
+    const int64_t g = blk / KB, kb = blk % KB;
+    const int64_t k0 = kb * BK, kv = min64(BK, Kg - k0), bw = round_up(kv, lanes);
+    T* d = wp + blk * RS * Cg * BK;
+    for (int64_t t = 0; t < RS; ++t)
+      for (int64_t c = 0; c < Cg; ++c, d += bw) {
+        for (int64_t k = 0; k < kv; ++k) d[k] = src(g, k0 + k, c, t);
+        for (int64_t k = kv; k < bw; ++k) d[k] = T(0);
+      }
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Forward micro-kernel and driver
+// ---------------------------------------------------------------------------------------
+
+// out[j][b*lanes + i] = sum over taps t and input channels c of
+//     px[j][tap_off[t] + c] * w[(t * Cg + c) * NBK*lanes + b*lanes + i]
+// for UR pixels j (base pointers px) and NBK vectors of output channels.
+template <typename T, int UR, int NBK>
+inline void f_direct_tile(const T* const* px, const int64_t* tap_off, int64_t ntaps, int64_t Cg,
+                          const T* w, T* out) {
+  using V = Vec<T>;
+  constexpr int L = V::lanes;
+  V acc[UR][NBK];
+  for (int j = 0; j < UR; ++j)
+    for (int b = 0; b < NBK; ++b) acc[j][b] = V::zero();
+  for (int64_t t = 0; t < ntaps; ++t) {
+    const T* p[UR];
+    for (int j = 0; j < UR; ++j) p[j] = px[j] + tap_off[t];
+    for (int64_t c = 0; c < Cg; ++c, w += NBK * L) {
+      V wv[NBK];
+      for (int b = 0; b < NBK; ++b) wv[b] = V::load(w + b * L);
+      for (int j = 0; j < UR; ++j) {
+        const V xv = V::broadcast(p[j] + c);
+        for (int b = 0; b < NBK; ++b) acc[j][b] = fmadd(xv, wv[b], acc[j][b]);
+      }
+    }
+  }
+  for (int j = 0; j < UR; ++j)
+    for (int b = 0; b < NBK; ++b) acc[j][b].store(out + (j * NBK + b) * L);
+}
+
+// A stride-s, dilation-d convolution of a padded NHWC input (no padding left to apply).
+template <typename T>
+struct PaddedProblem {
+  const T* x;          // (n, h, w, c) at x[((n * Hp + h) * Wp + w) * C + c]
+  int64_t Hp, Wp, C;   // C = all input channels (G * Cg)
+  int64_t N, OH, OW;
+  int64_t sh, sw, dh, dw, R, S;
+  int64_t G, Cg, Kg;
+  const T* wp;         // packed as in pack_weights with BK = kNbk * lanes
+  const T* bias;       // K values or nullptr
+  T* y;                // N x K x OH x OW in y_layout
+  int y_layout;
+};
+
+template <typename T>
+void forward_padded(const PaddedProblem<T>& p, int nthreads) {
+  constexpr int L = Vec<T>::lanes, BK = kNbk * L;
+  const int64_t K = p.G * p.Kg, KB = ceil_div(p.Kg, BK), RS = p.R * p.S;
+  const int64_t OHW = p.OH * p.OW, P = p.N * OHW, NT = ceil_div(P, kUr);
+  const int64_t units = p.G * KB * NT;
+  if (P == 0 || K == 0) return;
+
+  int64_t* tap_off = ws<int64_t>(kWsAccum, RS);
+  for (int64_t r = 0; r < p.R; ++r)
+    for (int64_t s = 0; s < p.S; ++s) tap_off[r * p.S + s] = (r * p.dh * p.Wp + s * p.dw) * p.C;
+
+  const int nt = threads_for(2 * P * K * p.Cg * RS, nthreads);
+#pragma omp parallel num_threads(nt)
+  {
+    int64_t u0, u1;
+    split_range(units, omp_get_num_threads(), omp_get_thread_num(), &u0, &u1);
+    alignas(64) T tile[kUr * BK];
+    const T* px[kUr];
+    int64_t pn[kUr], pq[kUr];
+    for (int64_t u = u0; u < u1; ++u) {
+      // Units run tile-fastest so that one weight block stays in cache across tiles.
+      const int64_t tile_i = u % NT, blk = u / NT, g = blk / KB, kb = blk % KB;
+      const int64_t first = tile_i * kUr, m = min64(kUr, P - first);
+      for (int j = 0; j < kUr; ++j) {
+        // Pixels past the end repeat the last one; their results are not stored.
+        const int64_t pix = first + min64(j, m - 1);
+        const int64_t n = pix / OHW, q = pix % OHW, oh = q / p.OW, ow = q % p.OW;
+        pn[j] = n;
+        pq[j] = q;
+        px[j] = p.x + ((n * p.Hp + oh * p.sh) * p.Wp + ow * p.sw) * p.C + g * p.Cg;
+      }
+      const int64_t k0 = kb * BK, kv = min64(BK, p.Kg - k0);
+      const T* w = p.wp + blk * RS * p.Cg * BK;
+      if (kv > L * (kNbk - 1))
+        f_direct_tile<T, kUr, kNbk>(px, tap_off, RS, p.Cg, w, tile);
+      else
+        f_direct_tile<T, kUr, 1>(px, tap_off, RS, p.Cg, w, tile);
+      const int64_t bw = round_up(kv, L), kg0 = g * p.Kg + k0;
+      // Epilogue: bias, then store in the output's layout.
+      for (int64_t j = 0; j < m; ++j) {
+        const T* t = tile + j * bw;
+        if (p.y_layout == kNHWC) {
+          T* yp = p.y + (first + j) * K + kg0;
+          for (int64_t k = 0; k < kv; ++k) yp[k] = t[k] + (p.bias ? p.bias[kg0 + k] : T(0));
+        } else {
+          T* yp = p.y + (pn[j] * K + kg0) * OHW + pq[j];
+          for (int64_t k = 0; k < kv; ++k)
+            yp[k * OHW] = t[k] + (p.bias ? p.bias[kg0 + k] : T(0));
+        }
+      }
+    }
+  }
+}
+
+template <typename T>
+void forward(const ConvGeom& g, const T* x, int x_layout, const T* w, const T* bias, T* y,
+             int y_layout, int nthreads) {
+  constexpr int L = Vec<T>::lanes, BK = kNbk * L;
+  const int64_t Cg = g.Cg(), Kg = g.Kg(), RS = g.R * g.S;
+  const int64_t Hp = g.H + g.pt + g.pb, Wp = g.W + g.pl + g.pr;
+  const T* xp = x;
+  if (x_layout != kNHWC || g.pt || g.pb || g.pl || g.pr) {
+    T* buf = ws<T>(kWsInput, g.N * Hp * Wp * g.C);
+    scatter_to_nhwc(x, x_layout, g.N, g.C, g.H, g.W, buf, Hp, Wp, g.pt, g.pl, 1, 1, nthreads);
+    xp = buf;
+  }
+  T* wp = ws<T>(kWsWeight, g.groups * ceil_div(Kg, BK) * BK * Cg * RS);
+  pack_weights<T>(
+      g.groups, Kg, Cg, RS, BK, L,
+      [&](int64_t gi, int64_t k, int64_t c, int64_t t) { return w[((gi * Kg + k) * Cg + c) * RS + t]; },
+      wp, nthreads);
+  PaddedProblem<T> p{xp,  Hp,   Wp,   g.C,       g.N,  g.OH, g.OW, g.sh, g.sw, g.dh,    g.dw,
+                     g.R, g.S, g.groups, Cg, Kg, wp,  bias, y,    y_layout};
+  forward_padded(p, nthreads);
+}
+
+// grad_x = stride-1 convolution, with dilation (dh, dw), of grad_y placed every (sh, sw)
+// pixels in a zero buffer of (H + dh*(R-1)) x (W + dw*(S-1)), using the flipped weights with
+// input and output channels swapped: w'[c][k][r][s] = w[k][c][R-1-r][S-1-s] per group.
+template <typename T>
+void grad_input(const ConvGeom& g, const T* gy, int gy_layout, const T* w, T* gx, int gx_layout,
+                int nthreads) {
+  constexpr int L = Vec<T>::lanes, BK = kNbk * L;
+  const int64_t Cg = g.Cg(), Kg = g.Kg(), RS = g.R * g.S;
+  const int64_t Hq = g.H + g.dh * (g.R - 1), Wq = g.W + g.dw * (g.S - 1);
+  T* buf = ws<T>(kWsInput, g.N * Hq * Wq * g.K);
+  scatter_to_nhwc(gy, gy_layout, g.N, g.K, g.OH, g.OW, buf, Hq, Wq, g.dh * (g.R - 1) - g.pt,
+                  g.dw * (g.S - 1) - g.pl, g.sh, g.sw, nthreads);
+  T* wp = ws<T>(kWsWeight, g.groups * ceil_div(Cg, BK) * BK * Kg * RS);
+  const int64_t R = g.R, S = g.S;
+  pack_weights<T>(
+      g.groups, Cg, Kg, RS, BK, L,
+      [&](int64_t gi, int64_t c, int64_t k, int64_t t) {
+        const int64_t r = R - 1 - t / S, s = S - 1 - t % S;
+        return w[((gi * Kg + k) * Cg + c) * RS + r * S + s];
+      },
+      wp, nthreads);
+  PaddedProblem<T> p{buf, Hq, Wq, g.K, g.N, g.H, g.W, 1, 1, g.dh, g.dw, g.R, g.S, g.groups, Kg,
+                     Cg,  wp, nullptr, gx, gx_layout};
+  forward_padded(p, nthreads);
+}
+
+// ---------------------------------------------------------------------------------------
+// Grad-weight
+// ---------------------------------------------------------------------------------------
+
+// acc[j][b*lanes + i] += sum over output pixels (oh in [oh0, oh1), ow in [0, OW)) of
+//     x[oh*xrow + ow*xpix + j] * gy[oh*grow + ow*gpix + b*lanes + i]
+// x points at (tap, first channel) of output pixel (oh=0, ow=0) of one image.
+template <typename T, int URC, int NBK>
+inline void gw_tile(const T* x, int64_t xrow, int64_t xpix, const T* gy, int64_t grow,
+                    int64_t gpix, int64_t oh0, int64_t oh1, int64_t OW, T* acc_out) {
+  using V = Vec<T>;
+  constexpr int L = V::lanes;
+  V acc[URC][NBK];
+  for (int j = 0; j < URC; ++j)
+    for (int b = 0; b < NBK; ++b) acc[j][b] = V::zero();
+  for (int64_t oh = oh0; oh < oh1; ++oh) {
+    const T* xr = x + oh * xrow;
+    const T* gr = gy + oh * grow;
+    for (int64_t ow = 0; ow < OW; ++ow, xr += xpix, gr += gpix) {
+      V gv[NBK];
+      for (int b = 0; b < NBK; ++b) gv[b] = V::load(gr + b * L);
+      for (int j = 0; j < URC; ++j) {
+        const V xv = V::broadcast(xr + j);
+        for (int b = 0; b < NBK; ++b) acc[j][b] = fmadd(xv, gv[b], acc[j][b]);
+      }
+    }
+  }
+  // Add this chunk's partial sums to the running total: a two-level sum loses less precision
+  // than one long chain over every pixel.
+  for (int j = 0; j < URC; ++j)
+    for (int b = 0; b < NBK; ++b) {
+      T* o = acc_out + (j * NBK + b) * L;
+      add(V::load(o), acc[j][b]).store(o);
+    }
+}
+
+template <typename T>
+void grad_weight(const ConvGeom& g, const T* gy, int gy_layout, const T* x, int x_layout, T* gw,
+                 int nthreads) {
+  constexpr int L = Vec<T>::lanes, BK = kNbk * L;
+  const int64_t G = g.groups, Cg = g.Cg(), Kg = g.Kg(), RS = g.R * g.S;
+  const int64_t KB = ceil_div(Kg, BK), CT = ceil_div(Cg, int64_t(kUrc));
+  const int64_t Hp = g.H + g.pt + g.pb, Wp = g.W + g.pl + g.pr;
+  if (g.N * g.OH * g.OW == 0 || Kg * Cg * RS == 0) {
+    std::memset(gw, 0, sizeof(T) * g.K * Cg * RS);
+    return;
+  }
+  // Input as padded NHWC; input channels are padded to a whole number of URC tiles so the
+  // last tile can broadcast past Cg without leaving the row (results there are dropped).
+  const int64_t Cp = (G - 1) * Cg + CT * kUrc;
+  T* xp = ws<T>(kWsInput, g.N * Hp * Wp * Cp);
+  {
+    // Scatter into a Cp-channel buffer: first build it with C channels, then widen in place
+    // only when needed (rare: the last group's channel count is not a multiple of URC).
+    if (Cp == g.C) {
+      if (x_layout == kNHWC && !g.pt && !g.pb && !g.pl && !g.pr)
+        xp = const_cast<T*>(x);
+      else
+        scatter_to_nhwc(x, x_layout, g.N, g.C, g.H, g.W, xp, Hp, Wp, g.pt, g.pl, 1, 1, nthreads);
+    } else {
+      T* tmp = ws<T>(kWsGrad, g.N * Hp * Wp * g.C);
+      scatter_to_nhwc(x, x_layout, g.N, g.C, g.H, g.W, tmp, Hp, Wp, g.pt, g.pl, 1, 1, nthreads);
+      const int64_t pixels = g.N * Hp * Wp;
+      for (int64_t i = 0; i < pixels; ++i) {
+        std::memcpy(xp + i * Cp, tmp + i * g.C, sizeof(T) * g.C);
+        std::memset(xp + i * Cp + g.C, 0, sizeof(T) * (Cp - g.C));
+      }
+    }
+  }
+  // Output gradient as NHWC with each group's channels padded to whole vectors.
+  const int64_t Kgp = round_up(Kg, L);
+  const T* gyn = gy;
+  int64_t ldg = g.K, kgs = Kg;
+  if (gy_layout != kNHWC || Kgp != Kg) {
+    ldg = G * Kgp;
+    kgs = Kgp;
+    T* buf = ws<T>(kWsGrad, g.N * g.OH * g.OW * ldg);
+    if (Kgp == Kg) {
+      scatter_to_nhwc(gy, gy_layout, g.N, g.K, g.OH, g.OW, buf, g.OH, g.OW, 0, 0, 1, 1, nthreads);
+    } else {
+      const int64_t OHW = g.OH * g.OW, P = g.N * OHW;
+      for (int64_t pix = 0; pix < P; ++pix) {
+        const int64_t n = pix / OHW, q = pix % OHW;
+        T* d = buf + pix * ldg;
+        for (int64_t gi = 0; gi < G; ++gi)
+          for (int64_t k = 0; k < Kgp; ++k) {
+            const int64_t kk = gi * Kg + k;
+            d[gi * Kgp + k] = k >= Kg                ? T(0)
+                              : gy_layout == kNHWC ? gy[pix * g.K + kk]
+                                                   : gy[(n * g.K + kk) * OHW + q];
+          }
+      }
+    }
+    gyn = buf;
+  }
+
+  // Units: (group, k block, tap, input-channel tile), each owned by one thread for the
+  // whole call, so the accumulators need no synchronisation and results are deterministic.
+  const int64_t units = G * KB * RS * CT;
+  T* accum = ws<T>(kWsAccum, units * kUrc * BK);
+  // Chunks of whole output rows of one image, about 512 pixels: x and gy of a chunk stay in L2
+  // while every unit sweeps it.
+  const int64_t rows_per_chunk = max64(1, 512 / max64(1, g.OW));
+  const int64_t chunks_per_image = ceil_div(g.OH, rows_per_chunk);
+  const int nt = threads_for(g.flops(), nthreads);
+#pragma omp parallel num_threads(nt)
+  {
+    int64_t u0, u1;
+    split_range(units, omp_get_num_threads(), omp_get_thread_num(), &u0, &u1);
+    std::memset(accum + u0 * kUrc * BK, 0, sizeof(T) * (u1 - u0) * kUrc * BK);
+    for (int64_t n = 0; n < g.N; ++n)
+      for (int64_t ch = 0; ch < chunks_per_image; ++ch) {
+        const int64_t oh0 = ch * rows_per_chunk, oh1 = min64(g.OH, oh0 + rows_per_chunk);
+        for (int64_t u = u0; u < u1; ++u) {
+          const int64_t ct = u % CT, t = (u / CT) % RS, blk = u / (CT * RS);
+          const int64_t gi = blk / KB, kb = blk % KB;
+          const int64_t r = t / g.S, s = t % g.S;
+          const T* xb = xp + ((n * Hp + r * g.dh) * Wp + s * g.dw) * Cp + gi * Cg + ct * kUrc;
+          const T* gb = gyn + n * g.OH * g.OW * ldg + gi * kgs + kb * BK;
+          const int64_t kv = min64(BK, Kg - kb * BK);
+          T* a = accum + u * kUrc * BK;
+          if (kv > L * (kNbk - 1))
+            gw_tile<T, kUrc, kNbk>(xb, g.sh * Wp * Cp, g.sw * Cp, gb, g.OW * ldg, ldg, oh0, oh1,
+                                   g.OW, a);
+          else
+            gw_tile<T, kUrc, 1>(xb, g.sh * Wp * Cp, g.sw * Cp, gb, g.OW * ldg, ldg, oh0, oh1,
+                                g.OW, a);
+        }
+      }
+  }
+  // Unpack [unit][c in tile][k in block] into OIHW.
+  for (int64_t u = 0; u < units; ++u) {
+    const int64_t ct = u % CT, t = (u / CT) % RS, blk = u / (CT * RS);
+    const int64_t gi = blk / KB, kb = blk % KB;
+    const int64_t kv = min64(BK, Kg - kb * BK), bw = kv > L * (kNbk - 1) ? BK : L;
+    const T* a = accum + u * kUrc * BK;
+    for (int64_t j = 0; j < kUrc; ++j) {
+      const int64_t c = ct * kUrc + j;
+      if (c >= Cg) break;
+      for (int64_t k = 0; k < kv; ++k)
+        gw[((gi * Kg + kb * BK + k) * Cg + c) * RS + t] = a[j * bw + k];
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Grad-bias: per-channel sums of grad_y, accumulated in double.
+// ---------------------------------------------------------------------------------------
+
+template <typename T>
+double sum_contiguous(const T* p, int64_t n) {
+  using V = Vec<T>;
+  constexpr int L = V::lanes;
+  double total = 0;
+  // Vector partial sums over blocks of 1024 values, each block folded into the double total.
+  for (int64_t i0 = 0; i0 < n; i0 += 1024) {
+    const int64_t i1 = min64(n, i0 + 1024);
+    V acc = V::zero();
+    int64_t i = i0;
+    for (; i + L <= i1; i += L) acc = add(acc, V::load(p + i));
+    alignas(64) T lanes[L];
+    acc.store(lanes);
+    for (int l = 0; l < L; ++l) total += lanes[l];
+    for (; i < i1; ++i) total += p[i];
+  }
+  return total;
+}
+
+template <typename T>
+void grad_bias(const ConvGeom& g, const T* gy, int gy_layout, T* gb, int nthreads) {
+  const int64_t OHW = g.OH * g.OW, K = g.K, P = g.N * OHW;
+  const int nt = threads_for(P * K * 64, nthreads);
+  if (gy_layout == kNCHW) {
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t k = 0; k < K; ++k) {
+      double s = 0;
+      for (int64_t n = 0; n < g.N; ++n) s += sum_contiguous(gy + (n * K + k) * OHW, OHW);
+      gb[k] = T(s);
+    }
+    return;
+  }
+  // NHWC: each thread sums a range of pixels into its own row of doubles.
+  double* part = ws<double>(kWsAccum, int64_t(nt) * K);
+#pragma omp parallel num_threads(nt)
+  {
+    const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
+    int64_t p0, p1;
+    split_range(P, nth, tid, &p0, &p1);
+    double* acc = part + tid * K;
+    for (int64_t k = 0; k < K; ++k) acc[k] = 0;
+    for (int64_t p = p0; p < p1; ++p) {
+      const T* row = gy + p * K;
+      for (int64_t k = 0; k < K; ++k) acc[k] += row[k];
+    }
+#pragma omp barrier
+#pragma omp for schedule(static)
+    for (int64_t k = 0; k < K; ++k) {
+      double s = 0;
+      for (int i = 0; i < nth; ++i) s += part[i * K + k];
+      gb[k] = T(s);
+    }
+  }
+}
+
+template <typename T>
+constexpr ConvKernels<T> direct_kernels() {
+  return {&forward<T>, &grad_input<T>, &grad_weight<T>, &grad_bias<T>};
+}
+
+}  // namespace
+
+const IsaKernels& kernels() {
+  static const IsaKernels table{FASTCONV_STR(FASTCONV_ISA), direct_kernels<float>(),
+                                direct_kernels<double>()};
+  return table;
+}
+
+}  // namespace FASTCONV_ISA
+}  // namespace fastconv

@@ -1,0 +1,63 @@
+"""Builds fastconv._C: every kernel source once per ISA, linked into one module.
+
+Kernel sources (csrc/<algorithm>/*.cpp) are compiled three times, with -DFASTCONV_ISA_<NAME>
+and that ISA's -m flags, into separate object directories; the bindings and shared code are
+compiled once for the baseline ISA and pick a kernel table at run time.
+
+FASTCONV_SANITIZE=1 builds with -fsanitize=address,undefined (see README: "Sanitizers").
+"""
+import glob
+import os
+
+from pybind11.setup_helpers import Pybind11Extension
+from setuptools import setup
+from setuptools.command.build_ext import build_ext
+
+ISA_FLAGS = {
+    "scalar": [],
+    "avx2": ["-mavx2", "-mfma"],
+    "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma"],
+}
+KERNEL_SOURCES = sorted(
+    p for p in glob.glob("csrc/*/*.cpp") if not p.startswith(os.path.join("csrc", "common"))
+)
+COMMON_SOURCES = ["csrc/bindings.cpp"] + sorted(glob.glob("csrc/common/*.cpp"))
+
+SANITIZE = os.environ.get("FASTCONV_SANITIZE", "") not in ("", "0")
+COMPILE_ARGS = ["-O3", "-fopenmp", "-std=c++17", "-fno-math-errno"]
+LINK_ARGS = ["-fopenmp"]
+if SANITIZE:
+    COMPILE_ARGS = ["-O1", "-g", "-fno-omit-frame-pointer", "-fopenmp", "-std=c++17",
+                    "-fsanitize=address,undefined", "-fno-sanitize-recover=undefined"]
+    LINK_ARGS = ["-fopenmp", "-fsanitize=address,undefined"]
+
+
+class BuildPerIsa(build_ext):
+    """Compiles KERNEL_SOURCES once per ISA and links the objects into the extension."""
+
+    def build_extension(self, ext):
+        objects = []
+        for isa, flags in ISA_FLAGS.items():
+            objects += self.compiler.compile(
+                KERNEL_SOURCES,
+                output_dir=os.path.join(self.build_temp, "isa_" + isa),
+                macros=[("FASTCONV_ISA_" + isa.upper(), "1")],
+                include_dirs=["csrc"],
+                extra_postargs=COMPILE_ARGS + flags,
+                depends=ext.depends,
+            )
+        ext.extra_objects = objects
+        super().build_extension(ext)
+
+
+ext = Pybind11Extension(
+    "fastconv._C",
+    COMMON_SOURCES,
+    include_dirs=["csrc"],
+    extra_compile_args=COMPILE_ARGS,
+    extra_link_args=LINK_ARGS,
+    cxx_std=17,
+    depends=sorted(glob.glob("csrc/**/*.h", recursive=True)),
+)
+
+setup(ext_modules=[ext], cmdclass={"build_ext": BuildPerIsa})
