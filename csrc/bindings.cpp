@@ -62,9 +62,17 @@ void set_isa(const std::string& isa) {
   g_active.store(t, std::memory_order_release);
 }
 
-// Geometry as one flat tuple, in ConvGeom's field order.
-using GeomArgs = std::array<int64_t, 18>;
-ConvGeom to_geom(const GeomArgs& a) {
+// Geometry as one flat tuple of 18 ints, in ConvGeom's field order. Read by hand: pybind11's
+// std::array caster costs ~1.4 us per call, most of a tiny convolution's budget.
+using GeomArgs = py::tuple;
+ConvGeom to_geom(const py::tuple& t) {
+  constexpr int kFields = 18;
+  if (t.size() != kFields) throw std::invalid_argument("geometry must be a tuple of 18 ints");
+  int64_t a[kFields];
+  for (int i = 0; i < kFields; ++i) {
+    a[i] = PyLong_AsLongLong(PyTuple_GET_ITEM(t.ptr(), i));
+    if (a[i] == -1 && PyErr_Occurred()) throw py::error_already_set();
+  }
   return ConvGeom{a[0], a[1], a[2],  a[3],  a[4],  a[5],  a[6],  a[7],  a[8],
                   a[9], a[10], a[11], a[12], a[13], a[14], a[15], a[16], a[17]};
 }
@@ -95,44 +103,45 @@ PYBIND11_MODULE(_C, m) {
   m.def("release_workspaces", &release_workspaces,
         "Free the calling thread's scratch buffers (they are otherwise kept for reuse)");
 
-  const auto nogil = py::call_guard<py::gil_scoped_release>();
+  // Arguments are converted with the GIL held; the kernels run with it released.
+
   m.def(
       "forward",
       [](int dtype, const GeomArgs& ga, uintptr_t x, int xl, uintptr_t w, uintptr_t b,
          uintptr_t y, int yl, int nt) {
         const ConvGeom g = to_geom(ga);
+        py::gil_scoped_release nogil;
         by_dtype(
             dtype, [&](auto& k) { k.forward(g, ptr<float>(x), xl, ptr<float>(w), ptr<float>(b), ptr<float>(y), yl, nt); },
             [&](auto& k) { k.forward(g, ptr<double>(x), xl, ptr<double>(w), ptr<double>(b), ptr<double>(y), yl, nt); });
-      },
-      nogil);
+      });
   m.def(
       "grad_input",
       [](int dtype, const GeomArgs& ga, uintptr_t gy, int gyl, uintptr_t w, uintptr_t gx, int gxl,
          int nt) {
         const ConvGeom g = to_geom(ga);
+        py::gil_scoped_release nogil;
         by_dtype(
             dtype, [&](auto& k) { k.grad_input(g, ptr<float>(gy), gyl, ptr<float>(w), ptr<float>(gx), gxl, nt); },
             [&](auto& k) { k.grad_input(g, ptr<double>(gy), gyl, ptr<double>(w), ptr<double>(gx), gxl, nt); });
-      },
-      nogil);
+      });
   m.def(
       "grad_weight",
       [](int dtype, const GeomArgs& ga, uintptr_t gy, int gyl, uintptr_t x, int xl, uintptr_t gw,
          int nt) {
         const ConvGeom g = to_geom(ga);
+        py::gil_scoped_release nogil;
         by_dtype(
             dtype, [&](auto& k) { k.grad_weight(g, ptr<float>(gy), gyl, ptr<float>(x), xl, ptr<float>(gw), nt); },
             [&](auto& k) { k.grad_weight(g, ptr<double>(gy), gyl, ptr<double>(x), xl, ptr<double>(gw), nt); });
-      },
-      nogil);
+      });
   m.def(
       "grad_bias",
       [](int dtype, const GeomArgs& ga, uintptr_t gy, int gyl, uintptr_t gb, int nt) {
         const ConvGeom g = to_geom(ga);
+        py::gil_scoped_release nogil;
         by_dtype(
             dtype, [&](auto& k) { k.grad_bias(g, ptr<float>(gy), gyl, ptr<float>(gb), nt); },
             [&](auto& k) { k.grad_bias(g, ptr<double>(gy), gyl, ptr<double>(gb), nt); });
-      },
-      nogil);
+      });
 }

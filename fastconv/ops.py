@@ -86,6 +86,23 @@ def geometry(input_shape, weight_shape, stride, padding, dilation, groups) -> tu
     return (N, C, H, W, K, R, S, OH, OW, sh, sw, dh, dw, pt, pb, pl, pr, groups)
 
 
+_GEOMETRY_CACHE: dict = {}
+
+
+def cached_geometry(input_shape, weight_shape, stride, padding, dilation, groups) -> tuple:
+    """:func:`geometry`, memoised: networks call the same few shapes over and over, and the
+    checks cost ~1 us of Python per call."""
+    key = (tuple(input_shape), tuple(weight_shape), tuple(stride), tuple(padding),
+           tuple(dilation), groups)
+    g = _GEOMETRY_CACHE.get(key)
+    if g is None:
+        g = geometry(input_shape, weight_shape, stride, padding, dilation, groups)
+        if len(_GEOMETRY_CACHE) > 4096:
+            _GEOMETRY_CACHE.clear()
+        _GEOMETRY_CACHE[key] = g
+    return g
+
+
 def _channels_last(t: Tensor) -> bool:
     """True when t is laid out channels_last and not also plainly contiguous (torch's
     suggest_memory_format for 4-D tensors)."""
@@ -105,6 +122,8 @@ def _empty(shape, like: Tensor, channels_last: bool) -> Tensor:
 
 
 def _kernel_algo(algo: str) -> str:
+    if algo == "direct":  # fast path for the common case
+        return algo
     a = dispatch.check_algo(algo)
     return dispatch.Algo.DIRECT.value if a is dispatch.Algo.AUTO else a.value
 
@@ -113,13 +132,13 @@ def _kernel_algo(algo: str) -> str:
 # conv2d
 # --------------------------------------------------------------------------------------------
 
-@torch.library.custom_op("fastconv::conv2d", mutates_args=(), device_types="cpu")
-def conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor], stride: Sequence[int],
-           padding: Sequence[int], dilation: Sequence[int], groups: int, algo: str) -> Tensor:
-    """y = conv(input, weight) + bias with explicit (top, bottom, left, right) padding."""
+def conv2d_forward(input: Tensor, weight: Tensor, bias: Optional[Tensor], stride, padding,
+                   dilation, groups: int, algo: str) -> Tensor:
+    """The body of the conv2d op: checks, allocates the output and runs the kernel. Called by
+    the op, and directly by fastconv.conv2d in eager calls that need no autograd."""
     _check_dtype("input", input)
     _check_dtype("weight", weight, input)
-    g = geometry(input.shape, weight.shape, stride, padding, dilation, groups)
+    g = cached_geometry(input.shape, weight.shape, stride, padding, dilation, groups)
     if bias is not None:
         _check_dtype("bias", bias, input)
         if tuple(bias.shape) != (g[4],):
@@ -136,6 +155,13 @@ def conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor], stride: Sequen
                b.data_ptr() if b is not None else 0, y.data_ptr(), int(out_cl),
                torch.get_num_threads())
     return y
+
+
+@torch.library.custom_op("fastconv::conv2d", mutates_args=(), device_types="cpu")
+def conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor], stride: Sequence[int],
+           padding: Sequence[int], dilation: Sequence[int], groups: int, algo: str) -> Tensor:
+    """y = conv(input, weight) + bias with explicit (top, bottom, left, right) padding."""
+    return conv2d_forward(input, weight, bias, stride, padding, dilation, groups, algo)
 
 
 @conv2d.register_fake

@@ -15,8 +15,6 @@
 //     pixels when strided) with the weights flipped and in/out channels swapped.
 //   * Grad-weight holds a URC x NBK tile of dW (URC input channels of one tap, NBK vectors of
 //     output channels) in registers and sweeps a chunk of output pixels.
-#include <omp.h>
-
 #include <cstring>
 
 #include "../common/geometry.h"
@@ -67,16 +65,14 @@ void scatter_to_nhwc(const T* src, int layout, int64_t N, int64_t C, int64_t H, 
   while (w_hi > w_lo && left + (w_hi - 1) * step_w >= Wd) --w_hi;
   const int64_t HW = H * W;
   const int64_t rows = N * Hd;
-  const int nt = threads_for(rows * Wd * C * 4, nthreads);
-#pragma omp parallel for num_threads(nt) schedule(static)
-  for (int64_t row = 0; row < rows; ++row) {
+  parallel_for(rows, threads_for(rows * Wd * C * 4, nthreads), [&](int64_t row) {
     const int64_t n = row / Hd, hd = row % Hd;
     T* d = dst + row * Wd * C;
     const int64_t hh = hd - top;
     const bool has_src = hh >= 0 && hh % step_h == 0 && hh / step_h < H && w_lo < w_hi;
     if (!has_src) {
       std::memset(d, 0, sizeof(T) * Wd * C);
-      continue;
+      return;
     }
     const int64_t h = hh / step_h;
     if (step_w == 1) {  // zero only the margins
@@ -106,7 +102,7 @@ void scatter_to_nhwc(const T* src, int layout, int64_t N, int64_t C, int64_t H, 
         }
       }
     }
-  }
+  });
 }
 
 // ---------------------------------------------------------------------------------------
@@ -121,9 +117,7 @@ template <typename T, typename Src>
 void pack_weights(int64_t G, int64_t Kg, int64_t Cg, int64_t RS, int64_t BK, int lanes, Src src,
                   T* wp, int nthreads) {
   const int64_t KB = ceil_div(Kg, BK);
-  const int nt = threads_for(G * Kg * Cg * RS * 4, nthreads);
-#pragma omp parallel for num_threads(nt) schedule(static)
-  for (int64_t blk = 0; blk < G * KB; ++blk) {
+  parallel_for(G * KB, threads_for(G * Kg * Cg * RS * 4, nthreads), [&](int64_t blk) {
     const int64_t g = blk / KB, kb = blk % KB;
     const int64_t k0 = kb * BK, kv = min64(BK, Kg - k0), bw = round_up(kv, lanes);
     T* d = wp + blk * RS * Cg * BK;
@@ -132,7 +126,7 @@ void pack_weights(int64_t G, int64_t Kg, int64_t Cg, int64_t RS, int64_t BK, int
         for (int64_t k = 0; k < kv; ++k) d[k] = src(g, k0 + k, c, t);
         for (int64_t k = kv; k < bw; ++k) d[k] = T(0);
       }
-  }
+  });
 }
 
 // ---------------------------------------------------------------------------------------
@@ -192,11 +186,9 @@ void forward_padded(const PaddedProblem<T>& p, int nthreads) {
   for (int64_t r = 0; r < p.R; ++r)
     for (int64_t s = 0; s < p.S; ++s) tap_off[r * p.S + s] = (r * p.dh * p.Wp + s * p.dw) * p.C;
 
-  const int nt = threads_for(2 * P * K * p.Cg * RS, nthreads);
-#pragma omp parallel num_threads(nt)
-  {
+  parallel(threads_for(2 * P * K * p.Cg * RS, nthreads), [&](int tid, int nth) {
     int64_t u0, u1;
-    split_range(units, omp_get_num_threads(), omp_get_thread_num(), &u0, &u1);
+    split_range(units, nth, tid, &u0, &u1);
     alignas(64) T tile[kUr * BK];
     const T* px[kUr];
     int64_t pn[kUr], pq[kUr];
@@ -232,7 +224,7 @@ void forward_padded(const PaddedProblem<T>& p, int nthreads) {
         }
       }
     }
-  }
+  });
 }
 
 template <typename T>
@@ -387,11 +379,9 @@ void grad_weight(const ConvGeom& g, const T* gy, int gy_layout, const T* x, int 
   // while every unit sweeps it.
   const int64_t rows_per_chunk = max64(1, 512 / max64(1, g.OW));
   const int64_t chunks_per_image = ceil_div(g.OH, rows_per_chunk);
-  const int nt = threads_for(g.flops(), nthreads);
-#pragma omp parallel num_threads(nt)
-  {
+  parallel(threads_for(g.flops(), nthreads), [&](int tid, int nth) {
     int64_t u0, u1;
-    split_range(units, omp_get_num_threads(), omp_get_thread_num(), &u0, &u1);
+    split_range(units, nth, tid, &u0, &u1);
     std::memset(accum + u0 * kUrc * BK, 0, sizeof(T) * (u1 - u0) * kUrc * BK);
     for (int64_t n = 0; n < g.N; ++n)
       for (int64_t ch = 0; ch < chunks_per_image; ++ch) {
@@ -412,7 +402,7 @@ void grad_weight(const ConvGeom& g, const T* gy, int gy_layout, const T* x, int 
                                 g.OW, a);
         }
       }
-  }
+  });
   // Unpack [unit][c in tile][k in block] into OIHW.
   for (int64_t u = 0; u < units; ++u) {
     const int64_t ct = u % CT, t = (u / CT) % RS, blk = u / (CT * RS);
@@ -456,34 +446,29 @@ void grad_bias(const ConvGeom& g, const T* gy, int gy_layout, T* gb, int nthread
   const int64_t OHW = g.OH * g.OW, K = g.K, P = g.N * OHW;
   const int nt = threads_for(P * K * 64, nthreads);
   if (gy_layout == kNCHW) {
-#pragma omp parallel for num_threads(nt) schedule(static)
-    for (int64_t k = 0; k < K; ++k) {
+    parallel_for(K, nt, [&](int64_t k) {
       double s = 0;
       for (int64_t n = 0; n < g.N; ++n) s += sum_contiguous(gy + (n * K + k) * OHW, OHW);
       gb[k] = T(s);
-    }
+    });
     return;
   }
-  // NHWC: each thread sums a range of pixels into its own row of doubles.
+  // NHWC: each thread sums a range of pixels into its own row of doubles, then rows are added.
   double* part = ws<double>(kWsAccum, int64_t(nt) * K);
-#pragma omp parallel num_threads(nt)
-  {
-    const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
+  for (int64_t i = 0; i < int64_t(nt) * K; ++i) part[i] = 0;
+  parallel(nt, [&](int tid, int nth) {
     int64_t p0, p1;
     split_range(P, nth, tid, &p0, &p1);
     double* acc = part + tid * K;
-    for (int64_t k = 0; k < K; ++k) acc[k] = 0;
     for (int64_t p = p0; p < p1; ++p) {
       const T* row = gy + p * K;
       for (int64_t k = 0; k < K; ++k) acc[k] += row[k];
     }
-#pragma omp barrier
-#pragma omp for schedule(static)
-    for (int64_t k = 0; k < K; ++k) {
-      double s = 0;
-      for (int i = 0; i < nth; ++i) s += part[i * K + k];
-      gb[k] = T(s);
-    }
+  });
+  for (int64_t k = 0; k < K; ++k) {
+    double s = 0;
+    for (int i = 0; i < nt; ++i) s += part[i * K + k];
+    gb[k] = T(s);
   }
 }
 
