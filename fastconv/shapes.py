@@ -1,0 +1,128 @@
+"""Convolution layers of real networks (224x224 ImageNet input), shared by the tests and the
+benchmarks. Each unique layer appears once, with ``count`` = how often the network runs it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ConvLayer:
+    net: str
+    name: str
+    C: int          # input channels
+    H: int          # input height = width
+    K: int          # output channels
+    R: int          # kernel height = width
+    stride: int = 1
+    padding: int = 0
+    groups: int = 1
+    count: int = 1
+
+    @property
+    def W(self) -> int:
+        return self.H
+
+    @property
+    def S(self) -> int:
+        return self.R
+
+    @property
+    def out_size(self) -> int:
+        return (self.H + 2 * self.padding - self.R) // self.stride + 1
+
+    def flops(self, batch: int = 1) -> int:
+        """Multiply-adds x 2, counting only taps that land inside the padded input."""
+        return 2 * batch * self.K * (self.C // self.groups) * self.R * self.R * self.out_size ** 2
+
+    def input_shape(self, batch: int = 1) -> tuple:
+        return (batch, self.C, self.H, self.H)
+
+    def weight_shape(self) -> tuple:
+        return (self.K, self.C // self.groups, self.R, self.R)
+
+    def conv_args(self) -> dict:
+        return dict(stride=self.stride, padding=self.padding, groups=self.groups)
+
+    @property
+    def id(self) -> str:
+        return f"{self.net}:{self.name}"
+
+
+def _dedupe(net: str, layers: list) -> list:
+    """Merges identical (C, H, K, R, stride, padding, groups) layers, summing their counts."""
+    seen: dict = {}
+    for name, C, H, K, R, stride, padding, groups in layers:
+        key = (C, H, K, R, stride, padding, groups)
+        if key in seen:
+            seen[key][1] += 1
+        else:
+            seen[key] = [name, 1]
+    return [ConvLayer(net, name, *key, count=count) for key, (name, count) in seen.items()]
+
+
+def _resnet50() -> list:
+    layers = [("conv1 7x7/2 3>64 @224", 3, 224, 64, 7, 2, 3, 1)]
+    H, C = 56, 64
+    for stage, (width, blocks) in enumerate([(64, 3), (128, 4), (256, 6), (512, 3)]):
+        out = width * 4
+        for b in range(blocks):
+            stride = 2 if (b == 0 and stage > 0) else 1
+            Ho = H // stride
+            layers += [
+                (f"1x1 {C}>{width} @{H}", C, H, width, 1, 1, 0, 1),
+                (f"3x3{'/2' if stride == 2 else ''} {width} @{H}", width, H, width, 3, stride, 1, 1),
+                (f"1x1 {width}>{out} @{Ho}", width, Ho, out, 1, 1, 0, 1),
+            ]
+            if b == 0:
+                layers.append((f"1x1{'/2' if stride == 2 else ''} downsample {C}>{out} @{H}",
+                               C, H, out, 1, stride, 0, 1))
+            C, H = out, Ho
+    return _dedupe("resnet50", layers)
+
+
+def _vgg16() -> list:
+    cfg = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512]
+    layers, C, H = [], 3, 224
+    for v in cfg:
+        if v == "M":
+            H //= 2
+            continue
+        layers.append((f"3x3 {C}>{v} @{H}", C, H, v, 3, 1, 1, 1))
+        C = v
+    return _dedupe("vgg16", layers)
+
+
+def _mobilenet_v2() -> list:
+    layers = [("conv 3x3/2 3>32 @224", 3, 224, 32, 3, 2, 1, 1)]
+    C, H = 32, 112
+    # (expansion t, output channels c, repeats n, first stride s), from the MobileNetV2 paper.
+    for t, c, n, s in [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1),
+                       (6, 160, 3, 2), (6, 320, 1, 1)]:
+        for i in range(n):
+            stride = s if i == 0 else 1
+            hidden = C * t
+            if t != 1:
+                layers.append((f"expand 1x1 {C}>{hidden} @{H}", C, H, hidden, 1, 1, 0, 1))
+            layers.append((f"dw 3x3{'/2' if stride == 2 else ''} {hidden} @{H}",
+                           hidden, H, hidden, 3, stride, 1, hidden))
+            H //= stride
+            layers.append((f"project 1x1 {hidden}>{c} @{H}", hidden, H, c, 1, 1, 0, 1))
+            C = c
+    layers.append((f"conv 1x1 {C}>1280 @{H}", C, H, 1280, 1, 1, 0, 1))
+    return _dedupe("mobilenet_v2", layers)
+
+
+NETWORKS = {
+    "resnet50": _resnet50(),
+    "vgg16": _vgg16(),
+    "mobilenet_v2": _mobilenet_v2(),
+}
+ALL_LAYERS = [layer for layers in NETWORKS.values() for layer in layers]
+
+#: The ResNet-50 3x3 layers and stem that the direct-convolution speed target is stated on.
+RESNET50_DIRECT_TARGETS = [
+    layer for layer in NETWORKS["resnet50"]
+    if layer.name.startswith(("3x3 64 @56", "3x3 128 @28", "3x3 256 @14", "3x3 512 @7",
+                              "3x3/2 128 @56", "conv1"))
+]

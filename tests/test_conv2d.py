@@ -1,0 +1,106 @@
+"""fastconv.conv2d on the shared case matrix: forward and gradients against the float64
+reference and against torch, for every implemented algorithm, ISA and dtype."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastconv
+from fastconv import reference
+from cases import CASE_IDS, CASES
+from conftest import assert_close, tolerances
+
+DTYPES = [torch.float32, torch.float64]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_forward(case, dtype, algo, isa):
+    x, w, b = case.make(dtype)
+    y = fastconv.conv2d(x, w, b, **case.kwargs(), algo=algo)
+    stride, pad, dilation = case.explicit()
+    ref = reference.conv2d(x, w, b, stride, pad, dilation, case.groups)
+    tol = tolerances(dtype, case.reduction())
+    assert y.dtype == dtype
+    assert_close(y, ref, **tol, what=f"{case.name} forward vs reference")
+    expected = F.conv2d(x, w, b, **case.kwargs())
+    assert_close(y, expected, **tol, what=f"{case.name} forward vs torch")
+    # Memory format follows torch's rule (channels_last if input or weight is).
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        assert y.is_contiguous(memory_format=fmt) == expected.is_contiguous(memory_format=fmt)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_backward(case, dtype, algo, isa):
+    x, w, b = case.make(dtype, requires_grad=True)
+    y = fastconv.conv2d(x, w, b, **case.kwargs(), algo=algo)
+    gy = torch.randn(y.shape, dtype=dtype, generator=torch.Generator().manual_seed(1))
+    params = [x, w] + ([b] if b is not None else [])
+    grads = torch.autograd.grad(y, params, gy)
+    stride, pad, dilation = case.explicit()
+    expected = [
+        reference.conv2d_grad_input(gy, w, x.shape, stride, pad, dilation, case.groups),
+        reference.conv2d_grad_weight(gy, x, w.shape, stride, pad, dilation, case.groups),
+        reference.conv2d_grad_bias(gy),
+    ]
+    yt = F.conv2d(x, w, b, **case.kwargs())
+    torch_grads = torch.autograd.grad(yt, params, gy)
+    # grad-weight and grad-bias sum over N*OH*OW pixels; grad-input over K*R*S.
+    pixels = max(1, y.shape[0] * y.shape[2] * y.shape[3])
+    reductions = [w.shape[0] // case.groups * w.shape[2] * w.shape[3], pixels, pixels]
+    for name, got, ref, tg, red in zip(("grad_input", "grad_weight", "grad_bias"), grads,
+                                       expected, torch_grads, reductions):
+        tol = tolerances(dtype, red)
+        assert_close(got, ref, **tol, what=f"{case.name} {name} vs reference")
+        assert_close(got, tg, **tol, what=f"{case.name} {name} vs torch")
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.input[0] > 0][:6], ids=lambda c: c.name)
+def test_unbatched_input(case, algo):
+    x, w, b = case.make(torch.float64)
+    x3 = x[0].contiguous()
+    y = fastconv.conv2d(x3, w, b, **case.kwargs(), algo=algo)
+    assert_close(y, F.conv2d(x3, w, b, **case.kwargs()), atol=1e-12, rtol=1e-10,
+                 what=f"{case.name} unbatched")
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_nan_and_inf_propagate_like_torch(value, algo, isa):
+    x = torch.randn(2, 8, 9, 9)
+    w = torch.randn(16, 8, 3, 3)
+    x[0, 3, 4, 4] = value
+    x[1, 0, 0, 8] = value
+    w[5, 2, 1, 1] = value
+    for pad in (0, 1):
+        y = fastconv.conv2d(x, w, None, padding=pad, algo=algo)
+        expected = F.conv2d(x, w, None, padding=pad)
+        assert torch.equal(torch.isnan(y), torch.isnan(expected))
+        assert torch.equal(torch.isposinf(y), torch.isposinf(expected))
+        assert torch.equal(torch.isneginf(y), torch.isneginf(expected))
+
+
+def test_every_isa_gives_the_same_float64_result(algo):
+    case = CASES[CASE_IDS.index("channel_tails")]
+    x, w, b = case.make(torch.float64)
+    results = {}
+    for isa in fastconv.available_isas():
+        with fastconv.use_isa(isa):
+            results[isa] = fastconv.conv2d(x, w, b, **case.kwargs(), algo=algo)
+    first = next(iter(results.values()))
+    for isa, y in results.items():
+        assert_close(y, first, atol=1e-12, rtol=1e-12, what=f"{isa} vs {next(iter(results))}")
+
+
+def test_thread_count_follows_torch(algo):
+    x, w = torch.randn(4, 32, 20, 20), torch.randn(32, 32, 3, 3)
+    expected = F.conv2d(x, w, padding=1)
+    previous = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            assert_close(fastconv.conv2d(x, w, padding=1, algo=algo), expected, atol=1e-4,
+                         rtol=1e-4, what=f"{n} threads")
+    finally:
+        torch.set_num_threads(previous)

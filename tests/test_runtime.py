@@ -1,0 +1,81 @@
+"""Process-level behaviour: ISA selection, one OpenMP runtime, concurrent callers."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastconv
+from conftest import assert_close
+
+
+def _run(code: str, **env) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, **env}, timeout=120)
+
+
+@pytest.mark.parametrize("isa", fastconv.available_isas())
+def test_env_var_forces_isa(isa):
+    r = _run("import fastconv; print(fastconv.get_isa())", FASTCONV_ISA=isa)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == isa
+
+
+def test_env_var_with_unknown_isa_fails_clearly():
+    r = _run("import fastconv", FASTCONV_ISA="sse9")
+    assert r.returncode != 0
+    assert "unknown ISA" in r.stderr and "avx512" in r.stderr
+
+
+def test_default_isa_is_the_fastest_available():
+    assert fastconv.available_isas()[-1] == "scalar"
+    r = _run("import fastconv; print(fastconv.get_isa())", FASTCONV_ISA="")
+    assert r.stdout.strip() == fastconv.available_isas()[0]
+
+
+def test_one_openmp_runtime_shared_with_torch():
+    # Our extension must bind to the libgomp torch loaded, not bring a second thread pool.
+    x = torch.randn(2, 16, 16, 16)
+    fastconv.conv2d(x, torch.randn(16, 16, 3, 3), padding=1)
+    with open("/proc/self/maps") as f:
+        gomps = {line.split()[-1] for line in f if "libgomp" in line}
+    assert len(gomps) == 1, gomps
+
+
+def test_concurrent_calls_from_python_threads(algo):
+    torch.manual_seed(0)
+    problems = []
+    for i in range(4):
+        x = torch.randn(2, 8 + 4 * i, 12, 12)
+        w = torch.randn(16, 8 + 4 * i, 3, 3)
+        b = torch.randn(16)
+        problems.append((x, w, b, F.conv2d(x, w, b, padding=i % 2, stride=1 + i % 2)))
+    errors = []
+
+    def worker(k):
+        try:
+            for _ in range(20):
+                x, w, b, expected = problems[k]
+                y = fastconv.conv2d(x, w, b, padding=k % 2, stride=1 + k % 2, algo=algo)
+                assert_close(y, expected, atol=1e-4, rtol=1e-4, what=f"thread {k}")
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[0]
+
+
+def test_release_workspaces_then_reuse():
+    x, w = torch.randn(1, 8, 10, 10), torch.randn(8, 8, 3, 3)
+    first = fastconv.conv2d(x, w, padding=1)
+    fastconv.release_workspaces()
+    assert torch.equal(fastconv.conv2d(x, w, padding=1), first)
