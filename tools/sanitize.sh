@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Builds the extension with -fsanitize=address,undefined into build/asan/ (the normal in-place
+# build is left alone) and runs the kernel tests against it.
+#   bash tools/sanitize.sh [extra pytest args]
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+out="$root/build/asan"
+cd "$root"
+rm -rf "$out"
+mkdir -p "$out"
+FASTCONV_SANITIZE=1 python setup.py -q build_ext --build-lib "$out" --build-temp "$out/tmp" >/dev/null
+cp fastconv/*.py "$out/fastconv/"
+export LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libubsan.so)"
+export ASAN_OPTIONS=detect_leaks=0 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
+cd "$out"   # so that `import fastconv` finds the sanitized build
+python -c "import fastconv, sys; assert fastconv.__file__.startswith('$out'), fastconv.__file__"
+exec python -m pytest -q -p no:cacheprovider "$root/tests/test_conv2d.py" "$root/tests/test_nn.py" \
+    "$root/tests/test_errors.py" "$root/tests/test_runtime.py" "$@"
