@@ -19,6 +19,7 @@
 
 #include "../common/geometry.h"
 #include "../common/simd.h"
+#include "../common/transpose.h"
 
 namespace fastconv {
 namespace FASTCONV_ISA {
@@ -90,9 +91,14 @@ void scatter_to_nhwc(const T* src, int layout, int64_t N, int64_t C, int64_t H, 
         for (int64_t w = w_lo; w < w_hi; ++w)
           std::memcpy(d + (left + w * step_w) * C, s + w * C, sizeof(T) * C);
       }
+    } else if (step_w == 1) {
+      // NCHW -> NHWC in 16 x 16 (channel x pixel) blocks.
+      const T* s = src + n * C * HW + h * W;
+      for (int64_t w0 = w_lo; w0 < w_hi; w0 += kTransposeBlock)
+        for (int64_t c0 = 0; c0 < C; c0 += kTransposeBlock)
+          transpose_block(s + c0 * HW + w0, HW, d + (left + w0) * C + c0, C,
+                          int(min64(kTransposeBlock, C - c0)), int(min64(kTransposeBlock, w_hi - w0)));
     } else {
-      // Transpose in 16-column strips: reads stay sequential, the 16 destination pixels
-      // being written stay in L1 while c advances.
       const T* s = src + n * C * HW + h * W;
       for (int64_t w0 = w_lo; w0 < w_hi; w0 += 16) {
         const int64_t w1 = min64(w0 + 16, w_hi);
@@ -134,11 +140,11 @@ void pack_weights(int64_t G, int64_t Kg, int64_t Cg, int64_t RS, int64_t BK, int
 // ---------------------------------------------------------------------------------------
 
 // out[j][b*lanes + i] = sum over taps t and input channels c of
-//     px[j][tap_off[t] + c] * w[(t * Cg + c) * NBK*lanes + b*lanes + i]
-// for UR pixels j (base pointers px) and NBK vectors of output channels.
-template <typename T, int UR, int NBK>
-inline void f_direct_tile(const T* const* px, const int64_t* tap_off, int64_t ntaps, int64_t Cg,
-                          const T* w, T* out) {
+//     p_t[j][c] * w[(t * Cg + c) * NBK*lanes + b*lanes + i]
+// for UR pixels j and NBK vectors of output channels, where taps(t, p_t) supplies the UR
+// input pointers of tap t (see InteriorTaps and BorderTaps).
+template <typename T, int UR, int NBK, typename Taps>
+inline void f_direct_tile(const Taps& taps, int64_t ntaps, int64_t Cg, const T* w, T* out) {
   using V = Vec<T>;
   constexpr int L = V::lanes;
   V acc[UR][NBK];
@@ -146,7 +152,7 @@ inline void f_direct_tile(const T* const* px, const int64_t* tap_off, int64_t nt
     for (int b = 0; b < NBK; ++b) acc[j][b] = V::zero();
   for (int64_t t = 0; t < ntaps; ++t) {
     const T* p[UR];
-    for (int j = 0; j < UR; ++j) p[j] = px[j] + tap_off[t];
+    taps(t, p);
     for (int64_t c = 0; c < Cg; ++c, w += NBK * L) {
       V wv[NBK];
       for (int b = 0; b < NBK; ++b) wv[b] = V::load(w + b * L);
@@ -160,13 +166,43 @@ inline void f_direct_tile(const T* const* px, const int64_t* tap_off, int64_t nt
     for (int b = 0; b < NBK; ++b) acc[j][b].store(out + (j * NBK + b) * L);
 }
 
-// A stride-s, dilation-d convolution of a padded NHWC input (no padding left to apply).
+// Tap pointers of a tile whose every tap lies inside the input: one add per pixel.
 template <typename T>
-struct PaddedProblem {
-  const T* x;          // (n, h, w, c) at x[((n * Hp + h) * Wp + w) * C + c]
-  int64_t Hp, Wp, C;   // C = all input channels (G * Cg)
-  int64_t N, OH, OW;
-  int64_t sh, sw, dh, dw, R, S;
+struct InteriorTaps {
+  const T* const* px;      // kUr pixel base pointers (tap 0, first channel of the group)
+  const int64_t* tap_off;  // element offset of each tap from the pixel base
+  void operator()(int64_t t, const T** p) const {
+    for (int j = 0; j < kUr; ++j) p[j] = px[j] + tap_off[t];
+  }
+};
+
+// Tap pointers of a tile that touches the padding: taps outside the input read a row of
+// zeros instead. This is how padding is applied without a padded copy of the input.
+template <typename T>
+struct BorderTaps {
+  const T* x;              // the input's first element of this group's channels
+  const int64_t* ih0;      // per pixel: top-left input row / column of its window (may be < 0)
+  const int64_t* iw0;
+  const int64_t* n_off;    // per pixel: offset of its image
+  const int64_t* tap_dh;   // per tap: row / column offset within the window
+  const int64_t* tap_dw;
+  int64_t H, W, C;
+  const T* zeros;
+  void operator()(int64_t t, const T** p) const {
+    for (int j = 0; j < kUr; ++j) {
+      const int64_t ih = ih0[j] + tap_dh[t], iw = iw0[j] + tap_dw[t];
+      p[j] = (ih >= 0 && ih < H && iw >= 0 && iw < W) ? x + n_off[j] + (ih * W + iw) * C : zeros;
+    }
+  }
+};
+
+// A convolution of an NHWC input: output (oh, ow) reads input rows oh*sh - pt + r*dh and
+// columns ow*sw - pl + s*dw; anything outside H x W is zero (pt, pl may be negative).
+template <typename T>
+struct NhwcProblem {
+  const T* x;          // (n, h, w, c) at x[((n * H + h) * W + w) * C + c]
+  int64_t N, H, W, C;  // C = all input channels (G * Cg)
+  int64_t OH, OW, sh, sw, dh, dw, R, S, pt, pl;
   int64_t G, Cg, Kg;
   const T* wp;         // packed as in pack_weights with BK = kNbk * lanes
   const T* bias;       // K values or nullptr
@@ -175,53 +211,86 @@ struct PaddedProblem {
 };
 
 template <typename T>
-void forward_padded(const PaddedProblem<T>& p, int nthreads) {
+void forward_nhwc(const NhwcProblem<T>& p, int nthreads) {
   constexpr int L = Vec<T>::lanes, BK = kNbk * L;
   const int64_t K = p.G * p.Kg, KB = ceil_div(p.Kg, BK), RS = p.R * p.S;
   const int64_t OHW = p.OH * p.OW, P = p.N * OHW, NT = ceil_div(P, kUr);
   const int64_t units = p.G * KB * NT;
   if (P == 0 || K == 0) return;
 
-  int64_t* tap_off = ws<int64_t>(kWsAccum, RS);
-  for (int64_t r = 0; r < p.R; ++r)
-    for (int64_t s = 0; s < p.S; ++s) tap_off[r * p.S + s] = (r * p.dh * p.Wp + s * p.dw) * p.C;
+  // Per-tap tables, and a row of zeros that out-of-range taps read.
+  int64_t* tables = ws<int64_t>(kWsAccum, 3 * RS + ceil_div(p.C * int64_t(sizeof(T)), 8));
+  int64_t *tap_off = tables, *tap_dh = tables + RS, *tap_dw = tables + 2 * RS;
+  T* zeros = reinterpret_cast<T*>(tables + 3 * RS);
+  std::memset(zeros, 0, sizeof(T) * p.C);
+  for (int64_t t = 0; t < RS; ++t) {
+    tap_dh[t] = (t / p.S) * p.dh;
+    tap_dw[t] = (t % p.S) * p.dw;
+    tap_off[t] = (tap_dh[t] * p.W + tap_dw[t]) * p.C;
+  }
+  const int64_t ext_h = (p.R - 1) * p.dh, ext_w = (p.S - 1) * p.dw;
 
   parallel(threads_for(2 * P * K * p.Cg * RS, nthreads), [&](int tid, int nth) {
     int64_t u0, u1;
     split_range(units, nth, tid, &u0, &u1);
     alignas(64) T tile[kUr * BK];
     const T* px[kUr];
-    int64_t pn[kUr], pq[kUr];
+    int64_t pn[kUr], pq[kUr], ih0[kUr], iw0[kUr], n_off[kUr];
     for (int64_t u = u0; u < u1; ++u) {
       // Units run tile-fastest so that one weight block stays in cache across tiles.
       const int64_t tile_i = u % NT, blk = u / NT, g = blk / KB, kb = blk % KB;
       const int64_t first = tile_i * kUr, m = min64(kUr, P - first);
+      const T* xg = p.x + g * p.Cg;
+      bool interior = true;
       for (int j = 0; j < kUr; ++j) {
         // Pixels past the end repeat the last one; their results are not stored.
         const int64_t pix = first + min64(j, m - 1);
         const int64_t n = pix / OHW, q = pix % OHW, oh = q / p.OW, ow = q % p.OW;
         pn[j] = n;
         pq[j] = q;
-        px[j] = p.x + ((n * p.Hp + oh * p.sh) * p.Wp + ow * p.sw) * p.C + g * p.Cg;
+        ih0[j] = oh * p.sh - p.pt;
+        iw0[j] = ow * p.sw - p.pl;
+        n_off[j] = n * p.H * p.W * p.C;
+        interior = interior && ih0[j] >= 0 && ih0[j] + ext_h < p.H && iw0[j] >= 0 &&
+                   iw0[j] + ext_w < p.W;
+        if (interior) px[j] = xg + n_off[j] + (ih0[j] * p.W + iw0[j]) * p.C;
       }
       const int64_t k0 = kb * BK, kv = min64(BK, p.Kg - k0);
       const T* w = p.wp + blk * RS * p.Cg * BK;
-      if (kv > L * (kNbk - 1))
-        f_direct_tile<T, kUr, kNbk>(px, tap_off, RS, p.Cg, w, tile);
-      else
-        f_direct_tile<T, kUr, 1>(px, tap_off, RS, p.Cg, w, tile);
+      const bool wide = kv > L * (kNbk - 1);
+      if (interior) {
+        const InteriorTaps<T> taps{px, tap_off};
+        if (wide)
+          f_direct_tile<T, kUr, kNbk>(taps, RS, p.Cg, w, tile);
+        else
+          f_direct_tile<T, kUr, 1>(taps, RS, p.Cg, w, tile);
+      } else {
+        const BorderTaps<T> taps{xg, ih0, iw0, n_off, tap_dh, tap_dw, p.H, p.W, p.C, zeros};
+        if (wide)
+          f_direct_tile<T, kUr, kNbk>(taps, RS, p.Cg, w, tile);
+        else
+          f_direct_tile<T, kUr, 1>(taps, RS, p.Cg, w, tile);
+      }
       const int64_t bw = round_up(kv, L), kg0 = g * p.Kg + k0;
       // Epilogue: bias, then store in the output's layout.
-      for (int64_t j = 0; j < m; ++j) {
-        const T* t = tile + j * bw;
-        if (p.y_layout == kNHWC) {
+      if (p.y_layout == kNHWC) {
+        for (int64_t j = 0; j < m; ++j) {
+          const T* t = tile + j * bw;
           T* yp = p.y + (first + j) * K + kg0;
           for (int64_t k = 0; k < kv; ++k) yp[k] = t[k] + (p.bias ? p.bias[kg0 + k] : T(0));
-        } else {
-          T* yp = p.y + (pn[j] * K + kg0) * OHW + pq[j];
-          for (int64_t k = 0; k < kv; ++k)
-            yp[k * OHW] = t[k] + (p.bias ? p.bias[kg0 + k] : T(0));
         }
+      } else if (pn[0] == pn[m - 1]) {
+        // NCHW, one image: each channel gets a contiguous run of m pixels.
+        T* y0 = p.y + (pn[0] * K + kg0) * OHW + pq[0];
+        for (int64_t k = 0; k < kv; ++k) {
+          const T b = p.bias ? p.bias[kg0 + k] : T(0);
+          for (int64_t j = 0; j < m; ++j) y0[k * OHW + j] = tile[j * bw + k] + b;
+        }
+      } else {
+        for (int64_t j = 0; j < m; ++j)
+          for (int64_t k = 0; k < kv; ++k)
+            p.y[(pn[j] * K + kg0 + k) * OHW + pq[j]] =
+                tile[j * bw + k] + (p.bias ? p.bias[kg0 + k] : T(0));
       }
     }
   });
@@ -232,35 +301,42 @@ void forward(const ConvGeom& g, const T* x, int x_layout, const T* w, const T* b
              int y_layout, int nthreads) {
   constexpr int L = Vec<T>::lanes, BK = kNbk * L;
   const int64_t Cg = g.Cg(), Kg = g.Kg(), RS = g.R * g.S;
-  const int64_t Hp = g.H + g.pt + g.pb, Wp = g.W + g.pl + g.pr;
-  const T* xp = x;
-  if (x_layout != kNHWC || g.pt || g.pb || g.pl || g.pr) {
-    T* buf = ws<T>(kWsInput, g.N * Hp * Wp * g.C);
-    scatter_to_nhwc(x, x_layout, g.N, g.C, g.H, g.W, buf, Hp, Wp, g.pt, g.pl, 1, 1, nthreads);
-    xp = buf;
+  const T* xn = x;
+  if (x_layout != kNHWC) {
+    T* buf = ws<T>(kWsInput, g.N * g.H * g.W * g.C);
+    scatter_to_nhwc(x, x_layout, g.N, g.C, g.H, g.W, buf, g.H, g.W, 0, 0, 1, 1, nthreads);
+    xn = buf;
   }
   T* wp = ws<T>(kWsWeight, g.groups * ceil_div(Kg, BK) * BK * Cg * RS);
   pack_weights<T>(
       g.groups, Kg, Cg, RS, BK, L,
       [&](int64_t gi, int64_t k, int64_t c, int64_t t) { return w[((gi * Kg + k) * Cg + c) * RS + t]; },
       wp, nthreads);
-  PaddedProblem<T> p{xp,  Hp,   Wp,   g.C,       g.N,  g.OH, g.OW, g.sh, g.sw, g.dh,    g.dw,
-                     g.R, g.S, g.groups, Cg, Kg, wp,  bias, y,    y_layout};
-  forward_padded(p, nthreads);
+  const NhwcProblem<T> p{xn,   g.N,  g.H,  g.W,  g.C,      g.OH, g.OW, g.sh, g.sw, g.dh,
+                         g.dw, g.R,  g.S,  g.pt, g.pl,     g.groups, Cg, Kg, wp, bias,
+                         y,    y_layout};
+  forward_nhwc(p, nthreads);
 }
 
 // grad_x = stride-1 convolution, with dilation (dh, dw), of grad_y placed every (sh, sw)
-// pixels in a zero buffer of (H + dh*(R-1)) x (W + dw*(S-1)), using the flipped weights with
-// input and output channels swapped: w'[c][k][r][s] = w[k][c][R-1-r][S-1-s] per group.
+// pixels on a zero background, using the flipped weights with input and output channels
+// swapped: w'[c][k][r][s] = w[k][c][R-1-r][S-1-s] per group. grad_y pixel (oh, ow) sits at
+// (oh*sh, ow*sw), and the convolution's padding is dh*(R-1) - pt rows on top (negative:
+// rows cropped) and likewise on the left.
 template <typename T>
 void grad_input(const ConvGeom& g, const T* gy, int gy_layout, const T* w, T* gx, int gx_layout,
                 int nthreads) {
   constexpr int L = Vec<T>::lanes, BK = kNbk * L;
   const int64_t Cg = g.Cg(), Kg = g.Kg(), RS = g.R * g.S;
-  const int64_t Hq = g.H + g.dh * (g.R - 1), Wq = g.W + g.dw * (g.S - 1);
-  T* buf = ws<T>(kWsInput, g.N * Hq * Wq * g.K);
-  scatter_to_nhwc(gy, gy_layout, g.N, g.K, g.OH, g.OW, buf, Hq, Wq, g.dh * (g.R - 1) - g.pt,
-                  g.dw * (g.S - 1) - g.pl, g.sh, g.sw, nthreads);
+  const T* src = gy;
+  int64_t Hs = g.OH, Ws = g.OW;
+  if (g.sh != 1 || g.sw != 1 || gy_layout != kNHWC) {
+    Hs = (g.OH - 1) * g.sh + 1;
+    Ws = (g.OW - 1) * g.sw + 1;
+    T* buf = ws<T>(kWsInput, g.N * Hs * Ws * g.K);
+    scatter_to_nhwc(gy, gy_layout, g.N, g.K, g.OH, g.OW, buf, Hs, Ws, 0, 0, g.sh, g.sw, nthreads);
+    src = buf;
+  }
   T* wp = ws<T>(kWsWeight, g.groups * ceil_div(Cg, BK) * BK * Kg * RS);
   const int64_t R = g.R, S = g.S;
   pack_weights<T>(
@@ -270,9 +346,10 @@ void grad_input(const ConvGeom& g, const T* gy, int gy_layout, const T* w, T* gx
         return w[((gi * Kg + k) * Cg + c) * RS + r * S + s];
       },
       wp, nthreads);
-  PaddedProblem<T> p{buf, Hq, Wq, g.K, g.N, g.H, g.W, 1, 1, g.dh, g.dw, g.R, g.S, g.groups, Kg,
-                     Cg,  wp, nullptr, gx, gx_layout};
-  forward_padded(p, nthreads);
+  const NhwcProblem<T> p{src,  g.N,  Hs,  Ws,  g.K,      g.H, g.W, 1,  1, g.dh,
+                         g.dw, g.R,  g.S, g.dh * (g.R - 1) - g.pt, g.dw * (g.S - 1) - g.pl,
+                         g.groups, Kg, Cg, wp, nullptr, gx, gx_layout};
+  forward_nhwc(p, nthreads);
 }
 
 // ---------------------------------------------------------------------------------------

@@ -1,0 +1,60 @@
+// Small matrix transposes for layout changes (NCHW <-> NHWC), per ISA (include after simd.h).
+#pragma once
+#include "simd.h"
+
+namespace fastconv {
+namespace FASTCONV_ISA {
+
+constexpr int kTransposeBlock = 16;
+
+// dst[j * ds + i] = src[i * ss + j] for i < rows, j < cols; rows, cols <= kTransposeBlock.
+template <typename T>
+inline void transpose_block(const T* src, int64_t ss, T* dst, int64_t ds, int rows, int cols) {
+  for (int j = 0; j < cols; ++j)
+    for (int i = 0; i < rows; ++i) dst[j * ds + i] = src[i * ss + j];
+}
+
+#if defined(FASTCONV_ISA_AVX512)
+// Full 16 x 16 float blocks in registers: 4 shuffle stages instead of 256 scalar moves.
+template <>
+inline void transpose_block<float>(const float* src, int64_t ss, float* dst, int64_t ds,
+                                   int rows, int cols) {
+  if (rows != 16 || cols != 16) {
+    for (int j = 0; j < cols; ++j)
+      for (int i = 0; i < rows; ++i) dst[j * ds + i] = src[i * ss + j];
+    return;
+  }
+  __m512 r[16], t[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src + i * ss);
+  // Interleave row pairs, then pairs of pairs: lane l of t[4i + j] holds column 4l + j of
+  // rows 4i .. 4i+3.
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    const __m512d a = _mm512_castps_pd(t[i]), b = _mm512_castps_pd(t[i + 1]);
+    const __m512d c = _mm512_castps_pd(t[i + 2]), d = _mm512_castps_pd(t[i + 3]);
+    r[i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+    r[i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+    r[i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
+    r[i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
+  }
+  // Gather the 128-bit lanes: first rows 0-7 and 8-15 separately, then both halves.
+  for (int j = 0; j < 4; ++j) {
+    t[j] = _mm512_shuffle_f32x4(r[j], r[4 + j], 0x88);
+    t[4 + j] = _mm512_shuffle_f32x4(r[j], r[4 + j], 0xdd);
+    t[8 + j] = _mm512_shuffle_f32x4(r[8 + j], r[12 + j], 0x88);
+    t[12 + j] = _mm512_shuffle_f32x4(r[8 + j], r[12 + j], 0xdd);
+  }
+  for (int j = 0; j < 4; ++j) {
+    _mm512_storeu_ps(dst + j * ds, _mm512_shuffle_f32x4(t[j], t[8 + j], 0x88));
+    _mm512_storeu_ps(dst + (j + 4) * ds, _mm512_shuffle_f32x4(t[4 + j], t[12 + j], 0x88));
+    _mm512_storeu_ps(dst + (j + 8) * ds, _mm512_shuffle_f32x4(t[j], t[8 + j], 0xdd));
+    _mm512_storeu_ps(dst + (j + 12) * ds, _mm512_shuffle_f32x4(t[4 + j], t[12 + j], 0xdd));
+  }
+}
+#endif
+
+}  // namespace FASTCONV_ISA
+}  // namespace fastconv
