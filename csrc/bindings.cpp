@@ -82,15 +82,41 @@ T* ptr(uintptr_t p) {
   return reinterpret_cast<T*>(p);
 }
 
-// dtype codes: 0 = float32, 1 = float64.
+// dtype codes: 0 = float32, 1 = float64; algorithm codes: see Algorithm in geometry.h.
 template <typename F32, typename F64>
-void by_dtype(int dtype, F32 f32, F64 f64) {
+void by_dtype(int algo, int dtype, F32 f32, F64 f64) {
+  if (algo < 0 || algo >= kAlgorithms) throw std::invalid_argument("unknown algorithm code");
   if (dtype == 0)
-    f32(active().f32);
+    f32(active().f32[algo]);
   else if (dtype == 1)
-    f64(active().f64);
+    f64(active().f64[algo]);
   else
     throw std::invalid_argument("unsupported dtype code");
+}
+
+template <typename T>
+void run_gemm(void (*fn)(const GemmArgs<T>&, int), py::tuple shape, uintptr_t a, int64_t rs_a,
+              int64_t cs_a, uintptr_t b, int64_t rs_b, int64_t cs_b, uintptr_t c, int64_t ldc,
+              bool accumulate, uintptr_t scale, uintptr_t shift, bool per_row, bool relu, int nt) {
+  GemmArgs<T> g{};
+  g.M = shape[0].cast<int64_t>();
+  g.N = shape[1].cast<int64_t>();
+  g.K = shape[2].cast<int64_t>();
+  g.a = ptr<T>(a);
+  g.rs_a = rs_a;
+  g.cs_a = cs_a;
+  g.b = ptr<T>(b);
+  g.rs_b = rs_b;
+  g.cs_b = cs_b;
+  g.c = ptr<T>(c);
+  g.ldc = ldc;
+  g.accumulate = accumulate;
+  g.epi.scale = ptr<T>(scale);
+  g.epi.shift = ptr<T>(shift);
+  g.epi.per_row = per_row;
+  g.epi.relu = relu;
+  py::gil_scoped_release nogil;
+  fn(g, nt);
 }
 
 }  // namespace
@@ -105,34 +131,48 @@ PYBIND11_MODULE(_C, m) {
 
   // Arguments are converted with the GIL held; the kernels run with it released.
 
+  // C = A * B (+ C) with the epilogue, for tests and benchmarks (fastconv.ops.gemm).
+  m.def("gemm", [](int dtype, py::tuple shape, uintptr_t a, int64_t rs_a, int64_t cs_a,
+                   uintptr_t b, int64_t rs_b, int64_t cs_b, uintptr_t c, int64_t ldc,
+                   bool accumulate, uintptr_t scale, uintptr_t shift, bool per_row, bool relu,
+                   int nt) {
+    if (dtype == 0)
+      run_gemm<float>(active().gemm_f32, shape, a, rs_a, cs_a, b, rs_b, cs_b, c, ldc, accumulate,
+                      scale, shift, per_row, relu, nt);
+    else if (dtype == 1)
+      run_gemm<double>(active().gemm_f64, shape, a, rs_a, cs_a, b, rs_b, cs_b, c, ldc, accumulate,
+                       scale, shift, per_row, relu, nt);
+    else
+      throw std::invalid_argument("unsupported dtype code");
+  });
   m.def(
       "forward",
-      [](int dtype, const GeomArgs& ga, uintptr_t x, int xl, uintptr_t w, uintptr_t b,
+      [](int algo, int dtype, const GeomArgs& ga, uintptr_t x, int xl, uintptr_t w, uintptr_t b,
          uintptr_t y, int yl, int nt) {
         const ConvGeom g = to_geom(ga);
         py::gil_scoped_release nogil;
         by_dtype(
-            dtype, [&](auto& k) { k.forward(g, ptr<float>(x), xl, ptr<float>(w), ptr<float>(b), ptr<float>(y), yl, nt); },
+            algo, dtype, [&](auto& k) { k.forward(g, ptr<float>(x), xl, ptr<float>(w), ptr<float>(b), ptr<float>(y), yl, nt); },
             [&](auto& k) { k.forward(g, ptr<double>(x), xl, ptr<double>(w), ptr<double>(b), ptr<double>(y), yl, nt); });
       });
   m.def(
       "grad_input",
-      [](int dtype, const GeomArgs& ga, uintptr_t gy, int gyl, uintptr_t w, uintptr_t gx, int gxl,
+      [](int algo, int dtype, const GeomArgs& ga, uintptr_t gy, int gyl, uintptr_t w, uintptr_t gx, int gxl,
          int nt) {
         const ConvGeom g = to_geom(ga);
         py::gil_scoped_release nogil;
         by_dtype(
-            dtype, [&](auto& k) { k.grad_input(g, ptr<float>(gy), gyl, ptr<float>(w), ptr<float>(gx), gxl, nt); },
+            algo, dtype, [&](auto& k) { k.grad_input(g, ptr<float>(gy), gyl, ptr<float>(w), ptr<float>(gx), gxl, nt); },
             [&](auto& k) { k.grad_input(g, ptr<double>(gy), gyl, ptr<double>(w), ptr<double>(gx), gxl, nt); });
       });
   m.def(
       "grad_weight",
-      [](int dtype, const GeomArgs& ga, uintptr_t gy, int gyl, uintptr_t x, int xl, uintptr_t gw,
+      [](int algo, int dtype, const GeomArgs& ga, uintptr_t gy, int gyl, uintptr_t x, int xl, uintptr_t gw,
          int nt) {
         const ConvGeom g = to_geom(ga);
         py::gil_scoped_release nogil;
         by_dtype(
-            dtype, [&](auto& k) { k.grad_weight(g, ptr<float>(gy), gyl, ptr<float>(x), xl, ptr<float>(gw), nt); },
+            algo, dtype, [&](auto& k) { k.grad_weight(g, ptr<float>(gy), gyl, ptr<float>(x), xl, ptr<float>(gw), nt); },
             [&](auto& k) { k.grad_weight(g, ptr<double>(gy), gyl, ptr<double>(x), xl, ptr<double>(gw), nt); });
       });
   m.def(
@@ -141,7 +181,7 @@ PYBIND11_MODULE(_C, m) {
         const ConvGeom g = to_geom(ga);
         py::gil_scoped_release nogil;
         by_dtype(
-            dtype, [&](auto& k) { k.grad_bias(g, ptr<float>(gy), gyl, ptr<float>(gb), nt); },
+            kDirect, dtype, [&](auto& k) { k.grad_bias(g, ptr<float>(gy), gyl, ptr<float>(gb), nt); },
             [&](auto& k) { k.grad_bias(g, ptr<double>(gy), gyl, ptr<double>(gb), nt); });
       });
 }

@@ -12,7 +12,7 @@ class Algo(str, enum.Enum):
 
 
 #: Algorithms with kernels in this build.
-IMPLEMENTED = frozenset({Algo.DIRECT})
+IMPLEMENTED = frozenset({Algo.DIRECT, Algo.IM2COL})
 VALID = tuple(a.value for a in Algo)
 
 
@@ -39,3 +39,10 @@ def choose(algo: Algo, *, kernel: tuple, stride: tuple, dilation: tuple, groups:
         return algo.value
     # Only the direct kernel exists so far; later algorithms add their measured rules here.
     return Algo.DIRECT.value
+
+
+def choose_for_geometry(algo: Algo, g: tuple) -> str:
+    """:func:`choose` for the flat geometry tuple of :mod:`fastconv.ops`."""
+    N, C, H, W, K, R, S, OH, OW, sh, sw, dh, dw, pt, pb, pl, pr, groups = g
+    return choose(algo, kernel=(R, S), stride=(sh, sw), dilation=(dh, dw), groups=groups,
+                  in_channels=C, out_channels=K)

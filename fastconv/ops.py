@@ -25,6 +25,7 @@ from . import dispatch
 from .backend import _C
 
 _DTYPE_CODE = {torch.float32: 0, torch.float64: 1}
+_ALGO_CODE = {"direct": 0, "im2col": 1}  # csrc/common/geometry.h: Algorithm
 _NCHW, _NHWC = 0, 1
 
 
@@ -121,11 +122,13 @@ def _empty(shape, like: Tensor, channels_last: bool) -> Tensor:
     return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=fmt)
 
 
-def _kernel_algo(algo: str) -> str:
-    if algo == "direct":  # fast path for the common case
-        return algo
+def _kernel_algo(algo: str, g: tuple) -> int:
+    """The C++ algorithm code for a concrete algorithm name ('auto' is resolved here too)."""
+    code = _ALGO_CODE.get(algo)
+    if code is not None:
+        return code
     a = dispatch.check_algo(algo)
-    return dispatch.Algo.DIRECT.value if a is dispatch.Algo.AUTO else a.value
+    return _ALGO_CODE[dispatch.choose_for_geometry(a, g)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -143,7 +146,7 @@ def conv2d_forward(input: Tensor, weight: Tensor, bias: Optional[Tensor], stride
         _check_dtype("bias", bias, input)
         if tuple(bias.shape) != (g[4],):
             raise ValueError(f"fastconv: bias must have shape ({g[4]},), got {tuple(bias.shape)}")
-    _kernel_algo(algo)
+    code = _kernel_algo(algo, g)
     out_cl = _channels_last(input) or _channels_last(weight)
     y = _empty((g[0], g[4], g[7], g[8]), input, out_cl)
     if y.numel() == 0:
@@ -151,7 +154,7 @@ def conv2d_forward(input: Tensor, weight: Tensor, bias: Optional[Tensor], stride
     x, x_layout = _dense(input)
     w = weight.contiguous()
     b = bias.contiguous() if bias is not None else None
-    _C.forward(_DTYPE_CODE[x.dtype], g, x.data_ptr(), x_layout, w.data_ptr(),
+    _C.forward(code, _DTYPE_CODE[x.dtype], g, x.data_ptr(), x_layout, w.data_ptr(),
                b.data_ptr() if b is not None else 0, y.data_ptr(), int(out_cl),
                torch.get_num_threads())
     return y
@@ -207,7 +210,7 @@ def conv2d_grad_input(grad_output: Tensor, weight: Tensor, input_size: Sequence[
     _check_dtype("grad_output", grad_output)
     _check_dtype("weight", weight, grad_output)
     g = _grad_geometry(input_size, weight.shape, grad_output.shape, stride, padding, dilation, groups)
-    _kernel_algo(algo)
+    code = _kernel_algo(algo, g)
     out_cl = _channels_last(grad_output) or _channels_last(weight)
     gx = _empty(tuple(input_size), grad_output, out_cl)
     if gx.numel() == 0:
@@ -216,7 +219,7 @@ def conv2d_grad_input(grad_output: Tensor, weight: Tensor, input_size: Sequence[
         return gx.zero_()
     gy, gy_layout = _dense(grad_output)
     w = weight.contiguous()
-    _C.grad_input(_DTYPE_CODE[gy.dtype], g, gy.data_ptr(), gy_layout, w.data_ptr(),
+    _C.grad_input(code, _DTYPE_CODE[gy.dtype], g, gy.data_ptr(), gy_layout, w.data_ptr(),
                   gx.data_ptr(), int(out_cl), torch.get_num_threads())
     return gx
 
@@ -269,7 +272,7 @@ def conv2d_grad_weight(grad_output: Tensor, input: Tensor, weight_size: Sequence
     _check_dtype("grad_output", grad_output)
     _check_dtype("input", input, grad_output)
     g = _grad_geometry(input.shape, weight_size, grad_output.shape, stride, padding, dilation, groups)
-    _kernel_algo(algo)
+    code = _kernel_algo(algo, g)
     gw = torch.empty(tuple(weight_size), dtype=input.dtype, device=input.device)
     if gw.numel() == 0:
         return gw
@@ -277,7 +280,7 @@ def conv2d_grad_weight(grad_output: Tensor, input: Tensor, weight_size: Sequence
         return gw.zero_()
     gy, gy_layout = _dense(grad_output)
     x, x_layout = _dense(input)
-    _C.grad_weight(_DTYPE_CODE[x.dtype], g, gy.data_ptr(), gy_layout, x.data_ptr(), x_layout,
+    _C.grad_weight(code, _DTYPE_CODE[x.dtype], g, gy.data_ptr(), gy_layout, x.data_ptr(), x_layout,
                    gw.data_ptr(), torch.get_num_threads())
     return gw
 
@@ -346,3 +349,38 @@ def _grad_bias_backward(ctx, ggb):
 
 
 conv2d_grad_bias.register_autograd(_grad_bias_backward, setup_context=_grad_bias_setup)
+
+
+# --------------------------------------------------------------------------------------------
+# GEMM (tests and benchmarks only)
+# --------------------------------------------------------------------------------------------
+
+def gemm(a: Tensor, b: Tensor, c: Optional[Tensor] = None, *, accumulate: bool = False,
+         scale: Optional[Tensor] = None, shift: Optional[Tensor] = None, per_row: bool = True,
+         relu: bool = False) -> Tensor:
+    """C = A @ B (+ C if accumulate), then C = relu(C * scale + shift) per row or column, with
+    fastconv's packed GEMM. A and B may be any strided 2-D views; C must have unit column
+    stride. Not differentiable; for testing and benchmarking the kernel."""
+    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[0]:
+        raise ValueError(f"gemm: shapes {tuple(a.shape)} and {tuple(b.shape)} do not multiply")
+    for name, t in (("a", a), ("b", b)):
+        _check_dtype(name, t, a)
+    M, K = a.shape
+    N = b.shape[1]
+    if c is None:
+        if accumulate:
+            raise ValueError("gemm: accumulate needs c")
+        c = a.new_empty((M, N))
+    if tuple(c.shape) != (M, N) or (N > 1 and c.stride(1) != 1) or c.dtype != a.dtype:
+        raise ValueError("gemm: c must be a (M, N) tensor of a's dtype with unit column stride")
+    channels = M if per_row else N
+    for name, v in (("scale", scale), ("shift", shift)):
+        if v is not None and (v.dtype != a.dtype or v.dim() != 1 or v.numel() != channels
+                              or v.stride(0) != 1):
+            raise ValueError(f"gemm: {name} must be a contiguous vector of {channels} values")
+    _C.gemm(_DTYPE_CODE[a.dtype], (M, N, K), a.data_ptr(), a.stride(0), a.stride(1),
+            b.data_ptr(), b.stride(0), b.stride(1), c.data_ptr(), c.stride(0), accumulate,
+            scale.data_ptr() if scale is not None else 0,
+            shift.data_ptr() if shift is not None else 0, per_row, relu,
+            torch.get_num_threads())
+    return c

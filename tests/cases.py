@@ -86,6 +86,10 @@ CASES = [
     Case("channel_tails", (2, 40, 7, 6), (40, 40, 3, 3), padding=1),
     Case("many_channels", (1, 64, 6, 6), (80, 64, 3, 3), padding=1, stride=(1, 2)),
     Case("stem_like", (1, 3, 23, 23), (16, 3, 7, 7), stride=2, padding=3),
+    # >= 1024 output pixels per image: im2col's native NCHW path (one GEMM per image).
+    Case("large_map_dilated_strided", (1, 4, 48, 70), (6, 4, 3, 3), stride=(1, 2),
+         dilation=2, padding=(2, 1)),
+    Case("large_map_groups", (2, 4, 34, 34), (4, 2, 3, 3), groups=2, padding=1),
     Case("noncontiguous", (2, 4, 8, 8), (6, 4, 3, 3), padding=1, noncontiguous=True),
     Case("channels_last", (2, 8, 9, 9), (12, 8, 3, 3), padding=1, channels_last=True),
     Case("channels_last_strided_groups", (2, 8, 9, 9), (12, 4, 3, 3), stride=2, groups=2,

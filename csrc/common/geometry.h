@@ -2,6 +2,8 @@
 #pragma once
 #include <cstdint>
 
+#include "../gemm/gemm.h"
+
 namespace fastconv {
 
 enum Layout : int { kNCHW = 0, kNHWC = 1 };
@@ -36,10 +38,15 @@ struct ConvKernels {
   void (*grad_bias)(const ConvGeom&, const T* gy, int gy_layout, T* gb, int nthreads);
 };
 
+// Algorithm codes shared with Python (fastconv/ops.py).
+enum Algorithm : int { kDirect = 0, kIm2col = 1, kAlgorithms = 2 };
+
 struct IsaKernels {
   const char* name;
-  ConvKernels<float> f32;
-  ConvKernels<double> f64;
+  ConvKernels<float> f32[kAlgorithms];
+  ConvKernels<double> f64[kAlgorithms];
+  void (*gemm_f32)(const GemmArgs<float>&, int nthreads);
+  void (*gemm_f64)(const GemmArgs<double>&, int nthreads);
 };
 
 // One table per ISA, each defined in a translation unit compiled with that ISA's flags.
@@ -47,11 +54,14 @@ namespace scalar { const IsaKernels& kernels(); }
 namespace avx2 { const IsaKernels& kernels(); }
 namespace avx512 { const IsaKernels& kernels(); }
 
+
 // Per-calling-thread scratch memory that grows and is kept, so steady-state calls neither
 // allocate nor page-fault (a fresh 4 KiB page costs ~1 us here). `slot` names independent
 // buffers that are live at the same time. Never called from inside a parallel region.
 void* workspace(int slot, int64_t bytes);
 void release_workspaces();
-enum WorkspaceSlot : int { kWsInput = 0, kWsWeight = 1, kWsGrad = 2, kWsAccum = 3, kWsSlots = 4 };
+enum WorkspaceSlot : int {
+  kWsInput, kWsWeight, kWsGrad, kWsAccum, kWsGemmA, kWsGemmB, kWsSlots
+};
 
 }  // namespace fastconv

@@ -31,7 +31,7 @@ namespace fastconv {
 namespace FASTCONV_ISA {
 
 // Vec<T>: `lanes` values of T. Operations: zero, load (unaligned), broadcast of one value
-// from memory, fused multiply-add, add, store (unaligned). Nothing else is needed by the kernels.
+// from memory, fused multiply-add, add, mul, relu, store (unaligned). Nothing else is needed by the kernels.
 template <typename T>
 struct Vec;
 
@@ -65,6 +65,11 @@ inline Vec<double> fmadd(Vec<double> a, Vec<double> b, Vec<double> c) {
 }
 inline Vec<float> add(Vec<float> a, Vec<float> b) { return {_mm512_add_ps(a.v, b.v)}; }
 inline Vec<double> add(Vec<double> a, Vec<double> b) { return {_mm512_add_pd(a.v, b.v)}; }
+inline Vec<float> mul(Vec<float> a, Vec<float> b) { return {_mm512_mul_ps(a.v, b.v)}; }
+inline Vec<double> mul(Vec<double> a, Vec<double> b) { return {_mm512_mul_pd(a.v, b.v)}; }
+// max(0, v) with NaN kept (maxps returns its second operand when either is NaN).
+inline Vec<float> relu(Vec<float> v) { return {_mm512_max_ps(_mm512_setzero_ps(), v.v)}; }
+inline Vec<double> relu(Vec<double> v) { return {_mm512_max_pd(_mm512_setzero_pd(), v.v)}; }
 
 #elif defined(FASTCONV_ISA_AVX2)
 
@@ -96,6 +101,10 @@ inline Vec<double> fmadd(Vec<double> a, Vec<double> b, Vec<double> c) {
 }
 inline Vec<float> add(Vec<float> a, Vec<float> b) { return {_mm256_add_ps(a.v, b.v)}; }
 inline Vec<double> add(Vec<double> a, Vec<double> b) { return {_mm256_add_pd(a.v, b.v)}; }
+inline Vec<float> mul(Vec<float> a, Vec<float> b) { return {_mm256_mul_ps(a.v, b.v)}; }
+inline Vec<double> mul(Vec<double> a, Vec<double> b) { return {_mm256_mul_pd(a.v, b.v)}; }
+inline Vec<float> relu(Vec<float> v) { return {_mm256_max_ps(_mm256_setzero_ps(), v.v)}; }
+inline Vec<double> relu(Vec<double> v) { return {_mm256_max_pd(_mm256_setzero_pd(), v.v)}; }
 
 #else  // scalar: plain C++ on the baseline ISA; the compiler may still use SSE2.
 
@@ -136,13 +145,31 @@ inline Vec<T> add(Vec<T> a, Vec<T> b) {
   for (int i = 0; i < Vec<T>::lanes; ++i) r.v[i] = a.v[i] + b.v[i];
   return r;
 }
+template <typename T>
+inline Vec<T> mul(Vec<T> a, Vec<T> b) {
+  Vec<T> r;
+  for (int i = 0; i < Vec<T>::lanes; ++i) r.v[i] = a.v[i] * b.v[i];
+  return r;
+}
+template <typename T>
+inline Vec<T> relu(Vec<T> v) {
+  Vec<T> r;
+  for (int i = 0; i < Vec<T>::lanes; ++i) r.v[i] = v.v[i] < T(0) ? T(0) : v.v[i];  // NaN kept
+  return r;
+}
 
 #endif
 
-inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
-inline int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
+constexpr int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+constexpr int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
+constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+constexpr int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
+
+// Below this much work (FLOPs, or ~4x bytes moved) a parallel region costs more than it saves.
+constexpr int64_t kSerialWork = int64_t(1) << 18;
+inline int threads_for(int64_t work, int nthreads) {
+  return work < kSerialWork ? 1 : (nthreads < 1 ? 1 : nthreads);
+}
 
 // Static split of [0, n) over `parts` workers: worker i gets [begin, end).
 inline void split_range(int64_t n, int parts, int i, int64_t* begin, int64_t* end) {

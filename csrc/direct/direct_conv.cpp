@@ -17,9 +17,9 @@
 //     output channels) in registers and sweeps a chunk of output pixels.
 #include <cstring>
 
-#include "../common/geometry.h"
+#include "../common/isa_api.h"
+#include "../common/layout.h"
 #include "../common/simd.h"
-#include "../common/transpose.h"
 
 namespace fastconv {
 namespace FASTCONV_ISA {
@@ -35,81 +35,6 @@ constexpr int kUr = 6, kNbk = 2;  // 12 accumulators of 16 ymm
 constexpr int kUr = 4, kNbk = 2;
 #endif
 constexpr int kUrc = kUr;  // grad-weight: input channels per tile
-
-// Below this many FLOPs a parallel region costs more than it saves.
-constexpr int64_t kSerialFlops = int64_t(1) << 18;
-
-inline int threads_for(int64_t flops, int nthreads) {
-  return flops < kSerialFlops ? 1 : (nthreads < 1 ? 1 : nthreads);
-}
-
-template <typename T>
-T* ws(int slot, int64_t count) {
-  return static_cast<T*>(workspace(slot, count * int64_t(sizeof(T))));
-}
-
-// ---------------------------------------------------------------------------------------
-// Layout transforms
-// ---------------------------------------------------------------------------------------
-
-// dst(n, top + h*step_h, left + w*step_w, c) = src(n, c, h, w) for every source element that
-// lands inside dst's Hd x Wd; every other element of dst is zero. dst is NHWC (channels C).
-// step > 1 inserts zeros between pixels (grad-input of a strided convolution).
-template <typename T>
-void scatter_to_nhwc(const T* src, int layout, int64_t N, int64_t C, int64_t H, int64_t W, T* dst,
-                     int64_t Hd, int64_t Wd, int64_t top, int64_t left, int64_t step_h,
-                     int64_t step_w, int nthreads) {
-  // Source columns w whose destination column lies in [0, Wd).
-  int64_t w_lo = 0;
-  while (w_lo < W && left + w_lo * step_w < 0) ++w_lo;
-  int64_t w_hi = W;
-  while (w_hi > w_lo && left + (w_hi - 1) * step_w >= Wd) --w_hi;
-  const int64_t HW = H * W;
-  const int64_t rows = N * Hd;
-  parallel_for(rows, threads_for(rows * Wd * C * 4, nthreads), [&](int64_t row) {
-    const int64_t n = row / Hd, hd = row % Hd;
-    T* d = dst + row * Wd * C;
-    const int64_t hh = hd - top;
-    const bool has_src = hh >= 0 && hh % step_h == 0 && hh / step_h < H && w_lo < w_hi;
-    if (!has_src) {
-      std::memset(d, 0, sizeof(T) * Wd * C);
-      return;
-    }
-    const int64_t h = hh / step_h;
-    if (step_w == 1) {  // zero only the margins
-      std::memset(d, 0, sizeof(T) * (left + w_lo) * C);
-      const int64_t end = left + w_hi;
-      std::memset(d + end * C, 0, sizeof(T) * (Wd - end) * C);
-    } else {
-      std::memset(d, 0, sizeof(T) * Wd * C);
-    }
-    if (layout == kNHWC) {
-      const T* s = src + ((n * H + h) * W) * C;
-      if (step_w == 1) {
-        std::memcpy(d + (left + w_lo) * C, s + w_lo * C, sizeof(T) * (w_hi - w_lo) * C);
-      } else {
-        for (int64_t w = w_lo; w < w_hi; ++w)
-          std::memcpy(d + (left + w * step_w) * C, s + w * C, sizeof(T) * C);
-      }
-    } else if (step_w == 1) {
-      // NCHW -> NHWC in 16 x 16 (channel x pixel) blocks.
-      const T* s = src + n * C * HW + h * W;
-      for (int64_t w0 = w_lo; w0 < w_hi; w0 += kTransposeBlock)
-        for (int64_t c0 = 0; c0 < C; c0 += kTransposeBlock)
-          transpose_block(s + c0 * HW + w0, HW, d + (left + w0) * C + c0, C,
-                          int(min64(kTransposeBlock, C - c0)), int(min64(kTransposeBlock, w_hi - w0)));
-    } else {
-      const T* s = src + n * C * HW + h * W;
-      for (int64_t w0 = w_lo; w0 < w_hi; w0 += 16) {
-        const int64_t w1 = min64(w0 + 16, w_hi);
-        for (int64_t c = 0; c < C; ++c) {
-          const T* sc = s + c * HW;
-          for (int64_t w = w0; w < w1; ++w) d[(left + w * step_w) * C + c] = sc[w];
-        }
-      }
-    }
-  });
-}
 
 // ---------------------------------------------------------------------------------------
 // Weight packing
@@ -495,10 +420,20 @@ void grad_weight(const ConvGeom& g, const T* gy, int gy_layout, const T* x, int 
   }
 }
 
+}  // namespace
+
+template <typename T>
+ConvKernels<T> direct_kernels() {
+  return {&forward<T>, &grad_input<T>, &grad_weight<T>, &grad_bias<T>};
+}
+template ConvKernels<float> direct_kernels<float>();
+template ConvKernels<double> direct_kernels<double>();
+
 // ---------------------------------------------------------------------------------------
 // Grad-bias: per-channel sums of grad_y, accumulated in double.
 // ---------------------------------------------------------------------------------------
 
+namespace {
 template <typename T>
 double sum_contiguous(const T* p, int64_t n) {
   using V = Vec<T>;
@@ -517,6 +452,7 @@ double sum_contiguous(const T* p, int64_t n) {
   }
   return total;
 }
+}  // namespace
 
 template <typename T>
 void grad_bias(const ConvGeom& g, const T* gy, int gy_layout, T* gb, int nthreads) {
@@ -549,18 +485,8 @@ void grad_bias(const ConvGeom& g, const T* gy, int gy_layout, T* gb, int nthread
   }
 }
 
-template <typename T>
-constexpr ConvKernels<T> direct_kernels() {
-  return {&forward<T>, &grad_input<T>, &grad_weight<T>, &grad_bias<T>};
-}
-
-}  // namespace
-
-const IsaKernels& kernels() {
-  static const IsaKernels table{FASTCONV_STR(FASTCONV_ISA), direct_kernels<float>(),
-                                direct_kernels<double>()};
-  return table;
-}
+template void grad_bias<float>(const ConvGeom&, const float*, int, float*, int);
+template void grad_bias<double>(const ConvGeom&, const double*, int, double*, int);
 
 }  // namespace FASTCONV_ISA
 }  // namespace fastconv

@@ -1,0 +1,233 @@
+// Packed GEMM for one ISA: packing, the micro-kernel and the five loops (contract: gemm.h).
+#include "../common/isa_api.h"
+
+namespace fastconv {
+namespace FASTCONV_ISA {
+namespace {
+
+// Register tile MR x NR = MR x (NBV vectors) and cache blocks, per ISA and type.
+//  * MR * NBV accumulators + NBV B vectors + 1 broadcast fit the register file.
+//  * KC: a B micro-panel (KC x NR) stays in L1 (48 KiB) next to the streaming A panel.
+//  * MC: the packed A block (MC x KC) fits in half of L2 (1 MiB).
+//  * NC: the packed B block (KC x NC) lives in the shared 32 MiB L3.
+// f32 AVX-512 sweep, sgemm 2048^3 / 4096^3 on 2 threads, GFLOP/s (numpy/OpenBLAS: 457-475):
+//   KC 256, MC 480: 401 / 421   KC 384, MC 480: 406 / 457   KC 512, MC 480: 432 / 445
+//   KC 512, MC 240: 464 / 461   KC 768, MC 240, NC 2048: 427 / 434
+// so KC = 512 (B micro-panels stream from L2 at 15 B/cycle, well under its bandwidth, and C is
+// read and written half as often as with 256) and MC = 240 (A block 480 KiB). Other ISAs and
+// f64 use the same bytes per block.
+template <typename T>
+struct Blocking;
+#if defined(FASTCONV_ISA_AVX512)
+template <>
+struct Blocking<float> {
+  static constexpr int MR = 12, NBV = 2;  // 12 x 32: 24 zmm accumulators
+  static constexpr int64_t KC = 512, MC = 240, NC = 4096;
+};
+template <>
+struct Blocking<double> {
+  static constexpr int MR = 12, NBV = 2;  // 12 x 16
+  static constexpr int64_t KC = 512, MC = 120, NC = 2048;
+};
+#elif defined(FASTCONV_ISA_AVX2)
+template <>
+struct Blocking<float> {
+  static constexpr int MR = 6, NBV = 2;  // 6 x 16: 12 ymm accumulators
+  static constexpr int64_t KC = 512, MC = 240, NC = 4096;
+};
+template <>
+struct Blocking<double> {
+  static constexpr int MR = 6, NBV = 2;  // 6 x 8
+  static constexpr int64_t KC = 512, MC = 120, NC = 2048;
+};
+#else
+template <typename T>
+struct Blocking {
+  static constexpr int MR = 4, NBV = 2;  // 4 x 8 (4-lane portable vectors)
+  static constexpr int64_t KC = 512, MC = 128, NC = 2048;
+};
+#endif
+
+// Pack rows [i0, i0 + mc) x columns [p0, p0 + kc) of A into MR-tall micro-panels,
+// Ap[panel][k][MR], zero-padding the last panel. Only panels [q0, q1) are packed.
+template <typename T, int MR>
+void pack_a(const GemmArgs<T>& g, int64_t i0, int64_t mc, int64_t p0, int64_t kc, T* ap,
+            int64_t q0, int64_t q1) {
+  for (int64_t q = q0; q < q1; ++q) {
+    T* d = ap + q * kc * MR;
+    const int64_t r0 = i0 + q * MR, rows = min64(MR, i0 + mc - r0);
+    const T* a = g.a + r0 * g.rs_a + p0 * g.cs_a;
+    if (rows == MR && g.rs_a == 1) {  // column-major A: each k is MR contiguous values
+      for (int64_t k = 0; k < kc; ++k)
+        for (int i = 0; i < MR; ++i) d[k * MR + i] = a[k * g.cs_a + i];
+      continue;
+    }
+    for (int i = 0; i < rows; ++i) {
+      const T* ai = a + i * g.rs_a;
+      for (int64_t k = 0; k < kc; ++k) d[k * MR + i] = ai[k * g.cs_a];
+    }
+    for (int i = int(rows); i < MR; ++i)
+      for (int64_t k = 0; k < kc; ++k) d[k * MR + i] = T(0);
+  }
+}
+
+// Pack rows [p0, p0 + kc) x columns [j0, j0 + nc) of B into NR-wide micro-panels,
+// Bp[panel][k][NR], zero-padding the last panel. Only panels [q0, q1) are packed.
+template <typename T, int NR>
+void pack_b(const GemmArgs<T>& g, int64_t p0, int64_t kc, int64_t j0, int64_t nc, T* bp,
+            int64_t q0, int64_t q1) {
+  for (int64_t q = q0; q < q1; ++q) {
+    T* d = bp + q * kc * NR;
+    const int64_t c0 = j0 + q * NR, cols = min64(NR, j0 + nc - c0);
+    const T* b = g.b + p0 * g.rs_b + c0 * g.cs_b;
+    if (g.cs_b == 1) {  // row-major B: each k is a contiguous run
+      for (int64_t k = 0; k < kc; ++k) {
+        const T* bk = b + k * g.rs_b;
+        T* dk = d + k * NR;
+        if (cols == NR) {
+          for (int j = 0; j < NR; ++j) dk[j] = bk[j];
+        } else {
+          for (int j = 0; j < cols; ++j) dk[j] = bk[j];
+          for (int j = int(cols); j < NR; ++j) dk[j] = T(0);
+        }
+      }
+      continue;
+    }
+    for (int j = 0; j < cols; ++j) {
+      const T* bj = b + j * g.cs_b;
+      for (int64_t k = 0; k < kc; ++k) d[k * NR + j] = bj[k * g.rs_b];
+    }
+    for (int j = int(cols); j < NR; ++j)
+      for (int64_t k = 0; k < kc; ++k) d[k * NR + j] = T(0);
+  }
+}
+
+// The micro-kernel (contract in gemm.h). row0/col0: position of the tile in C, for the
+// epilogue's per-channel vectors.
+template <typename T, int MR, int NBV>
+inline void ukernel(int64_t kc, const T* __restrict ap, const T* __restrict bp, T* c,
+                    int64_t ldc, int64_t m, int64_t n, bool accumulate, bool last,
+                    const Epilogue<T>& epi, int64_t row0, int64_t col0) {
+  using V = Vec<T>;
+  constexpr int L = V::lanes, NR = NBV * L;
+  V acc[MR][NBV];
+  for (int i = 0; i < MR; ++i)
+    for (int b = 0; b < NBV; ++b) acc[i][b] = V::zero();
+  // Start fetching the C tile now: it is read (when accumulating) and written after the loop.
+  // (+5-18 % on sgemm 2048^3-4096^3.)
+  for (int64_t i = 0; i < m; ++i)
+    for (int j = 0; j < NR * int(sizeof(T)); j += 64)
+      __builtin_prefetch(reinterpret_cast<const char*>(c + i * ldc) + j, 1);
+  for (int64_t k = 0; k < kc; ++k, ap += MR, bp += NR) {
+    V bv[NBV];
+    for (int b = 0; b < NBV; ++b) bv[b] = V::load(bp + b * L);
+    for (int i = 0; i < MR; ++i) {
+      const V av = V::broadcast(ap + i);
+      for (int b = 0; b < NBV; ++b) acc[i][b] = fmadd(av, bv[b], acc[i][b]);
+    }
+  }
+  const bool epilogue = last && epi.active();
+  if (m == MR && n == NR) {
+    for (int i = 0; i < MR; ++i) {
+      T* ci = c + i * ldc;
+      for (int b = 0; b < NBV; ++b) {
+        V v = acc[i][b];
+        if (accumulate) v = add(v, V::load(ci + b * L));
+        if (epilogue) {
+          if (epi.scale)
+            v = mul(v, epi.per_row ? V::broadcast(epi.scale + row0 + i)
+                                   : V::load(epi.scale + col0 + b * L));
+          if (epi.shift)
+            v = add(v, epi.per_row ? V::broadcast(epi.shift + row0 + i)
+                                   : V::load(epi.shift + col0 + b * L));
+          if (epi.relu) v = relu(v);
+        }
+        v.store(ci + b * L);
+      }
+    }
+    return;
+  }
+  // Edge tile: through a buffer, writing only the m x n valid values.
+  alignas(64) T tile[MR * NR];
+  for (int i = 0; i < MR; ++i)
+    for (int b = 0; b < NBV; ++b) acc[i][b].store(tile + i * NR + b * L);
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t j = 0; j < n; ++j) {
+      T v = tile[i * NR + j] + (accumulate ? c[i * ldc + j] : T(0));
+      if (epilogue) {
+        const int64_t ch = epi.per_row ? row0 + i : col0 + j;
+        if (epi.scale) v *= epi.scale[ch];
+        if (epi.shift) v += epi.shift[ch];
+        if (epi.relu) v = v < T(0) ? T(0) : v;
+      }
+      c[i * ldc + j] = v;
+    }
+}
+
+// C = epilogue(accumulate ? C : 0) for K == 0.
+template <typename T>
+void gemm_empty_k(const GemmArgs<T>& g) {
+  for (int64_t i = 0; i < g.M; ++i)
+    for (int64_t j = 0; j < g.N; ++j) {
+      T v = g.accumulate ? g.c[i * g.ldc + j] : T(0);
+      const int64_t ch = g.epi.per_row ? i : j;
+      if (g.epi.scale) v *= g.epi.scale[ch];
+      if (g.epi.shift) v += g.epi.shift[ch];
+      if (g.epi.relu) v = v < T(0) ? T(0) : v;
+      g.c[i * g.ldc + j] = v;
+    }
+}
+
+}  // namespace
+
+template <typename T>
+void gemm(const GemmArgs<T>& g, int nthreads) {
+  using B = Blocking<T>;
+  constexpr int MR = B::MR, NR = B::NBV * Vec<T>::lanes;
+  constexpr int64_t KC = B::KC, MC = B::MC, NC = round_up(B::NC, NR);
+  if (g.M <= 0 || g.N <= 0) return;
+  if (g.K <= 0) return gemm_empty_k(g);
+
+  const int64_t kc_max = min64(KC, g.K);
+  T* bbuf = static_cast<T*>(workspace(kWsGemmB, kc_max * round_up(min64(NC, g.N), NR) * int64_t(sizeof(T))));
+  T* abuf = static_cast<T*>(workspace(kWsGemmA, kc_max * round_up(min64(MC, g.M), MR) * int64_t(sizeof(T))));
+  const int nt = threads_for(2 * g.M * g.N * g.K, nthreads);
+
+  parallel(nt, [&](int tid, int nth) {
+    for (int64_t jc = 0; jc < g.N; jc += NC) {                   // JC loop
+      const int64_t nc = min64(NC, g.N - jc), nb = ceil_div(nc, NR);
+      for (int64_t pc = 0; pc < g.K; pc += KC) {                 // PC loop
+        const int64_t kc = min64(KC, g.K - pc);
+        const bool accumulate = g.accumulate || pc > 0, last = pc + kc == g.K;
+        int64_t q0, q1;
+        split_range(nb, nth, tid, &q0, &q1);                     // threads pack B together
+        pack_b<T, NR>(g, pc, kc, jc, nc, bbuf, q0, q1);
+#pragma omp barrier
+        for (int64_t ic = 0; ic < g.M; ic += MC) {               // IC loop
+          const int64_t mc = min64(MC, g.M - ic), ma = ceil_div(mc, MR);
+          split_range(ma, nth, tid, &q0, &q1);                   // ... and A
+          pack_a<T, MR>(g, ic, mc, pc, kc, abuf, q0, q1);
+#pragma omp barrier
+          // JR and IR loops, their tiles split across threads in JR-major order so that a
+          // thread keeps its B micro-panel in L1 across consecutive tiles.
+          int64_t t0, t1;
+          split_range(nb * ma, nth, tid, &t0, &t1);
+          for (int64_t t = t0; t < t1; ++t) {
+            const int64_t jr = t / ma, ir = t % ma;
+            const int64_t row = ic + ir * MR, col = jc + jr * NR;
+            ukernel<T, MR, B::NBV>(kc, abuf + ir * kc * MR, bbuf + jr * kc * NR,
+                                   g.c + row * g.ldc + col, g.ldc, min64(MR, g.M - row),
+                                   min64(NR, g.N - col), accumulate, last, g.epi, row, col);
+          }
+#pragma omp barrier  // A (and at the end, B) is repacked next
+        }
+      }
+    }
+  });
+}
+
+template void gemm<float>(const GemmArgs<float>&, int);
+template void gemm<double>(const GemmArgs<double>&, int);
+
+}  // namespace FASTCONV_ISA
+}  // namespace fastconv

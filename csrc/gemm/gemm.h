@@ -1,0 +1,57 @@
+// Packed GEMM, BLIS style: C = A * B (+ C), then an optional per-channel epilogue.
+//
+//   A is M x K, A(i, k) = a[i * rs_a + k * cs_a]   (any strides: row- or column-major views)
+//   B is K x N, B(k, j) = b[k * rs_b + j * cs_b]
+//   C is M x N, C(i, j) = c[i * ldc + j]           (row-major)
+//
+// Five loops around one micro-kernel (gemm.cpp):
+//
+//   JC: for jc in [0, N) step NC            B block  KC x NC  -> L3
+//     PC: for pc in [0, K) step KC          pack B block into NR-wide micro-panels
+//       IC: for ic in [0, M) step MC        pack A block into MR-tall micro-panels -> L2
+//         JR: for jr in [0, NC) step NR     B micro-panel KC x NR -> L1
+//           IR: for ir in [0, MC) step MR   micro-kernel: MR x NR tile of C in registers
+//
+// Micro-kernel contract: given kc, a packed A micro-panel Ap and a packed B micro-panel Bp,
+//
+//   tile(i, j) = sum_{k < kc} Ap[k * MR + i] * Bp[k * NR + j]      (i < MR, j < NR)
+//
+// and writes the m x n valid part (edge tiles: m <= MR, n <= NR) to C, adding C's previous
+// value when accumulating and applying the epilogue after the last K block. Packed layouts
+// (f32 AVX-512, MR = 12, NR = 32; edges are zero-padded so the kernel never branches):
+//
+//   Ap (one A micro-panel):  | a(0,0) a(1,0) .. a(11,0) | a(0,1) a(1,1) .. a(11,1) | ..   kc x 12
+//   Bp (one B micro-panel):  | b(0,0) b(0,1) .. b(0,31) | b(1,0) b(1,1) .. b(1,31) | ..   kc x 32
+//
+// Per k the kernel loads NR/lanes vectors of Bp, broadcasts MR values of Ap, and issues
+// MR * NR/lanes FMAs into that many accumulator registers.
+#pragma once
+#include <cstdint>
+
+namespace fastconv {
+
+// Applied to each finished element C(i, j), channel = i (per_row) or j:
+//   C = max(0, C * scale[channel] + shift[channel])   (scale/shift null = 1/0, relu optional)
+template <typename T>
+struct Epilogue {
+  const T* scale = nullptr;
+  const T* shift = nullptr;
+  bool per_row = true;
+  bool relu = false;
+  bool active() const { return scale || shift || relu; }
+};
+
+template <typename T>
+struct GemmArgs {
+  int64_t M, N, K;
+  const T* a;
+  int64_t rs_a, cs_a;
+  const T* b;
+  int64_t rs_b, cs_b;
+  T* c;
+  int64_t ldc;
+  bool accumulate;  // C += A * B rather than C = A * B
+  Epilogue<T> epi;
+};
+
+}  // namespace fastconv

@@ -1,0 +1,384 @@
+// im2col + GEMM convolution for one ISA: forward, grad-input, grad-weight.
+//
+// The work runs in NHWC. For a chunk of output pixels p (flattened over n, oh, ow) the column
+// matrix of group g is
+//
+//   col[p][t*Cg + c] = x[n][oh*sh - pt + r*dh][ow*sw - pl + s*dw][g*Cg + c]   (t = r*S + s;
+//                                                                               0 outside)
+// and, with the weights permuted to wt[k][t][c] = w[k][c][r][s] (RSC = R*S*Cg),
+//
+//   forward:      y[p][g*Kg + k] = sum_i col[p][i] * wt[g*Kg + k][i]       (+ bias epilogue)
+//   grad-input:   dcol[p][i]     = sum_k dy[p][g*Kg + k] * wt[g*Kg + k][i], then col2im
+//                 adds dcol back onto dx
+//   grad-weight:  dwt[g*Kg + k][i] += sum_p dy[p][g*Kg + k] * col[p][i]
+//
+// The column matrix is built for at most kColBudgetBytes at a time, and NCHW tensors are
+// transposed in groups of images under kLayoutBudgetBytes, so the extra memory is bounded
+// whatever the batch size. A 1x1, stride-1, unpadded convolution skips im2col: col is x.
+// NCHW forward on large maps runs natively instead, one GEMM per image and chunk:
+//   y[n][g*Kg + k][p] = sum_i w[g*Kg + k][i] * colT[i][p]   (i = (c, r, s), torch's order).
+#include <cstring>
+
+#include "../common/isa_api.h"
+#include "../common/layout.h"
+#include "../common/simd.h"
+#include "../gemm/gemm.h"
+
+namespace fastconv {
+namespace FASTCONV_ISA {
+namespace {
+
+// Bytes of column matrix per GEMM call: big enough that each call's packing of the weights
+// is amortised over thousands of pixels, small enough to stay in L3 (32 MiB) with the rest.
+constexpr int64_t kColBudgetBytes = int64_t(4) << 20;
+// Bytes of NHWC copies (input + output) of the NCHW images converted at a time.
+constexpr int64_t kLayoutBudgetBytes = int64_t(16) << 20;
+// NCHW forward runs natively (no transposes) when an image has at least this many output
+// pixels: each GEMM call then packs the weights once per >= 1024 pixels.
+constexpr int64_t kNativeMinPixels = 1024;
+
+bool is_pointwise(const ConvGeom& g) {
+  return g.R == 1 && g.S == 1 && g.sh == 1 && g.sw == 1 && !g.pt && !g.pb && !g.pl && !g.pr;
+}
+
+// wt[k][t][c] = w[k][c][t] (forward: to = true) or back (to = false), all K output channels.
+template <typename T>
+void permute_weights(const T* src, int64_t K, int64_t Cg, int64_t RS, T* dst, bool to,
+                     int nthreads) {
+  parallel_for(K, threads_for(K * Cg * RS * 4, nthreads), [&](int64_t k) {
+    const T* s = src + k * Cg * RS;
+    T* d = dst + k * Cg * RS;
+    for (int64_t c = 0; c < Cg; ++c)
+      for (int64_t t = 0; t < RS; ++t) {
+        if (to)
+          d[t * Cg + c] = s[c * RS + t];
+        else
+          d[c * RS + t] = s[t * Cg + c];
+      }
+  });
+}
+
+// The NHWC images of one image group and where output pixel p's window starts.
+template <typename T>
+struct NhwcView {
+  const ConvGeom& g;
+  int64_t images;
+  int64_t pixels() const { return images * g.OH * g.OW; }
+  // For output pixel p: its image and top-left input row / column (may be < 0).
+  void locate(int64_t p, int64_t* n, int64_t* ih, int64_t* iw) const {
+    const int64_t OHW = g.OH * g.OW, q = p % OHW;
+    *n = p / OHW;
+    *ih = (q / g.OW) * g.sh - g.pt;
+    *iw = (q % g.OW) * g.sw - g.pl;
+  }
+};
+
+// col[j][t*Cg + c] for output pixels p0 + j, j < rows, of group gi.
+template <typename T>
+void im2col_nhwc(const NhwcView<T>& v, const T* x, int64_t gi, int64_t p0, int64_t rows, T* col,
+                 int nthreads) {
+  const ConvGeom& g = v.g;
+  const int64_t Cg = g.Cg(), RS = g.R * g.S, RSC = RS * Cg;
+  parallel_for(rows, threads_for(rows * RSC * 4, nthreads), [&](int64_t j) {
+    int64_t n, ih0, iw0;
+    v.locate(p0 + j, &n, &ih0, &iw0);
+    T* d = col + j * RSC;
+    for (int64_t r = 0; r < g.R; ++r) {
+      const int64_t ih = ih0 + r * g.dh;
+      for (int64_t s = 0; s < g.S; ++s, d += Cg) {
+        const int64_t iw = iw0 + s * g.dw;
+        if (ih < 0 || ih >= g.H || iw < 0 || iw >= g.W)
+          std::memset(d, 0, sizeof(T) * Cg);
+        else
+          std::memcpy(d, x + ((n * g.H + ih) * g.W + iw) * g.C + gi * Cg, sizeof(T) * Cg);
+      }
+    }
+  });
+}
+
+// dx[n][ih][iw][gi*Cg + c] += col[j][t*Cg + c]: the adjoint of im2col_nhwc. Windows of
+// different pixels overlap, so threads split the channels rather than the pixels.
+template <typename T>
+void col2im_nhwc(const NhwcView<T>& v, const T* col, int64_t gi, int64_t p0, int64_t rows, T* dx,
+                 int nthreads) {
+  const ConvGeom& g = v.g;
+  const int64_t Cg = g.Cg(), RSC = g.R * g.S * Cg;
+  const int nt = Cg >= 32 ? threads_for(rows * RSC * 4, nthreads) : 1;
+  parallel(nt, [&](int tid, int nth) {
+    int64_t c0, c1;
+    split_range(Cg, nth, tid, &c0, &c1);
+    for (int64_t j = 0; j < rows; ++j) {
+      int64_t n, ih0, iw0;
+      v.locate(p0 + j, &n, &ih0, &iw0);
+      const T* s = col + j * RSC;
+      for (int64_t r = 0; r < g.R; ++r) {
+        const int64_t ih = ih0 + r * g.dh;
+        for (int64_t q = 0; q < g.S; ++q, s += Cg) {
+          const int64_t iw = iw0 + q * g.dw;
+          if (ih < 0 || ih >= g.H || iw < 0 || iw >= g.W) continue;
+          T* d = dx + ((n * g.H + ih) * g.W + iw) * g.C + gi * Cg;
+          for (int64_t c = c0; c < c1; ++c) d[c] += s[c];
+        }
+      }
+    }
+  });
+}
+
+// Output pixels per column-matrix chunk.
+template <typename T>
+int64_t chunk_rows(int64_t row_elems, int64_t total) {
+  return max64(1, min64(total, kColBudgetBytes / (max64(1, row_elems) * int64_t(sizeof(T)))));
+}
+
+// Runs body(n0, n1, xn, yn) over groups of images in NHWC: tensors already NHWC are passed
+// through; NCHW ones are transposed in before and back out after the call. `in` is an
+// N x C x H x W tensor read by the body, `out` an N x Co x OHW tensor it writes (zeroed
+// first when zero_out).
+template <typename T, typename F>
+void over_image_groups(const ConvGeom& g, const T* in, int in_layout, int64_t C, int64_t H,
+                       int64_t W, T* out, int out_layout, int64_t Co, int64_t OHW, bool zero_out,
+                       int nthreads, F body) {
+  const int64_t HW = H * W;
+  const bool convert = in_layout != kNHWC || out_layout != kNHWC;
+  const int64_t per_image = (in_layout != kNHWC ? C * HW : 0) + (out_layout != kNHWC ? Co * OHW : 0);
+  const int64_t group = convert ? max64(1, kLayoutBudgetBytes / (per_image * int64_t(sizeof(T))))
+                                : max64(1, g.N);
+  for (int64_t n0 = 0; n0 < g.N; n0 += group) {
+    const int64_t n1 = min64(g.N, n0 + group), images = n1 - n0;
+    const T* xn = in + n0 * C * HW;
+    if (in_layout != kNHWC) {
+      T* buf = ws<T>(kWsInput, images * C * HW);
+      scatter_to_nhwc(in + n0 * C * HW, kNCHW, images, C, H, W, buf, H, W, 0, 0, 1, 1, nthreads);
+      xn = buf;
+    }
+    T* yn = out_layout == kNHWC ? out + n0 * Co * OHW : ws<T>(kWsAccum, images * Co * OHW);
+    if (zero_out) std::memset(yn, 0, sizeof(T) * images * Co * OHW);
+    body(n0, n1, xn, yn);
+    if (out_layout != kNHWC) nhwc_to_nchw(yn, images, Co, OHW, out + n0 * Co * OHW, nthreads);
+  }
+}
+
+template <typename T>
+void forward_nchw_native(const ConvGeom& g, const T* x, const T* w, const T* bias, T* y,
+                         int nthreads);
+
+template <typename T>
+void forward(const ConvGeom& g, const T* x, int x_layout, const T* w, const T* bias, T* y,
+             int y_layout, int nthreads) {
+  const int64_t OHW = g.OH * g.OW;
+  if (x_layout == kNCHW && y_layout == kNCHW && OHW >= kNativeMinPixels)
+    return forward_nchw_native(g, x, w, bias, y, nthreads);
+  const int64_t G = g.groups, Cg = g.Cg(), Kg = g.Kg(), RSC = g.R * g.S * Cg;
+  const bool pointwise = is_pointwise(g);
+  const T* wt = w;
+  if (!pointwise) {
+    T* buf = ws<T>(kWsWeight, g.K * RSC);
+    permute_weights(w, g.K, Cg, g.R * g.S, buf, true, nthreads);
+    wt = buf;
+  }
+  over_image_groups<T>(g, x, x_layout, g.C, g.H, g.W, y, y_layout, g.K, OHW, false, nthreads,
+                       [&](int64_t n0, int64_t n1, const T* xn, T* yn) {
+    const NhwcView<T> v{g, n1 - n0};
+    const int64_t P = v.pixels(), rows = pointwise ? P : chunk_rows<T>(RSC, P);
+    T* col = pointwise ? nullptr : ws<T>(kWsGrad, rows * RSC);
+    for (int64_t gi = 0; gi < G; ++gi)
+      for (int64_t p0 = 0; p0 < P; p0 += rows) {
+        const int64_t m = min64(rows, P - p0);
+        GemmArgs<T> a{};
+        a.M = m;
+        a.N = Kg;
+        a.K = RSC;
+        if (pointwise) {
+          a.a = xn + p0 * g.C + gi * Cg;
+          a.rs_a = g.C;
+        } else {
+          im2col_nhwc(v, xn, gi, p0, m, col, nthreads);
+          a.a = col;
+          a.rs_a = RSC;
+        }
+        a.cs_a = 1;
+        a.b = wt + gi * Kg * RSC;  // B(i, k) = wt[k][i]
+        a.rs_b = 1;
+        a.cs_b = RSC;
+        a.c = yn + p0 * g.K + gi * Kg;
+        a.ldc = g.K;
+        a.epi.shift = bias ? bias + gi * Kg : nullptr;
+        a.epi.per_row = false;
+        gemm(a, nthreads);
+      }
+  });
+}
+
+// colT[i][j] = x[n][gi*Cg + c][ih][iw] for i = (c, r, s) and output pixels p0 + j of image n.
+template <typename T>
+void im2col_nchw(const ConvGeom& g, const T* x_img, int64_t gi, int64_t p0, int64_t cols, T* col,
+                 int nthreads) {
+  const int64_t Cg = g.Cg(), RS = g.R * g.S;
+  parallel_for(Cg * RS, threads_for(Cg * RS * cols * 4, nthreads), [&](int64_t i) {
+    const int64_t c = i / RS, r = (i % RS) / g.S, s = i % g.S;
+    const T* src = x_img + (gi * Cg + c) * g.H * g.W;
+    T* d = col + i * cols;
+    for (int64_t j = 0, p = p0; j < cols;) {  // one output row segment at a time
+      const int64_t oh = p / g.OW, ow0 = p % g.OW, len = min64(g.OW - ow0, cols - j);
+      const int64_t ih = oh * g.sh - g.pt + r * g.dh;
+      if (ih < 0 || ih >= g.H) {
+        std::memset(d + j, 0, sizeof(T) * len);
+      } else {
+        const T* row = src + ih * g.W;
+        for (int64_t q = 0; q < len; ++q) {
+          const int64_t iw = (ow0 + q) * g.sw - g.pl + s * g.dw;
+          d[j + q] = (iw >= 0 && iw < g.W) ? row[iw] : T(0);
+        }
+      }
+      j += len;
+      p += len;
+    }
+  });
+}
+
+template <typename T>
+void forward_nchw_native(const ConvGeom& g, const T* x, const T* w, const T* bias, T* y,
+                         int nthreads) {
+  const int64_t G = g.groups, Cg = g.Cg(), Kg = g.Kg(), CRS = Cg * g.R * g.S;
+  const int64_t HW = g.H * g.W, OHW = g.OH * g.OW;
+  const bool pointwise = is_pointwise(g);
+  const int64_t cols = pointwise ? OHW : chunk_rows<T>(CRS, OHW);
+  T* col = pointwise ? nullptr : ws<T>(kWsGrad, cols * CRS);
+  for (int64_t n = 0; n < g.N; ++n)
+    for (int64_t gi = 0; gi < G; ++gi)
+      for (int64_t p0 = 0; p0 < OHW; p0 += cols) {
+        const int64_t m = min64(cols, OHW - p0);
+        GemmArgs<T> a{};
+        a.M = Kg;
+        a.N = m;
+        a.K = CRS;
+        a.a = w + gi * Kg * CRS;
+        a.rs_a = CRS;
+        a.cs_a = 1;
+        if (pointwise) {
+          a.b = x + (n * g.C + gi * Cg) * HW + p0;
+          a.rs_b = HW;
+        } else {
+          im2col_nchw(g, x + n * g.C * HW, gi, p0, m, col, nthreads);
+          a.b = col;
+          a.rs_b = m;
+        }
+        a.cs_b = 1;
+        a.c = y + (n * g.K + gi * Kg) * OHW + p0;
+        a.ldc = OHW;
+        a.epi.shift = bias ? bias + gi * Kg : nullptr;
+        a.epi.per_row = true;
+        gemm(a, nthreads);
+      }
+}
+
+template <typename T>
+void grad_input(const ConvGeom& g, const T* gy, int gy_layout, const T* w, T* gx, int gx_layout,
+                int nthreads) {
+  const int64_t G = g.groups, Cg = g.Cg(), Kg = g.Kg(), RSC = g.R * g.S * Cg;
+  const bool pointwise = is_pointwise(g);
+  const T* wt = w;
+  if (!pointwise) {
+    T* buf = ws<T>(kWsWeight, g.K * RSC);
+    permute_weights(w, g.K, Cg, g.R * g.S, buf, true, nthreads);
+    wt = buf;
+  }
+  over_image_groups<T>(g, gy, gy_layout, g.K, g.OH, g.OW, gx, gx_layout, g.C, g.H * g.W,
+                       !pointwise, nthreads, [&](int64_t n0, int64_t n1, const T* gyn, T* gxn) {
+    const NhwcView<T> v{g, n1 - n0};
+    const int64_t P = v.pixels(), rows = pointwise ? P : chunk_rows<T>(RSC, P);
+    T* col = pointwise ? nullptr : ws<T>(kWsGrad, rows * RSC);
+    for (int64_t gi = 0; gi < G; ++gi)
+      for (int64_t p0 = 0; p0 < P; p0 += rows) {
+        const int64_t m = min64(rows, P - p0);
+        GemmArgs<T> a{};
+        a.M = m;
+        a.N = RSC;
+        a.K = Kg;
+        a.a = gyn + p0 * g.K + gi * Kg;
+        a.rs_a = g.K;
+        a.cs_a = 1;
+        a.b = wt + gi * Kg * RSC;  // B(k, i) = wt[k][i]
+        a.rs_b = RSC;
+        a.cs_b = 1;
+        if (pointwise) {
+          a.c = gxn + p0 * g.C + gi * Cg;
+          a.ldc = g.C;
+          gemm(a, nthreads);
+        } else {
+          a.c = col;
+          a.ldc = RSC;
+          gemm(a, nthreads);
+          col2im_nhwc(v, col, gi, p0, m, gxn, nthreads);
+        }
+      }
+  });
+}
+
+template <typename T>
+void grad_weight(const ConvGeom& g, const T* gy, int gy_layout, const T* x, int x_layout, T* gw,
+                 int nthreads) {
+  const int64_t G = g.groups, Cg = g.Cg(), Kg = g.Kg(), RSC = g.R * g.S * Cg;
+  const bool pointwise = is_pointwise(g);
+  T* dwt = pointwise ? gw : ws<T>(kWsWeight, g.K * RSC);
+  std::memset(dwt, 0, sizeof(T) * g.K * RSC);
+  // Both x and grad_y are read: convert grad_y here, x through the image-group helper.
+  const int64_t OHW = g.OH * g.OW;
+  const int64_t per_image = g.C * g.H * g.W + g.K * OHW;
+  const int64_t group = max64(1, kLayoutBudgetBytes / (per_image * int64_t(sizeof(T))));
+  for (int64_t n0 = 0; n0 < g.N; n0 += group) {
+    const int64_t n1 = min64(g.N, n0 + group);
+    const NhwcView<T> v{g, n1 - n0};
+    const T* gyn = gy + n0 * g.K * OHW;
+    if (gy_layout != kNHWC) {
+      T* buf = ws<T>(kWsAccum, (n1 - n0) * g.K * OHW);
+      scatter_to_nhwc(gyn, kNCHW, n1 - n0, g.K, g.OH, g.OW, buf, g.OH, g.OW, 0, 0, 1, 1, nthreads);
+      gyn = buf;
+    }
+    const T* xn = x + n0 * g.C * g.H * g.W;
+    if (x_layout != kNHWC) {
+      T* buf = ws<T>(kWsInput, (n1 - n0) * g.C * g.H * g.W);
+      scatter_to_nhwc(xn, kNCHW, n1 - n0, g.C, g.H, g.W, buf, g.H, g.W, 0, 0, 1, 1, nthreads);
+      xn = buf;
+    }
+    const int64_t P = v.pixels(), rows = pointwise ? P : chunk_rows<T>(RSC, P);
+    T* col = pointwise ? nullptr : ws<T>(kWsGrad, rows * RSC);
+    for (int64_t gi = 0; gi < G; ++gi)
+      for (int64_t p0 = 0; p0 < P; p0 += rows) {
+        const int64_t m = min64(rows, P - p0);
+        GemmArgs<T> a{};
+        a.M = Kg;
+        a.N = RSC;
+        a.K = m;
+        a.a = gyn + p0 * g.K + gi * Kg;  // A(k, p) = gy[p][gi*Kg + k]
+        a.rs_a = 1;
+        a.cs_a = g.K;
+        if (pointwise) {
+          a.b = xn + p0 * g.C + gi * Cg;
+          a.rs_b = g.C;
+        } else {
+          im2col_nhwc(v, xn, gi, p0, m, col, nthreads);
+          a.b = col;
+          a.rs_b = RSC;
+        }
+        a.cs_b = 1;
+        a.c = dwt + gi * Kg * RSC;
+        a.ldc = RSC;
+        a.accumulate = true;  // dwt starts at zero and sums every chunk and image group
+        gemm(a, nthreads);
+      }
+  }
+  if (!pointwise) permute_weights(dwt, g.K, Cg, g.R * g.S, gw, false, nthreads);
+}
+
+}  // namespace
+
+template <typename T>
+ConvKernels<T> im2col_kernels() {
+  return {&forward<T>, &grad_input<T>, &grad_weight<T>, &grad_bias<T>};
+}
+template ConvKernels<float> im2col_kernels<float>();
+template ConvKernels<double> im2col_kernels<double>();
+
+}  // namespace FASTCONV_ISA
+}  // namespace fastconv
