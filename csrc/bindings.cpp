@@ -145,6 +145,16 @@ PYBIND11_MODULE(_C, m) {
     else
       throw std::invalid_argument("unsupported dtype code");
   });
+  m.def("gemm_blocking", [](int dtype) {
+    const GemmBlocking b = dtype == 0 ? active().gemm_blocking_f32 : active().gemm_blocking_f64;
+    py::dict d;
+    d["mr"] = b.mr;
+    d["nr"] = b.nr;
+    d["kc"] = b.kc;
+    d["mc"] = b.mc;
+    d["nc"] = b.nc;
+    return d;
+  }, "Register tile and cache blocks of the active ISA's GEMM (dtype 0 = f32, 1 = f64)");
   m.def(
       "forward",
       [](int algo, int dtype, const GeomArgs& ga, uintptr_t x, int xl, uintptr_t w, uintptr_t b,

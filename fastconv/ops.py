@@ -384,3 +384,8 @@ def gemm(a: Tensor, b: Tensor, c: Optional[Tensor] = None, *, accumulate: bool =
             shift.data_ptr() if shift is not None else 0, per_row, relu,
             torch.get_num_threads())
     return c
+
+
+def gemm_blocking(dtype: torch.dtype = torch.float32) -> dict:
+    """The active ISA's GEMM register tile (mr x nr) and cache blocks (kc, mc, nc)."""
+    return dict(_C.gemm_blocking(_DTYPE_CODE[dtype]))

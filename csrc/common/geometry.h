@@ -41,12 +41,18 @@ struct ConvKernels {
 // Algorithm codes shared with Python (fastconv/ops.py).
 enum Algorithm : int { kDirect = 0, kIm2col = 1, kAlgorithms = 2 };
 
+// The GEMM's register tile (MR x NR) and cache blocks, reported to tests and benchmarks.
+struct GemmBlocking {
+  int64_t mr, nr, kc, mc, nc;
+};
+
 struct IsaKernels {
   const char* name;
   ConvKernels<float> f32[kAlgorithms];
   ConvKernels<double> f64[kAlgorithms];
   void (*gemm_f32)(const GemmArgs<float>&, int nthreads);
   void (*gemm_f64)(const GemmArgs<double>&, int nthreads);
+  GemmBlocking gemm_blocking_f32, gemm_blocking_f64;
 };
 
 // One table per ISA, each defined in a translation unit compiled with that ISA's flags.
@@ -61,7 +67,7 @@ namespace avx512 { const IsaKernels& kernels(); }
 void* workspace(int slot, int64_t bytes);
 void release_workspaces();
 enum WorkspaceSlot : int {
-  kWsInput, kWsWeight, kWsGrad, kWsAccum, kWsGemmA, kWsGemmB, kWsSlots
+  kWsInput, kWsWeight, kWsGrad, kWsAccum, kWsGemmA, kWsGemmB, kWsPacked, kWsSlots
 };
 
 }  // namespace fastconv

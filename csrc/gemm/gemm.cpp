@@ -189,8 +189,10 @@ void gemm(const GemmArgs<T>& g, int nthreads) {
   if (g.K <= 0) return gemm_empty_k(g);
 
   const int64_t kc_max = min64(KC, g.K);
-  T* bbuf = static_cast<T*>(workspace(kWsGemmB, kc_max * round_up(min64(NC, g.N), NR) * int64_t(sizeof(T))));
-  T* abuf = static_cast<T*>(workspace(kWsGemmA, kc_max * round_up(min64(MC, g.M), MR) * int64_t(sizeof(T))));
+  T* bbuf = g.b_packed ? nullptr : static_cast<T*>(workspace(
+      kWsGemmB, kc_max * round_up(min64(NC, g.N), NR) * int64_t(sizeof(T))));
+  T* abuf = g.a_packed ? nullptr : static_cast<T*>(workspace(
+      kWsGemmA, kc_max * round_up(min64(MC, g.M), MR) * int64_t(sizeof(T))));
   const int nt = threads_for(2 * g.M * g.N * g.K, nthreads);
 
   parallel(nt, [&](int tid, int nth) {
@@ -200,14 +202,24 @@ void gemm(const GemmArgs<T>& g, int nthreads) {
         const int64_t kc = min64(KC, g.K - pc);
         const bool accumulate = g.accumulate || pc > 0, last = pc + kc == g.K;
         int64_t q0, q1;
-        split_range(nb, nth, tid, &q0, &q1);                     // threads pack B together
-        pack_b<T, NR>(g, pc, kc, jc, nc, bbuf, q0, q1);
+        const T* bblk = bbuf;
+        if (g.b_packed) {
+          bblk = g.b_packed + pc * round_up(g.N, NR) + (jc / NR) * kc * NR;
+        } else {
+          split_range(nb, nth, tid, &q0, &q1);                   // threads pack B together
+          pack_b<T, NR>(g, pc, kc, jc, nc, bbuf, q0, q1);
 #pragma omp barrier
+        }
         for (int64_t ic = 0; ic < g.M; ic += MC) {               // IC loop
           const int64_t mc = min64(MC, g.M - ic), ma = ceil_div(mc, MR);
-          split_range(ma, nth, tid, &q0, &q1);                   // ... and A
-          pack_a<T, MR>(g, ic, mc, pc, kc, abuf, q0, q1);
+          const T* ablk = abuf;
+          if (g.a_packed) {
+            ablk = g.a_packed + pc * round_up(g.M, MR) + (ic / MR) * kc * MR;
+          } else {
+            split_range(ma, nth, tid, &q0, &q1);                 // ... and A
+            pack_a<T, MR>(g, ic, mc, pc, kc, abuf, q0, q1);
 #pragma omp barrier
+          }
           // JR and IR loops, their tiles split across threads in JR-major order so that a
           // thread keeps its B micro-panel in L1 across consecutive tiles.
           int64_t t0, t1;
@@ -215,19 +227,76 @@ void gemm(const GemmArgs<T>& g, int nthreads) {
           for (int64_t t = t0; t < t1; ++t) {
             const int64_t jr = t / ma, ir = t % ma;
             const int64_t row = ic + ir * MR, col = jc + jr * NR;
-            ukernel<T, MR, B::NBV>(kc, abuf + ir * kc * MR, bbuf + jr * kc * NR,
+            ukernel<T, MR, B::NBV>(kc, ablk + ir * kc * MR, bblk + jr * kc * NR,
                                    g.c + row * g.ldc + col, g.ldc, min64(MR, g.M - row),
                                    min64(NR, g.N - col), accumulate, last, g.epi, row, col);
           }
-#pragma omp barrier  // A (and at the end, B) is repacked next
+          if (!g.a_packed || !g.b_packed) {
+#pragma omp barrier  // a buffer is repacked next
+          }
         }
       }
     }
   });
 }
 
+template <typename T>
+int64_t gemm_packed_size_a(int64_t M, int64_t K) {
+  return round_up(M, Blocking<T>::MR) * K;
+}
+template <typename T>
+int64_t gemm_packed_size_b(int64_t K, int64_t N) {
+  return round_up(N, Blocking<T>::NBV * Vec<T>::lanes) * K;
+}
+
+template <typename T>
+void gemm_pack_a(const GemmArgs<T>& g, T* out, int nthreads) {
+  using B = Blocking<T>;
+  const int64_t panels = ceil_div(g.M, B::MR), mpad = panels * B::MR;
+  for (int64_t pc = 0; pc < g.K; pc += B::KC) {
+    const int64_t kc = min64(B::KC, g.K - pc);
+    parallel(threads_for(mpad * kc * 4, nthreads), [&](int tid, int nth) {
+      int64_t q0, q1;
+      split_range(panels, nth, tid, &q0, &q1);
+      pack_a<T, B::MR>(g, 0, g.M, pc, kc, out + pc * mpad, q0, q1);
+    });
+  }
+}
+
+template <typename T>
+void gemm_pack_b(const GemmArgs<T>& g, T* out, int nthreads) {
+  using B = Blocking<T>;
+  constexpr int NR = B::NBV * Vec<T>::lanes;
+  const int64_t panels = ceil_div(g.N, NR), npad = panels * NR;
+  for (int64_t pc = 0; pc < g.K; pc += B::KC) {
+    const int64_t kc = min64(B::KC, g.K - pc);
+    parallel(threads_for(npad * kc * 4, nthreads), [&](int tid, int nth) {
+      int64_t q0, q1;
+      split_range(panels, nth, tid, &q0, &q1);
+      pack_b<T, NR>(g, pc, kc, 0, g.N, out + pc * npad, q0, q1);
+    });
+  }
+}
+
 template void gemm<float>(const GemmArgs<float>&, int);
 template void gemm<double>(const GemmArgs<double>&, int);
+
+template <typename T>
+GemmBlocking gemm_blocking() {
+  using B = Blocking<T>;
+  constexpr int64_t NR = B::NBV * Vec<T>::lanes;
+  return {B::MR, NR, B::KC, B::MC, round_up(B::NC, NR)};
+}
+template GemmBlocking gemm_blocking<float>();
+template GemmBlocking gemm_blocking<double>();
+template int64_t gemm_packed_size_a<float>(int64_t, int64_t);
+template int64_t gemm_packed_size_a<double>(int64_t, int64_t);
+template int64_t gemm_packed_size_b<float>(int64_t, int64_t);
+template int64_t gemm_packed_size_b<double>(int64_t, int64_t);
+template void gemm_pack_a<float>(const GemmArgs<float>&, float*, int);
+template void gemm_pack_a<double>(const GemmArgs<double>&, double*, int);
+template void gemm_pack_b<float>(const GemmArgs<float>&, float*, int);
+template void gemm_pack_b<double>(const GemmArgs<double>&, double*, int);
 
 }  // namespace FASTCONV_ISA
 }  // namespace fastconv

@@ -52,6 +52,15 @@ struct GemmArgs {
   int64_t ldc;
   bool accumulate;  // C += A * B rather than C = A * B
   Epilogue<T> epi;
+  // Optional: the whole of A (or B) already packed by gemm_pack_a (gemm_pack_b), when one
+  // operand is reused across calls (a convolution's weights across images and chunks).
+  const T* a_packed = nullptr;
+  const T* b_packed = nullptr;
 };
+
+// Whole-operand packed layout, per KC block of K (pc = 0, KC, 2 KC, ...):
+//   A: block pc at a_packed + pc * round_up(M, MR); panel q of it (rows q*MR ..) at + q * kc * MR
+//   B: block pc at b_packed + pc * round_up(N, NR); panel q of it (cols q*NR ..) at + q * kc * NR
+// with kc = min(KC, K - pc): exactly the panels the five loops would pack, stored once.
 
 }  // namespace fastconv

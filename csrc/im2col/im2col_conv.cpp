@@ -28,14 +28,17 @@ namespace fastconv {
 namespace FASTCONV_ISA {
 namespace {
 
-// Bytes of column matrix per GEMM call: big enough that each call's packing of the weights
-// is amortised over thousands of pixels, small enough to stay in L3 (32 MiB) with the rest.
+// Bytes of column matrix per GEMM call. Measured (ResNet-50 3x3 layers, N=8, GFLOP/s):
+// 256 KiB 155-226, 1 MiB 241-306, 4 MiB 265-362, 16 MiB 259-361: below 4 MiB the per-call
+// costs (barriers, parallel regions, edge tiles) dominate; above it nothing is gained.
 constexpr int64_t kColBudgetBytes = int64_t(4) << 20;
 // Bytes of NHWC copies (input + output) of the NCHW images converted at a time.
 constexpr int64_t kLayoutBudgetBytes = int64_t(16) << 20;
-// NCHW forward runs natively (no transposes) when an image has at least this many output
-// pixels: each GEMM call then packs the weights once per >= 1024 pixels.
-constexpr int64_t kNativeMinPixels = 1024;
+// NCHW forward runs natively (one GEMM per image, no transposes) when an image has at least
+// this many output pixels. Measured: 1x1 1024>256 @14 (196 pixels) native 361 GFLOP/s vs
+// 205-351 through NHWC; 1x1 512>2048 @7 (49 pixels, 2 NR panels, one half empty) native 263
+// vs 332 through NHWC, where all images form one GEMM.
+constexpr int64_t kNativeMinPixels = 128;
 
 bool is_pointwise(const ConvGeom& g) {
   return g.R == 1 && g.S == 1 && g.sh == 1 && g.sw == 1 && !g.pt && !g.pb && !g.pl && !g.pr;
@@ -181,31 +184,34 @@ void forward(const ConvGeom& g, const T* x, int x_layout, const T* w, const T* b
     const NhwcView<T> v{g, n1 - n0};
     const int64_t P = v.pixels(), rows = pointwise ? P : chunk_rows<T>(RSC, P);
     T* col = pointwise ? nullptr : ws<T>(kWsGrad, rows * RSC);
-    for (int64_t gi = 0; gi < G; ++gi)
+    T* packed = ws<T>(kWsPacked, gemm_packed_size_b<T>(RSC, Kg));
+    for (int64_t gi = 0; gi < G; ++gi) {
+      GemmArgs<T> a{};
+      a.N = Kg;
+      a.K = RSC;
+      a.b = wt + gi * Kg * RSC;  // B(i, k) = wt[k][i], packed once for every chunk
+      a.rs_b = 1;
+      a.cs_b = RSC;
+      gemm_pack_b(a, packed, nthreads);
+      a.b_packed = packed;
+      a.epi.shift = bias ? bias + gi * Kg : nullptr;
+      a.epi.per_row = false;
       for (int64_t p0 = 0; p0 < P; p0 += rows) {
-        const int64_t m = min64(rows, P - p0);
-        GemmArgs<T> a{};
-        a.M = m;
-        a.N = Kg;
-        a.K = RSC;
+        a.M = min64(rows, P - p0);
         if (pointwise) {
           a.a = xn + p0 * g.C + gi * Cg;
           a.rs_a = g.C;
         } else {
-          im2col_nhwc(v, xn, gi, p0, m, col, nthreads);
+          im2col_nhwc(v, xn, gi, p0, a.M, col, nthreads);
           a.a = col;
           a.rs_a = RSC;
         }
         a.cs_a = 1;
-        a.b = wt + gi * Kg * RSC;  // B(i, k) = wt[k][i]
-        a.rs_b = 1;
-        a.cs_b = RSC;
         a.c = yn + p0 * g.K + gi * Kg;
         a.ldc = g.K;
-        a.epi.shift = bias ? bias + gi * Kg : nullptr;
-        a.epi.per_row = false;
         gemm(a, nthreads);
       }
+    }
   });
 }
 
@@ -223,6 +229,15 @@ void im2col_nchw(const ConvGeom& g, const T* x_img, int64_t gi, int64_t p0, int6
       const int64_t ih = oh * g.sh - g.pt + r * g.dh;
       if (ih < 0 || ih >= g.H) {
         std::memset(d + j, 0, sizeof(T) * len);
+      } else if (g.sw == 1) {
+        // Columns iw0 .. iw0 + len - 1 of the input row: zeros left of 0 and right of W, a
+        // straight copy in between.
+        const T* row = src + ih * g.W;
+        const int64_t iw0 = ow0 - g.pl + s * g.dw;
+        const int64_t lo = min64(len, max64(0, -iw0)), hi = max64(lo, min64(len, g.W - iw0));
+        std::memset(d + j, 0, sizeof(T) * lo);
+        std::memcpy(d + j + lo, row + iw0 + lo, sizeof(T) * (hi - lo));
+        std::memset(d + j + hi, 0, sizeof(T) * (len - hi));
       } else {
         const T* row = src + ih * g.W;
         for (int64_t q = 0; q < len; ++q) {
@@ -244,17 +259,21 @@ void forward_nchw_native(const ConvGeom& g, const T* x, const T* w, const T* bia
   const bool pointwise = is_pointwise(g);
   const int64_t cols = pointwise ? OHW : chunk_rows<T>(CRS, OHW);
   T* col = pointwise ? nullptr : ws<T>(kWsGrad, cols * CRS);
-  for (int64_t n = 0; n < g.N; ++n)
-    for (int64_t gi = 0; gi < G; ++gi)
+  T* packed = ws<T>(kWsPacked, gemm_packed_size_a<T>(Kg, CRS));
+  for (int64_t gi = 0; gi < G; ++gi) {
+    GemmArgs<T> wa{};
+    wa.M = Kg;
+    wa.K = CRS;
+    wa.a = w + gi * Kg * CRS;
+    wa.rs_a = CRS;
+    wa.cs_a = 1;
+    gemm_pack_a(wa, packed, nthreads);  // once per group, for every image and chunk
+    for (int64_t n = 0; n < g.N; ++n)
       for (int64_t p0 = 0; p0 < OHW; p0 += cols) {
         const int64_t m = min64(cols, OHW - p0);
-        GemmArgs<T> a{};
-        a.M = Kg;
+        GemmArgs<T> a = wa;
+        a.a_packed = packed;
         a.N = m;
-        a.K = CRS;
-        a.a = w + gi * Kg * CRS;
-        a.rs_a = CRS;
-        a.cs_a = 1;
         if (pointwise) {
           a.b = x + (n * g.C + gi * Cg) * HW + p0;
           a.rs_b = HW;
@@ -270,6 +289,7 @@ void forward_nchw_native(const ConvGeom& g, const T* x, const T* w, const T* bia
         a.epi.per_row = true;
         gemm(a, nthreads);
       }
+  }
 }
 
 template <typename T>
@@ -288,19 +308,23 @@ void grad_input(const ConvGeom& g, const T* gy, int gy_layout, const T* w, T* gx
     const NhwcView<T> v{g, n1 - n0};
     const int64_t P = v.pixels(), rows = pointwise ? P : chunk_rows<T>(RSC, P);
     T* col = pointwise ? nullptr : ws<T>(kWsGrad, rows * RSC);
-    for (int64_t gi = 0; gi < G; ++gi)
+    T* packed = ws<T>(kWsPacked, gemm_packed_size_b<T>(Kg, RSC));
+    for (int64_t gi = 0; gi < G; ++gi) {
+      GemmArgs<T> wb{};
+      wb.N = RSC;
+      wb.K = Kg;
+      wb.b = wt + gi * Kg * RSC;  // B(k, i) = wt[k][i], packed once for every chunk
+      wb.rs_b = RSC;
+      wb.cs_b = 1;
+      gemm_pack_b(wb, packed, nthreads);
       for (int64_t p0 = 0; p0 < P; p0 += rows) {
         const int64_t m = min64(rows, P - p0);
-        GemmArgs<T> a{};
+        GemmArgs<T> a = wb;
+        a.b_packed = packed;
         a.M = m;
-        a.N = RSC;
-        a.K = Kg;
         a.a = gyn + p0 * g.K + gi * Kg;
         a.rs_a = g.K;
         a.cs_a = 1;
-        a.b = wt + gi * Kg * RSC;  // B(k, i) = wt[k][i]
-        a.rs_b = RSC;
-        a.cs_b = 1;
         if (pointwise) {
           a.c = gxn + p0 * g.C + gi * Cg;
           a.ldc = g.C;
@@ -312,6 +336,7 @@ void grad_input(const ConvGeom& g, const T* gy, int gy_layout, const T* w, T* gx
           col2im_nhwc(v, col, gi, p0, m, gxn, nthreads);
         }
       }
+    }
   });
 }
 

@@ -1,7 +1,5 @@
 // The kernel table of one ISA: every algorithm's entry points and the GEMM.
 #include "../common/isa_api.h"
-#include "../common/simd.h"
-#include "../gemm/gemm.h"
 
 namespace fastconv {
 namespace FASTCONV_ISA {
@@ -11,7 +9,9 @@ const IsaKernels& kernels() {
                                 {direct_kernels<float>(), im2col_kernels<float>()},
                                 {direct_kernels<double>(), im2col_kernels<double>()},
                                 &gemm<float>,
-                                &gemm<double>};
+                                &gemm<double>,
+                                gemm_blocking<float>(),
+                                gemm_blocking<double>()};
   return table;
 }
 

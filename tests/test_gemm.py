@@ -1,0 +1,140 @@
+"""The packed GEMM, micro-kernel-tester style: k below, at and above the KC block; partial
+tiles in m and n and across the MC / NC blocks; strided and transposed operands with odd
+leading dimensions; accumulate vs overwrite; the epilogue; every ISA; against a float64
+product."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastconv import ops
+from conftest import assert_close
+
+DTYPES = [torch.float32, torch.float64]
+
+
+def _check(a, b, c0=None, *, accumulate=False, scale=None, shift=None, per_row=True,
+           relu=False, what=""):
+    c = c0.clone() if c0 is not None else None
+    out = ops.gemm(a, b, c, accumulate=accumulate, scale=scale, shift=shift, per_row=per_row,
+                   relu=relu)
+    ref = a.double() @ b.double()
+    if accumulate:
+        ref += c0.double()
+    shape = (-1, 1) if per_row else (1, -1)
+    if scale is not None:
+        ref *= scale.double().reshape(shape)
+    if shift is not None:
+        ref += shift.double().reshape(shape)
+    if relu:
+        ref = torch.where(ref < 0, torch.zeros_like(ref), ref)  # NaN stays NaN
+    eps = torch.finfo(a.dtype).eps
+    k = a.shape[1]
+    assert_close(out, ref, atol=4 * eps * max(1, k) ** 0.5 * 4, rtol=4 * eps * 8,
+                 what=f"gemm {what} M,N,K={a.shape[0]},{b.shape[1]},{k} {a.dtype}")
+    return out
+
+
+def _rand(*shape, dtype, seed=0):
+    return torch.randn(*shape, dtype=dtype, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+def test_k_below_at_and_above_the_block(dtype, isa):
+    blk = ops.gemm_blocking(dtype)
+    m, n, kc = blk["mr"], blk["nr"], blk["kc"]
+    for k in (1, 2, kc - 1, kc, kc + 1, 2 * kc + 3):
+        _check(_rand(m, k, dtype=dtype), _rand(k, n, dtype=dtype, seed=1), what=f"k={k}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+def test_partial_tiles_in_m_and_n(dtype, isa):
+    blk = ops.gemm_blocking(dtype)
+    mr, nr = blk["mr"], blk["nr"]
+    for m in (1, mr - 1, mr, mr + 1, 2 * mr + 5):
+        for n in (1, nr - 1, nr, nr + 1, 3 * nr - 2):
+            _check(_rand(m, 19, dtype=dtype), _rand(19, n, dtype=dtype, seed=1), what="tiles")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+def test_across_cache_blocks(dtype, isa):
+    blk = ops.gemm_blocking(dtype)
+    # One past MC rows and NC columns, with a K that spans two KC blocks.
+    _check(_rand(blk["mc"] + 1, 37, dtype=dtype), _rand(37, 9, dtype=dtype, seed=1), what="mc+1")
+    _check(_rand(5, 13, dtype=dtype), _rand(13, blk["nc"] + 1, dtype=dtype, seed=1), what="nc+1")
+    _check(_rand(blk["mr"] * 3 + 1, blk["kc"] + 7, dtype=dtype),
+           _rand(blk["kc"] + 7, blk["nr"] * 2 + 3, dtype=dtype, seed=1), what="kc+7")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+def test_strided_and_transposed_operands(dtype, isa):
+    M, N, K = 29, 45, 67
+    a_big = _rand(M + 3, K + 7, dtype=dtype)
+    b_big = _rand(K + 5, N + 11, dtype=dtype, seed=1)
+    c_big = _rand(M + 1, N + 13, dtype=dtype, seed=2)
+    a = a_big[2:2 + M, 3:3 + K]                    # odd leading dimension K + 7
+    b = b_big[1:1 + K, 5:5 + N]                    # odd leading dimension N + 11
+    at = _rand(K + 3, M, dtype=dtype, seed=3)[1:1 + K].t()   # column-major A
+    bt = _rand(N, K + 9, dtype=dtype, seed=4)[:, 2:2 + K].t()  # column-major B
+    c = c_big[1:, 7:7 + N]                         # odd ldc
+    for x, y in ((a, b), (at, b), (a, bt), (at, bt)):
+        out = c                                    # a strided view into c_big
+        before = c_big.clone()
+        _check(x, y, what="strided")
+        ops.gemm(x, y, out)
+        assert_close(out, x.double() @ y.double(), atol=1e-4, rtol=1e-5, what="into view")
+        # Nothing outside the view was touched.
+        mask = torch.ones_like(c_big, dtype=torch.bool)
+        mask[1:, 7:7 + N] = False
+        assert torch.equal(c_big[mask], before[mask])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+def test_accumulate_vs_overwrite(dtype, isa):
+    blk = ops.gemm_blocking(dtype)
+    for k in (3, blk["kc"] + 1):
+        a, b = _rand(17, k, dtype=dtype), _rand(k, 41, dtype=dtype, seed=1)
+        c0 = _rand(17, 41, dtype=dtype, seed=2)
+        _check(a, b, c0, accumulate=True, what="accumulate")
+        _check(a, b, c0, accumulate=False, what="overwrite")
+
+
+@pytest.mark.parametrize("per_row", [True, False], ids=["per_row", "per_col"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+def test_epilogue(dtype, per_row, isa):
+    blk = ops.gemm_blocking(dtype)
+    M, N = 2 * blk["mr"] + 1, blk["nr"] + 3   # full and edge tiles
+    for k in (7, blk["kc"] + 2):              # epilogue only after the last K block
+        a, b = _rand(M, k, dtype=dtype), _rand(k, N, dtype=dtype, seed=1)
+        ch = M if per_row else N
+        scale, shift = _rand(ch, dtype=dtype, seed=3), _rand(ch, dtype=dtype, seed=4)
+        c0 = _rand(M, N, dtype=dtype, seed=5)
+        _check(a, b, scale=scale, shift=shift, per_row=per_row, relu=True, what="scale+shift+relu")
+        _check(a, b, shift=shift, per_row=per_row, what="bias")
+        _check(a, b, c0, accumulate=True, scale=scale, per_row=per_row, relu=True,
+               what="accumulate+scale+relu")
+
+
+def test_relu_keeps_nan_and_empty_k(isa):
+    a = torch.randn(13, 5)
+    b = torch.randn(5, 33)
+    a[3, 2] = float("nan")
+    out = ops.gemm(a, b, relu=True)
+    assert torch.isnan(out[3]).all() and not torch.isnan(out[:3]).any()
+    assert (out[~torch.isnan(out)] >= 0).all()
+    # K = 0: C = epilogue(0) or epilogue(C).
+    c0 = torch.randn(4, 6)
+    shift = torch.randn(6)
+    out = ops.gemm(torch.empty(4, 0), torch.empty(0, 6), c0.clone(), accumulate=True, shift=shift,
+                   per_row=False)
+    assert torch.allclose(out, c0 + shift)
+    assert torch.equal(ops.gemm(torch.empty(4, 0), torch.empty(0, 6)), torch.zeros(4, 6))
+
+
+def test_gemm_rejects_bad_shapes():
+    with pytest.raises(ValueError, match="multiply"):
+        ops.gemm(torch.randn(3, 4), torch.randn(5, 6))
+    with pytest.raises(ValueError, match="unit column stride"):
+        ops.gemm(torch.randn(3, 4), torch.randn(4, 6), torch.randn(6, 3).t())
+    with pytest.raises(TypeError, match="dtype"):
+        ops.gemm(torch.randn(3, 4), torch.randn(4, 6, dtype=torch.float64))
