@@ -48,6 +48,16 @@ struct Blocking {
 };
 #endif
 
+// K is cut into blocks of equal size near KC (between KC * 2/3 and KC * 3/2) rather than KC
+// blocks and a remainder: K = 576 (3x3 x 64 channels) is one block, not 512 + 64, which would
+// read and write the C tile a second time for 64 steps.
+template <typename T>
+int64_t k_block(int64_t K) {
+  const int64_t KC = Blocking<T>::KC;
+  const int64_t blocks = max64(1, (K + KC / 2) / KC);
+  return ceil_div(K, blocks);
+}
+
 // Pack rows [i0, i0 + mc) x columns [p0, p0 + kc) of A into MR-tall micro-panels,
 // Ap[panel][k][MR], zero-padding the last panel. Only panels [q0, q1) are packed.
 template <typename T, int MR>
@@ -79,6 +89,10 @@ void pack_b(const GemmArgs<T>& g, int64_t p0, int64_t kc, int64_t j0, int64_t nc
   for (int64_t q = q0; q < q1; ++q) {
     T* d = bp + q * kc * NR;
     const int64_t c0 = j0 + q * NR, cols = min64(NR, j0 + nc - c0);
+    if (g.pack_b_panel) {
+      g.pack_b_panel(g.pack_b_ctx, p0, kc, c0, cols, NR, d);
+      continue;
+    }
     const T* b = g.b + p0 * g.rs_b + c0 * g.cs_b;
     if (g.cs_b == 1) {  // row-major B: each k is a contiguous run
       for (int64_t k = 0; k < kc; ++k) {
@@ -184,7 +198,8 @@ template <typename T>
 void gemm(const GemmArgs<T>& g, int nthreads) {
   using B = Blocking<T>;
   constexpr int MR = B::MR, NR = B::NBV * Vec<T>::lanes;
-  constexpr int64_t KC = B::KC, MC = B::MC, NC = round_up(B::NC, NR);
+  constexpr int64_t MC = B::MC, NC = round_up(B::NC, NR);
+  const int64_t KC = k_block<T>(g.K);
   if (g.M <= 0 || g.N <= 0) return;
   if (g.K <= 0) return gemm_empty_k(g);
 
@@ -252,9 +267,9 @@ int64_t gemm_packed_size_b(int64_t K, int64_t N) {
 template <typename T>
 void gemm_pack_a(const GemmArgs<T>& g, T* out, int nthreads) {
   using B = Blocking<T>;
-  const int64_t panels = ceil_div(g.M, B::MR), mpad = panels * B::MR;
-  for (int64_t pc = 0; pc < g.K; pc += B::KC) {
-    const int64_t kc = min64(B::KC, g.K - pc);
+  const int64_t panels = ceil_div(g.M, B::MR), mpad = panels * B::MR, KC = k_block<T>(g.K);
+  for (int64_t pc = 0; pc < g.K; pc += KC) {
+    const int64_t kc = min64(KC, g.K - pc);
     parallel(threads_for(mpad * kc * 4, nthreads), [&](int tid, int nth) {
       int64_t q0, q1;
       split_range(panels, nth, tid, &q0, &q1);
@@ -267,9 +282,9 @@ template <typename T>
 void gemm_pack_b(const GemmArgs<T>& g, T* out, int nthreads) {
   using B = Blocking<T>;
   constexpr int NR = B::NBV * Vec<T>::lanes;
-  const int64_t panels = ceil_div(g.N, NR), npad = panels * NR;
-  for (int64_t pc = 0; pc < g.K; pc += B::KC) {
-    const int64_t kc = min64(B::KC, g.K - pc);
+  const int64_t panels = ceil_div(g.N, NR), npad = panels * NR, KC = k_block<T>(g.K);
+  for (int64_t pc = 0; pc < g.K; pc += KC) {
+    const int64_t kc = min64(KC, g.K - pc);
     parallel(threads_for(npad * kc * 4, nthreads), [&](int tid, int nth) {
       int64_t q0, q1;
       split_range(panels, nth, tid, &q0, &q1);

@@ -56,6 +56,12 @@ struct GemmArgs {
   // operand is reused across calls (a convolution's weights across images and chunks).
   const T* a_packed = nullptr;
   const T* b_packed = nullptr;
+  // Optional: B generated while packing instead of read from b (implicit im2col). The
+  // function fills one panel, dst[k * nr + j] = B(k0 + k, j0 + j) for k < kc, j < cols, and
+  // zeros for cols <= j < nr.
+  void (*pack_b_panel)(const void* ctx, int64_t k0, int64_t kc, int64_t j0, int64_t cols,
+                       int64_t nr, T* dst) = nullptr;
+  const void* pack_b_ctx = nullptr;
 };
 
 // Whole-operand packed layout, per KC block of K (pc = 0, KC, 2 KC, ...):

@@ -15,8 +15,9 @@
 // The column matrix is built for at most kColBudgetBytes at a time, and NCHW tensors are
 // transposed in groups of images under kLayoutBudgetBytes, so the extra memory is bounded
 // whatever the batch size. A 1x1, stride-1, unpadded convolution skips im2col: col is x.
-// NCHW forward on large maps runs natively instead, one GEMM per image and chunk:
-//   y[n][g*Kg + k][p] = sum_i w[g*Kg + k][i] * colT[i][p]   (i = (c, r, s), torch's order).
+// NCHW forward on large maps runs natively instead, one GEMM per image:
+//   y[n][g*Kg + k][p] = sum_i w[g*Kg + k][i] * colT[i][p]   (i = (c, r, s), torch's order),
+// with colT generated panel by panel inside the GEMM's packing (implicit im2col).
 #include <cstring>
 
 #include "../common/isa_api.h"
@@ -215,80 +216,103 @@ void forward(const ConvGeom& g, const T* x, int x_layout, const T* w, const T* b
   });
 }
 
-// colT[i][j] = x[n][gi*Cg + c][ih][iw] for i = (c, r, s) and output pixels p0 + j of image n.
+// Implicit im2col for the native NCHW forward: the GEMM's B is colT[i][p] = x[c][ih][iw]
+// for i = (c, r, s) (torch's weight order) and output pixel p of one image, and each packed
+// KC x NR panel is filled straight from the image, so no column matrix is ever stored. The
+// packed B block (at most KC x NC) is this path's whole im2col workspace.
 template <typename T>
-void im2col_nchw(const ConvGeom& g, const T* x_img, int64_t gi, int64_t p0, int64_t cols, T* col,
-                 int nthreads) {
-  const int64_t Cg = g.Cg(), RS = g.R * g.S;
-  parallel_for(Cg * RS, threads_for(Cg * RS * cols * 4, nthreads), [&](int64_t i) {
-    const int64_t c = i / RS, r = (i % RS) / g.S, s = i % g.S;
-    const T* src = x_img + (gi * Cg + c) * g.H * g.W;
-    T* d = col + i * cols;
-    for (int64_t j = 0, p = p0; j < cols;) {  // one output row segment at a time
-      const int64_t oh = p / g.OW, ow0 = p % g.OW, len = min64(g.OW - ow0, cols - j);
-      const int64_t ih = oh * g.sh - g.pt + r * g.dh;
-      if (ih < 0 || ih >= g.H) {
-        std::memset(d + j, 0, sizeof(T) * len);
-      } else if (g.sw == 1) {
-        // Columns iw0 .. iw0 + len - 1 of the input row: zeros left of 0 and right of W, a
-        // straight copy in between.
-        const T* row = src + ih * g.W;
-        const int64_t iw0 = ow0 - g.pl + s * g.dw;
-        const int64_t lo = min64(len, max64(0, -iw0)), hi = max64(lo, min64(len, g.W - iw0));
-        std::memset(d + j, 0, sizeof(T) * lo);
-        std::memcpy(d + j + lo, row + iw0 + lo, sizeof(T) * (hi - lo));
-        std::memset(d + j + hi, 0, sizeof(T) * (len - hi));
+struct ImplicitCols {
+  const T* x;               // the image's first channel of this group
+  const int64_t* row_off;   // per i: c * H * W
+  const int64_t* tap_h;     // per i: r * dh
+  const int64_t* tap_w;     // per i: s * dw
+  int64_t H, W, OW, sh, sw, pt, pl;
+};
+
+template <typename T>
+void pack_implicit_cols(const void* ctx, int64_t k0, int64_t kc, int64_t j0, int64_t cols,
+                        int64_t nr, T* dst) {
+  const ImplicitCols<T>& c = *static_cast<const ImplicitCols<T>*>(ctx);
+  // The panel's pixels as runs along output rows: (destination column, ih0, iw0, length).
+  int64_t seg_j[64], seg_ih[64], seg_iw[64], seg_len[64];
+  int nseg = 0;
+  for (int64_t j = 0; j < cols;) {
+    const int64_t p = j0 + j, oh = p / c.OW, ow = p % c.OW, len = min64(c.OW - ow, cols - j);
+    seg_j[nseg] = j;
+    seg_ih[nseg] = oh * c.sh - c.pt;
+    seg_iw[nseg] = ow * c.sw - c.pl;
+    seg_len[nseg++] = len;
+    j += len;
+  }
+  for (int64_t k = 0; k < kc; ++k) {
+    T* d = dst + k * nr;
+    const int64_t i = k0 + k;
+    for (int sgi = 0; sgi < nseg; ++sgi) {
+      T* ds = d + seg_j[sgi];
+      const int64_t len = seg_len[sgi], ih = seg_ih[sgi] + c.tap_h[i];
+      if (ih < 0 || ih >= c.H) {
+        for (int64_t q = 0; q < len; ++q) ds[q] = T(0);
+        continue;
+      }
+      const T* row = c.x + c.row_off[i] + ih * c.W;
+      const int64_t iw0 = seg_iw[sgi] + c.tap_w[i];
+      if (c.sw == 1) {  // zeros, a straight copy, zeros
+        const int64_t lo = min64(len, max64(0, -iw0)), hi = max64(lo, min64(len, c.W - iw0));
+        for (int64_t q = 0; q < lo; ++q) ds[q] = T(0);
+        for (int64_t q = lo; q < hi; ++q) ds[q] = row[iw0 + q];
+        for (int64_t q = hi; q < len; ++q) ds[q] = T(0);
       } else {
-        const T* row = src + ih * g.W;
         for (int64_t q = 0; q < len; ++q) {
-          const int64_t iw = (ow0 + q) * g.sw - g.pl + s * g.dw;
-          d[j + q] = (iw >= 0 && iw < g.W) ? row[iw] : T(0);
+          const int64_t iw = iw0 + q * c.sw;
+          ds[q] = (iw >= 0 && iw < c.W) ? row[iw] : T(0);
         }
       }
-      j += len;
-      p += len;
     }
-  });
+    for (int64_t q = cols; q < nr; ++q) d[q] = T(0);
+  }
 }
 
 template <typename T>
 void forward_nchw_native(const ConvGeom& g, const T* x, const T* w, const T* bias, T* y,
                          int nthreads) {
-  const int64_t G = g.groups, Cg = g.Cg(), Kg = g.Kg(), CRS = Cg * g.R * g.S;
+  const int64_t G = g.groups, Cg = g.Cg(), Kg = g.Kg(), RS = g.R * g.S, CRS = Cg * RS;
   const int64_t HW = g.H * g.W, OHW = g.OH * g.OW;
   const bool pointwise = is_pointwise(g);
-  const int64_t cols = pointwise ? OHW : chunk_rows<T>(CRS, OHW);
-  T* col = pointwise ? nullptr : ws<T>(kWsGrad, cols * CRS);
+  int64_t* tables = ws<int64_t>(kWsAccum, 3 * CRS);
+  for (int64_t i = 0; i < CRS; ++i) {
+    tables[i] = (i / RS) * HW;
+    tables[CRS + i] = ((i % RS) / g.S) * g.dh;
+    tables[2 * CRS + i] = (i % g.S) * g.dw;
+  }
   T* packed = ws<T>(kWsPacked, gemm_packed_size_a<T>(Kg, CRS));
   for (int64_t gi = 0; gi < G; ++gi) {
-    GemmArgs<T> wa{};
-    wa.M = Kg;
-    wa.K = CRS;
-    wa.a = w + gi * Kg * CRS;
-    wa.rs_a = CRS;
-    wa.cs_a = 1;
-    gemm_pack_a(wa, packed, nthreads);  // once per group, for every image and chunk
-    for (int64_t n = 0; n < g.N; ++n)
-      for (int64_t p0 = 0; p0 < OHW; p0 += cols) {
-        const int64_t m = min64(cols, OHW - p0);
-        GemmArgs<T> a = wa;
-        a.a_packed = packed;
-        a.N = m;
-        if (pointwise) {
-          a.b = x + (n * g.C + gi * Cg) * HW + p0;
-          a.rs_b = HW;
-        } else {
-          im2col_nchw(g, x + n * g.C * HW, gi, p0, m, col, nthreads);
-          a.b = col;
-          a.rs_b = m;
-        }
+    GemmArgs<T> a{};
+    a.M = Kg;
+    a.N = OHW;
+    a.K = CRS;
+    a.a = w + gi * Kg * CRS;
+    a.rs_a = CRS;
+    a.cs_a = 1;
+    gemm_pack_a(a, packed, nthreads);  // once per group, for every image
+    a.a_packed = packed;
+    a.ldc = OHW;
+    a.epi.shift = bias ? bias + gi * Kg : nullptr;
+    a.epi.per_row = true;
+    for (int64_t n = 0; n < g.N; ++n) {
+      const T* xg = x + (n * g.C + gi * Cg) * HW;
+      ImplicitCols<T> cols{xg, tables, tables + CRS, tables + 2 * CRS, g.H, g.W, g.OW,
+                           g.sh, g.sw, g.pt, g.pl};
+      if (pointwise) {  // B is the image itself
+        a.b = xg;
+        a.rs_b = HW;
         a.cs_b = 1;
-        a.c = y + (n * g.K + gi * Kg) * OHW + p0;
-        a.ldc = OHW;
-        a.epi.shift = bias ? bias + gi * Kg : nullptr;
-        a.epi.per_row = true;
-        gemm(a, nthreads);
+      } else {
+        a.pack_b_panel = &pack_implicit_cols<T>;
+        a.pack_b_ctx = &cols;
       }
+      a.c = y + (n * g.K + gi * Kg) * OHW;
+      gemm(a, nthreads);
+    }
   }
 }
 
