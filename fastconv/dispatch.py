@@ -32,17 +32,21 @@ def check_algo(algo) -> Algo:
     return a
 
 
-def choose(algo: Algo, *, kernel: tuple, stride: tuple, dilation: tuple, groups: int,
-           in_channels: int, out_channels: int) -> str:
-    """The algorithm to run for one convolution: ``algo`` itself unless it is ``auto``."""
+def choose(algo: Algo, g: tuple) -> str:
+    """The algorithm for one convolution, given as the geometry tuple of fastconv.ops:
+    ``algo`` itself unless it is ``auto``.
+
+    Measured on ResNet-50's layers at batch 8 and 1 (benchmarks/report_layers.py, see the
+    README): the packed GEMM wins on 1x1 layers once an image has enough output pixels to
+    fill its tiles (1.0-1.3x torch from 28x28 up, vs 0.6-0.7x for direct); the direct kernel
+    wins on everything with a spatial kernel (3x3: 0.8-1.4x vs 0.56-0.95x), on 7x7 maps, and
+    on grouped and depthwise layers (where each group's GEMM is tiny).
+    """
     if algo is not Algo.AUTO:
         return algo.value
-    # Only the direct kernel exists so far; later algorithms add their measured rules here.
-    return Algo.DIRECT.value
-
-
-def choose_for_geometry(algo: Algo, g: tuple) -> str:
-    """:func:`choose` for the flat geometry tuple of :mod:`fastconv.ops`."""
     N, C, H, W, K, R, S, OH, OW, sh, sw, dh, dw, pt, pb, pl, pr, groups = g
-    return choose(algo, kernel=(R, S), stride=(sh, sw), dilation=(dh, dw), groups=groups,
-                  in_channels=C, out_channels=K)
+    pointwise = R == 1 and S == 1 and groups == 1
+    min_pixels = 128 if (sh, sw) == (1, 1) else 512   # 1x1/2 at 28x28 out: 0.88x vs 0.69x
+    if pointwise and OH * OW >= min_pixels:
+        return Algo.IM2COL.value
+    return Algo.DIRECT.value

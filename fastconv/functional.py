@@ -44,7 +44,8 @@ def explicit_padding(padding, kernel: tuple, stride: tuple, dilation: tuple) -> 
 
 
 def _normalize(input_shape, weight_shape, stride, padding, dilation, groups, algo) -> tuple:
-    """Arguments as the op takes them: (stride, 4-value padding, dilation, concrete algo)."""
+    """Arguments as the op takes them: (stride, 4-value padding, dilation, algo). 'auto' is
+    passed on: the op resolves it from the full geometry (fastconv.dispatch.choose)."""
     a = dispatch.check_algo(algo)
     if not isinstance(groups, int):
         raise TypeError(f"fastconv: groups must be an int, got {groups!r}")
@@ -58,9 +59,7 @@ def _normalize(input_shape, weight_shape, stride, padding, dilation, groups, alg
     dilation = _pair("dilation", dilation)
     kernel = (weight_shape[2], weight_shape[3])
     pad = explicit_padding(padding, kernel, stride, dilation)
-    chosen = dispatch.choose(a, kernel=kernel, stride=stride, dilation=dilation, groups=groups,
-                             in_channels=input_shape[1], out_channels=weight_shape[0])
-    return stride, pad, dilation, chosen
+    return stride, pad, dilation, a.value
 
 
 _NORMALIZED: dict = {}

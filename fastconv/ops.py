@@ -122,13 +122,23 @@ def _empty(shape, like: Tensor, channels_last: bool) -> Tensor:
     return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=fmt)
 
 
+_AUTO_CHOICE: dict = {}
+
+
 def _kernel_algo(algo: str, g: tuple) -> int:
-    """The C++ algorithm code for a concrete algorithm name ('auto' is resolved here too)."""
+    """The C++ algorithm code for an algorithm name; 'auto' is resolved from the geometry
+    (memoised: it runs on every call)."""
     code = _ALGO_CODE.get(algo)
     if code is not None:
         return code
-    a = dispatch.check_algo(algo)
-    return _ALGO_CODE[dispatch.choose_for_geometry(a, g)]
+    if algo == "auto":
+        code = _AUTO_CHOICE.get(g)
+        if code is None:
+            if len(_AUTO_CHOICE) > 4096:
+                _AUTO_CHOICE.clear()
+            code = _AUTO_CHOICE[g] = _ALGO_CODE[dispatch.choose(dispatch.Algo.AUTO, g)]
+        return code
+    return _ALGO_CODE[dispatch.choose(dispatch.check_algo(algo), g)]  # raises for bad names
 
 
 # --------------------------------------------------------------------------------------------
