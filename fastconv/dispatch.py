@@ -36,17 +36,15 @@ def choose(algo: Algo, g: tuple) -> str:
     """The algorithm for one convolution, given as the geometry tuple of fastconv.ops:
     ``algo`` itself unless it is ``auto``.
 
-    Measured on ResNet-50's layers at batch 8 and 1 (benchmarks/report_layers.py, see the
-    README): the packed GEMM wins on 1x1 layers once an image has enough output pixels to
-    fill its tiles (1.0-1.3x torch from 28x28 up, vs 0.6-0.7x for direct); the direct kernel
-    wins on everything with a spatial kernel (3x3: 0.8-1.4x vs 0.56-0.95x), on 7x7 maps, and
-    on grouped and depthwise layers (where each group's GEMM is tiny).
+    Measured on ResNet-50's layers at batch 1 and 8 (benchmarks/report_layers.py, numbers in
+    the README): the packed GEMM wins on every 1x1 layer (1.0-1.35x torch at batch 1, against
+    0.44-1.0x for direct, whose register tile wastes lanes on 7x7 maps); the direct kernel wins
+    on everything with a spatial kernel (3x3: 0.8-1.4x vs 0.55-0.95x), and on grouped and
+    depthwise layers, where each group's GEMM is tiny.
     """
     if algo is not Algo.AUTO:
         return algo.value
     N, C, H, W, K, R, S, OH, OW, sh, sw, dh, dw, pt, pb, pl, pr, groups = g
-    pointwise = R == 1 and S == 1 and groups == 1
-    min_pixels = 128 if (sh, sw) == (1, 1) else 512   # 1x1/2 at 28x28 out: 0.88x vs 0.69x
-    if pointwise and OH * OW >= min_pixels:
+    if R == 1 and S == 1 and groups == 1:
         return Algo.IM2COL.value
     return Algo.DIRECT.value

@@ -15,17 +15,15 @@ inline void transpose_block(const T* src, int64_t ss, T* dst, int64_t ds, int ro
 }
 
 #if defined(FASTCONV_ISA_AVX512)
-// Full 16 x 16 float blocks in registers: 4 shuffle stages instead of 256 scalar moves.
+// Float blocks of up to 16 x 16 in registers: 4 shuffle stages instead of 256 scalar moves.
+// Partial blocks load their rows with a mask (missing rows are zero) and store with a mask.
 template <>
 inline void transpose_block<float>(const float* src, int64_t ss, float* dst, int64_t ds,
                                    int rows, int cols) {
-  if (rows != 16 || cols != 16) {
-    for (int j = 0; j < cols; ++j)
-      for (int i = 0; i < rows; ++i) dst[j * ds + i] = src[i * ss + j];
-    return;
-  }
+  const __mmask16 col_mask = __mmask16((1u << cols) - 1u), row_mask = __mmask16((1u << rows) - 1u);
   __m512 r[16], t[16];
-  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src + i * ss);
+  for (int i = 0; i < 16; ++i)
+    r[i] = i < rows ? _mm512_maskz_loadu_ps(col_mask, src + i * ss) : _mm512_setzero_ps();
   // Interleave row pairs, then pairs of pairs: lane l of t[4i + j] holds column 4l + j of
   // rows 4i .. 4i+3.
   for (int i = 0; i < 16; i += 2) {
@@ -48,11 +46,12 @@ inline void transpose_block<float>(const float* src, int64_t ss, float* dst, int
     t[12 + j] = _mm512_shuffle_f32x4(r[8 + j], r[12 + j], 0xdd);
   }
   for (int j = 0; j < 4; ++j) {
-    _mm512_storeu_ps(dst + j * ds, _mm512_shuffle_f32x4(t[j], t[8 + j], 0x88));
-    _mm512_storeu_ps(dst + (j + 4) * ds, _mm512_shuffle_f32x4(t[4 + j], t[12 + j], 0x88));
-    _mm512_storeu_ps(dst + (j + 8) * ds, _mm512_shuffle_f32x4(t[j], t[8 + j], 0xdd));
-    _mm512_storeu_ps(dst + (j + 12) * ds, _mm512_shuffle_f32x4(t[4 + j], t[12 + j], 0xdd));
+    r[j] = _mm512_shuffle_f32x4(t[j], t[8 + j], 0x88);
+    r[j + 4] = _mm512_shuffle_f32x4(t[4 + j], t[12 + j], 0x88);
+    r[j + 8] = _mm512_shuffle_f32x4(t[j], t[8 + j], 0xdd);
+    r[j + 12] = _mm512_shuffle_f32x4(t[4 + j], t[12 + j], 0xdd);
   }
+  for (int j = 0; j < cols; ++j) _mm512_mask_storeu_ps(dst + j * ds, row_mask, r[j]);
 }
 #endif
 

@@ -1,5 +1,6 @@
 // Packed GEMM for one ISA: packing, the micro-kernel and the five loops (contract: gemm.h).
 #include "../common/isa_api.h"
+#include "../common/transpose.h"
 
 namespace fastconv {
 namespace FASTCONV_ISA {
@@ -72,6 +73,14 @@ void pack_a(const GemmArgs<T>& g, int64_t i0, int64_t mc, int64_t p0, int64_t kc
         for (int i = 0; i < MR; ++i) d[k * MR + i] = a[k * g.cs_a + i];
       continue;
     }
+    if (g.cs_a == 1) {  // row-major A: transpose rows x 16-k blocks
+      for (int64_t k0 = 0; k0 < kc; k0 += kTransposeBlock)
+        transpose_block(a + k0, g.rs_a, d + k0 * MR, int64_t(MR), int(rows),
+                        int(min64(kTransposeBlock, kc - k0)));
+      for (int i = int(rows); i < MR; ++i)
+        for (int64_t k = 0; k < kc; ++k) d[k * MR + i] = T(0);
+      continue;
+    }
     for (int i = 0; i < rows; ++i) {
       const T* ai = a + i * g.rs_a;
       for (int64_t k = 0; k < kc; ++k) d[k * MR + i] = ai[k * g.cs_a];
@@ -107,9 +116,16 @@ void pack_b(const GemmArgs<T>& g, int64_t p0, int64_t kc, int64_t j0, int64_t nc
       }
       continue;
     }
-    for (int j = 0; j < cols; ++j) {
-      const T* bj = b + j * g.cs_b;
-      for (int64_t k = 0; k < kc; ++k) d[k * NR + j] = bj[k * g.rs_b];
+    if (g.rs_b == 1) {  // column-major B: transpose 16-column x 16-k blocks
+      for (int64_t j0 = 0; j0 < cols; j0 += kTransposeBlock)
+        for (int64_t k0 = 0; k0 < kc; k0 += kTransposeBlock)
+          transpose_block(b + j0 * g.cs_b + k0, g.cs_b, d + k0 * NR + j0, int64_t(NR),
+                          int(min64(kTransposeBlock, cols - j0)), int(min64(kTransposeBlock, kc - k0)));
+    } else {
+      for (int j = 0; j < cols; ++j) {
+        const T* bj = b + j * g.cs_b;
+        for (int64_t k = 0; k < kc; ++k) d[k * NR + j] = bj[k * g.rs_b];
+      }
     }
     for (int j = int(cols); j < NR; ++j)
       for (int64_t k = 0; k < kc; ++k) d[k * NR + j] = T(0);
@@ -118,7 +134,11 @@ void pack_b(const GemmArgs<T>& g, int64_t p0, int64_t kc, int64_t j0, int64_t nc
 
 // The micro-kernel (contract in gemm.h). row0/col0: position of the tile in C, for the
 // epilogue's per-channel vectors.
-template <typename T, int MR, int NBV>
+//
+// MR x NBV is the tile computed in registers; AS and BS are the packed panels' strides (the
+// full MR and NR), so a smaller tile reads the same panels: edge tiles use the smallest one
+// that covers them instead of wasting a full tile's FMAs on zero padding.
+template <typename T, int MR, int NBV, int AS = MR, int BS = NBV * Vec<T>::lanes>
 inline void ukernel(int64_t kc, const T* __restrict ap, const T* __restrict bp, T* c,
                     int64_t ldc, int64_t m, int64_t n, bool accumulate, bool last,
                     const Epilogue<T>& epi, int64_t row0, int64_t col0) {
@@ -132,7 +152,7 @@ inline void ukernel(int64_t kc, const T* __restrict ap, const T* __restrict bp, 
   for (int64_t i = 0; i < m; ++i)
     for (int j = 0; j < NR * int(sizeof(T)); j += 64)
       __builtin_prefetch(reinterpret_cast<const char*>(c + i * ldc) + j, 1);
-  for (int64_t k = 0; k < kc; ++k, ap += MR, bp += NR) {
+  for (int64_t k = 0; k < kc; ++k, ap += AS, bp += BS) {
     V bv[NBV];
     for (int b = 0; b < NBV; ++b) bv[b] = V::load(bp + b * L);
     for (int i = 0; i < MR; ++i) {
@@ -176,6 +196,28 @@ inline void ukernel(int64_t kc, const T* __restrict ap, const T* __restrict bp, 
       }
       c[i * ldc + j] = v;
     }
+}
+
+// One MR x NR tile of C, m x n of it valid: the full micro-kernel, or for edge tiles the
+// smallest of (MR/3, 2 MR/3, MR rows) x (NR/2, NR columns) that covers them.
+template <typename T>
+inline void tile(int64_t kc, const T* ap, const T* bp, T* c, int64_t ldc, int64_t m, int64_t n,
+                 bool accumulate, bool last, const Epilogue<T>& epi, int64_t row0, int64_t col0) {
+  using B = Blocking<T>;
+  constexpr int MR = B::MR, NBV = B::NBV, NR = NBV * Vec<T>::lanes;
+  static_assert(MR % 3 == 0 || MR % 2 == 0, "tail tiles split MR");
+  constexpr int M1 = MR % 3 == 0 ? MR / 3 : MR / 2, M2 = MR % 3 == 0 ? 2 * MR / 3 : MR;
+  const bool narrow = NBV > 1 && n <= NR / NBV;
+#define FASTCONV_TILE(ROWS, VECS) \
+  ukernel<T, ROWS, VECS, MR, NR>(kc, ap, bp, c, ldc, m, n, accumulate, last, epi, row0, col0)
+  if (m > M2) {
+    if (narrow) FASTCONV_TILE(MR, 1); else FASTCONV_TILE(MR, NBV);
+  } else if (m > M1) {
+    if (narrow) FASTCONV_TILE(M2, 1); else FASTCONV_TILE(M2, NBV);
+  } else {
+    if (narrow) FASTCONV_TILE(M1, 1); else FASTCONV_TILE(M1, NBV);
+  }
+#undef FASTCONV_TILE
 }
 
 // C = epilogue(accumulate ? C : 0) for K == 0.
@@ -242,9 +284,9 @@ void gemm(const GemmArgs<T>& g, int nthreads) {
           for (int64_t t = t0; t < t1; ++t) {
             const int64_t jr = t / ma, ir = t % ma;
             const int64_t row = ic + ir * MR, col = jc + jr * NR;
-            ukernel<T, MR, B::NBV>(kc, ablk + ir * kc * MR, bblk + jr * kc * NR,
-                                   g.c + row * g.ldc + col, g.ldc, min64(MR, g.M - row),
-                                   min64(NR, g.N - col), accumulate, last, g.epi, row, col);
+            tile<T>(kc, ablk + ir * kc * MR, bblk + jr * kc * NR, g.c + row * g.ldc + col,
+                    g.ldc, min64(MR, g.M - row), min64(NR, g.N - col), accumulate, last, g.epi,
+                    row, col);
           }
           if (!g.a_packed || !g.b_packed) {
 #pragma omp barrier  // a buffer is repacked next

@@ -62,6 +62,15 @@ void permute_weights(const T* src, int64_t K, int64_t Cg, int64_t RS, T* dst, bo
   });
 }
 
+// The weights as wt[k][t][c] in a workspace, or w itself for a 1x1 convolution (same layout).
+template <typename T>
+const T* permuted_weights(const ConvGeom& g, const T* w, int nthreads) {
+  if (g.R == 1 && g.S == 1) return w;
+  T* buf = ws<T>(kWsWeight, g.K * g.Cg() * g.R * g.S);
+  permute_weights(w, g.K, g.Cg(), g.R * g.S, buf, true, nthreads);
+  return buf;
+}
+
 // The NHWC images of one image group and where output pixel p's window starts.
 template <typename T>
 struct NhwcView {
@@ -174,12 +183,7 @@ void forward(const ConvGeom& g, const T* x, int x_layout, const T* w, const T* b
     return forward_nchw_native(g, x, w, bias, y, nthreads);
   const int64_t G = g.groups, Cg = g.Cg(), Kg = g.Kg(), RSC = g.R * g.S * Cg;
   const bool pointwise = is_pointwise(g);
-  const T* wt = w;
-  if (!pointwise) {
-    T* buf = ws<T>(kWsWeight, g.K * RSC);
-    permute_weights(w, g.K, Cg, g.R * g.S, buf, true, nthreads);
-    wt = buf;
-  }
+  const T* wt = permuted_weights(g, w, nthreads);
   over_image_groups<T>(g, x, x_layout, g.C, g.H, g.W, y, y_layout, g.K, OHW, false, nthreads,
                        [&](int64_t n0, int64_t n1, const T* xn, T* yn) {
     const NhwcView<T> v{g, n1 - n0};
@@ -321,12 +325,7 @@ void grad_input(const ConvGeom& g, const T* gy, int gy_layout, const T* w, T* gx
                 int nthreads) {
   const int64_t G = g.groups, Cg = g.Cg(), Kg = g.Kg(), RSC = g.R * g.S * Cg;
   const bool pointwise = is_pointwise(g);
-  const T* wt = w;
-  if (!pointwise) {
-    T* buf = ws<T>(kWsWeight, g.K * RSC);
-    permute_weights(w, g.K, Cg, g.R * g.S, buf, true, nthreads);
-    wt = buf;
-  }
+  const T* wt = permuted_weights(g, w, nthreads);
   over_image_groups<T>(g, gy, gy_layout, g.K, g.OH, g.OW, gx, gx_layout, g.C, g.H * g.W,
                        !pointwise, nthreads, [&](int64_t n0, int64_t n1, const T* gyn, T* gxn) {
     const NhwcView<T> v{g, n1 - n0};
