@@ -87,5 +87,22 @@ inline void nhwc_to_nchw(const T* src, int64_t N, int64_t C, int64_t HW, T* dst,
   });
 }
 
+// Per output channel k, transposes the Cg x RS matrix of its weights: dst[k][t][c] =
+// src[k][c][t] (to_tap_major) or back, in 16 x 16 blocks.
+template <typename T>
+inline void permute_taps(const T* src, int64_t K, int64_t Cg, int64_t RS, T* dst,
+                         bool to_tap_major, int nthreads) {
+  const int64_t rows = to_tap_major ? Cg : RS, cols = to_tap_major ? RS : Cg;
+  const int64_t B = kTransposeBlock;
+  parallel_for(K, threads_for(K * Cg * RS * 4, nthreads), [&](int64_t k) {
+    const T* s = src + k * Cg * RS;
+    T* d = dst + k * Cg * RS;
+    for (int64_t r0 = 0; r0 < rows; r0 += B)
+      for (int64_t c0 = 0; c0 < cols; c0 += B)
+        transpose_block(s + r0 * cols + c0, cols, d + c0 * rows + r0, rows,
+                        int(min64(B, rows - r0)), int(min64(B, cols - c0)));
+  });
+}
+
 }  // namespace FASTCONV_ISA
 }  // namespace fastconv

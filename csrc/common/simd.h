@@ -178,6 +178,56 @@ inline void split_range(int64_t n, int parts, int i, int64_t* begin, int64_t* en
   *end = *begin + base + (i < extra ? 1 : 0);
 }
 
+// dst[0, n) = src[0, n) and dst[0, n) = 0 for short runs of unknown length (a few dozen
+// values): masked vector moves on AVX-512 instead of a scalar loop with a remainder.
+template <typename T>
+inline void copy_n(T* dst, const T* src, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = src[i];
+}
+template <typename T>
+inline void zero_n(T* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = T(0);
+}
+// dst[i] = src[i * stride] for i < n (src[(n-1) * stride] is the last value read).
+template <typename T>
+inline void copy_strided_n(T* dst, const T* src, int64_t n, int64_t stride) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = src[i * stride];
+}
+#if defined(FASTCONV_ISA_AVX512)
+inline __mmask16 first_lanes(int64_t n) {
+  return n >= 16 ? __mmask16(0xFFFF) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1u);
+}
+template <>
+inline void copy_strided_n<float>(float* dst, const float* src, int64_t n, int64_t stride) {
+  if (stride != 2) {
+    for (int64_t i = 0; i < n; ++i) dst[i] = src[i * stride];
+    return;
+  }
+  // Stride 2: two masked loads and one permute of the even lanes per 16 outputs.
+  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  for (int64_t i = 0; i < n; i += 16) {
+    const int64_t r = n - i < 16 ? n - i : 16, span = 2 * (r - 1) + 1;
+    const __m512 a = _mm512_maskz_loadu_ps(first_lanes(span), src + 2 * i);
+    const __m512 b = _mm512_maskz_loadu_ps(first_lanes(span - 16), src + 2 * i + 16);
+    _mm512_mask_storeu_ps(dst + i, first_lanes(r), _mm512_permutex2var_ps(a, even, b));
+  }
+}
+template <>
+inline void copy_n<float>(float* dst, const float* src, int64_t n) {
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = n - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - i)) - 1u);
+    _mm512_mask_storeu_ps(dst + i, m, _mm512_maskz_loadu_ps(m, src + i));
+  }
+}
+template <>
+inline void zero_n<float>(float* dst, int64_t n) {
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = n - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - i)) - 1u);
+    _mm512_mask_storeu_ps(dst + i, m, _mm512_setzero_ps());
+  }
+}
+#endif
+
 // Runs body(thread_index, thread_count) on nthreads OpenMP threads, or inline when one is
 // enough: an OpenMP region costs ~0.4 us even with one thread, a third of a tiny conv.
 template <typename F>

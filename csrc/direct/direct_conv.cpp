@@ -233,12 +233,7 @@ void pack_weights_oihw(const T* w, int64_t G, int64_t Kg, int64_t Cg, int64_t RS
   const T* wt = w;
   if (RS > 1) {
     T* buf = ws<T>(kWsGrad, K * RS * Cg);
-    parallel_for(K, nt, [&](int64_t k) {
-      for (int64_t c0 = 0; c0 < Cg; c0 += B)
-        for (int64_t t0 = 0; t0 < RS; t0 += B)
-          transpose_block(w + (k * Cg + c0) * RS + t0, RS, buf + (k * RS + t0) * Cg + c0, Cg,
-                          int(min64(B, Cg - c0)), int(min64(B, RS - t0)));
-    });
+    permute_taps(w, K, Cg, RS, buf, true, nthreads);
     wt = buf;
   }
   parallel_for(G * KB, nt, [&](int64_t blk) {

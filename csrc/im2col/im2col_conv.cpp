@@ -29,9 +29,10 @@ namespace fastconv {
 namespace FASTCONV_ISA {
 namespace {
 
-// Bytes of column matrix per GEMM call. Measured (ResNet-50 3x3 layers, N=8, GFLOP/s):
-// 256 KiB 155-226, 1 MiB 241-306, 4 MiB 265-362, 16 MiB 259-361: below 4 MiB the per-call
-// costs (barriers, parallel regions, edge tiles) dominate; above it nothing is gained.
+// Bytes of column matrix per GEMM call. Measured on ResNet-50's 3x3 layers at N=8 (GFLOP/s,
+// when NCHW forward still built explicit columns): 256 KiB 155-226, 1 MiB 241-306, 4 MiB
+// 265-362, 16 MiB 259-361: below 4 MiB the per-call costs (barriers, parallel regions, edge
+// tiles) dominate; above it nothing is gained.
 constexpr int64_t kColBudgetBytes = int64_t(4) << 20;
 // Bytes of NHWC copies (input + output) of the NCHW images converted at a time.
 constexpr int64_t kLayoutBudgetBytes = int64_t(16) << 20;
@@ -45,29 +46,12 @@ bool is_pointwise(const ConvGeom& g) {
   return g.R == 1 && g.S == 1 && g.sh == 1 && g.sw == 1 && !g.pt && !g.pb && !g.pl && !g.pr;
 }
 
-// wt[k][t][c] = w[k][c][t] (forward: to = true) or back (to = false), all K output channels.
-template <typename T>
-void permute_weights(const T* src, int64_t K, int64_t Cg, int64_t RS, T* dst, bool to,
-                     int nthreads) {
-  parallel_for(K, threads_for(K * Cg * RS * 4, nthreads), [&](int64_t k) {
-    const T* s = src + k * Cg * RS;
-    T* d = dst + k * Cg * RS;
-    for (int64_t c = 0; c < Cg; ++c)
-      for (int64_t t = 0; t < RS; ++t) {
-        if (to)
-          d[t * Cg + c] = s[c * RS + t];
-        else
-          d[c * RS + t] = s[t * Cg + c];
-      }
-  });
-}
-
 // The weights as wt[k][t][c] in a workspace, or w itself for a 1x1 convolution (same layout).
 template <typename T>
 const T* permuted_weights(const ConvGeom& g, const T* w, int nthreads) {
   if (g.R == 1 && g.S == 1) return w;
   T* buf = ws<T>(kWsWeight, g.K * g.Cg() * g.R * g.S);
-  permute_weights(w, g.K, g.Cg(), g.R * g.S, buf, true, nthreads);
+  permute_taps(w, g.K, g.Cg(), g.R * g.S, buf, true, nthreads);
   return buf;
 }
 
@@ -221,24 +205,25 @@ void forward(const ConvGeom& g, const T* x, int x_layout, const T* w, const T* b
 }
 
 // Implicit im2col for the native NCHW forward: the GEMM's B is colT[i][p] = x[c][ih][iw]
-// for i = (c, r, s) (torch's weight order) and output pixel p of one image, and each packed
+// for i = t*Cg + c (tap-major, like wt) and output pixel p of one image, and each packed
 // KC x NR panel is filled straight from the image, so no column matrix is ever stored. The
-// packed B block (at most KC x NC) is this path's whole im2col workspace.
+// packed B block (at most KC x NC) is this path's whole im2col workspace. Rows of one tap
+// share the panel's geometry (which pixels read which input columns), so it is worked out
+// once per tap and each row is then a few masked copies from its channel's plane.
 template <typename T>
 struct ImplicitCols {
-  const T* x;               // the image's first channel of this group
-  const int64_t* row_off;   // per i: c * H * W
-  const int64_t* tap_h;     // per i: r * dh
-  const int64_t* tap_w;     // per i: s * dw
-  int64_t H, W, OW, sh, sw, pt, pl;
+  const T* x;  // the image's first channel of this group
+  int64_t Cg, S, H, W, OW, sh, sw, dh, dw, pt, pl;
 };
 
 template <typename T>
 void pack_implicit_cols(const void* ctx, int64_t k0, int64_t kc, int64_t j0, int64_t cols,
                         int64_t nr, T* dst) {
   const ImplicitCols<T>& c = *static_cast<const ImplicitCols<T>*>(ctx);
-  // The panel's pixels as runs along output rows: (destination column, ih0, iw0, length).
-  int64_t seg_j[64], seg_ih[64], seg_iw[64], seg_len[64];
+  const int64_t HW = c.H * c.W;
+  // The panel's pixels as runs along output rows: destination column, ih0, iw0, length.
+  constexpr int kMaxSeg = 64;
+  int64_t seg_j[kMaxSeg], seg_ih[kMaxSeg], seg_iw[kMaxSeg], seg_len[kMaxSeg];
   int nseg = 0;
   for (int64_t j = 0; j < cols;) {
     const int64_t p = j0 + j, oh = p / c.OW, ow = p % c.OW, len = min64(c.OW - ow, cols - j);
@@ -248,54 +233,63 @@ void pack_implicit_cols(const void* ctx, int64_t k0, int64_t kc, int64_t j0, int
     seg_len[nseg++] = len;
     j += len;
   }
+  // Per tap and segment: whether its input row exists, the row's offset in a channel plane,
+  // its first input column, and the part [lo, hi) of the run that lies inside the input.
+  bool valid[kMaxSeg];
+  int64_t roff[kMaxSeg], iws[kMaxSeg], lo[kMaxSeg], hi[kMaxSeg];
+  int64_t tap = -1;
   for (int64_t k = 0; k < kc; ++k) {
-    T* d = dst + k * nr;
-    const int64_t i = k0 + k;
-    for (int sgi = 0; sgi < nseg; ++sgi) {
-      T* ds = d + seg_j[sgi];
-      const int64_t len = seg_len[sgi], ih = seg_ih[sgi] + c.tap_h[i];
-      if (ih < 0 || ih >= c.H) {
-        for (int64_t q = 0; q < len; ++q) ds[q] = T(0);
-        continue;
-      }
-      const T* row = c.x + c.row_off[i] + ih * c.W;
-      const int64_t iw0 = seg_iw[sgi] + c.tap_w[i];
-      if (c.sw == 1) {  // zeros, a straight copy, zeros
-        const int64_t lo = min64(len, max64(0, -iw0)), hi = max64(lo, min64(len, c.W - iw0));
-        for (int64_t q = 0; q < lo; ++q) ds[q] = T(0);
-        for (int64_t q = lo; q < hi; ++q) ds[q] = row[iw0 + q];
-        for (int64_t q = hi; q < len; ++q) ds[q] = T(0);
-      } else {
-        for (int64_t q = 0; q < len; ++q) {
-          const int64_t iw = iw0 + q * c.sw;
-          ds[q] = (iw >= 0 && iw < c.W) ? row[iw] : T(0);
-        }
+    const int64_t i = k0 + k, t = i / c.Cg, ch = i % c.Cg;
+    if (t != tap) {
+      tap = t;
+      const int64_t dh = (t / c.S) * c.dh, dw = (t % c.S) * c.dw;
+      for (int sg = 0; sg < nseg; ++sg) {
+        const int64_t ih = seg_ih[sg] + dh, iw0 = seg_iw[sg] + dw, len = seg_len[sg];
+        valid[sg] = ih >= 0 && ih < c.H;
+        roff[sg] = ih * c.W;
+        iws[sg] = iw0;
+        // Run positions q whose column iw0 + q*sw lies in [0, W).
+        lo[sg] = min64(len, iw0 >= 0 ? 0 : ceil_div(-iw0, c.sw));
+        hi[sg] = max64(lo[sg], min64(len, iw0 >= c.W ? 0 : (c.W - 1 - iw0) / c.sw + 1));
       }
     }
-    for (int64_t q = cols; q < nr; ++q) d[q] = T(0);
+    const T* plane = c.x + ch * HW;
+    T* d = dst + k * nr;
+    for (int sg = 0; sg < nseg; ++sg) {
+      T* ds = d + seg_j[sg];
+      const int64_t len = seg_len[sg];
+      if (!valid[sg]) {
+        zero_n(ds, len);
+        continue;
+      }
+      // Zeros, the columns inside the input, zeros.
+      const T* first = plane + roff[sg] + iws[sg] + lo[sg] * c.sw;
+      zero_n(ds, lo[sg]);
+      if (c.sw == 1)
+        copy_n(ds + lo[sg], first, hi[sg] - lo[sg]);
+      else
+        copy_strided_n(ds + lo[sg], first, hi[sg] - lo[sg], c.sw);
+      zero_n(ds + hi[sg], len - hi[sg]);
+    }
+    zero_n(d + cols, nr - cols);
   }
 }
 
 template <typename T>
 void forward_nchw_native(const ConvGeom& g, const T* x, const T* w, const T* bias, T* y,
                          int nthreads) {
-  const int64_t G = g.groups, Cg = g.Cg(), Kg = g.Kg(), RS = g.R * g.S, CRS = Cg * RS;
+  const int64_t G = g.groups, Cg = g.Cg(), Kg = g.Kg(), RSC = Cg * g.R * g.S;
   const int64_t HW = g.H * g.W, OHW = g.OH * g.OW;
   const bool pointwise = is_pointwise(g);
-  int64_t* tables = ws<int64_t>(kWsAccum, 3 * CRS);
-  for (int64_t i = 0; i < CRS; ++i) {
-    tables[i] = (i / RS) * HW;
-    tables[CRS + i] = ((i % RS) / g.S) * g.dh;
-    tables[2 * CRS + i] = (i % g.S) * g.dw;
-  }
-  T* packed = ws<T>(kWsPacked, gemm_packed_size_a<T>(Kg, CRS));
+  const T* wt = permuted_weights(g, w, nthreads);  // [k][t][c]: the rows' tap-major order
+  T* packed = ws<T>(kWsPacked, gemm_packed_size_a<T>(Kg, RSC));
   for (int64_t gi = 0; gi < G; ++gi) {
     GemmArgs<T> a{};
     a.M = Kg;
     a.N = OHW;
-    a.K = CRS;
-    a.a = w + gi * Kg * CRS;
-    a.rs_a = CRS;
+    a.K = RSC;
+    a.a = wt + gi * Kg * RSC;
+    a.rs_a = RSC;
     a.cs_a = 1;
     gemm_pack_a(a, packed, nthreads);  // once per group, for every image
     a.a_packed = packed;
@@ -304,8 +298,7 @@ void forward_nchw_native(const ConvGeom& g, const T* x, const T* w, const T* bia
     a.epi.per_row = true;
     for (int64_t n = 0; n < g.N; ++n) {
       const T* xg = x + (n * g.C + gi * Cg) * HW;
-      ImplicitCols<T> cols{xg, tables, tables + CRS, tables + 2 * CRS, g.H, g.W, g.OW,
-                           g.sh, g.sw, g.pt, g.pl};
+      const ImplicitCols<T> cols{xg, Cg, g.S, g.H, g.W, g.OW, g.sh, g.sw, g.dh, g.dw, g.pt, g.pl};
       if (pointwise) {  // B is the image itself
         a.b = xg;
         a.rs_b = HW;
@@ -416,7 +409,7 @@ void grad_weight(const ConvGeom& g, const T* gy, int gy_layout, const T* x, int 
         gemm(a, nthreads);
       }
   }
-  if (!pointwise) permute_weights(dwt, g.K, Cg, g.R * g.S, gw, false, nthreads);
+  if (!pointwise) permute_taps(dwt, g.K, Cg, g.R * g.S, gw, false, nthreads);
 }
 
 }  // namespace
