@@ -37,10 +37,14 @@ constexpr int64_t kColBudgetBytes = int64_t(4) << 20;
 // Bytes of NHWC copies (input + output) of the NCHW images converted at a time.
 constexpr int64_t kLayoutBudgetBytes = int64_t(16) << 20;
 // NCHW forward runs natively (one GEMM per image, no transposes) when an image has at least
-// this many output pixels. Measured: 1x1 1024>256 @14 (196 pixels) native 361 GFLOP/s vs
-// 205-351 through NHWC; 1x1 512>2048 @7 (49 pixels, 2 NR panels, one half empty) native 263
-// vs 332 through NHWC, where all images form one GEMM.
-constexpr int64_t kNativeMinPixels = 128;
+// this many output pixels; below, all images form one NHWC GEMM (transposes in and out).
+// Measured at batch 8, GFLOP/s native vs NHWC: 1x1 1024>256 @14 (196 pixels) 361 vs
+// 205-351, 1x1 512>2048 @7 (49 pixels) 263 vs 332; 3x3 256 @14 280-363 vs 438-462, 3x3/2
+// 128 @56 (784 pixels out) 265-353 vs 307-352, 3x3 64 @56 (3136) 313-371 vs 335. For spatial
+// kernels the explicit tap-major columns feed the GEMM faster than implicit packing unless
+// the map is large enough that the transposes dominate.
+constexpr int64_t kNativeMinPixelsPointwise = 128;
+constexpr int64_t kNativeMinPixelsSpatial = 2048;
 
 bool is_pointwise(const ConvGeom& g) {
   return g.R == 1 && g.S == 1 && g.sh == 1 && g.sw == 1 && !g.pt && !g.pb && !g.pl && !g.pr;
@@ -163,7 +167,8 @@ template <typename T>
 void forward(const ConvGeom& g, const T* x, int x_layout, const T* w, const T* bias, T* y,
              int y_layout, int nthreads) {
   const int64_t OHW = g.OH * g.OW;
-  if (x_layout == kNCHW && y_layout == kNCHW && OHW >= kNativeMinPixels)
+  const int64_t native_min = is_pointwise(g) ? kNativeMinPixelsPointwise : kNativeMinPixelsSpatial;
+  if (x_layout == kNCHW && y_layout == kNCHW && OHW >= native_min)
     return forward_nchw_native(g, x, w, bias, y, nthreads);
   const int64_t G = g.groups, Cg = g.Cg(), Kg = g.Kg(), RSC = g.R * g.S * Cg;
   const bool pointwise = is_pointwise(g);
