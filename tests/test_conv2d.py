@@ -106,3 +106,18 @@ def test_thread_count_follows_torch(algo):
                          rtol=1e-4, what=f"{n} threads")
     finally:
         torch.set_num_threads(previous)
+
+
+def test_batch_larger_than_the_layout_budget(algo):
+    # 2 images of 16.8 MB each (float64): NCHW tensors are converted in groups of images
+    # under a 16 MiB budget, so this runs two groups, forward and backward.
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 32, 256, 256, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(8, 32, 3, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    y = fastconv.conv2d(x, w, None, padding=1, algo=algo)
+    expected = F.conv2d(x, w, None, padding=1)
+    assert_close(y, expected, atol=1e-11, rtol=1e-10, what="forward over image groups")
+    gy = torch.randn(y.shape, dtype=torch.float64, generator=g)
+    for got, ref, name in zip(torch.autograd.grad(y, (x, w), gy),
+                              torch.autograd.grad(expected, (x, w), gy), ("dx", "dw")):
+        assert_close(got, ref, atol=1e-9, rtol=1e-10, what=f"{name} over image groups")

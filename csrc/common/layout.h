@@ -9,6 +9,10 @@
 namespace fastconv {
 namespace FASTCONV_ISA {
 
+// Bytes of NHWC copies of NCHW images made at a time: tensors are converted in groups of
+// images under this, so the extra memory of a call does not grow with the batch.
+constexpr int64_t kLayoutBudgetBytes = int64_t(16) << 20;
+
 template <typename T>
 T* ws(int slot, int64_t count) {
   return static_cast<T*>(workspace(slot, count * int64_t(sizeof(T))));

@@ -259,18 +259,24 @@ void forward(const ConvGeom& g, const T* x, int x_layout, const T* w, const T* b
              int y_layout, int nthreads) {
   constexpr int L = Vec<T>::lanes, BK = kNbk * L;
   const int64_t Cg = g.Cg(), Kg = g.Kg(), RS = g.R * g.S;
-  const T* xn = x;
-  if (x_layout != kNHWC) {
-    T* buf = ws<T>(kWsInput, g.N * g.H * g.W * g.C);
-    scatter_to_nhwc(x, x_layout, g.N, g.C, g.H, g.W, buf, g.H, g.W, 0, 0, 1, 1, nthreads);
-    xn = buf;
-  }
   T* wp = ws<T>(kWsWeight, g.groups * ceil_div(Kg, BK) * BK * Cg * RS);
   pack_weights_oihw(w, g.groups, Kg, Cg, RS, BK, L, wp, nthreads);
-  const NhwcProblem<T> p{xn,   g.N,  g.H,  g.W,  g.C,      g.OH, g.OW, g.sh, g.sw, g.dh,
-                         g.dw, g.R,  g.S,  g.pt, g.pl,     g.groups, Cg, Kg, wp, bias,
-                         y,    y_layout};
-  forward_nhwc(p, nthreads);
+  NhwcProblem<T> p{x,    g.N, g.H, g.W,  g.C,  g.OH,     g.OW, g.sh, g.sw, g.dh, g.dw,
+                   g.R,  g.S, g.pt, g.pl, g.groups, Cg, Kg,  wp,   bias, y,    y_layout};
+  if (x_layout == kNHWC) return forward_nhwc(p, nthreads);
+  // NCHW input: transposed to NHWC a group of images at a time, the weights packed once.
+  const int64_t image = g.C * g.H * g.W, out_image = g.K * g.OH * g.OW;
+  const int64_t group = max64(1, kLayoutBudgetBytes / (image * int64_t(sizeof(T))));
+  T* buf = ws<T>(kWsInput, min64(group, g.N) * image);
+  for (int64_t n0 = 0; n0 < g.N; n0 += group) {
+    const int64_t n1 = min64(g.N, n0 + group);
+    scatter_to_nhwc(x + n0 * image, kNCHW, n1 - n0, g.C, g.H, g.W, buf, g.H, g.W, 0, 0, 1, 1,
+                    nthreads);
+    p.x = buf;
+    p.N = n1 - n0;
+    p.y = y + n0 * out_image;  // image n0's output starts here in either layout
+    forward_nhwc(p, nthreads);
+  }
 }
 
 // grad_x = stride-1 convolution, with dilation (dh, dw), of grad_y placed every (sh, sw)

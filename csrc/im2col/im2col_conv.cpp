@@ -34,8 +34,6 @@ namespace {
 // 265-362, 16 MiB 259-361: below 4 MiB the per-call costs (barriers, parallel regions, edge
 // tiles) dominate; above it nothing is gained.
 constexpr int64_t kColBudgetBytes = int64_t(4) << 20;
-// Bytes of NHWC copies (input + output) of the NCHW images converted at a time.
-constexpr int64_t kLayoutBudgetBytes = int64_t(16) << 20;
 // NCHW forward runs natively (one GEMM per image, no transposes) when an image has at least
 // this many output pixels; below, all images form one NHWC GEMM (transposes in and out).
 // Measured at batch 8, GFLOP/s native vs NHWC: 1x1 1024>256 @14 (196 pixels) 361 vs
