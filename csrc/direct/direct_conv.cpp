@@ -2,9 +2,11 @@
 // is compiled once per ISA, see simd.h).
 //
 // Strategy (after oneDNN's jit_avx512_common / brgconv kernels, ../shared/notes §1):
-//   * Activations are read as zero-padded NHWC ("padded input"): a channels_last input with
-//     no padding is used in place; anything else is copied once per call into a reused
-//     workspace. With the borders materialised the micro-kernel has no bounds checks.
+//   * Activations are read as NHWC: a channels_last input in place, an NCHW one transposed
+//     (16 x 16 register blocks) into a reused workspace, a group of images at a time.
+//     Padding is applied inside the kernel: tiles whose windows stay inside the input take
+//     the unchecked path (InteriorTaps); border tiles read a row of zeros for the taps that
+//     fall outside (BorderTaps), so no padded copy is ever made.
 //   * Weights are packed per group and per block of BK = NBK * lanes output channels as
 //     [tap = r*S + s][c][BK]: one vector load gives BK/NBK output channels of one (c, tap).
 //   * The micro-kernel holds an UR x NBK tile of accumulators: UR consecutive output pixels
@@ -25,8 +27,9 @@ namespace fastconv {
 namespace FASTCONV_ISA {
 namespace {
 
-// Register blocking, measured on Zen 5 (see benchmarks/): UR pixels x NBK channel vectors.
-// UR * NBK accumulators + NBK weight vectors + one broadcast must fit the register file.
+// Register blocking: UR pixels x NBK channel vectors. UR * NBK accumulators + NBK weight
+// vectors + one broadcast fill the register file. (Chosen, not swept: the f32 AVX-512 tile
+// reaches 92-94 % of peak on 3x3 128 @28 and 256 @14 at batch 8, report_layers.py.)
 #if defined(FASTCONV_ISA_AVX512)
 constexpr int kUr = 12, kNbk = 2;  // 24 accumulators of 32 zmm
 #elif defined(FASTCONV_ISA_AVX2)
