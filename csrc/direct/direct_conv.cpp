@@ -208,12 +208,15 @@ void forward_nhwc(const NhwcProblem<T>& p, int nthreads) {
           for (int64_t k = 0; k < kv; ++k) yp[k] = t[k] + (p.bias ? p.bias[kg0 + k] : T(0));
         }
       } else if (pn[0] == pn[m - 1]) {
-        // NCHW, one image: each channel gets a contiguous run of m pixels.
+        // NCHW, one image: each channel gets a contiguous run of m pixels; the tile is
+        // transposed in (pixels x 16 channels) register blocks after adding the bias.
         T* y0 = p.y + (pn[0] * K + kg0) * OHW + pq[0];
-        for (int64_t k = 0; k < kv; ++k) {
-          const T b = p.bias ? p.bias[kg0 + k] : T(0);
-          for (int64_t j = 0; j < m; ++j) y0[k * OHW + j] = tile[j * bw + k] + b;
-        }
+        if (p.bias)
+          for (int64_t j = 0; j < m; ++j)
+            for (int64_t k = 0; k < kv; ++k) tile[j * bw + k] += p.bias[kg0 + k];
+        for (int64_t k0 = 0; k0 < kv; k0 += kTransposeBlock)
+          transpose_block(tile + k0, bw, y0 + k0 * OHW, OHW, int(m),
+                          int(min64(kTransposeBlock, kv - k0)));
       } else {
         for (int64_t j = 0; j < m; ++j)
           for (int64_t k = 0; k < kv; ++k)
