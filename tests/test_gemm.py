@@ -43,7 +43,8 @@ def _rand(*shape, dtype, seed=0):
 def test_k_below_at_and_above_the_block(dtype, isa):
     blk = ops.gemm_blocking(dtype)
     m, n, kc = blk["mr"], blk["nr"], blk["kc"]
-    for k in (1, 2, kc - 1, kc, kc + 1, 2 * kc + 3):
+    # K is cut into equal blocks near KC: up to 1.5 KC is one block, 1.5 KC + 1 is two.
+    for k in (1, 2, kc - 1, kc, kc + 1, 3 * kc // 2 + 1, 2 * kc + 3):
         _check(_rand(m, k, dtype=dtype), _rand(k, n, dtype=dtype, seed=1), what=f"k={k}")
 
 
@@ -92,7 +93,7 @@ def test_strided_and_transposed_operands(dtype, isa):
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
 def test_accumulate_vs_overwrite(dtype, isa):
     blk = ops.gemm_blocking(dtype)
-    for k in (3, blk["kc"] + 1):
+    for k in (3, 3 * blk["kc"] // 2 + 1):     # one and two K blocks
         a, b = _rand(17, k, dtype=dtype), _rand(k, 41, dtype=dtype, seed=1)
         c0 = _rand(17, 41, dtype=dtype, seed=2)
         _check(a, b, c0, accumulate=True, what="accumulate")
@@ -104,7 +105,7 @@ def test_accumulate_vs_overwrite(dtype, isa):
 def test_epilogue(dtype, per_row, isa):
     blk = ops.gemm_blocking(dtype)
     M, N = 2 * blk["mr"] + 1, blk["nr"] + 3   # full and edge tiles
-    for k in (7, blk["kc"] + 2):              # epilogue only after the last K block
+    for k in (7, 3 * blk["kc"] // 2 + 2):     # two K blocks: epilogue only after the last
         a, b = _rand(M, k, dtype=dtype), _rand(k, N, dtype=dtype, seed=1)
         ch = M if per_row else N
         scale, shift = _rand(ch, dtype=dtype, seed=3), _rand(ch, dtype=dtype, seed=4)
