@@ -4,16 +4,22 @@ Kernel sources (csrc/<algorithm>/*.cpp) are compiled three times, with -DFASTCON
 and that ISA's -m flags, into separate object directories; the bindings and shared code are
 compiled once for the baseline ISA and pick a kernel table at run time.
 
+FASTCONV_PORTABLE=1 builds the portable (scalar-only) variant, as on a non-x86 machine.
 FASTCONV_SANITIZE=1 builds with -fsanitize=address,undefined (see README: "Sanitizers").
 """
 import glob
 import os
+import platform
 
 from pybind11.setup_helpers import Pybind11Extension
 from setuptools import setup
 from setuptools.command.build_ext import build_ext
 
-ISA_FLAGS = {
+# The x86 ISA variants are built only on x86-64; elsewhere (or with FASTCONV_PORTABLE=1, which
+# tests use to exercise this path here) the portable scalar build is the only one.
+PORTABLE = (platform.machine().lower() not in ("x86_64", "amd64")
+            or os.environ.get("FASTCONV_PORTABLE", "") not in ("", "0"))
+X86_ISA_FLAGS = {
     "scalar": [],
     "avx2": ["-mavx2", "-mfma"],
     # g++ 12's avx512fintrin.h builds unmasked intrinsics on `__m512 __Y = __Y;`, which -Wall
@@ -22,6 +28,8 @@ ISA_FLAGS = {
     "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma",
                "-Wno-uninitialized", "-Wno-maybe-uninitialized"],
 }
+ISA_FLAGS = {"scalar": []} if PORTABLE else X86_ISA_FLAGS
+ISA_MACROS = [] if PORTABLE else [("FASTCONV_X86_ISAS", "1")]
 KERNEL_SOURCES = sorted(
     p for p in glob.glob("csrc/*/*.cpp") if not p.startswith(os.path.join("csrc", "common"))
 )
@@ -45,7 +53,7 @@ class BuildPerIsa(build_ext):
             objects += self.compiler.compile(
                 KERNEL_SOURCES,
                 output_dir=os.path.join(self.build_temp, "isa_" + isa),
-                macros=[("FASTCONV_ISA_" + isa.upper(), "1")],
+                macros=[("FASTCONV_ISA_" + isa.upper(), "1")] + ISA_MACROS,
                 include_dirs=["csrc"],
                 extra_postargs=COMPILE_ARGS + flags,
                 depends=ext.depends,
@@ -58,6 +66,7 @@ ext = Pybind11Extension(
     "fastconv._C",
     COMMON_SOURCES,
     include_dirs=["csrc"],
+    define_macros=ISA_MACROS,
     extra_compile_args=COMPILE_ARGS,
     extra_link_args=LINK_ARGS,
     cxx_std=17,

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 import fastconv
 from fastconv.bench import geomean, measure, peak_gflops
-from fastconv.dispatch import IMPLEMENTED
+from fastconv.registry import ALGORITHMS
 from fastconv.shapes import ALL_LAYERS, NETWORKS, RESNET50_DIRECT_TARGETS
 
 LAYER_SETS = dict(NETWORKS, targets=RESNET50_DIRECT_TARGETS, all=ALL_LAYERS)
@@ -108,7 +108,7 @@ def main(argv=None):
     p.add_argument("--net", choices=sorted(LAYER_SETS), default="targets")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
-    p.add_argument("--algos", default=",".join(sorted(a.value for a in IMPLEMENTED)) + ",auto")
+    p.add_argument("--algos", default=",".join(a.name for a in ALGORITHMS) + ",auto")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--no-extras", action="store_true", help="skip overhead and interleaved runs")

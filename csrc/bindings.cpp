@@ -1,43 +1,67 @@
-// Python bindings: ISA selection and the kernel entry points. The module does not link
-// libtorch; Python hands it data pointers of dense tensors (no copies) and the problem
-// geometry, and the GIL is released while a kernel runs.
+// Python bindings: ISA selection, the kernel table and the kernel entry points. The module does
+// not link libtorch; Python hands it data pointers of dense tensors (no copies) and the problem
+// as a ConvGeom, and the GIL is released while a kernel runs.
+//
+// Every kernel call goes through run_pass, which (1) finds the kernel in the active ISA's table
+// and raises if that entry is missing, and (2) answers degenerate problems (an empty output or
+// an empty reduction) itself, so that no kernel ever sees a zero-sized dimension.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
-#include <array>
 #include <atomic>
+#include <cstring>
 #include <stdexcept>
 #include <string>
 #include <vector>
 
-#include "common/geometry.h"
+#include "common/problem.h"
+#include "common/tuning.h"
+#include "common/workspace.h"
+#include "isa/kernel_table.h"
 
 namespace py = pybind11;
 using namespace fastconv;
 
 namespace {
 
+// ---------------------------------------------------------------------------------------
+// ISA selection
+// ---------------------------------------------------------------------------------------
+
 bool cpu_has(const std::string& isa) {
   if (isa == "scalar") return true;
+#if defined(FASTCONV_X86_ISAS)
   __builtin_cpu_init();
   if (isa == "avx2") return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   if (isa == "avx512")
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
            __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
            __builtin_cpu_supports("fma");
+#endif
   return false;
 }
 
+// The ISA builds in this binary, fastest first.
+std::vector<std::string> built_isas() {
+#if defined(FASTCONV_X86_ISAS)
+  return {"avx512", "avx2", "scalar"};
+#else
+  return {"scalar"};
+#endif
+}
+
 const IsaKernels* table_for(const std::string& isa) {
+#if defined(FASTCONV_X86_ISAS)
   if (isa == "avx512") return &avx512::kernels();
   if (isa == "avx2") return &avx2::kernels();
+#endif
   if (isa == "scalar") return &scalar::kernels();
   return nullptr;
 }
 
 std::vector<std::string> available_isas() {
   std::vector<std::string> out;
-  for (const char* isa : {"avx512", "avx2", "scalar"})
+  for (const std::string& isa : built_isas())
     if (cpu_has(isa)) out.push_back(isa);
   return out;
 }
@@ -55,26 +79,79 @@ const IsaKernels& active() {
 
 void set_isa(const std::string& isa) {
   const IsaKernels* t = table_for(isa);
-  if (!t)
-    throw std::invalid_argument("unknown ISA '" + isa + "': expected avx512, avx2 or scalar");
+  if (!t) {
+    std::string built;
+    for (const std::string& b : built_isas()) built += (built.empty() ? "" : ", ") + b;
+    throw std::invalid_argument("unknown ISA '" + isa + "': this build has " + built);
+  }
   if (!cpu_has(isa))
     throw std::runtime_error("this CPU does not support the '" + isa + "' kernels");
   g_active.store(t, std::memory_order_release);
 }
 
-// Geometry as one flat tuple of 18 ints, in ConvGeom's field order. Read by hand: pybind11's
-// std::array caster costs ~1.4 us per call, most of a tiny convolution's budget.
-using GeomArgs = py::tuple;
-ConvGeom to_geom(const py::tuple& t) {
-  constexpr int kFields = 18;
-  if (t.size() != kFields) throw std::invalid_argument("geometry must be a tuple of 18 ints");
-  int64_t a[kFields];
-  for (int i = 0; i < kFields; ++i) {
-    a[i] = PyLong_AsLongLong(PyTuple_GET_ITEM(t.ptr(), i));
-    if (a[i] == -1 && PyErr_Occurred()) throw py::error_already_set();
+// ---------------------------------------------------------------------------------------
+// Kernel lookup
+// ---------------------------------------------------------------------------------------
+
+enum DType : int { kF32 = 0, kF64 = 1 };  // fastconv/backend.py: DTYPE_CODES
+
+const char* pass_name(Pass p) {
+  switch (p) {
+    case Pass::kForward: return "forward";
+    case Pass::kGradInput: return "grad_input";
+    case Pass::kGradWeight: return "grad_weight";
   }
-  return ConvGeom{a[0], a[1], a[2],  a[3],  a[4],  a[5],  a[6],  a[7],  a[8],
-                  a[9], a[10], a[11], a[12], a[13], a[14], a[15], a[16], a[17]};
+  return "?";
+}
+
+const AlgorithmEntry& algorithm(int index) {
+  const IsaKernels& t = active();
+  if (index < 0 || index >= t.num_algorithms)
+    throw std::invalid_argument("unknown algorithm index " + std::to_string(index));
+  return t.algorithms[index];
+}
+
+template <typename T>
+const ConvKernels<T>& kernels_of(const AlgorithmEntry& a);
+template <>
+const ConvKernels<float>& kernels_of(const AlgorithmEntry& a) { return a.f32; }
+template <>
+const ConvKernels<double>& kernels_of(const AlgorithmEntry& a) { return a.f64; }
+
+template <typename T>
+const SharedKernels<T>& shared_of();
+template <>
+const SharedKernels<float>& shared_of() { return active().f32; }
+template <>
+const SharedKernels<double>& shared_of() { return active().f64; }
+
+template <typename T>
+const char* dtype_name();
+template <>
+const char* dtype_name<float>() { return "float32"; }
+template <>
+const char* dtype_name<double>() { return "float64"; }
+
+// The kernel pointer `member` of an algorithm, or an error naming what is missing.
+template <typename T, typename Fn>
+Fn find_kernel(int index, Fn ConvKernels<T>::*member, Pass pass) {
+  const AlgorithmEntry& a = algorithm(index);
+  Fn fn = kernels_of<T>(a).*member;
+  if (!fn)
+    throw std::runtime_error(std::string("fastconv: algorithm '") + a.name + "' has no " +
+                             pass_name(pass) + " kernel for " + dtype_name<T>() + " on " +
+                             active().isa);
+  return fn;
+}
+
+template <typename F>
+void by_dtype(int dtype, F&& body) {
+  if (dtype == kF32)
+    body(float{});
+  else if (dtype == kF64)
+    body(double{});
+  else
+    throw std::invalid_argument("unsupported dtype code " + std::to_string(dtype));
 }
 
 template <typename T>
@@ -82,22 +159,96 @@ T* ptr(uintptr_t p) {
   return reinterpret_cast<T*>(p);
 }
 
-// dtype codes: 0 = float32, 1 = float64; algorithm codes: see Algorithm in geometry.h.
-template <typename F32, typename F64>
-void by_dtype(int algo, int dtype, F32 f32, F64 f64) {
-  if (algo < 0 || algo >= kAlgorithms) throw std::invalid_argument("unknown algorithm code");
-  if (dtype == 0)
-    f32(active().f32[algo]);
-  else if (dtype == 1)
-    f64(active().f64[algo]);
-  else
-    throw std::invalid_argument("unsupported dtype code");
+// ---------------------------------------------------------------------------------------
+// Degenerate problems (answered here, never by a kernel)
+// ---------------------------------------------------------------------------------------
+
+// With no input channels the output has none either (torch's rule; fastconv.problem).
+bool empty_output(const ConvGeom& g) { return g.N * g.K * g.OH * g.OW == 0 || g.C == 0; }
+bool empty_reduction(const ConvGeom& g) { return g.Cg() * g.R * g.S == 0; }
+
+// y = bias broadcast (or zeros): the forward of a convolution with nothing to sum.
+template <typename T>
+void fill_with_bias(const ConvGeom& g, const T* bias, T* y, int y_layout) {
+  const int64_t OHW = g.OH * g.OW;
+  for (int64_t n = 0; n < g.N; ++n)
+    for (int64_t k = 0; k < g.K; ++k)
+      for (int64_t p = 0; p < OHW; ++p) {
+        const int64_t i = y_layout == kNHWC ? (n * OHW + p) * g.K + k : (n * g.K + k) * OHW + p;
+        y[i] = bias ? bias[k] : T(0);
+      }
 }
 
 template <typename T>
-void run_gemm(void (*fn)(const GemmArgs<T>&, int), py::tuple shape, uintptr_t a, int64_t rs_a,
+void zero(T* p, int64_t count) {
+  if (count > 0) std::memset(p, 0, sizeof(T) * count);
+}
+
+// ---------------------------------------------------------------------------------------
+// Entry points
+// ---------------------------------------------------------------------------------------
+
+void forward(int algo, int dtype, const ConvGeom& g, uintptr_t x, int xl, uintptr_t w,
+             uintptr_t b, uintptr_t y, int yl, int nt) {
+  by_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    auto fn = find_kernel<T>(algo, &ConvKernels<T>::forward, Pass::kForward);
+    if (empty_output(g)) return;
+    py::gil_scoped_release nogil;
+    if (empty_reduction(g)) return fill_with_bias(g, ptr<const T>(b), ptr<T>(y), yl);
+    fn(g, ptr<const T>(x), xl, ptr<const T>(w), ptr<const T>(b), ptr<T>(y), yl, nt);
+  });
+}
+
+void grad_input(int algo, int dtype, const ConvGeom& g, uintptr_t gy, int gyl, uintptr_t w,
+                uintptr_t gx, int gxl, int nt) {
+  by_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    auto fn = find_kernel<T>(algo, &ConvKernels<T>::grad_input, Pass::kGradInput);
+    py::gil_scoped_release nogil;
+    if (empty_output(g) || empty_reduction(g)) return zero(ptr<T>(gx), g.N * g.C * g.H * g.W);
+    fn(g, ptr<const T>(gy), gyl, ptr<const T>(w), ptr<T>(gx), gxl, nt);
+  });
+}
+
+void grad_weight(int algo, int dtype, const ConvGeom& g, uintptr_t gy, int gyl, uintptr_t x,
+                 int xl, uintptr_t gw, int nt) {
+  by_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    auto fn = find_kernel<T>(algo, &ConvKernels<T>::grad_weight, Pass::kGradWeight);
+    py::gil_scoped_release nogil;
+    if (empty_output(g) || empty_reduction(g)) return zero(ptr<T>(gw), g.K * g.Cg() * g.R * g.S);
+    fn(g, ptr<const T>(gy), gyl, ptr<const T>(x), xl, ptr<T>(gw), nt);
+  });
+}
+
+void grad_bias(int dtype, const ConvGeom& g, uintptr_t gy, int gyl, uintptr_t gb, int nt) {
+  by_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const auto fn = shared_of<T>().grad_bias;
+    if (!fn) throw std::runtime_error("fastconv: no grad_bias kernel on " + std::string(active().isa));
+    py::gil_scoped_release nogil;
+    if (g.N * g.OH * g.OW == 0) return zero(ptr<T>(gb), g.K);
+    fn(g, ptr<const T>(gy), gyl, ptr<T>(gb), nt);
+  });
+}
+
+int64_t workspace_bytes(int algo, int dtype, const ConvGeom& g, int pass) {
+  if (pass < 0 || pass > 2) throw std::invalid_argument("pass must be 0, 1 or 2");
+  int64_t bytes = 0;
+  by_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const auto fn = kernels_of<T>(algorithm(algo)).workspace_bytes;
+    if (fn && !empty_output(g) && !empty_reduction(g)) bytes = fn(g, Pass(pass));
+  });
+  return bytes;
+}
+
+template <typename T>
+void run_gemm(const SharedKernels<T>& k, py::tuple shape, uintptr_t a, int64_t rs_a,
               int64_t cs_a, uintptr_t b, int64_t rs_b, int64_t cs_b, uintptr_t c, int64_t ldc,
               bool accumulate, uintptr_t scale, uintptr_t shift, bool per_row, bool relu, int nt) {
+  if (!k.gemm) throw std::runtime_error("fastconv: no GEMM on this ISA");
   GemmArgs<T> g{};
   g.M = shape[0].cast<int64_t>();
   g.N = shape[1].cast<int64_t>();
@@ -116,37 +267,108 @@ void run_gemm(void (*fn)(const GemmArgs<T>&, int), py::tuple shape, uintptr_t a,
   g.epi.per_row = per_row;
   g.epi.relu = relu;
   py::gil_scoped_release nogil;
-  fn(g, nt);
+  k.gemm(g, nt);
 }
+
+// Tuning fields by name, for fastconv.backend.tuning (tests shrink them to reach every path).
+struct TuningField {
+  const char* name;
+  int64_t Tuning::*member;
+};
+constexpr TuningField kTuningFields[] = {
+    {"layout_budget_bytes", &Tuning::layout_budget_bytes},
+    {"im2col_column_budget_bytes", &Tuning::im2col_column_budget_bytes},
+    {"im2col_native_min_pixels_pointwise", &Tuning::im2col_native_min_pixels_pointwise},
+    {"im2col_native_min_pixels_spatial", &Tuning::im2col_native_min_pixels_spatial},
+    {"direct_grad_weight_chunk_pixels", &Tuning::direct_grad_weight_chunk_pixels},
+};
 
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "fastconv C++ kernels (raw-buffer interface; use fastconv.conv2d)";
+  m.def("built_isas", &built_isas, "ISAs compiled into this binary, fastest first");
   m.def("available_isas", &available_isas, "ISAs this CPU can run, fastest first");
   m.def("set_isa", &set_isa, py::arg("isa"));
-  m.def("get_isa", []() { return std::string(active().name); });
+  m.def("get_isa", []() { return std::string(active().isa); });
   m.def("release_workspaces", &release_workspaces,
         "Free the calling thread's scratch buffers (they are otherwise kept for reuse)");
+  m.def("workspace_high_water_bytes", &workspace_high_water_bytes,
+        "Largest size asked of each scratch buffer since the last release, summed");
+  m.def("algorithm_names", []() {
+    std::vector<std::string> names;
+    const IsaKernels& t = active();
+    for (int i = 0; i < t.num_algorithms; ++i) names.push_back(t.algorithms[i].name);
+    return names;
+  }, "Algorithms in the kernel table, in index order (csrc/isa/table.cpp)");
+  m.def("has_kernel", [](int algo, int dtype, int pass) {
+    bool found = false;
+    by_dtype(dtype, [&](auto tag) {
+      using T = decltype(tag);
+      const ConvKernels<T>& k = kernels_of<T>(algorithm(algo));
+      found = pass == 0 ? k.forward != nullptr : pass == 1 ? k.grad_input != nullptr
+                                                           : k.grad_weight != nullptr;
+    });
+    return found;
+  });
+
+  py::class_<ConvGeom>(m, "ConvGeom", "The problem as the kernels take it (read-only)")
+      .def(py::init([](int64_t N, int64_t C, int64_t H, int64_t W, int64_t K, int64_t R,
+                       int64_t S, int64_t OH, int64_t OW, int64_t sh, int64_t sw, int64_t dh,
+                       int64_t dw, int64_t pt, int64_t pb, int64_t pl, int64_t pr,
+                       int64_t groups) {
+             ConvGeom g;
+             g.N = N, g.C = C, g.H = H, g.W = W, g.K = K, g.R = R, g.S = S, g.OH = OH, g.OW = OW;
+             g.sh = sh, g.sw = sw, g.dh = dh, g.dw = dw;
+             g.pt = pt, g.pb = pb, g.pl = pl, g.pr = pr, g.groups = groups;
+             return g;
+           }),
+           py::kw_only(), py::arg("N"), py::arg("C"), py::arg("H"), py::arg("W"), py::arg("K"),
+           py::arg("R"), py::arg("S"), py::arg("OH"), py::arg("OW"), py::arg("sh"),
+           py::arg("sw"), py::arg("dh"), py::arg("dw"), py::arg("pt"), py::arg("pb"),
+           py::arg("pl"), py::arg("pr"), py::arg("groups"))
+      .def_readonly("N", &ConvGeom::N).def_readonly("C", &ConvGeom::C)
+      .def_readonly("H", &ConvGeom::H).def_readonly("W", &ConvGeom::W)
+      .def_readonly("K", &ConvGeom::K).def_readonly("R", &ConvGeom::R)
+      .def_readonly("S", &ConvGeom::S).def_readonly("OH", &ConvGeom::OH)
+      .def_readonly("OW", &ConvGeom::OW).def_readonly("groups", &ConvGeom::groups)
+      .def("flops", &ConvGeom::flops);
+
+  m.def("get_tuning", []() {
+    py::dict d;
+    for (const TuningField& f : kTuningFields) d[f.name] = tuning().*f.member;
+    return d;
+  });
+  m.def("set_tuning", [](const std::string& name, int64_t value) {
+    if (value < 1) throw std::invalid_argument("tuning values must be positive");
+    for (const TuningField& f : kTuningFields)
+      if (name == f.name) {
+        tuning().*f.member = value;
+        return;
+      }
+    throw std::invalid_argument("unknown tuning field '" + name + "'");
+  });
 
   // Arguments are converted with the GIL held; the kernels run with it released.
+  m.def("forward", &forward);
+  m.def("grad_input", &grad_input);
+  m.def("grad_weight", &grad_weight);
+  m.def("grad_bias", &grad_bias);
+  m.def("workspace_bytes", &workspace_bytes,
+        "Estimated workspace bytes of one call (algo index, dtype code, geometry, pass 0/1/2)");
 
   // C = A * B (+ C) with the epilogue, for tests and benchmarks (fastconv.ops.gemm).
   m.def("gemm", [](int dtype, py::tuple shape, uintptr_t a, int64_t rs_a, int64_t cs_a,
                    uintptr_t b, int64_t rs_b, int64_t cs_b, uintptr_t c, int64_t ldc,
                    bool accumulate, uintptr_t scale, uintptr_t shift, bool per_row, bool relu,
                    int nt) {
-    if (dtype == 0)
-      run_gemm<float>(active().gemm_f32, shape, a, rs_a, cs_a, b, rs_b, cs_b, c, ldc, accumulate,
-                      scale, shift, per_row, relu, nt);
-    else if (dtype == 1)
-      run_gemm<double>(active().gemm_f64, shape, a, rs_a, cs_a, b, rs_b, cs_b, c, ldc, accumulate,
-                       scale, shift, per_row, relu, nt);
-    else
-      throw std::invalid_argument("unsupported dtype code");
+    by_dtype(dtype, [&](auto tag) {
+      run_gemm(shared_of<decltype(tag)>(), shape, a, rs_a, cs_a, b, rs_b, cs_b, c, ldc,
+               accumulate, scale, shift, per_row, relu, nt);
+    });
   });
   m.def("gemm_blocking", [](int dtype) {
-    const GemmBlocking b = dtype == 0 ? active().gemm_blocking_f32 : active().gemm_blocking_f64;
+    const GemmBlocking b = dtype == kF32 ? active().f32.gemm_blocking : active().f64.gemm_blocking;
     py::dict d;
     d["mr"] = b.mr;
     d["nr"] = b.nr;
@@ -155,43 +377,4 @@ PYBIND11_MODULE(_C, m) {
     d["nc"] = b.nc;
     return d;
   }, "Register tile and cache blocks of the active ISA's GEMM (dtype 0 = f32, 1 = f64)");
-  m.def(
-      "forward",
-      [](int algo, int dtype, const GeomArgs& ga, uintptr_t x, int xl, uintptr_t w, uintptr_t b,
-         uintptr_t y, int yl, int nt) {
-        const ConvGeom g = to_geom(ga);
-        py::gil_scoped_release nogil;
-        by_dtype(
-            algo, dtype, [&](auto& k) { k.forward(g, ptr<float>(x), xl, ptr<float>(w), ptr<float>(b), ptr<float>(y), yl, nt); },
-            [&](auto& k) { k.forward(g, ptr<double>(x), xl, ptr<double>(w), ptr<double>(b), ptr<double>(y), yl, nt); });
-      });
-  m.def(
-      "grad_input",
-      [](int algo, int dtype, const GeomArgs& ga, uintptr_t gy, int gyl, uintptr_t w, uintptr_t gx, int gxl,
-         int nt) {
-        const ConvGeom g = to_geom(ga);
-        py::gil_scoped_release nogil;
-        by_dtype(
-            algo, dtype, [&](auto& k) { k.grad_input(g, ptr<float>(gy), gyl, ptr<float>(w), ptr<float>(gx), gxl, nt); },
-            [&](auto& k) { k.grad_input(g, ptr<double>(gy), gyl, ptr<double>(w), ptr<double>(gx), gxl, nt); });
-      });
-  m.def(
-      "grad_weight",
-      [](int algo, int dtype, const GeomArgs& ga, uintptr_t gy, int gyl, uintptr_t x, int xl, uintptr_t gw,
-         int nt) {
-        const ConvGeom g = to_geom(ga);
-        py::gil_scoped_release nogil;
-        by_dtype(
-            algo, dtype, [&](auto& k) { k.grad_weight(g, ptr<float>(gy), gyl, ptr<float>(x), xl, ptr<float>(gw), nt); },
-            [&](auto& k) { k.grad_weight(g, ptr<double>(gy), gyl, ptr<double>(x), xl, ptr<double>(gw), nt); });
-      });
-  m.def(
-      "grad_bias",
-      [](int dtype, const GeomArgs& ga, uintptr_t gy, int gyl, uintptr_t gb, int nt) {
-        const ConvGeom g = to_geom(ga);
-        py::gil_scoped_release nogil;
-        by_dtype(
-            kDirect, dtype, [&](auto& k) { k.grad_bias(g, ptr<float>(gy), gyl, ptr<float>(gb), nt); },
-            [&](auto& k) { k.grad_bias(g, ptr<double>(gy), gyl, ptr<double>(gb), nt); });
-      });
 }

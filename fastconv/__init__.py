@@ -1,15 +1,21 @@
 """fastconv: hand-tuned 2-D convolution kernels for PyTorch on the CPU.
 
-Layers, from the bottom: ``fastconv._C`` (C++ kernels, one build per ISA), ``fastconv.ops``
-(torch custom ops with fake and autograd registrations), ``fastconv.functional.conv2d``
+Layers, from the bottom: ``fastconv._C`` (C++ kernels, one build per ISA, and their kernel
+table), ``fastconv.registry`` (every algorithm declared once: devices, dtypes, eligibility,
+workspace, kernels), ``fastconv.ops`` (torch custom ops with fake and autograd registrations,
+dispatching through the registry), ``fastconv.functional.conv2d``
 (torch.nn.functional.conv2d's semantics), ``fastconv.nn.Conv2d`` and ``fastconv.convert``.
 """
-from . import backend, dispatch, nn, ops, reference
+from . import backend, dispatch, errors, nn, ops, reference, registry
 from .backend import available_isas, get_isa, release_workspaces, set_isa, use_isa
 from .convert import convert
-from .dispatch import Algo
+from .dispatch import Algo, explain
+from .errors import AlgorithmUnavailable, InvalidConvolution, UnsupportedTensor
 from .functional import conv2d
+from .problem import Conv2dProblem, conv2d_problem
 
 __version__ = "0.1.0"
-__all__ = ["conv2d", "convert", "nn", "ops", "reference", "Algo", "available_isas", "get_isa",
-           "set_isa", "use_isa", "release_workspaces", "backend", "dispatch"]
+__all__ = ["conv2d", "convert", "explain", "nn", "ops", "reference", "registry", "Algo",
+           "Conv2dProblem", "conv2d_problem", "AlgorithmUnavailable", "InvalidConvolution",
+           "UnsupportedTensor", "available_isas", "get_isa", "set_isa", "use_isa",
+           "release_workspaces", "backend", "dispatch", "errors"]

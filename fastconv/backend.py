@@ -1,15 +1,17 @@
-"""The compiled kernels and the choice of instruction set.
+"""The compiled CPU kernels: the choice of instruction set, and the C++ kernel table seen from
+Python.
 
-Every kernel is compiled for AVX-512, AVX2+FMA and the baseline ("scalar") ISA; the fastest one
-this CPU supports is used unless ``FASTCONV_ISA`` (read at import) or :func:`set_isa` says
-otherwise.
+Every kernel is compiled for AVX-512, AVX2+FMA and the baseline ISA ("scalar") on x86-64 (only
+"scalar" elsewhere); the fastest one this CPU supports is used unless ``FASTCONV_ISA`` (read at
+import) or :func:`set_isa` says otherwise.
 """
 from __future__ import annotations
 
 import contextlib
+import enum
 import os
 
-import torch  # noqa: F401  (must be loaded first: _C then reuses torch's libgomp, see below)
+import torch  # must be loaded first: _C then reuses torch's libgomp, see below
 
 # Importing torch has loaded its bundled libgomp (soname libgomp.so.1). _C needs libgomp.so.1
 # too, and the dynamic loader resolves that to the copy already loaded, so the process has one
@@ -17,6 +19,21 @@ import torch  # noqa: F401  (must be loaded first: _C then reuses torch's libgom
 from . import _C
 
 ISAS = ("avx512", "avx2", "scalar")
+#: dtype codes of the C++ entry points (csrc/bindings.cpp: DType).
+DTYPE_CODES = {torch.float32: 0, torch.float64: 1}
+NCHW, NHWC = 0, 1  # layout codes (csrc/common/problem.h: Layout)
+
+
+class Pass(enum.IntEnum):
+    """The three passes of a convolution (csrc/common/problem.h: Pass)."""
+    FORWARD = 0
+    GRAD_INPUT = 1
+    GRAD_WEIGHT = 2
+
+
+def built_isas() -> list[str]:
+    """ISAs compiled into this build, fastest first (only 'scalar' off x86-64)."""
+    return list(_C.built_isas())
 
 
 def available_isas() -> list[str]:
@@ -33,6 +50,9 @@ def set_isa(isa: str) -> None:
     """Run the kernels of ``isa`` ('avx512', 'avx2' or 'scalar') from now on, in all threads."""
     if isa not in ISAS:
         raise ValueError(f"unknown ISA {isa!r}: expected one of {', '.join(ISAS)}")
+    if isa not in built_isas():
+        raise ValueError(f"ISA {isa!r} is not in this build (portable build: "
+                         f"{', '.join(built_isas())})")
     _C.set_isa(isa)
 
 
@@ -51,6 +71,71 @@ def release_workspaces() -> None:
     """Free the calling thread's scratch buffers. They are kept between calls on purpose:
     reusing warm pages avoids ~1 us of page faults per 4 KiB on every call."""
     _C.release_workspaces()
+
+
+def workspace_high_water_bytes() -> int:
+    """Scratch bytes the calling thread's calls since the last release needed at once, at
+    most (the largest request of each buffer, summed)."""
+    return _C.workspace_high_water_bytes()
+
+
+@contextlib.contextmanager
+def tuning(**values: int):
+    """Temporarily overrides the measured path thresholds and workspace budgets of
+    csrc/common/tuning.h (for tests: small values drive small problems down every code path).
+    ``fastconv.backend.tuning()`` with no arguments yields the current values."""
+    previous = dict(_C.get_tuning())
+    unknown = set(values) - set(previous)
+    if unknown:
+        raise ValueError(f"unknown tuning fields {sorted(unknown)}; known: {sorted(previous)}")
+    try:
+        for name, value in values.items():
+            _C.set_tuning(name, int(value))
+        yield dict(_C.get_tuning())
+    finally:
+        for name, value in previous.items():
+            _C.set_tuning(name, value)
+
+
+class CppKernels:
+    """The CPU kernels of one entry of the C++ kernel table (csrc/isa/table.cpp), called on
+    dense CPU tensors. Found by name, so the registry and the table need no shared numbering."""
+
+    def __init__(self, table_name: str):
+        names = list(_C.algorithm_names())
+        if table_name not in names:
+            raise ImportError(f"fastconv: the registry declares CPU kernels {table_name!r}, but "
+                              f"csrc/isa/table.cpp lists only {names}")
+        self.index = names.index(table_name)
+
+    def has(self, pass_: Pass, dtype: torch.dtype) -> bool:
+        return dtype in DTYPE_CODES and _C.has_kernel(self.index, DTYPE_CODES[dtype], int(pass_))
+
+    def workspace_bytes(self, problem, pass_: Pass, dtype: torch.dtype) -> int:
+        return _C.workspace_bytes(self.index, DTYPE_CODES[dtype], problem.kernel_geometry,
+                                  int(pass_))
+
+    # The three passes. Tensors are dense, in the layout given by each *_layout code.
+    def forward(self, problem, x, x_layout, w, b, y, y_layout) -> None:
+        _C.forward(self.index, DTYPE_CODES[x.dtype], problem.kernel_geometry, x.data_ptr(),
+                   x_layout, w.data_ptr(), b.data_ptr() if b is not None else 0, y.data_ptr(),
+                   y_layout, torch.get_num_threads())
+
+    def grad_input(self, problem, gy, gy_layout, w, gx, gx_layout) -> None:
+        _C.grad_input(self.index, DTYPE_CODES[gy.dtype], problem.kernel_geometry,
+                      gy.data_ptr(), gy_layout, w.data_ptr(), gx.data_ptr(), gx_layout,
+                      torch.get_num_threads())
+
+    def grad_weight(self, problem, gy, gy_layout, x, x_layout, gw) -> None:
+        _C.grad_weight(self.index, DTYPE_CODES[gy.dtype], problem.kernel_geometry,
+                       gy.data_ptr(), gy_layout, x.data_ptr(), x_layout, gw.data_ptr(),
+                       torch.get_num_threads())
+
+
+def grad_bias(problem, gy, gy_layout, gb) -> None:
+    """Per-channel sums of grad_y into gb (CPU; accumulated in float64)."""
+    _C.grad_bias(DTYPE_CODES[gy.dtype], problem.kernel_geometry, gy.data_ptr(), gy_layout,
+                 gb.data_ptr(), torch.get_num_threads())
 
 
 _forced = os.environ.get("FASTCONV_ISA", "").strip().lower()

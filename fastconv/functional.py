@@ -4,23 +4,29 @@ from __future__ import annotations
 from typing import Optional, Union
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from . import dispatch, ops
+from . import dispatch, ops, registry
+from .errors import InvalidConvolution
 
 IntPair = Union[int, tuple, list]
 
 
-def _pair(name: str, value) -> tuple:
-    if isinstance(value, int):
+def pair(name: str, value) -> tuple:
+    """An int or a one- or two-element sequence of ints as a pair; TypeError for anything
+    else (floats and bools included, as torch)."""
+    if type(value) is int:
         return (value, value)
     if not isinstance(value, (tuple, list, torch.Size)):
         raise TypeError(f"fastconv: {name} must be an int or a pair of ints, got {value!r}")
     value = tuple(value)
+    if not all(type(v) is int for v in value):
+        raise TypeError(f"fastconv: {name} must be an int or a pair of ints, got {value!r}")
     if len(value) == 1:
         value = value * 2
-    if len(value) != 2 or not all(isinstance(v, int) for v in value):
-        raise ValueError(f"fastconv: {name} must be an int or a pair of ints, got {value!r}")
+    if len(value) != 2:
+        raise InvalidConvolution(f"fastconv: {name} must be an int or a pair of ints, got {value!r}")
     return value
 
 
@@ -34,40 +40,62 @@ def explicit_padding(padding, kernel: tuple, stride: tuple, dilation: tuple) -> 
             return (0, 0, 0, 0)
         if padding == "same":
             if stride != (1, 1):
-                raise ValueError("fastconv: padding='same' is not supported for strided "
+                raise InvalidConvolution("fastconv: padding='same' is not supported for strided "
                                  f"convolutions (stride={stride})")
             th, tw = dilation[0] * (kernel[0] - 1), dilation[1] * (kernel[1] - 1)
             return (th // 2, th - th // 2, tw // 2, tw - tw // 2)
-        raise ValueError(f"fastconv: invalid padding string {padding!r}; expected 'same' or 'valid'")
-    ph, pw = _pair("padding", padding)
+        raise InvalidConvolution(f"fastconv: invalid padding string {padding!r}; expected 'same' or 'valid'")
+    ph, pw = pair("padding", padding)
     return (ph, ph, pw, pw)
 
 
-def _normalize(input_shape, weight_shape, stride, padding, dilation, groups, algo) -> tuple:
-    """Arguments as the op takes them: (stride, 4-value padding, dilation, algo). 'auto' is
-    passed on: the op resolves it from the full geometry (fastconv.dispatch.choose)."""
-    a = dispatch.check_algo(algo)
-    if not isinstance(groups, int):
+def _normalize(weight_shape, stride, padding, dilation, groups, algo) -> tuple:
+    """Arguments as the op takes them: (stride, 4-value padding, dilation, algo name).
+    'auto' is passed on: the op resolves it from the full problem (fastconv.dispatch)."""
+    name = dispatch.check_algo(algo)
+    if type(groups) is not int:
         raise TypeError(f"fastconv: groups must be an int, got {groups!r}")
+    stride = pair("stride", stride)
+    dilation = pair("dilation", dilation)
     if len(weight_shape) != 4:
-        raise ValueError(f"fastconv: expected a 4-D weight (K, C/groups, R, S), got shape "
+        raise InvalidConvolution(f"fastconv: expected a 4-D weight (K, C/groups, R, S), got shape "
                          f"{tuple(weight_shape)}")
-    if len(input_shape) != 4:
-        raise ValueError(f"fastconv: expected a 3-D (C, H, W) or 4-D (N, C, H, W) input, got "
-                         f"shape {tuple(input_shape)}")
-    stride = _pair("stride", stride)
-    dilation = _pair("dilation", dilation)
-    kernel = (weight_shape[2], weight_shape[3])
-    pad = explicit_padding(padding, kernel, stride, dilation)
-    return stride, pad, dilation, a.value
+    pad = explicit_padding(padding, tuple(weight_shape[2:]), stride, dilation)
+    return stride, pad, dilation, name
+
+
+def _memo_key(value):
+    """value if it can be a memo key without hiding a type error (1.0 == 1 and True == 1 as
+    dict keys), else None: only ints, strings and tuples of ints are memoised."""
+    kind = type(value)
+    if kind is int or kind is str:
+        return value
+    if kind is tuple and all(type(v) is int for v in value):
+        return value
+    return None
 
 
 _NORMALIZED: dict = {}
 
 
+def _normalized(weight_shape, stride, padding, dilation, groups, algo) -> tuple:
+    parts = (_memo_key(stride), _memo_key(padding), _memo_key(dilation), _memo_key(groups),
+             _memo_key(algo))
+    if any(p is None for p in parts):
+        return _normalize(weight_shape, stride, padding, dilation, groups, algo)
+    key = (weight_shape, *parts)
+    args = _NORMALIZED.get(key)
+    if args is None:
+        args = _normalize(weight_shape, stride, padding, dilation, groups, algo)
+        if len(_NORMALIZED) > 4096:
+            _NORMALIZED.clear()
+        _NORMALIZED[key] = args
+    return args
+
+
 def _eager_without_autograd(input: Tensor, weight: Tensor, bias: Optional[Tensor]) -> bool:
-    """True when calling the kernel directly is indistinguishable from calling the op: plain
-    CPU tensors, no autograd needed, no torch.compile tracing, dispatch mode or functorch
+    """True when calling the kernel directly is indistinguishable from calling the op: CPU
+    tensors, no autograd needed, no torch.compile tracing, dispatch mode or functorch
     transform active. Skipping the dispatcher saves ~6-11 us per call."""
     if torch.compiler.is_compiling():
         return False
@@ -79,6 +107,14 @@ def _eager_without_autograd(input: Tensor, weight: Tensor, bias: Optional[Tensor
     if not (input.is_cpu and weight.is_cpu):
         return False
     return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+
+
+def _has_fastconv_kernels(input: Tensor) -> bool:
+    """Whether some algorithm has kernels for input's device and dtype, outside autocast
+    (under autocast torch casts a convolution's operands: only torch's own conv does that)."""
+    device = input.device.type
+    return ((device, input.dtype) in registry.RUNNABLE
+            and not torch.is_autocast_enabled(device))
 
 
 def conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride: IntPair = 1,
@@ -93,7 +129,12 @@ def conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride:
         stride, dilation: int or pair of positive ints.
         padding: int or pair of non-negative ints, or 'same' (stride 1 only) or 'valid'.
         groups: divides both C and K.
-        algo: 'auto' (pick by shape), 'direct', 'im2col' or 'winograd'.
+        algo: 'auto' (pick per problem, see fastconv.dispatch.choose) or a registered
+            algorithm ('direct', 'im2col'; ``fastconv.Algo`` lists them). With 'auto', a call
+            that no fastconv kernel can run (another dtype such as float16 or bfloat16,
+            another device, or autocast enabled) runs torch.nn.functional.conv2d instead. A
+            named algorithm that cannot run the call raises
+            :class:`fastconv.errors.AlgorithmUnavailable` saying why.
 
     Returns:
         (N, K, OH, OW), channels_last if input or weight is, like torch. Differentiable in
@@ -102,23 +143,20 @@ def conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride:
     """
     if not isinstance(input, Tensor) or not isinstance(weight, Tensor):
         raise TypeError("fastconv: input and weight must be tensors")
+    if bias is not None and not isinstance(bias, Tensor):
+        raise TypeError("fastconv: bias must be a tensor or None")
+    if algo == "auto" and not _has_fastconv_kernels(input):
+        return F.conv2d(input, weight, bias, stride, padding, dilation, groups)
     unbatched = input.dim() == 3
     if unbatched:
         input = input.unsqueeze(0)
-    try:
-        key = (input.shape, weight.shape, stride, padding, dilation, groups, algo)
-        args = _NORMALIZED.get(key)
-    except TypeError:  # unhashable arguments, e.g. lists
-        key, args = None, None
-    if args is None:
-        args = _normalize(input.shape, weight.shape, stride, padding, dilation, groups, algo)
-        if key is not None:
-            if len(_NORMALIZED) > 4096:
-                _NORMALIZED.clear()
-            _NORMALIZED[key] = args
-    stride, pad, dilation, chosen = args
+    elif input.dim() != 4:
+        raise InvalidConvolution(f"fastconv: expected a 3-D (C, H, W) or 4-D (N, C, H, W) input, got "
+                         f"shape {tuple(input.shape)}")
+    stride, pad, dilation, name = _normalized(weight.shape, stride, padding, dilation, groups,
+                                              algo)
     if _eager_without_autograd(input, weight, bias):
-        out = ops.conv2d_forward(input, weight, bias, stride, pad, dilation, groups, chosen)
+        out = ops.conv2d_forward(input, weight, bias, stride, pad, dilation, groups, name)
     else:
-        out = ops.conv2d(input, weight, bias, stride, pad, dilation, groups, chosen)
+        out = ops.conv2d(input, weight, bias, stride, pad, dilation, groups, name)
     return out.squeeze(0) if unbatched else out

@@ -1,4 +1,4 @@
-"""PyTorch custom ops around the C++ kernels: schema, fake (meta) kernel and autograd.
+"""PyTorch custom ops around the kernels: schema, fake (meta) kernel and autograd.
 
 Four ops, all bilinear in their two tensor arguments, so their derivatives are each other:
 
@@ -12,7 +12,13 @@ conv2d_grad_bias       gb = sum of gy over n, h, w            grad_output
 =====================  =====================================  ==============================
 
 Padding is always four explicit values (top, bottom, left, right); ``fastconv.functional``
-turns torch's ints, pairs, 'same' and 'valid' into that form.
+turns torch's ints, pairs, 'same' and 'valid' into that form. The ops take an algorithm name
+('auto' or a registered one) and run that algorithm's kernels for the tensors' device, found
+through the registry (fastconv.registry); they are registered for every device type, so a
+device without kernels gets an error that names the algorithm and the reason.
+
+The real kernels and the fake kernels share one set of checks (``_plan`` and
+``_check_operand``), so both raise the same errors.
 """
 from __future__ import annotations
 
@@ -21,87 +27,65 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from . import dispatch
-from .backend import _C
-
-_DTYPE_CODE = {torch.float32: 0, torch.float64: 1}
-_ALGO_CODE = {"direct": 0, "im2col": 1}  # csrc/common/geometry.h: Algorithm
-_NCHW, _NHWC = 0, 1
-
+from . import backend, dispatch
+from .backend import DTYPE_CODES, NCHW, NHWC, Pass
+from .errors import InvalidConvolution, UnsupportedTensor
+from .problem import Conv2dProblem, conv2d_problem
 
 # --------------------------------------------------------------------------------------------
-# Checks and geometry (shared by the real and the fake kernels, so both raise the same errors)
+# Checks and plans (shared by the real and the fake kernels)
 # --------------------------------------------------------------------------------------------
 
-def _check_dtype(name: str, t: Tensor, like: Optional[Tensor] = None) -> None:
-    if t.dtype not in _DTYPE_CODE:
-        raise TypeError(f"fastconv: {name} has unsupported dtype {t.dtype}; "
-                        "supported: torch.float32, torch.float64")
-    if like is not None and t.dtype != like.dtype:
-        raise TypeError(f"fastconv: {name} dtype {t.dtype} does not match input dtype {like.dtype}")
-    if t.device.type != "cpu" and t.device.type != "meta":
-        raise ValueError(f"fastconv: {name} is on {t.device}; these kernels run on the CPU")
+_PLANS: dict = {}
 
 
-def output_size(in_size: int, kernel: int, stride: int, pad_total: int, dilation: int) -> int:
-    return (in_size + pad_total - dilation * (kernel - 1) - 1) // stride + 1
+def _plan(pass_: Pass, input_shape, weight_shape, stride, padding, dilation, groups: int,
+          algo: str, device: torch.device, dtype: torch.dtype):
+    """(problem, kernels) of one call: the validated problem and the kernels of the algorithm
+    that runs it (None on the meta device, where only shapes are computed). Memoised: a
+    network calls the same few shapes over and over, and the checks cost microseconds."""
+    key = (pass_, input_shape, weight_shape, tuple(stride), tuple(padding), tuple(dilation),
+           groups, algo, device.type, dtype)
+    try:
+        plan = _PLANS.get(key)
+    except TypeError:  # symbolic sizes (torch.compile with dynamic shapes) do not hash
+        key = plan = None
+    if plan is None:
+        problem = conv2d_problem(input_shape, weight_shape, stride, padding, dilation, groups)
+        kernels = None
+        if device.type != "meta":
+            kernels = dispatch.resolve(algo, problem, device.type, dtype, pass_)[1]
+        plan = (problem, kernels)
+        if key is not None:
+            if len(_PLANS) > 4096:
+                _PLANS.clear()
+            _PLANS[key] = plan
+    return plan
 
 
-def geometry(input_shape, weight_shape, stride, padding, dilation, groups) -> tuple:
-    """Validates a convolution problem and returns it as the flat tuple the C++ side takes:
-    (N, C, H, W, K, R, S, OH, OW, sh, sw, dh, dw, pt, pb, pl, pr, groups)."""
-    if len(input_shape) != 4:
-        raise ValueError(f"fastconv: expected a 4-D input (N, C, H, W), got shape {tuple(input_shape)}")
-    if len(weight_shape) != 4:
-        raise ValueError(f"fastconv: expected a 4-D weight (K, C/groups, R, S), got shape {tuple(weight_shape)}")
-    if len(stride) != 2 or len(dilation) != 2 or len(padding) != 4:
-        raise ValueError("fastconv: stride and dilation take 2 values, padding 4 (top, bottom, left, right)")
-    N, C, H, W = input_shape
-    K, Cg, R, S = weight_shape
-    sh, sw = stride
-    dh, dw = dilation
-    pt, pb, pl, pr = padding
-    if groups <= 0:
-        raise ValueError(f"fastconv: groups must be positive, got {groups}")
-    if min(sh, sw) <= 0:
-        raise ValueError(f"fastconv: stride must be positive, got {tuple(stride)}")
-    if min(dh, dw) <= 0:
-        raise ValueError(f"fastconv: dilation must be positive, got {tuple(dilation)}")
-    if min(padding) < 0:
-        raise ValueError(f"fastconv: padding must be non-negative, got {tuple(padding)}")
-    if K % groups != 0:
-        raise ValueError(f"fastconv: out_channels ({K}) must be divisible by groups ({groups})")
-    if Cg * groups != C:
-        raise ValueError(
-            f"fastconv: input has {C} channels but weight {tuple(weight_shape)} with groups={groups} "
-            f"expects {Cg * groups}")
-    if min(R, S) <= 0:
-        raise ValueError(f"fastconv: kernel size must be positive, got {R}x{S}")
-    eff_h, eff_w = dh * (R - 1) + 1, dw * (S - 1) + 1
-    if H + pt + pb < eff_h or W + pl + pr < eff_w:
-        raise ValueError(
-            f"fastconv: kernel size {eff_h}x{eff_w} (dilated) is larger than the padded input "
-            f"{H + pt + pb}x{W + pl + pr}")
-    OH = output_size(H, R, sh, pt + pb, dh)
-    OW = output_size(W, S, sw, pl + pr, dw)
-    return (N, C, H, W, K, R, S, OH, OW, sh, sw, dh, dw, pt, pb, pl, pr, groups)
+def _check_operand(name: str, t: Tensor, like: Tensor, like_name: str) -> None:
+    """t must have like's dtype and device (as torch requires of a convolution's tensors)."""
+    if t.dtype != like.dtype:
+        raise UnsupportedTensor(f"fastconv: {name} dtype {t.dtype} does not match {like_name} "
+                                f"dtype {like.dtype}")
+    if t.device != like.device:
+        raise UnsupportedTensor(f"fastconv: expected all tensors on the same device, but "
+                                f"{name} is on {t.device} and {like_name} on {like.device}")
 
 
-_GEOMETRY_CACHE: dict = {}
+def _check_bias(bias: Optional[Tensor], input: Tensor, problem: Conv2dProblem) -> None:
+    if bias is None:
+        return
+    _check_operand("bias", bias, input, "input")
+    if tuple(bias.shape) != (problem.K,):
+        raise InvalidConvolution(f"fastconv: bias must have shape ({problem.K},), got "
+                                 f"{tuple(bias.shape)}")
 
 
-def cached_geometry(input_shape, weight_shape, stride, padding, dilation, groups) -> tuple:
-    """:func:`geometry`, memoised: networks call the same few shapes over and over, and the
-    checks cost ~1 us of Python per call."""
-    key = (tuple(input_shape), tuple(weight_shape), tuple(stride), tuple(padding),
-           tuple(dilation), groups)
-    g = _GEOMETRY_CACHE.get(key)
-    if g is None:
-        g = geometry(input_shape, weight_shape, stride, padding, dilation, groups)
-        if len(_GEOMETRY_CACHE) > 4096:
-            _GEOMETRY_CACHE.clear()
-        _GEOMETRY_CACHE[key] = g
-    return g
+def _check_grad_output(grad_output: Tensor, problem: Conv2dProblem) -> None:
+    if tuple(grad_output.shape) != problem.output_shape:
+        raise InvalidConvolution(f"fastconv: grad_output has shape {tuple(grad_output.shape)}, "
+                                 f"expected {problem.output_shape}")
 
 
 def _channels_last(t: Tensor) -> bool:
@@ -111,10 +95,11 @@ def _channels_last(t: Tensor) -> bool:
 
 
 def _dense(t: Tensor) -> tuple[Tensor, int]:
-    """t as a dense NCHW or NHWC tensor (a copy only if it is neither) and its layout code."""
+    """t as a dense NCHW or NHWC tensor (a copy only if it is neither: strided, expanded or
+    overlapping views are copied) and its layout code."""
     if _channels_last(t):
-        return t, _NHWC
-    return t.contiguous(), _NCHW
+        return t, NHWC
+    return t.contiguous(), NCHW
 
 
 def _empty(shape, like: Tensor, channels_last: bool) -> Tensor:
@@ -122,23 +107,12 @@ def _empty(shape, like: Tensor, channels_last: bool) -> Tensor:
     return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=fmt)
 
 
-_AUTO_CHOICE: dict = {}
-
-
-def _kernel_algo(algo: str, g: tuple) -> int:
-    """The C++ algorithm code for an algorithm name; 'auto' is resolved from the geometry
-    (memoised: it runs on every call)."""
-    code = _ALGO_CODE.get(algo)
-    if code is not None:
-        return code
-    if algo == "auto":
-        code = _AUTO_CHOICE.get(g)
-        if code is None:
-            if len(_AUTO_CHOICE) > 4096:
-                _AUTO_CHOICE.clear()
-            code = _AUTO_CHOICE[g] = _ALGO_CODE[dispatch.choose(dispatch.Algo.AUTO, g)]
-        return code
-    return _ALGO_CODE[dispatch.choose(dispatch.check_algo(algo), g)]  # raises for bad names
+def _forward_plan(input, weight, bias, stride, padding, dilation, groups, algo):
+    _check_operand("weight", weight, input, "input")
+    plan = _plan(Pass.FORWARD, input.shape, weight.shape, stride, padding, dilation, groups,
+                 algo, input.device, input.dtype)
+    _check_bias(bias, input, plan[0])
+    return plan
 
 
 # --------------------------------------------------------------------------------------------
@@ -149,28 +123,19 @@ def conv2d_forward(input: Tensor, weight: Tensor, bias: Optional[Tensor], stride
                    dilation, groups: int, algo: str) -> Tensor:
     """The body of the conv2d op: checks, allocates the output and runs the kernel. Called by
     the op, and directly by fastconv.conv2d in eager calls that need no autograd."""
-    _check_dtype("input", input)
-    _check_dtype("weight", weight, input)
-    g = cached_geometry(input.shape, weight.shape, stride, padding, dilation, groups)
-    if bias is not None:
-        _check_dtype("bias", bias, input)
-        if tuple(bias.shape) != (g[4],):
-            raise ValueError(f"fastconv: bias must have shape ({g[4]},), got {tuple(bias.shape)}")
-    code = _kernel_algo(algo, g)
+    problem, kernels = _forward_plan(input, weight, bias, stride, padding, dilation, groups,
+                                     algo)
     out_cl = _channels_last(input) or _channels_last(weight)
-    y = _empty((g[0], g[4], g[7], g[8]), input, out_cl)
+    y = _empty(problem.output_shape, input, out_cl)
     if y.numel() == 0:
         return y
     x, x_layout = _dense(input)
-    w = weight.contiguous()
-    b = bias.contiguous() if bias is not None else None
-    _C.forward(code, _DTYPE_CODE[x.dtype], g, x.data_ptr(), x_layout, w.data_ptr(),
-               b.data_ptr() if b is not None else 0, y.data_ptr(), int(out_cl),
-               torch.get_num_threads())
+    kernels.forward(problem, x, x_layout, weight.contiguous(),
+                    bias.contiguous() if bias is not None else None, y, NHWC if out_cl else NCHW)
     return y
 
 
-@torch.library.custom_op("fastconv::conv2d", mutates_args=(), device_types="cpu")
+@torch.library.custom_op("fastconv::conv2d", mutates_args=())
 def conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor], stride: Sequence[int],
            padding: Sequence[int], dilation: Sequence[int], groups: int, algo: str) -> Tensor:
     """y = conv(input, weight) + bias with explicit (top, bottom, left, right) padding."""
@@ -179,17 +144,15 @@ def conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor], stride: Sequen
 
 @conv2d.register_fake
 def _(input, weight, bias, stride, padding, dilation, groups, algo):
-    _check_dtype("input", input)
-    _check_dtype("weight", weight, input)
-    g = geometry(input.shape, weight.shape, stride, padding, dilation, groups)
-    return _empty((g[0], g[4], g[7], g[8]), input, _channels_last(input) or _channels_last(weight))
+    problem, _ = _forward_plan(input, weight, bias, stride, padding, dilation, groups, algo)
+    return _empty(problem.output_shape, input, _channels_last(input) or _channels_last(weight))
 
 
 def _conv2d_setup(ctx, inputs, output):
     input, weight, bias, stride, padding, dilation, groups, algo = inputs
     ctx.save_for_backward(input, weight)
     ctx.conv = (list(stride), list(padding), list(dilation), groups, algo)
-    ctx.has_bias = bias is not None
+    ctx.bias_size = None if bias is None else bias.shape[0]
 
 
 def _conv2d_backward(ctx, grad):
@@ -200,8 +163,11 @@ def _conv2d_backward(ctx, grad):
         gx = conv2d_grad_input(grad, weight, list(input.shape), *conv)
     if ctx.needs_input_grad[1]:
         gw = conv2d_grad_weight(grad, input, list(weight.shape), *conv)
-    if ctx.has_bias and ctx.needs_input_grad[2]:
-        gb = conv2d_grad_bias(grad)
+    if ctx.bias_size is not None and ctx.needs_input_grad[2]:
+        # With no input channels the output has no channels (torch's rule), so grad has
+        # none to sum: the bias gradient is zero.
+        gb = conv2d_grad_bias(grad) if grad.shape[1] == ctx.bias_size else \
+            grad.new_zeros((ctx.bias_size,))
     return gx, gw, gb, None, None, None, None, None
 
 
@@ -212,42 +178,36 @@ conv2d.register_autograd(_conv2d_backward, setup_context=_conv2d_setup)
 # conv2d_grad_input
 # --------------------------------------------------------------------------------------------
 
-@torch.library.custom_op("fastconv::conv2d_grad_input", mutates_args=(), device_types="cpu")
+def _grad_input_plan(grad_output, weight, input_size, stride, padding, dilation, groups, algo):
+    _check_operand("weight", weight, grad_output, "grad_output")
+    plan = _plan(Pass.GRAD_INPUT, tuple(input_size), weight.shape, stride, padding, dilation,
+                 groups, algo, grad_output.device, grad_output.dtype)
+    _check_grad_output(grad_output, plan[0])
+    return plan
+
+
+@torch.library.custom_op("fastconv::conv2d_grad_input", mutates_args=())
 def conv2d_grad_input(grad_output: Tensor, weight: Tensor, input_size: Sequence[int],
                       stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
                       groups: int, algo: str) -> Tensor:
     """Gradient of conv2d with respect to its input (a transposed convolution of grad_output)."""
-    _check_dtype("grad_output", grad_output)
-    _check_dtype("weight", weight, grad_output)
-    g = _grad_geometry(input_size, weight.shape, grad_output.shape, stride, padding, dilation, groups)
-    code = _kernel_algo(algo, g)
+    problem, kernels = _grad_input_plan(grad_output, weight, input_size, stride, padding,
+                                        dilation, groups, algo)
     out_cl = _channels_last(grad_output) or _channels_last(weight)
-    gx = _empty(tuple(input_size), grad_output, out_cl)
+    gx = _empty(problem.input_shape, grad_output, out_cl)
     if gx.numel() == 0:
         return gx
-    if grad_output.numel() == 0:
-        return gx.zero_()
     gy, gy_layout = _dense(grad_output)
-    w = weight.contiguous()
-    _C.grad_input(code, _DTYPE_CODE[gy.dtype], g, gy.data_ptr(), gy_layout, w.data_ptr(),
-                  gx.data_ptr(), int(out_cl), torch.get_num_threads())
+    kernels.grad_input(problem, gy, gy_layout, weight.contiguous(), gx, NHWC if out_cl else NCHW)
     return gx
 
 
 @conv2d_grad_input.register_fake
 def _(grad_output, weight, input_size, stride, padding, dilation, groups, algo):
-    _grad_geometry(input_size, weight.shape, grad_output.shape, stride, padding, dilation, groups)
-    return _empty(tuple(input_size), grad_output,
+    problem, _ = _grad_input_plan(grad_output, weight, input_size, stride, padding, dilation,
+                                  groups, algo)
+    return _empty(problem.input_shape, grad_output,
                   _channels_last(grad_output) or _channels_last(weight))
-
-
-def _grad_geometry(input_size, weight_size, grad_output_shape, stride, padding, dilation, groups):
-    g = geometry(input_size, weight_size, stride, padding, dilation, groups)
-    expected = (g[0], g[4], g[7], g[8])
-    if tuple(grad_output_shape) != expected:
-        raise ValueError(f"fastconv: grad_output has shape {tuple(grad_output_shape)}, "
-                         f"expected {expected}")
-    return g
 
 
 def _grad_input_setup(ctx, inputs, output):
@@ -274,31 +234,35 @@ conv2d_grad_input.register_autograd(_grad_input_backward, setup_context=_grad_in
 # conv2d_grad_weight
 # --------------------------------------------------------------------------------------------
 
-@torch.library.custom_op("fastconv::conv2d_grad_weight", mutates_args=(), device_types="cpu")
+def _grad_weight_plan(grad_output, input, weight_size, stride, padding, dilation, groups, algo):
+    _check_operand("input", input, grad_output, "grad_output")
+    plan = _plan(Pass.GRAD_WEIGHT, input.shape, tuple(weight_size), stride, padding, dilation,
+                 groups, algo, grad_output.device, grad_output.dtype)
+    _check_grad_output(grad_output, plan[0])
+    return plan
+
+
+@torch.library.custom_op("fastconv::conv2d_grad_weight", mutates_args=())
 def conv2d_grad_weight(grad_output: Tensor, input: Tensor, weight_size: Sequence[int],
                        stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
                        groups: int, algo: str) -> Tensor:
     """Gradient of conv2d with respect to its weight; returned OIHW-contiguous."""
-    _check_dtype("grad_output", grad_output)
-    _check_dtype("input", input, grad_output)
-    g = _grad_geometry(input.shape, weight_size, grad_output.shape, stride, padding, dilation, groups)
-    code = _kernel_algo(algo, g)
-    gw = torch.empty(tuple(weight_size), dtype=input.dtype, device=input.device)
+    problem, kernels = _grad_weight_plan(grad_output, input, weight_size, stride, padding,
+                                         dilation, groups, algo)
+    gw = input.new_empty(problem.weight_shape)
     if gw.numel() == 0:
         return gw
-    if grad_output.numel() == 0:
-        return gw.zero_()
     gy, gy_layout = _dense(grad_output)
     x, x_layout = _dense(input)
-    _C.grad_weight(code, _DTYPE_CODE[x.dtype], g, gy.data_ptr(), gy_layout, x.data_ptr(), x_layout,
-                   gw.data_ptr(), torch.get_num_threads())
+    kernels.grad_weight(problem, gy, gy_layout, x, x_layout, gw)
     return gw
 
 
 @conv2d_grad_weight.register_fake
 def _(grad_output, input, weight_size, stride, padding, dilation, groups, algo):
-    _grad_geometry(input.shape, weight_size, grad_output.shape, stride, padding, dilation, groups)
-    return input.new_empty(tuple(weight_size))
+    problem, _ = _grad_weight_plan(grad_output, input, weight_size, stride, padding, dilation,
+                                   groups, algo)
+    return input.new_empty(problem.weight_shape)
 
 
 def _grad_weight_setup(ctx, inputs, output):
@@ -325,27 +289,34 @@ conv2d_grad_weight.register_autograd(_grad_weight_backward, setup_context=_grad_
 # conv2d_grad_bias
 # --------------------------------------------------------------------------------------------
 
-@torch.library.custom_op("fastconv::conv2d_grad_bias", mutates_args=(), device_types="cpu")
+def _check_grad_bias(grad_output: Tensor) -> None:
+    if grad_output.dim() != 4:
+        raise InvalidConvolution(f"fastconv: grad_output must be 4-D, got shape "
+                                 f"{tuple(grad_output.shape)}")
+    if grad_output.dtype not in DTYPE_CODES:
+        raise UnsupportedTensor(f"fastconv: grad_bias has no {grad_output.dtype} kernel "
+                                "(float32, float64)")
+    if grad_output.device.type not in ("cpu", "meta"):
+        raise UnsupportedTensor(f"fastconv: grad_bias has no kernel for {grad_output.device}")
+
+
+@torch.library.custom_op("fastconv::conv2d_grad_bias", mutates_args=())
 def conv2d_grad_bias(grad_output: Tensor) -> Tensor:
     """Per-channel sum of grad_output over batch and space (accumulated in float64)."""
-    _check_dtype("grad_output", grad_output)
-    if grad_output.dim() != 4:
-        raise ValueError(f"fastconv: grad_output must be 4-D, got shape {tuple(grad_output.shape)}")
+    _check_grad_bias(grad_output)
     N, K, OH, OW = grad_output.shape
     gb = grad_output.new_empty((K,))
     if gb.numel() == 0:
         return gb
-    if grad_output.numel() == 0:
-        return gb.zero_()
     gy, gy_layout = _dense(grad_output)
-    g = (N, K, 1, 1, K, 1, 1, OH, OW, 1, 1, 1, 1, 0, 0, 0, 0, 1)
-    _C.grad_bias(_DTYPE_CODE[gy.dtype], g, gy.data_ptr(), gy_layout, gb.data_ptr(),
-                 torch.get_num_threads())
+    problem = Conv2dProblem(N=N, C=K, H=OH, W=OW, K=K, R=1, S=1, OH=OH, OW=OW)
+    backend.grad_bias(problem, gy, gy_layout, gb)
     return gb
 
 
 @conv2d_grad_bias.register_fake
 def _(grad_output):
+    _check_grad_bias(grad_output)
     return grad_output.new_empty((grad_output.shape[1],))
 
 
@@ -373,29 +344,34 @@ def gemm(a: Tensor, b: Tensor, c: Optional[Tensor] = None, *, accumulate: bool =
     stride. Not differentiable; for testing and benchmarking the kernel."""
     if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[0]:
         raise ValueError(f"gemm: shapes {tuple(a.shape)} and {tuple(b.shape)} do not multiply")
-    for name, t in (("a", a), ("b", b)):
-        _check_dtype(name, t, a)
+    if a.dtype not in DTYPE_CODES or not a.is_cpu:
+        raise UnsupportedTensor(f"gemm: a must be a float32 or float64 CPU tensor, got "
+                                f"{a.dtype} on {a.device}")
+    _check_operand("b", b, a, "a")
     M, K = a.shape
     N = b.shape[1]
     if c is None:
         if accumulate:
             raise ValueError("gemm: accumulate needs c")
         c = a.new_empty((M, N))
-    if tuple(c.shape) != (M, N) or (N > 1 and c.stride(1) != 1) or c.dtype != a.dtype:
-        raise ValueError("gemm: c must be a (M, N) tensor of a's dtype with unit column stride")
+    if (tuple(c.shape) != (M, N) or (N > 1 and c.stride(1) != 1) or c.dtype != a.dtype
+            or not c.is_cpu):
+        raise ValueError("gemm: c must be a (M, N) CPU tensor of a's dtype with unit column "
+                         "stride")
     channels = M if per_row else N
     for name, v in (("scale", scale), ("shift", shift)):
         if v is not None and (v.dtype != a.dtype or v.dim() != 1 or v.numel() != channels
-                              or v.stride(0) != 1):
-            raise ValueError(f"gemm: {name} must be a contiguous vector of {channels} values")
-    _C.gemm(_DTYPE_CODE[a.dtype], (M, N, K), a.data_ptr(), a.stride(0), a.stride(1),
-            b.data_ptr(), b.stride(0), b.stride(1), c.data_ptr(), c.stride(0), accumulate,
-            scale.data_ptr() if scale is not None else 0,
-            shift.data_ptr() if shift is not None else 0, per_row, relu,
-            torch.get_num_threads())
+                              or v.stride(0) != 1 or not v.is_cpu):
+            raise ValueError(f"gemm: {name} must be a contiguous CPU vector of {channels} "
+                             "values")
+    backend._C.gemm(DTYPE_CODES[a.dtype], (M, N, K), a.data_ptr(), a.stride(0), a.stride(1),
+                    b.data_ptr(), b.stride(0), b.stride(1), c.data_ptr(), c.stride(0),
+                    accumulate, scale.data_ptr() if scale is not None else 0,
+                    shift.data_ptr() if shift is not None else 0, per_row, relu,
+                    torch.get_num_threads())
     return c
 
 
 def gemm_blocking(dtype: torch.dtype = torch.float32) -> dict:
     """The active ISA's GEMM register tile (mr x nr) and cache blocks (kc, mc, nc)."""
-    return dict(_C.gemm_blocking(_DTYPE_CODE[dtype]))
+    return dict(backend._C.gemm_blocking(DTYPE_CODES[dtype]))

@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fastconv.functional import explicit_padding, _pair
+from fastconv import conv2d_problem
+from fastconv.functional import explicit_padding, pair as _pair
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,11 @@ class Case:
         stride, dilation = _pair("s", self.stride), _pair("d", self.dilation)
         pad = explicit_padding(self.padding, self.weight[2:], stride, dilation)
         return stride, pad, dilation
+
+    def problem(self):
+        """The validated fastconv.Conv2dProblem."""
+        stride, pad, dilation = self.explicit()
+        return conv2d_problem(self.input, self.weight, stride, pad, dilation, self.groups)
 
     def reduction(self) -> int:
         return self.weight[1] * self.weight[2] * self.weight[3]

@@ -1,15 +1,20 @@
-"""Shared fixtures: every ISA this CPU runs, every implemented algorithm, and a comparison
-helper whose failure message names index, expected, actual and shape."""
+"""Shared fixtures: every ISA this CPU runs, every registered algorithm, and a comparison
+helper whose failure message names index, expected, actual and shape.
+
+Which problems an algorithm runs comes from its registry entry (``supported``), never from
+per-algorithm lists in the tests: a case outside an algorithm's domain checks the error."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 import fastconv
-from fastconv.dispatch import IMPLEMENTED
+from fastconv import registry
+from fastconv.backend import Pass
+from fastconv.errors import AlgorithmUnavailable
 
 ALL_ISAS = ("avx512", "avx2", "scalar")
-ALGOS = sorted(a.value for a in IMPLEMENTED)
+ALGOS = [a.name for a in registry.ALGORITHMS]
 
 
 @pytest.fixture(params=ALL_ISAS)
@@ -24,6 +29,21 @@ def isa(request):
 @pytest.fixture(params=ALGOS)
 def algo(request):
     return request.param
+
+
+def supported(algo: str, case, dtype: torch.dtype, passes=tuple(Pass)) -> bool:
+    """Whether the registry says ``algo`` runs ``case`` (a tests/cases.py Case) in ``dtype``.
+    When it does not, checks that calling it raises AlgorithmUnavailable with that reason, so
+    a test can return early having tested the refusal."""
+    problem = case.problem()
+    for pass_ in passes:
+        reason = registry.get(algo).unsupported(problem, "cpu", dtype, pass_)
+        if reason is not None:
+            x, w, b = case.make(dtype)
+            with pytest.raises(AlgorithmUnavailable, match=f"algo='{algo}'"):
+                fastconv.conv2d(x, w, b, **case.kwargs(), algo=algo)
+            return False
+    return True
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, atol: float, rtol: float,

@@ -1,18 +1,23 @@
-"""The algorithm enum and the 'auto' heuristic."""
+"""The registry, the 'auto' heuristic and explain()."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 import fastconv
-from fastconv import dispatch, ops
+from fastconv import dispatch, registry
+from fastconv.backend import Pass, _C
 from fastconv.shapes import ALL_LAYERS, NETWORKS
 
 
+def _problem(layer, batch=1):
+    return fastconv.conv2d_problem(layer.input_shape(batch), layer.weight_shape(),
+                                   (layer.stride,) * 2, (layer.padding,) * 4, (1, 1),
+                                   layer.groups)
+
+
 def _choice(layer, batch=1):
-    g = ops.geometry(layer.input_shape(batch), layer.weight_shape(), (layer.stride,) * 2,
-                     (layer.padding,) * 4, (1, 1), layer.groups)
-    return dispatch.choose(dispatch.Algo.AUTO, g)
+    return dispatch.choose(_problem(layer, batch)).name
 
 
 def test_auto_picks_gemm_for_1x1_layers_and_direct_otherwise():
@@ -30,11 +35,10 @@ def test_auto_never_picks_gemm_for_grouped_layers():
     assert grouped and all(_choice(l) == "direct" for l in grouped)
 
 
-def test_explicit_algo_is_kept():
-    layer = NETWORKS["resnet50"][1]
-    g = ops.geometry(layer.input_shape(1), layer.weight_shape(), (1, 1), (0,) * 4, (1, 1), 1)
-    for a in ("direct", "im2col"):
-        assert dispatch.choose(dispatch.Algo(a), g) == a
+def test_auto_finds_nothing_for_dtypes_without_kernels():
+    problem = _problem(NETWORKS["resnet50"][1])
+    assert dispatch.choose(problem, "cpu", torch.float16) is None
+    assert dispatch.choose(problem, "cuda", torch.float32) is None
 
 
 @pytest.mark.parametrize("shape,weight,kw", [
@@ -44,10 +48,47 @@ def test_explicit_algo_is_kept():
 ])
 def test_auto_gives_exactly_the_chosen_algorithms_result(shape, weight, kw):
     x, w = torch.randn(shape), torch.randn(weight)
-    g = ops.geometry(x.shape, w.shape, (1, 1), (kw.get("padding", 0),) * 4, (1, 1),
-                     kw.get("groups", 1))
-    chosen = dispatch.choose(dispatch.Algo.AUTO, g)
+    chosen = fastconv.explain(shape, weight, **kw).choice
     assert torch.equal(fastconv.conv2d(x, w, **kw), fastconv.conv2d(x, w, **kw, algo=chosen))
     xr = x.clone().requires_grad_(True)
     y = fastconv.conv2d(xr, w, **kw)                        # the op path resolves 'auto' too
     assert torch.equal(y.detach(), fastconv.conv2d(x, w, **kw, algo=chosen))
+
+
+def test_registry_and_kernel_table_agree():
+    names = [a.name for a in registry.ALGORITHMS]
+    assert len(set(names)) == len(names)
+    assert sorted(_C.algorithm_names()) == sorted(a.name for a in registry.ALGORITHMS
+                                                  if "cpu" in a.kernels)
+    assert [m.value for m in fastconv.Algo] == ["auto"] + names
+
+
+@pytest.mark.parametrize("algo", [a.name for a in registry.ALGORITHMS])
+def test_every_entry_declares_its_domain(algo):
+    a = registry.get(algo)
+    problem = _problem(NETWORKS["resnet50"][1])
+    assert a.summary and a.devices and a.dtypes
+    for pass_ in Pass:
+        if a.unsupported(problem, "cpu", torch.float32, pass_) is None:
+            assert a.workspace_bytes(problem, pass_, torch.float32) > 0
+    reason = a.unsupported(problem, "cpu", torch.float16)
+    assert reason and "float16" in reason
+    assert "cuda" in a.unsupported(problem, "cuda", torch.float32)
+
+
+def test_explain_names_choice_flops_and_workspace():
+    e = fastconv.explain((8, 64, 56, 56), (64, 64, 3, 3), padding=1)
+    assert e.choice == "direct"
+    assert e.problem.flops == 2 * 8 * 64 * 64 * 9 * 56 * 56
+    text = str(e)
+    assert "auto picks direct" in text and "GFLOP" in text and "MiB" in text
+    for a in registry.ALGORITHMS:
+        assert a.name in text
+    assert fastconv.explain((1, 3, 8, 8), (4, 3, 3, 3), dtype=torch.float16).choice is None
+
+
+def test_missing_kernel_is_an_error_not_a_crash():
+    # A kernel-table entry without a kernel (a null pointer) must be reported, never called:
+    # the table lookup refuses an index past the table too.
+    with pytest.raises(ValueError, match="unknown algorithm index"):
+        _C.forward(99, 0, _problem(NETWORKS["resnet50"][1]).kernel_geometry, 0, 0, 0, 0, 0, 0, 1)

@@ -2,20 +2,19 @@
 #pragma once
 #include <cstring>
 
-#include "geometry.h"
+#include "problem.h"
 #include "simd.h"
 #include "transpose.h"
+#include "tuning.h"
+#include "workspace.h"
 
 namespace fastconv {
 namespace FASTCONV_ISA {
 
-// Bytes of NHWC copies of NCHW images made at a time: tensors are converted in groups of
-// images under this, so the extra memory of a call does not grow with the batch.
-constexpr int64_t kLayoutBudgetBytes = int64_t(16) << 20;
-
-template <typename T>
-T* ws(int slot, int64_t count) {
-  return static_cast<T*>(workspace(slot, count * int64_t(sizeof(T))));
+// Images of `image_bytes` each that one layout conversion handles at a time, under the
+// layout budget (tuning.h), so the extra memory of a call does not grow with the batch.
+inline int64_t images_per_group(int64_t image_bytes) {
+  return max64(1, tuning().layout_budget_bytes / max64(1, image_bytes));
 }
 
 // dst(n, top + h*step_h, left + w*step_w, c) = src(n, c, h, w) for every source element that

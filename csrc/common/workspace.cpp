@@ -1,14 +1,15 @@
+#include "workspace.h"
+
 #include <cstdlib>
 #include <new>
-
-#include "geometry.h"
 
 namespace fastconv {
 namespace {
 
 struct Buffer {
   void* ptr = nullptr;
-  int64_t bytes = 0;
+  int64_t bytes = 0;       // allocated
+  int64_t high_water = 0;  // largest request since the last release
   ~Buffer() { std::free(ptr); }
 };
 
@@ -17,8 +18,9 @@ thread_local Buffer tls_buffers[kWsSlots];
 
 }  // namespace
 
-void* workspace(int slot, int64_t bytes) {
+void* workspace(WorkspaceSlot slot, int64_t bytes) {
   Buffer& b = tls_buffers[slot];
+  if (bytes > b.high_water) b.high_water = bytes;
 #if defined(__SANITIZE_ADDRESS__)
   // Sanitized builds allocate exactly the bytes asked for, on every call, so AddressSanitizer
   // sees any access past them (the rounding below would hide small overruns). Kernels use
@@ -44,7 +46,14 @@ void release_workspaces() {
     std::free(b.ptr);
     b.ptr = nullptr;
     b.bytes = 0;
+    b.high_water = 0;
   }
+}
+
+int64_t workspace_high_water_bytes() {
+  int64_t total = 0;
+  for (const Buffer& b : tls_buffers) total += b.high_water;
+  return total;
 }
 
 }  // namespace fastconv

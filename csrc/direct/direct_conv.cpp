@@ -19,9 +19,11 @@
 //     output channels) in registers and sweeps a chunk of output pixels.
 #include <cstring>
 
-#include "../common/isa_api.h"
 #include "../common/layout.h"
 #include "../common/simd.h"
+#include "../common/tuning.h"
+#include "../common/workspace.h"
+#include "../isa/kernel_table.h"
 
 namespace fastconv {
 namespace FASTCONV_ISA {
@@ -61,6 +63,13 @@ void pack_weights(int64_t G, int64_t Kg, int64_t Cg, int64_t RS, int64_t BK, int
         for (int64_t k = kv; k < bw; ++k) d[k] = T(0);
       }
   });
+}
+
+// Elements of pack_weights' output for G groups of Kg output x Cg input channels.
+template <typename T>
+int64_t packed_weight_count(int64_t G, int64_t Kg, int64_t Cg, int64_t RS) {
+  constexpr int64_t BK = kNbk * Vec<T>::lanes;
+  return G * ceil_div(Kg, BK) * BK * Cg * RS;
 }
 
 // ---------------------------------------------------------------------------------------
@@ -124,30 +133,29 @@ struct BorderTaps {
   }
 };
 
-// A convolution of an NHWC input: output (oh, ow) reads input rows oh*sh - pt + r*dh and
-// columns ow*sw - pl + s*dw; anything outside H x W is zero (pt, pl may be negative).
+// The tensors of forward_nhwc's convolution.
 template <typename T>
-struct NhwcProblem {
-  const T* x;          // (n, h, w, c) at x[((n * H + h) * W + w) * C + c]
-  int64_t N, H, W, C;  // C = all input channels (G * Cg)
-  int64_t OH, OW, sh, sw, dh, dw, R, S, pt, pl;
-  int64_t G, Cg, Kg;
-  const T* wp;         // packed as in pack_weights with BK = kNbk * lanes
-  const T* bias;       // K values or nullptr
-  T* y;                // N x K x OH x OW in y_layout
+struct NhwcOperands {
+  const T* x;     // (n, h, w, c) at x[((n * H + h) * W + w) * C + c]
+  const T* wp;    // packed as in pack_weights with BK = kNbk * lanes
+  const T* bias;  // K values or nullptr
+  T* y;           // N x K x OH x OW in y_layout
   int y_layout;
 };
 
+// The convolution `p` of an NHWC input: output (oh, ow) reads input rows oh*sh - pt + r*dh
+// and columns ow*sw - pl + s*dw; anything outside H x W is zero (pt, pl may be negative;
+// pb, pr are not read: OH and OW say where the output ends).
 template <typename T>
-void forward_nhwc(const NhwcProblem<T>& p, int nthreads) {
+void forward_nhwc(const ConvGeom& p, const NhwcOperands<T>& op, int nthreads) {
   constexpr int L = Vec<T>::lanes, BK = kNbk * L;
-  const int64_t K = p.G * p.Kg, KB = ceil_div(p.Kg, BK), RS = p.R * p.S;
+  const int64_t K = p.K, Cg = p.Cg(), Kg = p.Kg(), KB = ceil_div(Kg, BK), RS = p.R * p.S;
   const int64_t OHW = p.OH * p.OW, P = p.N * OHW, NT = ceil_div(P, kUr);
-  const int64_t units = p.G * KB * NT;
+  const int64_t units = p.groups * KB * NT;
   if (P == 0 || K == 0) return;
 
   // Per-tap tables, and a row of zeros that out-of-range taps read.
-  int64_t* tables = ws<int64_t>(kWsAccum, 3 * RS + ceil_div(p.C * int64_t(sizeof(T)), 8));
+  int64_t* tables = workspace_as<int64_t>(kWsTapTables, 3 * RS + ceil_div(p.C * int64_t(sizeof(T)), 8));
   int64_t *tap_off = tables, *tap_dh = tables + RS, *tap_dw = tables + 2 * RS;
   T* zeros = reinterpret_cast<T*>(tables + 3 * RS);
   std::memset(zeros, 0, sizeof(T) * p.C);
@@ -158,7 +166,7 @@ void forward_nhwc(const NhwcProblem<T>& p, int nthreads) {
   }
   const int64_t ext_h = (p.R - 1) * p.dh, ext_w = (p.S - 1) * p.dw;
 
-  parallel(threads_for(2 * P * K * p.Cg * RS, nthreads), [&](int tid, int nth) {
+  parallel(threads_for(2 * P * K * Cg * RS, nthreads), [&](int tid, int nth) {
     int64_t u0, u1;
     split_range(units, nth, tid, &u0, &u1);
     alignas(64) T tile[kUr * BK];
@@ -168,7 +176,7 @@ void forward_nhwc(const NhwcProblem<T>& p, int nthreads) {
       // Units run tile-fastest so that one weight block stays in cache across tiles.
       const int64_t tile_i = u % NT, blk = u / NT, g = blk / KB, kb = blk % KB;
       const int64_t first = tile_i * kUr, m = min64(kUr, P - first);
-      const T* xg = p.x + g * p.Cg;
+      const T* xg = op.x + g * Cg;
       bool interior = true;
       for (int j = 0; j < kUr; ++j) {
         // Pixels past the end repeat the last one; their results are not stored.
@@ -183,45 +191,45 @@ void forward_nhwc(const NhwcProblem<T>& p, int nthreads) {
                    iw0[j] + ext_w < p.W;
         if (interior) px[j] = xg + n_off[j] + (ih0[j] * p.W + iw0[j]) * p.C;
       }
-      const int64_t k0 = kb * BK, kv = min64(BK, p.Kg - k0);
-      const T* w = p.wp + blk * RS * p.Cg * BK;
+      const int64_t k0 = kb * BK, kv = min64(BK, Kg - k0);
+      const T* w = op.wp + blk * RS * Cg * BK;
       const bool wide = kv > L * (kNbk - 1);
       if (interior) {
         const InteriorTaps<T> taps{px, tap_off};
         if (wide)
-          f_direct_tile<T, kUr, kNbk>(taps, RS, p.Cg, w, tile);
+          f_direct_tile<T, kUr, kNbk>(taps, RS, Cg, w, tile);
         else
-          f_direct_tile<T, kUr, 1>(taps, RS, p.Cg, w, tile);
+          f_direct_tile<T, kUr, 1>(taps, RS, Cg, w, tile);
       } else {
         const BorderTaps<T> taps{xg, ih0, iw0, n_off, tap_dh, tap_dw, p.H, p.W, p.C, zeros};
         if (wide)
-          f_direct_tile<T, kUr, kNbk>(taps, RS, p.Cg, w, tile);
+          f_direct_tile<T, kUr, kNbk>(taps, RS, Cg, w, tile);
         else
-          f_direct_tile<T, kUr, 1>(taps, RS, p.Cg, w, tile);
+          f_direct_tile<T, kUr, 1>(taps, RS, Cg, w, tile);
       }
-      const int64_t bw = round_up(kv, L), kg0 = g * p.Kg + k0;
+      const int64_t bw = round_up(kv, L), kg0 = g * Kg + k0;
       // Epilogue: bias, then store in the output's layout.
-      if (p.y_layout == kNHWC) {
+      if (op.y_layout == kNHWC) {
         for (int64_t j = 0; j < m; ++j) {
           const T* t = tile + j * bw;
-          T* yp = p.y + (first + j) * K + kg0;
-          for (int64_t k = 0; k < kv; ++k) yp[k] = t[k] + (p.bias ? p.bias[kg0 + k] : T(0));
+          T* yp = op.y + (first + j) * K + kg0;
+          for (int64_t k = 0; k < kv; ++k) yp[k] = t[k] + (op.bias ? op.bias[kg0 + k] : T(0));
         }
       } else if (pn[0] == pn[m - 1]) {
         // NCHW, one image: each channel gets a contiguous run of m pixels; the tile is
         // transposed in (pixels x 16 channels) register blocks after adding the bias.
-        T* y0 = p.y + (pn[0] * K + kg0) * OHW + pq[0];
-        if (p.bias)
+        T* y0 = op.y + (pn[0] * K + kg0) * OHW + pq[0];
+        if (op.bias)
           for (int64_t j = 0; j < m; ++j)
-            for (int64_t k = 0; k < kv; ++k) tile[j * bw + k] += p.bias[kg0 + k];
+            for (int64_t k = 0; k < kv; ++k) tile[j * bw + k] += op.bias[kg0 + k];
         for (int64_t k0 = 0; k0 < kv; k0 += kTransposeBlock)
           transpose_block(tile + k0, bw, y0 + k0 * OHW, OHW, int(m),
                           int(min64(kTransposeBlock, kv - k0)));
       } else {
         for (int64_t j = 0; j < m; ++j)
           for (int64_t k = 0; k < kv; ++k)
-            p.y[(pn[j] * K + kg0 + k) * OHW + pq[j]] =
-                tile[j * bw + k] + (p.bias ? p.bias[kg0 + k] : T(0));
+            op.y[(pn[j] * K + kg0 + k) * OHW + pq[j]] =
+                tile[j * bw + k] + (op.bias ? op.bias[kg0 + k] : T(0));
       }
     }
   });
@@ -238,7 +246,7 @@ void pack_weights_oihw(const T* w, int64_t G, int64_t Kg, int64_t Cg, int64_t RS
   const int nt = threads_for(K * Cg * RS * 4, nthreads);
   const T* wt = w;
   if (RS > 1) {
-    T* buf = ws<T>(kWsGrad, K * RS * Cg);
+    T* buf = workspace_as<T>(kWsWeightsTapMajor, K * RS * Cg);
     permute_taps(w, K, Cg, RS, buf, true, nthreads);
     wt = buf;
   }
@@ -265,23 +273,23 @@ void forward(const ConvGeom& g, const T* x, int x_layout, const T* w, const T* b
              int y_layout, int nthreads) {
   constexpr int L = Vec<T>::lanes, BK = kNbk * L;
   const int64_t Cg = g.Cg(), Kg = g.Kg(), RS = g.R * g.S;
-  T* wp = ws<T>(kWsWeight, g.groups * ceil_div(Kg, BK) * BK * Cg * RS);
+  T* wp = workspace_as<T>(kWsPackedWeights, packed_weight_count<T>(g.groups, Kg, Cg, RS));
   pack_weights_oihw(w, g.groups, Kg, Cg, RS, BK, L, wp, nthreads);
-  NhwcProblem<T> p{x,    g.N, g.H, g.W,  g.C,  g.OH,     g.OW, g.sh, g.sw, g.dh, g.dw,
-                   g.R,  g.S, g.pt, g.pl, g.groups, Cg, Kg,  wp,   bias, y,    y_layout};
-  if (x_layout == kNHWC) return forward_nhwc(p, nthreads);
+  NhwcOperands<T> op{x, wp, bias, y, y_layout};
+  if (x_layout == kNHWC) return forward_nhwc(g, op, nthreads);
   // NCHW input: transposed to NHWC a group of images at a time, the weights packed once.
   const int64_t image = g.C * g.H * g.W, out_image = g.K * g.OH * g.OW;
-  const int64_t group = max64(1, kLayoutBudgetBytes / (image * int64_t(sizeof(T))));
-  T* buf = ws<T>(kWsInput, min64(group, g.N) * image);
+  const int64_t group = images_per_group(image * int64_t(sizeof(T)));
+  T* buf = workspace_as<T>(kWsActivationNhwc, min64(group, g.N) * image);
+  ConvGeom part = g;
   for (int64_t n0 = 0; n0 < g.N; n0 += group) {
     const int64_t n1 = min64(g.N, n0 + group);
     scatter_to_nhwc(x + n0 * image, kNCHW, n1 - n0, g.C, g.H, g.W, buf, g.H, g.W, 0, 0, 1, 1,
                     nthreads);
-    p.x = buf;
-    p.N = n1 - n0;
-    p.y = y + n0 * out_image;  // image n0's output starts here in either layout
-    forward_nhwc(p, nthreads);
+    part.N = n1 - n0;
+    op.x = buf;
+    op.y = y + n0 * out_image;  // image n0's output starts here in either layout
+    forward_nhwc(part, op, nthreads);
   }
 }
 
@@ -300,11 +308,11 @@ void grad_input(const ConvGeom& g, const T* gy, int gy_layout, const T* w, T* gx
   if (g.sh != 1 || g.sw != 1 || gy_layout != kNHWC) {
     Hs = (g.OH - 1) * g.sh + 1;
     Ws = (g.OW - 1) * g.sw + 1;
-    T* buf = ws<T>(kWsInput, g.N * Hs * Ws * g.K);
+    T* buf = workspace_as<T>(kWsActivationNhwc, g.N * Hs * Ws * g.K);
     scatter_to_nhwc(gy, gy_layout, g.N, g.K, g.OH, g.OW, buf, Hs, Ws, 0, 0, g.sh, g.sw, nthreads);
     src = buf;
   }
-  T* wp = ws<T>(kWsWeight, g.groups * ceil_div(Cg, BK) * BK * Kg * RS);
+  T* wp = workspace_as<T>(kWsPackedWeights, packed_weight_count<T>(g.groups, Cg, Kg, RS));
   const int64_t R = g.R, S = g.S;
   pack_weights<T>(
       g.groups, Cg, Kg, RS, BK, L,
@@ -313,10 +321,18 @@ void grad_input(const ConvGeom& g, const T* gy, int gy_layout, const T* w, T* gx
         return w[((gi * Kg + k) * Cg + c) * RS + r * S + s];
       },
       wp, nthreads);
-  const NhwcProblem<T> p{src,  g.N,  Hs,  Ws,  g.K,      g.H, g.W, 1,  1, g.dh,
-                         g.dw, g.R,  g.S, g.dh * (g.R - 1) - g.pt, g.dw * (g.S - 1) - g.pl,
-                         g.groups, Kg, Cg, wp, nullptr, gx, gx_layout};
-  forward_nhwc(p, nthreads);
+  ConvGeom t = g;  // the transposed problem: grad_y (zero-inserted) in, grad_x out
+  t.H = Hs;
+  t.W = Ws;
+  t.C = g.K;
+  t.K = g.C;
+  t.OH = g.H;
+  t.OW = g.W;
+  t.sh = t.sw = 1;
+  t.pt = g.dh * (g.R - 1) - g.pt;
+  t.pl = g.dw * (g.S - 1) - g.pl;
+  t.pb = t.pr = 0;  // not read by forward_nhwc
+  forward_nhwc(t, NhwcOperands<T>{src, wp, nullptr, gx, gx_layout}, nthreads);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -369,7 +385,7 @@ void grad_weight(const ConvGeom& g, const T* gy, int gy_layout, const T* x, int 
   // Input as padded NHWC; input channels are padded to a whole number of URC tiles so the
   // last tile can broadcast past Cg without leaving the row (results there are dropped).
   const int64_t Cp = (G - 1) * Cg + CT * kUrc;
-  T* xp = ws<T>(kWsInput, g.N * Hp * Wp * Cp);
+  T* xp = workspace_as<T>(kWsActivationNhwc, g.N * Hp * Wp * Cp);
   {
     // Scatter into a Cp-channel buffer: first build it with C channels, then widen in place
     // only when needed (rare: the last group's channel count is not a multiple of URC).
@@ -379,7 +395,7 @@ void grad_weight(const ConvGeom& g, const T* gy, int gy_layout, const T* x, int 
       else
         scatter_to_nhwc(x, x_layout, g.N, g.C, g.H, g.W, xp, Hp, Wp, g.pt, g.pl, 1, 1, nthreads);
     } else {
-      T* tmp = ws<T>(kWsGrad, g.N * Hp * Wp * g.C);
+      T* tmp = workspace_as<T>(kWsStaging, g.N * Hp * Wp * g.C);
       scatter_to_nhwc(x, x_layout, g.N, g.C, g.H, g.W, tmp, Hp, Wp, g.pt, g.pl, 1, 1, nthreads);
       const int64_t pixels = g.N * Hp * Wp;
       for (int64_t i = 0; i < pixels; ++i) {
@@ -395,7 +411,7 @@ void grad_weight(const ConvGeom& g, const T* gy, int gy_layout, const T* x, int 
   if (gy_layout != kNHWC || Kgp != Kg) {
     ldg = G * Kgp;
     kgs = Kgp;
-    T* buf = ws<T>(kWsGrad, g.N * g.OH * g.OW * ldg);
+    T* buf = workspace_as<T>(kWsGradOutputNhwc, g.N * g.OH * g.OW * ldg);
     if (Kgp == Kg) {
       scatter_to_nhwc(gy, gy_layout, g.N, g.K, g.OH, g.OW, buf, g.OH, g.OW, 0, 0, 1, 1, nthreads);
     } else {
@@ -418,10 +434,11 @@ void grad_weight(const ConvGeom& g, const T* gy, int gy_layout, const T* x, int 
   // Units: (group, k block, tap, input-channel tile), each owned by one thread for the
   // whole call, so the accumulators need no synchronisation and results are deterministic.
   const int64_t units = G * KB * RS * CT;
-  T* accum = ws<T>(kWsAccum, units * kUrc * BK);
-  // Chunks of whole output rows of one image, about 512 pixels: x and gy of a chunk stay in L2
-  // while every unit sweeps it.
-  const int64_t rows_per_chunk = max64(1, 512 / max64(1, g.OW));
+  T* accum = workspace_as<T>(kWsAccumulators, units * kUrc * BK);
+  // Chunks of whole output rows of one image: x and gy of a chunk stay in L2 while every unit
+  // sweeps it.
+  const int64_t rows_per_chunk =
+      max64(1, tuning().direct_grad_weight_chunk_pixels / max64(1, g.OW));
   const int64_t chunks_per_image = ceil_div(g.OH, rows_per_chunk);
   parallel(threads_for(g.flops(), nthreads), [&](int tid, int nth) {
     int64_t u0, u1;
@@ -462,73 +479,47 @@ void grad_weight(const ConvGeom& g, const T* gy, int gy_layout, const T* x, int 
   }
 }
 
+// Mirrors the workspace_as calls above, NCHW tensors assumed.
+template <typename T>
+int64_t workspace_bytes(const ConvGeom& g, Pass pass) {
+  constexpr int64_t L = Vec<T>::lanes, BK = kNbk * L, E = sizeof(T);
+  const int64_t G = g.groups, Cg = g.Cg(), Kg = g.Kg(), RS = g.R * g.S;
+  const auto tap_tables = [&](int64_t channels) { return 3 * RS * 8 + round_up(channels * E, 8); };
+  switch (pass) {
+    case Pass::kForward: {
+      const int64_t image = g.C * g.H * g.W;
+      return E * (packed_weight_count<T>(G, Kg, Cg, RS) + (RS > 1 ? g.K * RS * Cg : 0) +
+                  min64(images_per_group(image * E), g.N) * image) +
+             tap_tables(g.C);
+    }
+    case Pass::kGradInput: {
+      const int64_t Hs = (g.OH - 1) * g.sh + 1, Ws = (g.OW - 1) * g.sw + 1;
+      return E * (g.N * Hs * Ws * g.K + packed_weight_count<T>(G, Cg, Kg, RS)) + tap_tables(g.K);
+    }
+    case Pass::kGradWeight: {
+      const int64_t Hp = g.H + g.pt + g.pb, Wp = g.W + g.pl + g.pr;
+      const int64_t CT = ceil_div(Cg, int64_t(kUrc)), Cp = (G - 1) * Cg + CT * kUrc;
+      const int64_t units = G * ceil_div(Kg, BK) * RS * CT;
+      return E * (g.N * Hp * Wp * Cp + (Cp != g.C ? g.N * Hp * Wp * g.C : 0) +
+                  g.N * g.OH * g.OW * G * round_up(Kg, L) + units * kUrc * BK);
+    }
+  }
+  return 0;
+}
+
 }  // namespace
 
 template <typename T>
 ConvKernels<T> direct_kernels() {
-  return {&forward<T>, &grad_input<T>, &grad_weight<T>, &grad_bias<T>};
+  ConvKernels<T> k;
+  k.forward = &forward<T>;
+  k.grad_input = &grad_input<T>;
+  k.grad_weight = &grad_weight<T>;
+  k.workspace_bytes = &workspace_bytes<T>;
+  return k;
 }
 template ConvKernels<float> direct_kernels<float>();
 template ConvKernels<double> direct_kernels<double>();
-
-// ---------------------------------------------------------------------------------------
-// Grad-bias: per-channel sums of grad_y, accumulated in double.
-// ---------------------------------------------------------------------------------------
-
-namespace {
-template <typename T>
-double sum_contiguous(const T* p, int64_t n) {
-  using V = Vec<T>;
-  constexpr int L = V::lanes;
-  double total = 0;
-  // Vector partial sums over blocks of 1024 values, each block folded into the double total.
-  for (int64_t i0 = 0; i0 < n; i0 += 1024) {
-    const int64_t i1 = min64(n, i0 + 1024);
-    V acc = V::zero();
-    int64_t i = i0;
-    for (; i + L <= i1; i += L) acc = add(acc, V::load(p + i));
-    alignas(64) T lanes[L];
-    acc.store(lanes);
-    for (int l = 0; l < L; ++l) total += lanes[l];
-    for (; i < i1; ++i) total += p[i];
-  }
-  return total;
-}
-}  // namespace
-
-template <typename T>
-void grad_bias(const ConvGeom& g, const T* gy, int gy_layout, T* gb, int nthreads) {
-  const int64_t OHW = g.OH * g.OW, K = g.K, P = g.N * OHW;
-  const int nt = threads_for(P * K * 64, nthreads);
-  if (gy_layout == kNCHW) {
-    parallel_for(K, nt, [&](int64_t k) {
-      double s = 0;
-      for (int64_t n = 0; n < g.N; ++n) s += sum_contiguous(gy + (n * K + k) * OHW, OHW);
-      gb[k] = T(s);
-    });
-    return;
-  }
-  // NHWC: each thread sums a range of pixels into its own row of doubles, then rows are added.
-  double* part = ws<double>(kWsAccum, int64_t(nt) * K);
-  for (int64_t i = 0; i < int64_t(nt) * K; ++i) part[i] = 0;
-  parallel(nt, [&](int tid, int nth) {
-    int64_t p0, p1;
-    split_range(P, nth, tid, &p0, &p1);
-    double* acc = part + tid * K;
-    for (int64_t p = p0; p < p1; ++p) {
-      const T* row = gy + p * K;
-      for (int64_t k = 0; k < K; ++k) acc[k] += row[k];
-    }
-  });
-  for (int64_t k = 0; k < K; ++k) {
-    double s = 0;
-    for (int i = 0; i < nt; ++i) s += part[i * K + k];
-    gb[k] = T(s);
-  }
-}
-
-template void grad_bias<float>(const ConvGeom&, const float*, int, float*, int);
-template void grad_bias<double>(const ConvGeom&, const double*, int, double*, int);
 
 }  // namespace FASTCONV_ISA
 }  // namespace fastconv

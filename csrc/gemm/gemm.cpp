@@ -1,6 +1,9 @@
 // Packed GEMM for one ISA: packing, the micro-kernel and the five loops (contract: gemm.h).
-#include "../common/isa_api.h"
+#include "gemm.h"
+
+#include "../common/simd.h"
 #include "../common/transpose.h"
+#include "../common/workspace.h"
 
 namespace fastconv {
 namespace FASTCONV_ISA {
@@ -246,10 +249,10 @@ void gemm(const GemmArgs<T>& g, int nthreads) {
   if (g.K <= 0) return gemm_empty_k(g);
 
   const int64_t kc_max = min64(KC, g.K);
-  T* bbuf = g.b_packed ? nullptr : static_cast<T*>(workspace(
-      kWsGemmB, kc_max * round_up(min64(NC, g.N), NR) * int64_t(sizeof(T))));
-  T* abuf = g.a_packed ? nullptr : static_cast<T*>(workspace(
-      kWsGemmA, kc_max * round_up(min64(MC, g.M), MR) * int64_t(sizeof(T))));
+  T* bbuf = g.b_packed ? nullptr
+                       : workspace_as<T>(kWsGemmPanelsB, kc_max * round_up(min64(NC, g.N), NR));
+  T* abuf = g.a_packed ? nullptr
+                       : workspace_as<T>(kWsGemmPanelsA, kc_max * round_up(min64(MC, g.M), MR));
   const int nt = threads_for(2 * g.M * g.N * g.K, nthreads);
 
   parallel(nt, [&](int tid, int nth) {
@@ -296,6 +299,20 @@ void gemm(const GemmArgs<T>& g, int nthreads) {
     }
   });
 }
+
+template <typename T>
+int64_t gemm_workspace_bytes(int64_t M, int64_t N, int64_t K, bool a_prepacked,
+                             bool b_prepacked) {
+  using B = Blocking<T>;
+  constexpr int MR = B::MR, NR = B::NBV * Vec<T>::lanes;
+  if (M <= 0 || N <= 0 || K <= 0) return 0;
+  const int64_t kc_max = min64(k_block<T>(K), K);
+  const int64_t a = a_prepacked ? 0 : kc_max * round_up(min64(B::MC, M), MR);
+  const int64_t b = b_prepacked ? 0 : kc_max * round_up(min64(round_up(B::NC, NR), N), NR);
+  return (a + b) * int64_t(sizeof(T));
+}
+template int64_t gemm_workspace_bytes<float>(int64_t, int64_t, int64_t, bool, bool);
+template int64_t gemm_workspace_bytes<double>(int64_t, int64_t, int64_t, bool, bool);
 
 template <typename T>
 int64_t gemm_packed_size_a(int64_t M, int64_t K) {

@@ -28,6 +28,10 @@
 #pragma once
 #include <cstdint>
 
+#if defined(FASTCONV_ISA_AVX512) || defined(FASTCONV_ISA_AVX2) || defined(FASTCONV_ISA_SCALAR)
+#include "../common/simd.h"  // an ISA translation unit: FASTCONV_ISA names its namespace
+#endif
+
 namespace fastconv {
 
 // Applied to each finished element C(i, j), channel = i (per_row) or j:
@@ -68,5 +72,25 @@ struct GemmArgs {
 //   A: block pc at a_packed + pc * round_up(M, MR); panel q of it (rows q*MR ..) at + q * kc * MR
 //   B: block pc at b_packed + pc * round_up(N, NR); panel q of it (cols q*NR ..) at + q * kc * NR
 // with kc = min(KC, K - pc): exactly the panels the five loops would pack, stored once.
+
+// The register tile (MR x NR) and cache blocks of one ISA's GEMM, for tests and benchmarks.
+struct GemmBlocking {
+  int64_t mr, nr, kc, mc, nc;
+};
+
+#if defined(FASTCONV_ISA)  // per-ISA entry points, for the ISA translation units (simd.h)
+namespace FASTCONV_ISA {
+template <typename T> void gemm(const GemmArgs<T>& args, int nthreads);
+template <typename T> GemmBlocking gemm_blocking();
+// Pack all of A (or B) of `args` into `out` (gemm_packed_size elements), see GemmArgs.
+template <typename T> int64_t gemm_packed_size_a(int64_t M, int64_t K);
+template <typename T> int64_t gemm_packed_size_b(int64_t K, int64_t N);
+template <typename T> void gemm_pack_a(const GemmArgs<T>& args, T* out, int nthreads);
+template <typename T> void gemm_pack_b(const GemmArgs<T>& args, T* out, int nthreads);
+// Bytes of panel workspace one gemm() call of this shape takes (operands not prepacked).
+template <typename T> int64_t gemm_workspace_bytes(int64_t M, int64_t N, int64_t K,
+                                                   bool a_prepacked, bool b_prepacked);
+}  // namespace FASTCONV_ISA
+#endif
 
 }  // namespace fastconv

@@ -12,47 +12,41 @@
 //                 adds dcol back onto dx
 //   grad-weight:  dwt[g*Kg + k][i] += sum_p dy[p][g*Kg + k] * col[p][i]
 //
-// The column matrix is built for at most kColBudgetBytes at a time, and NCHW tensors are
-// transposed in groups of images under kLayoutBudgetBytes, so the extra memory is bounded
+// The column matrix is built for at most the column budget at a time, and NCHW tensors are
+// transposed in groups of images under the layout budget (both in common/tuning.h), so the extra memory is bounded
 // whatever the batch size. A 1x1, stride-1, unpadded convolution skips im2col: col is x.
 // NCHW forward on large maps runs natively instead, one GEMM per image:
 //   y[n][g*Kg + k][p] = sum_i w[g*Kg + k][i] * colT[i][p]   (i = (c, r, s), torch's order),
 // with colT generated panel by panel inside the GEMM's packing (implicit im2col).
 #include <cstring>
 
-#include "../common/isa_api.h"
 #include "../common/layout.h"
 #include "../common/simd.h"
+#include "../common/tuning.h"
+#include "../common/workspace.h"
 #include "../gemm/gemm.h"
+#include "../isa/kernel_table.h"
 
 namespace fastconv {
 namespace FASTCONV_ISA {
 namespace {
 
-// Bytes of column matrix per GEMM call. Measured on ResNet-50's 3x3 layers at N=8 (GFLOP/s,
-// when NCHW forward still built explicit columns): 256 KiB 155-226, 1 MiB 241-306, 4 MiB
-// 265-362, 16 MiB 259-361: below 4 MiB the per-call costs (barriers, parallel regions, edge
-// tiles) dominate; above it nothing is gained.
-constexpr int64_t kColBudgetBytes = int64_t(4) << 20;
-// NCHW forward runs natively (one GEMM per image, no transposes) when an image has at least
-// this many output pixels; below, all images form one NHWC GEMM (transposes in and out).
-// Measured at batch 8, GFLOP/s native vs NHWC: 1x1 1024>256 @14 (196 pixels) 361 vs
-// 205-351, 1x1 512>2048 @7 (49 pixels) 263 vs 332; 3x3 256 @14 280-363 vs 438-462, 3x3/2
-// 128 @56 (784 pixels out) 265-353 vs 307-352, 3x3 64 @56 (3136) 313-371 vs 335. For spatial
-// kernels the explicit tap-major columns feed the GEMM faster than implicit packing unless
-// the map is large enough that the transposes dominate.
-constexpr int64_t kNativeMinPixelsPointwise = 128;
-constexpr int64_t kNativeMinPixelsSpatial = 2048;
-
 bool is_pointwise(const ConvGeom& g) {
-  return g.R == 1 && g.S == 1 && g.sh == 1 && g.sw == 1 && !g.pt && !g.pb && !g.pl && !g.pr;
+  return g.R == 1 && g.S == 1 && g.sh == 1 && g.sw == 1 && !g.padded();
+}
+
+// Whether an NCHW forward runs natively (one GEMM per image) rather than in NHWC.
+bool runs_native(const ConvGeom& g) {
+  const Tuning& t = tuning();
+  return g.OH * g.OW >= (is_pointwise(g) ? t.im2col_native_min_pixels_pointwise
+                                         : t.im2col_native_min_pixels_spatial);
 }
 
 // The weights as wt[k][t][c] in a workspace, or w itself for a 1x1 convolution (same layout).
 template <typename T>
 const T* permuted_weights(const ConvGeom& g, const T* w, int nthreads) {
   if (g.R == 1 && g.S == 1) return w;
-  T* buf = ws<T>(kWsWeight, g.K * g.Cg() * g.R * g.S);
+  T* buf = workspace_as<T>(kWsWeightsTapMajor, g.K * g.Cg() * g.R * g.S);
   permute_taps(w, g.K, g.Cg(), g.R * g.S, buf, true, nthreads);
   return buf;
 }
@@ -126,7 +120,8 @@ void col2im_nhwc(const NhwcView<T>& v, const T* col, int64_t gi, int64_t p0, int
 // Output pixels per column-matrix chunk.
 template <typename T>
 int64_t chunk_rows(int64_t row_elems, int64_t total) {
-  return max64(1, min64(total, kColBudgetBytes / (max64(1, row_elems) * int64_t(sizeof(T)))));
+  return max64(1, min64(total, tuning().im2col_column_budget_bytes /
+                                  (max64(1, row_elems) * int64_t(sizeof(T)))));
 }
 
 // Runs body(n0, n1, xn, yn) over groups of images in NHWC: tensors already NHWC are passed
@@ -140,17 +135,17 @@ void over_image_groups(const ConvGeom& g, const T* in, int in_layout, int64_t C,
   const int64_t HW = H * W;
   const bool convert = in_layout != kNHWC || out_layout != kNHWC;
   const int64_t per_image = (in_layout != kNHWC ? C * HW : 0) + (out_layout != kNHWC ? Co * OHW : 0);
-  const int64_t group = convert ? max64(1, kLayoutBudgetBytes / (per_image * int64_t(sizeof(T))))
-                                : max64(1, g.N);
+  const int64_t group = convert ? images_per_group(per_image * int64_t(sizeof(T))) : max64(1, g.N);
   for (int64_t n0 = 0; n0 < g.N; n0 += group) {
     const int64_t n1 = min64(g.N, n0 + group), images = n1 - n0;
     const T* xn = in + n0 * C * HW;
     if (in_layout != kNHWC) {
-      T* buf = ws<T>(kWsInput, images * C * HW);
+      T* buf = workspace_as<T>(kWsActivationNhwc, images * C * HW);
       scatter_to_nhwc(in + n0 * C * HW, kNCHW, images, C, H, W, buf, H, W, 0, 0, 1, 1, nthreads);
       xn = buf;
     }
-    T* yn = out_layout == kNHWC ? out + n0 * Co * OHW : ws<T>(kWsAccum, images * Co * OHW);
+    T* yn = out_layout == kNHWC ? out + n0 * Co * OHW
+                                : workspace_as<T>(kWsOutputNhwc, images * Co * OHW);
     if (zero_out) std::memset(yn, 0, sizeof(T) * images * Co * OHW);
     body(n0, n1, xn, yn);
     if (out_layout != kNHWC) nhwc_to_nchw(yn, images, Co, OHW, out + n0 * Co * OHW, nthreads);
@@ -165,8 +160,7 @@ template <typename T>
 void forward(const ConvGeom& g, const T* x, int x_layout, const T* w, const T* bias, T* y,
              int y_layout, int nthreads) {
   const int64_t OHW = g.OH * g.OW;
-  const int64_t native_min = is_pointwise(g) ? kNativeMinPixelsPointwise : kNativeMinPixelsSpatial;
-  if (x_layout == kNCHW && y_layout == kNCHW && OHW >= native_min)
+  if (x_layout == kNCHW && y_layout == kNCHW && runs_native(g))
     return forward_nchw_native(g, x, w, bias, y, nthreads);
   const int64_t G = g.groups, Cg = g.Cg(), Kg = g.Kg(), RSC = g.R * g.S * Cg;
   const bool pointwise = is_pointwise(g);
@@ -175,8 +169,8 @@ void forward(const ConvGeom& g, const T* x, int x_layout, const T* w, const T* b
                        [&](int64_t n0, int64_t n1, const T* xn, T* yn) {
     const NhwcView<T> v{g, n1 - n0};
     const int64_t P = v.pixels(), rows = pointwise ? P : chunk_rows<T>(RSC, P);
-    T* col = pointwise ? nullptr : ws<T>(kWsGrad, rows * RSC);
-    T* packed = ws<T>(kWsPacked, gemm_packed_size_b<T>(RSC, Kg));
+    T* col = pointwise ? nullptr : workspace_as<T>(kWsColumns, rows * RSC);
+    T* packed = workspace_as<T>(kWsGemmWholeOperand, gemm_packed_size_b<T>(RSC, Kg));
     for (int64_t gi = 0; gi < G; ++gi) {
       GemmArgs<T> a{};
       a.N = Kg;
@@ -285,7 +279,7 @@ void forward_nchw_native(const ConvGeom& g, const T* x, const T* w, const T* bia
   const int64_t HW = g.H * g.W, OHW = g.OH * g.OW;
   const bool pointwise = is_pointwise(g);
   const T* wt = permuted_weights(g, w, nthreads);  // [k][t][c]: the rows' tap-major order
-  T* packed = ws<T>(kWsPacked, gemm_packed_size_a<T>(Kg, RSC));
+  T* packed = workspace_as<T>(kWsGemmWholeOperand, gemm_packed_size_a<T>(Kg, RSC));
   for (int64_t gi = 0; gi < G; ++gi) {
     GemmArgs<T> a{};
     a.M = Kg;
@@ -326,8 +320,8 @@ void grad_input(const ConvGeom& g, const T* gy, int gy_layout, const T* w, T* gx
                        !pointwise, nthreads, [&](int64_t n0, int64_t n1, const T* gyn, T* gxn) {
     const NhwcView<T> v{g, n1 - n0};
     const int64_t P = v.pixels(), rows = pointwise ? P : chunk_rows<T>(RSC, P);
-    T* col = pointwise ? nullptr : ws<T>(kWsGrad, rows * RSC);
-    T* packed = ws<T>(kWsPacked, gemm_packed_size_b<T>(Kg, RSC));
+    T* col = pointwise ? nullptr : workspace_as<T>(kWsColumns, rows * RSC);
+    T* packed = workspace_as<T>(kWsGemmWholeOperand, gemm_packed_size_b<T>(Kg, RSC));
     for (int64_t gi = 0; gi < G; ++gi) {
       GemmArgs<T> wb{};
       wb.N = RSC;
@@ -364,29 +358,29 @@ void grad_weight(const ConvGeom& g, const T* gy, int gy_layout, const T* x, int 
                  int nthreads) {
   const int64_t G = g.groups, Cg = g.Cg(), Kg = g.Kg(), RSC = g.R * g.S * Cg;
   const bool pointwise = is_pointwise(g);
-  T* dwt = pointwise ? gw : ws<T>(kWsWeight, g.K * RSC);
+  T* dwt = pointwise ? gw : workspace_as<T>(kWsWeightsTapMajor, g.K * RSC);
   std::memset(dwt, 0, sizeof(T) * g.K * RSC);
   // Both x and grad_y are read: convert grad_y here, x through the image-group helper.
   const int64_t OHW = g.OH * g.OW;
   const int64_t per_image = g.C * g.H * g.W + g.K * OHW;
-  const int64_t group = max64(1, kLayoutBudgetBytes / (per_image * int64_t(sizeof(T))));
+  const int64_t group = images_per_group(per_image * int64_t(sizeof(T)));
   for (int64_t n0 = 0; n0 < g.N; n0 += group) {
     const int64_t n1 = min64(g.N, n0 + group);
     const NhwcView<T> v{g, n1 - n0};
     const T* gyn = gy + n0 * g.K * OHW;
     if (gy_layout != kNHWC) {
-      T* buf = ws<T>(kWsAccum, (n1 - n0) * g.K * OHW);
+      T* buf = workspace_as<T>(kWsGradOutputNhwc, (n1 - n0) * g.K * OHW);
       scatter_to_nhwc(gyn, kNCHW, n1 - n0, g.K, g.OH, g.OW, buf, g.OH, g.OW, 0, 0, 1, 1, nthreads);
       gyn = buf;
     }
     const T* xn = x + n0 * g.C * g.H * g.W;
     if (x_layout != kNHWC) {
-      T* buf = ws<T>(kWsInput, (n1 - n0) * g.C * g.H * g.W);
+      T* buf = workspace_as<T>(kWsActivationNhwc, (n1 - n0) * g.C * g.H * g.W);
       scatter_to_nhwc(xn, kNCHW, n1 - n0, g.C, g.H, g.W, buf, g.H, g.W, 0, 0, 1, 1, nthreads);
       xn = buf;
     }
     const int64_t P = v.pixels(), rows = pointwise ? P : chunk_rows<T>(RSC, P);
-    T* col = pointwise ? nullptr : ws<T>(kWsGrad, rows * RSC);
+    T* col = pointwise ? nullptr : workspace_as<T>(kWsColumns, rows * RSC);
     for (int64_t gi = 0; gi < G; ++gi)
       for (int64_t p0 = 0; p0 < P; p0 += rows) {
         const int64_t m = min64(rows, P - p0);
@@ -415,12 +409,48 @@ void grad_weight(const ConvGeom& g, const T* gy, int gy_layout, const T* x, int 
   if (!pointwise) permute_taps(dwt, g.K, Cg, g.R * g.S, gw, false, nthreads);
 }
 
+// Mirrors the workspace_as calls above (GEMM panels included), NCHW tensors assumed.
+template <typename T>
+int64_t workspace_bytes(const ConvGeom& g, Pass pass) {
+  constexpr int64_t E = sizeof(T);
+  const int64_t Cg = g.Cg(), Kg = g.Kg(), RSC = g.R * g.S * Cg, OHW = g.OH * g.OW;
+  const int64_t image_in = g.C * g.H * g.W, image_out = g.K * OHW;
+  const bool pointwise = is_pointwise(g);
+  const int64_t tap_major = g.R * g.S > 1 ? g.K * RSC * E : 0;
+  if (pass == Pass::kForward && runs_native(g))
+    return tap_major + gemm_packed_size_a<T>(Kg, RSC) * E +
+           gemm_workspace_bytes<T>(Kg, OHW, RSC, true, false);
+  // The NHWC passes convert a group of images (all of both tensors' images) at a time and
+  // cut its pixels into column chunks.
+  const int64_t images = min64(g.N, images_per_group((image_in + image_out) * E));
+  const int64_t P = images * OHW, rows = pointwise ? P : chunk_rows<T>(RSC, P);
+  const int64_t layouts = images * (image_in + image_out) * E, columns = pointwise ? 0 : rows * RSC * E;
+  switch (pass) {
+    case Pass::kForward:
+      return tap_major + layouts + columns + gemm_packed_size_b<T>(RSC, Kg) * E +
+             gemm_workspace_bytes<T>(rows, Kg, RSC, false, true);
+    case Pass::kGradInput:
+      return tap_major + layouts + columns + gemm_packed_size_b<T>(Kg, RSC) * E +
+             gemm_workspace_bytes<T>(rows, RSC, Kg, false, true);
+    case Pass::kGradWeight:
+      return (pointwise ? 0 : g.K * RSC * E) + layouts + columns +
+             gemm_workspace_bytes<T>(Kg, RSC, rows, false, false);
+  }
+  return 0;
+}
+
 }  // namespace
 
 template <typename T>
 ConvKernels<T> im2col_kernels() {
-  return {&forward<T>, &grad_input<T>, &grad_weight<T>, &grad_bias<T>};
+  ConvKernels<T> k;
+  k.forward = &forward<T>;
+  k.grad_input = &grad_input<T>;
+  k.grad_weight = &grad_weight<T>;
+  k.workspace_bytes = &workspace_bytes<T>;
+  return k;
 }
+
 template ConvKernels<float> im2col_kernels<float>();
 template ConvKernels<double> im2col_kernels<double>();
 

@@ -1,17 +1,40 @@
-// The kernel table of one ISA: every algorithm's entry points and the GEMM.
-#include "../common/isa_api.h"
+// The kernel table of one ISA build (compiled once per ISA, like every kernel source).
+#include "../common/simd.h"
+#include "kernel_table.h"
+
+// Every algorithm, once. The name is the algorithm's folder (csrc/<name>/), the name Python's
+// registry (fastconv/registry.py) declares it under, and the prefix of the function template
+// <name>_kernels<T>() that the folder defines.
+#define FASTCONV_ALGORITHMS(X) \
+  X(direct)                    \
+  X(im2col)
 
 namespace fastconv {
 namespace FASTCONV_ISA {
 
+#define FASTCONV_DECLARE(name) template <typename T> ConvKernels<T> name##_kernels();
+FASTCONV_ALGORITHMS(FASTCONV_DECLARE)
+#undef FASTCONV_DECLARE
+
+template <typename T>
+void grad_bias(const ConvGeom&, const T* gy, int gy_layout, T* gb, int nthreads);
+
+template <typename T>
+SharedKernels<T> shared_kernels() {
+  SharedKernels<T> k;
+  k.gemm = &gemm<T>;
+  k.gemm_blocking = gemm_blocking<T>();
+  k.grad_bias = &grad_bias<T>;
+  return k;
+}
+
 const IsaKernels& kernels() {
-  static const IsaKernels table{FASTCONV_STR(FASTCONV_ISA),
-                                {direct_kernels<float>(), im2col_kernels<float>()},
-                                {direct_kernels<double>(), im2col_kernels<double>()},
-                                &gemm<float>,
-                                &gemm<double>,
-                                gemm_blocking<float>(),
-                                gemm_blocking<double>()};
+#define FASTCONV_ENTRY(name) AlgorithmEntry{#name, name##_kernels<float>(), name##_kernels<double>()},
+  static const AlgorithmEntry algorithms[] = {FASTCONV_ALGORITHMS(FASTCONV_ENTRY)};
+#undef FASTCONV_ENTRY
+  static const IsaKernels table{FASTCONV_STR(FASTCONV_ISA), algorithms,
+                                int(sizeof(algorithms) / sizeof(algorithms[0])),
+                                shared_kernels<float>(), shared_kernels<double>()};
   return table;
 }
 

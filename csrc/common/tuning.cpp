@@ -1,0 +1,10 @@
+#include "tuning.h"
+
+namespace fastconv {
+
+Tuning& tuning() {
+  static Tuning values;
+  return values;
+}
+
+}  // namespace fastconv

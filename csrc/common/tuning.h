@@ -1,0 +1,36 @@
+// Measured thresholds that pick between code paths and bound workspace sizes. They are
+// variables, not constants, only so that tests can shrink them and drive small problems down
+// every path (fastconv.backend.tuning); the defaults are the measured values below.
+// Compiled once (not per ISA).
+#pragma once
+#include <cstdint>
+
+namespace fastconv {
+
+struct Tuning {
+  // Bytes of NHWC copies of NCHW images made at a time: tensors are converted in groups of
+  // images under this, so the extra memory of a call does not grow with the batch.
+  int64_t layout_budget_bytes = int64_t(16) << 20;
+  // im2col: bytes of column matrix per GEMM call. Measured on ResNet-50's 3x3 layers at N=8
+  // (GFLOP/s, when NCHW forward still built explicit columns): 256 KiB 155-226, 1 MiB
+  // 241-306, 4 MiB 265-362, 16 MiB 259-361: below 4 MiB the per-call costs (barriers,
+  // parallel regions, edge tiles) dominate; above it nothing is gained.
+  int64_t im2col_column_budget_bytes = int64_t(4) << 20;
+  // im2col: NCHW forward runs natively (one GEMM per image, no transposes) when an image has
+  // at least this many output pixels; below, all images form one NHWC GEMM (transposes in
+  // and out). Measured at batch 8, GFLOP/s native vs NHWC: 1x1 1024>256 @14 (196 pixels)
+  // 361 vs 205-351, 1x1 512>2048 @7 (49 pixels) 263 vs 332; 3x3 256 @14 280-363 vs
+  // 438-462, 3x3/2 128 @56 (784 pixels out) 265-353 vs 307-352, 3x3 64 @56 (3136) 313-371
+  // vs 335. For spatial kernels the explicit tap-major columns feed the GEMM faster than
+  // implicit packing unless the map is large enough that the transposes dominate.
+  int64_t im2col_native_min_pixels_pointwise = 128;
+  int64_t im2col_native_min_pixels_spatial = 2048;
+  // direct grad-weight: output pixels per chunk that every dW tile sweeps (x and grad_y of a
+  // chunk stay in L2).
+  int64_t direct_grad_weight_chunk_pixels = 512;
+};
+
+// The process-wide values; set only between calls (fastconv.backend.tuning).
+Tuning& tuning();
+
+}  // namespace fastconv

@@ -1,0 +1,38 @@
+// Per-calling-thread scratch memory that grows and is kept, so steady-state calls neither
+// allocate nor page-fault (a fresh 4 KiB page costs ~1 us here). Each slot is one buffer;
+// buffers of different slots are live at the same time. Never called from inside a parallel
+// region. Compiled once (not per ISA).
+#pragma once
+#include <cstdint>
+
+namespace fastconv {
+
+enum WorkspaceSlot : int {
+  kWsActivationNhwc,    // an activation (input, or grad_y for grad-input) copied to NHWC
+  kWsGradOutputNhwc,    // grad_y copied to NHWC for grad-weight
+  kWsOutputNhwc,        // an NHWC result before it is transposed into an NCHW output
+  kWsStaging,           // a short-lived copy consumed before the next slot is filled
+  kWsPackedWeights,     // weights in a kernel's packed layout (direct's [tap][c][block])
+  kWsWeightsTapMajor,   // weights permuted to [k][tap][c], or grad-weight in that order
+  kWsColumns,           // an im2col column matrix chunk
+  kWsAccumulators,      // partial sums: direct grad-weight tiles, grad-bias per thread
+  kWsTapTables,         // direct's per-tap offset tables and its row of zeros
+  kWsGemmWholeOperand,  // one GEMM operand packed whole, reused across GEMM calls
+  kWsGemmPanelsA,       // the GEMM's packed A block (MC x KC)
+  kWsGemmPanelsB,       // the GEMM's packed B block (KC x NC)
+  kWsSlots
+};
+
+void* workspace(WorkspaceSlot slot, int64_t bytes);
+void release_workspaces();
+
+// The largest size asked of each slot since the last release, summed over the slots: what
+// the calls since then needed at once at most (tests compare it with the estimates).
+int64_t workspace_high_water_bytes();
+
+template <typename T>
+T* workspace_as(WorkspaceSlot slot, int64_t count) {
+  return static_cast<T*>(workspace(slot, count * int64_t(sizeof(T))));
+}
+
+}  // namespace fastconv

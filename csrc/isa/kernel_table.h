@@ -1,0 +1,60 @@
+// The kernel table: what each ISA build exports to the bindings. One entry per algorithm,
+// listed once in table.cpp (FASTCONV_ALGORITHMS); each algorithm lives in its own folder
+// csrc/<name>/ and defines  template <typename T> ConvKernels<T> <name>_kernels();  in
+// namespace fastconv::<isa>. Any kernel pointer may be null (an algorithm without a
+// float64 grad-weight, say): the bindings look kernels up through find_kernel and report a
+// missing one as an error, never call it.
+#pragma once
+#include <cstdint>
+
+#include "../common/problem.h"
+#include "../gemm/gemm.h"
+
+namespace fastconv {
+
+// Kernels of one algorithm for one element type. Pointers are dense tensors in the layout
+// named beside them (kNCHW or kNHWC); weights are always OIHW-contiguous.
+template <typename T>
+struct ConvKernels {
+  void (*forward)(const ConvGeom&, const T* x, int x_layout, const T* w, const T* bias, T* y,
+                  int y_layout, int nthreads) = nullptr;
+  void (*grad_input)(const ConvGeom&, const T* gy, int gy_layout, const T* w, T* gx,
+                     int gx_layout, int nthreads) = nullptr;
+  void (*grad_weight)(const ConvGeom&, const T* gy, int gy_layout, const T* x, int x_layout,
+                      T* gw, int nthreads) = nullptr;
+  // Upper estimate of the workspace bytes one call of `pass` takes, NCHW tensors assumed
+  // (channels_last ones need less).
+  int64_t (*workspace_bytes)(const ConvGeom&, Pass) = nullptr;
+};
+
+struct AlgorithmEntry {
+  const char* name;
+  ConvKernels<float> f32;
+  ConvKernels<double> f64;
+};
+
+template <typename T>
+struct SharedKernels {
+  void (*gemm)(const GemmArgs<T>&, int nthreads) = nullptr;
+  GemmBlocking gemm_blocking{};
+  // Per-channel sums of grad_y (grad-bias), the same for every algorithm.
+  void (*grad_bias)(const ConvGeom&, const T* gy, int gy_layout, T* gb, int nthreads) = nullptr;
+};
+
+struct IsaKernels {
+  const char* isa;
+  const AlgorithmEntry* algorithms;
+  int num_algorithms;
+  SharedKernels<float> f32;
+  SharedKernels<double> f64;
+};
+
+// One table per ISA build: scalar always, the x86 ones where setup.py built them
+// (FASTCONV_X86_ISAS).
+namespace scalar { const IsaKernels& kernels(); }
+#if defined(FASTCONV_X86_ISAS)
+namespace avx2 { const IsaKernels& kernels(); }
+namespace avx512 { const IsaKernels& kernels(); }
+#endif
+
+}  // namespace fastconv

@@ -1,0 +1,100 @@
+"""The algorithm registry: every convolution algorithm, declared once.
+
+An entry gives the algorithm's name, its kernels per device (each with a null-safe lookup per
+pass), its dtypes, an eligibility check that returns the reason it cannot run a problem, and
+its workspace estimate. The custom ops run kernels through it, ``auto`` and
+:func:`fastconv.explain` choose from it, and tests and benchmarks take each algorithm's domain
+from :meth:`Algorithm.unsupported` rather than from per-algorithm lists.
+
+Adding an algorithm:
+  1. a C++ folder ``csrc/<name>/`` defining ``template <typename T> ConvKernels<T>
+     <name>_kernels();`` (csrc/isa/kernel_table.h states the contract);
+  2. one line ``X(<name>)`` in FASTCONV_ALGORITHMS, csrc/isa/table.cpp;
+  3. one :class:`Algorithm` entry in ``ALGORITHMS`` below.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Mapping, Optional
+
+import torch
+
+from .backend import CppKernels, Pass
+from .errors import AlgorithmUnavailable
+from .problem import Conv2dProblem
+
+FLOATS = (torch.float32, torch.float64)
+
+
+def _runs_everything(problem: Conv2dProblem) -> Optional[str]:
+    return None
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    name: str
+    summary: str
+    #: Kernels per torch device type ("cpu", later "cuda"): objects with forward,
+    #: grad_input, grad_weight, has(pass, dtype) and workspace_bytes(problem, pass, dtype).
+    kernels: Mapping[str, object]
+    dtypes: tuple = FLOATS
+    #: The reason this algorithm cannot run a (valid) problem, or None if it can.
+    check: Callable[[Conv2dProblem], Optional[str]] = _runs_everything
+
+    @property
+    def devices(self) -> tuple:
+        return tuple(self.kernels)
+
+    def unsupported(self, problem: Conv2dProblem, device_type: str = "cpu",
+                    dtype: torch.dtype = torch.float32,
+                    pass_: Pass = Pass.FORWARD) -> Optional[str]:
+        """Why this algorithm cannot run ``pass_`` of ``problem`` on that device and dtype,
+        or None when it can."""
+        if device_type not in self.kernels:
+            return f"it has no kernels for {device_type} tensors (only {', '.join(self.devices)})"
+        if dtype not in self.dtypes:
+            names = ", ".join(str(d).replace("torch.", "") for d in self.dtypes)
+            return f"it has no {str(dtype).replace('torch.', '')} kernels (only {names})"
+        if not self.kernels[device_type].has(pass_, dtype):
+            return f"it has no {pass_.name.lower()} kernel for {dtype} on {device_type}"
+        return self.check(problem)
+
+    def require(self, problem: Conv2dProblem, device_type: str, dtype: torch.dtype,
+                pass_: Pass = Pass.FORWARD):
+        """The device's kernels, or AlgorithmUnavailable saying why this call cannot run."""
+        reason = self.unsupported(problem, device_type, dtype, pass_)
+        if reason is not None:
+            raise AlgorithmUnavailable(f"fastconv: algo={self.name!r} cannot run this "
+                                       f"convolution: {reason}")
+        return self.kernels[device_type]
+
+    def workspace_bytes(self, problem: Conv2dProblem, pass_: Pass = Pass.FORWARD,
+                        dtype: torch.dtype = torch.float32, device_type: str = "cpu") -> int:
+        """Estimated scratch bytes of one call (NCHW tensors; channels_last needs less)."""
+        return self.kernels[device_type].workspace_bytes(problem, pass_, dtype)
+
+
+ALGORITHMS: tuple = (
+    Algorithm(
+        name="direct",
+        summary="register-blocked direct convolution (12 pixels x 32 channels per tile), "
+                "padding applied in the kernel",
+        kernels={"cpu": CppKernels("direct")},
+    ),
+    Algorithm(
+        name="im2col",
+        summary="im2col (implicit for large NCHW maps) + BLIS-style packed GEMM; 1x1 layers "
+                "read the activation as the GEMM operand",
+        kernels={"cpu": CppKernels("im2col")},
+    ),
+)
+
+BY_NAME = {a.name: a for a in ALGORITHMS}
+#: Torch device types that some algorithm has kernels for.
+DEVICE_TYPES = tuple(sorted({d for a in ALGORITHMS for d in a.devices}))
+#: (device type, dtype) pairs that some algorithm has kernels for.
+RUNNABLE = frozenset((d, t) for a in ALGORITHMS for d in a.devices for t in a.dtypes)
+
+
+def get(name: str) -> Algorithm:
+    return BY_NAME[name]
