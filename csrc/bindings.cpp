@@ -293,8 +293,12 @@ PYBIND11_MODULE(_C, m) {
   m.def("get_isa", []() { return std::string(active().isa); });
   m.def("release_workspaces", &release_workspaces,
         "Free the calling thread's scratch buffers (they are otherwise kept for reuse)");
-  m.def("workspace_high_water_bytes", &workspace_high_water_bytes,
-        "Largest size asked of each scratch buffer since the last release, summed");
+  m.def("workspace_high_water", []() {
+    py::dict d;
+    for (int i = 0; i < kWsSlots; ++i)
+      d[workspace_slot_name(WorkspaceSlot(i))] = workspace_high_water_bytes(WorkspaceSlot(i));
+    return d;
+  }, "Per scratch buffer of the calling thread: the largest size asked since the last release");
   m.def("algorithm_names", []() {
     std::vector<std::string> names;
     const IsaKernels& t = active();

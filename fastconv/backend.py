@@ -73,10 +73,11 @@ def release_workspaces() -> None:
     _C.release_workspaces()
 
 
-def workspace_high_water_bytes() -> int:
-    """Scratch bytes the calling thread's calls since the last release needed at once, at
-    most (the largest request of each buffer, summed)."""
-    return _C.workspace_high_water_bytes()
+def workspace_high_water() -> dict:
+    """Per scratch buffer of the calling thread (named by what it holds, see
+    csrc/common/workspace.h): the largest size in bytes asked since the last release.
+    Their sum is the most scratch memory the calls since then needed at once."""
+    return dict(_C.workspace_high_water())
 
 
 @contextlib.contextmanager

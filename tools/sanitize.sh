@@ -15,4 +15,5 @@ export ASAN_OPTIONS=detect_leaks=0 UBSAN_OPTIONS=print_stacktrace=1:halt_on_erro
 cd "$out"   # so that `import fastconv` finds the sanitized build
 python -c "import fastconv, sys; assert fastconv.__file__.startswith('$out'), fastconv.__file__"
 exec python -m pytest -q -p no:cacheprovider "$root/tests/test_conv2d.py" "$root/tests/test_gemm.py" \
+    "$root/tests/test_paths.py" \
     "$root/tests/test_nn.py" "$root/tests/test_errors.py" "$root/tests/test_runtime.py" "$@"

@@ -50,10 +50,14 @@ void release_workspaces() {
   }
 }
 
-int64_t workspace_high_water_bytes() {
-  int64_t total = 0;
-  for (const Buffer& b : tls_buffers) total += b.high_water;
-  return total;
+int64_t workspace_high_water_bytes(WorkspaceSlot slot) { return tls_buffers[slot].high_water; }
+
+const char* workspace_slot_name(WorkspaceSlot slot) {
+  static const char* const names[kWsSlots] = {
+      "activation_nhwc", "grad_output_nhwc", "output_nhwc",    "staging",
+      "packed_weights",  "weights_tap_major", "columns",       "accumulators",
+      "tap_tables",      "gemm_whole_operand", "gemm_panels_a", "gemm_panels_b"};
+  return names[slot];
 }
 
 }  // namespace fastconv

@@ -26,9 +26,10 @@ enum WorkspaceSlot : int {
 void* workspace(WorkspaceSlot slot, int64_t bytes);
 void release_workspaces();
 
-// The largest size asked of each slot since the last release, summed over the slots: what
-// the calls since then needed at once at most (tests compare it with the estimates).
-int64_t workspace_high_water_bytes();
+// The largest size asked of a slot since the last release, and its name (for tests, which
+// compare the sum with the algorithms' estimates and check which paths a call took).
+int64_t workspace_high_water_bytes(WorkspaceSlot slot);
+const char* workspace_slot_name(WorkspaceSlot slot);
 
 template <typename T>
 T* workspace_as(WorkspaceSlot slot, int64_t count) {

@@ -1,0 +1,130 @@
+"""Every internal code path of every algorithm, on small problems.
+
+The kernels switch paths at measured thresholds (csrc/common/tuning.h): im2col's native NCHW
+forward against its NHWC GEMM, image groups under the layout budget, column-matrix chunks,
+direct grad-weight's pixel chunks. Real layers cross them only at sizes too slow for tests
+(and the sanitizer run), so these tests shrink the thresholds with fastconv.backend.tuning and
+run the cases with dilation, groups, strides and both layouts through each setting, checking
+(through the per-buffer workspace high-water marks) that the path was really taken. They also
+check each algorithm's workspace estimate against what the calls asked for.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastconv
+from fastconv import registry
+from fastconv.backend import Pass, tuning, workspace_high_water
+from cases import CASE_IDS, CASES
+from conftest import assert_close, supported, tolerances
+
+PATH_CASES = [CASES[CASE_IDS.index(n)] for n in (
+    "dilated_asym_padded", "groups_strided", "depthwise_multiplier", "same_even_dilated",
+    "pointwise", "stem_like", "channel_tails", "large_map_dilated_strided",
+    "channels_last_strided_groups", "noncontiguous")]
+
+HUGE = 1 << 40
+SETTINGS = {
+    # im2col NCHW forward: one GEMM per image with implicit im2col (or the input as B).
+    "im2col_native": dict(im2col_native_min_pixels_pointwise=1, im2col_native_min_pixels_spatial=1),
+    # im2col NCHW forward through the NHWC GEMM, whatever the map size.
+    "im2col_nhwc": dict(im2col_native_min_pixels_pointwise=HUGE,
+                        im2col_native_min_pixels_spatial=HUGE),
+    # One image per layout group, a few pixels per column chunk and per grad-weight chunk:
+    # every loop over groups and chunks runs several times, with ragged last pieces.
+    "tiny_budgets": dict(layout_budget_bytes=1, im2col_column_budget_bytes=1000,
+                         direct_grad_weight_chunk_pixels=5, im2col_native_min_pixels_spatial=HUGE,
+                         im2col_native_min_pixels_pointwise=HUGE),
+}
+
+
+def _run_both_passes(case, dtype, algo):
+    """(y, grads, expected y, expected grads, workspace used by the forward alone)."""
+    x, w, b = case.make(dtype, requires_grad=True)
+    fastconv.release_workspaces()
+    y = fastconv.conv2d(x, w, b, **case.kwargs(), algo=algo)
+    used = workspace_high_water()
+    gy = torch.randn(y.shape, dtype=dtype, generator=torch.Generator().manual_seed(1))
+    params = [x, w] + ([b] if b is not None else [])
+    grads = torch.autograd.grad(y, params, gy)
+    expected_y = F.conv2d(x.double(), w.double(), None if b is None else b.double(),
+                          **case.kwargs())
+    expected = torch.autograd.grad(expected_y, params, gy.double())
+    return y, grads, expected_y, expected, used
+
+
+@pytest.mark.parametrize("setting", SETTINGS, ids=list(SETTINGS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("case", PATH_CASES, ids=lambda c: c.name)
+def test_every_path_matches_torch(case, dtype, setting, algo, isa):
+    if not supported(algo, case, dtype):
+        return
+    with tuning(**SETTINGS[setting]):
+        y, grads, expected_y, expected, used = _run_both_passes(case, dtype, algo)
+    assert_close(y, expected_y, **tolerances(dtype, case.reduction()), what=f"{setting} forward")
+    pixels = max(1, y.shape[0] * y.shape[2] * y.shape[3])
+    reductions = [case.weight[0] // case.groups * case.weight[2] * case.weight[3], pixels, pixels]
+    for name, got, ref, red, mag in zip(("grad_input", "grad_weight", "grad_bias"), grads,
+                                        expected, reductions, [1.0, pixels ** .5, pixels ** .5]):
+        assert_close(got, ref, **tolerances(dtype, red, mag), what=f"{setting} {name}")
+    # The forward took the path the setting names.
+    nchw = not (case.channels_last or case.weight_channels_last)
+    if algo == "im2col" and nchw and setting == "im2col_native":
+        assert used["gemm_whole_operand"] > 0 and used["output_nhwc"] == 0
+    if algo == "im2col" and nchw and setting == "im2col_nhwc":
+        assert used["output_nhwc"] > 0
+
+
+def test_tiny_budgets_really_split_the_work():
+    case = CASES[CASE_IDS.index("large_map_dilated_strided")]
+    x, w, b = case.make(torch.float32)
+    x = torch.cat([x, x])  # two images
+    with tuning(**SETTINGS["tiny_budgets"]):
+        fastconv.release_workspaces()
+        fastconv.conv2d(x, w, b, **case.kwargs(), algo="im2col")
+        used = workspace_high_water()
+    image = x[0].numel() * 4
+    assert 0 < used["activation_nhwc"] <= image          # one image per group
+    assert 0 < used["columns"] <= 1000                   # a few pixels per column chunk
+
+
+def test_tuning_restores_and_rejects_unknown_fields():
+    with tuning() as before:
+        pass
+    with tuning(layout_budget_bytes=123) as inside:
+        assert inside["layout_budget_bytes"] == 123
+    with tuning() as after:
+        assert after == before
+    with pytest.raises(ValueError, match="unknown tuning"):
+        with tuning(nonsense=1):
+            pass
+
+
+ESTIMATE_CASES = [CASES[CASE_IDS.index(n)] for n in (
+    "basic", "strided_asym", "dilated_asym_padded", "groups_strided", "pointwise", "stem_like",
+    "channel_tails", "many_channels", "large_map_dilated_strided", "large_map_groups")]
+
+
+@pytest.mark.parametrize("case", ESTIMATE_CASES, ids=lambda c: c.name)
+def test_workspace_estimate_bounds_what_a_call_takes(case, algo):
+    a = registry.get(algo)
+    problem = case.problem()
+    x, w, b = case.make(torch.float32)
+    y = fastconv.conv2d(x, w, b, **case.kwargs(), algo=algo)
+    gy = torch.randn_like(y)
+    stride, pad, dilation = case.explicit()
+    conv = (list(stride), list(pad), list(dilation), case.groups, algo)
+    calls = {
+        Pass.FORWARD: lambda: fastconv.ops.conv2d(x, w, b, *conv),
+        Pass.GRAD_INPUT: lambda: fastconv.ops.conv2d_grad_input(gy, w, list(x.shape), *conv),
+        Pass.GRAD_WEIGHT: lambda: fastconv.ops.conv2d_grad_weight(gy, x, list(w.shape), *conv),
+    }
+    for pass_, call in calls.items():
+        fastconv.release_workspaces()
+        call()
+        used = sum(workspace_high_water().values())
+        estimate = a.workspace_bytes(problem, pass_, torch.float32)
+        assert used <= estimate, f"{pass_.name}: used {used} bytes, estimated {estimate}"
+        assert estimate <= 2 * used + 4096, f"{pass_.name}: estimate {estimate} vs used {used}"
