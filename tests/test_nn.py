@@ -112,3 +112,44 @@ def test_convert_a_bare_conv_and_train_it():
     fast(x).square().mean().backward()
     opt.step()
     assert not torch.equal(before, conv.weight)  # the shared parameter was trained
+
+
+def _small_model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(),
+                               torch.nn.Conv2d(8, 4, 3, stride=2, groups=4))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_converted_model_runs_dtypes_without_kernels_like_torch(dtype):
+    # model.half() / .to(bfloat16) after convert: 'auto' runs torch's own convolution.
+    ref = _small_model().to(dtype)
+    fast = fastconv.convert(_small_model()).to(dtype)
+    x = torch.randn(2, 3, 10, 10).to(dtype)
+    with torch.no_grad():
+        assert torch.equal(fast(x), ref(x))
+    with pytest.raises(fastconv.AlgorithmUnavailable, match="algo='direct'.*" + str(dtype)[6:]):
+        fastconv.convert(_small_model(), algo="direct").to(dtype)(x)
+
+
+def test_converted_model_under_autocast_matches_torch():
+    ref, fast = _small_model(), fastconv.convert(_small_model())
+    x = torch.randn(2, 3, 10, 10)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        y_ref, y = ref(x), fast(x)
+    assert y.dtype == y_ref.dtype == torch.bfloat16
+    assert torch.equal(y, y_ref)
+
+
+def test_converted_model_on_a_device_without_kernels_runs_torchs_conv():
+    # The meta device stands in for any device fastconv has no kernels for (CUDA today).
+    fast = fastconv.convert(_small_model()).to("meta")
+    y = fast(torch.randn(2, 3, 10, 10, device="meta"))
+    assert y.device.type == "meta" and y.shape == (2, 4, 4, 4)
+
+
+def test_module_trains_in_float64_and_float32_with_the_same_parameters():
+    fast = fastconv.convert(_small_model()).double()
+    x = torch.randn(2, 3, 10, 10, dtype=torch.float64)
+    fast(x).sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float64 for p in fast.parameters())
