@@ -31,19 +31,70 @@ def algo(request):
     return request.param
 
 
-def supported(algo: str, case, dtype: torch.dtype, passes=tuple(Pass)) -> bool:
-    """Whether the registry says ``algo`` runs ``case`` (a tests/cases.py Case) in ``dtype``.
-    When it does not, checks that calling it raises AlgorithmUnavailable with that reason, so
-    a test can return early having tested the refusal."""
-    problem = case.problem()
-    for pass_ in passes:
-        reason = registry.get(algo).unsupported(problem, "cpu", dtype, pass_)
-        if reason is not None:
-            x, w, b = case.make(dtype)
-            with pytest.raises(AlgorithmUnavailable, match=f"algo='{algo}'"):
-                fastconv.conv2d(x, w, b, **case.kwargs(), algo=algo)
-            return False
+FORWARD = (Pass.FORWARD,)
+ALL_PASSES = tuple(Pass)
+
+
+def outside_domain(algo: str, input_shape, weight_shape, dtype: torch.dtype, passes, call,
+                   **conv_args) -> bool:
+    """Whether the registry says ``algo`` cannot run ``passes`` of this convolution (shapes
+    and torch-style conv_args). If so, checks that ``call()`` (which should run those passes)
+    raises AlgorithmUnavailable, so the test can return having tested the refusal; if not,
+    the test goes on to check the result."""
+    problem = fastconv.explain(input_shape, weight_shape, dtype=dtype, **conv_args).problem
+    entry = registry.get(algo)
+    if all(entry.unsupported(problem, "cpu", dtype, p) is None for p in passes):
+        return False
+    with pytest.raises(AlgorithmUnavailable, match=f"algo='{algo}'"):
+        call()
     return True
+
+
+def conv_calls(model: torch.nn.Module, x: torch.Tensor) -> list:
+    """(input shape, weight shape, conv kwargs, dtype) of every Conv2d call that model(x)
+    makes, as the convolution itself sees it (non-zero padding modes pad first)."""
+    calls = []
+
+    def record(m, inputs):
+        inp = inputs[0]
+        padding = m.padding
+        if m.padding_mode != "zeros":
+            inp = torch.nn.functional.pad(inp, m._reversed_padding_repeated_twice,
+                                          mode=m.padding_mode)
+            padding = 0
+        calls.append((tuple(inp.shape), tuple(m.weight.shape),
+                      dict(stride=m.stride, padding=padding, dilation=m.dilation,
+                           groups=m.groups), m.weight.dtype))
+
+    handles = [m.register_forward_pre_hook(record) for m in model.modules()
+               if isinstance(m, torch.nn.Conv2d)]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return calls
+
+
+def model_outside_domain(algo: str, model: torch.nn.Module, x: torch.Tensor, passes,
+                         call) -> bool:
+    """outside_domain for every convolution of model(x)."""
+    for input_shape, weight_shape, conv_args, dtype in conv_calls(model, x):
+        if outside_domain(algo, input_shape, weight_shape, dtype, passes, call, **conv_args):
+            return True
+    return False
+
+
+def supported(algo: str, case, dtype: torch.dtype, passes=ALL_PASSES) -> bool:
+    """outside_domain for a tests/cases.py Case, inverted: True when ``algo`` runs it."""
+    def call():
+        x, w, b = case.make(dtype, requires_grad=passes != FORWARD)
+        y = fastconv.conv2d(x, w, b, **case.kwargs(), algo=algo)
+        if passes != FORWARD:
+            y.sum().backward()
+    return not outside_domain(algo, case.input, case.weight, dtype, passes, call,
+                              **case.kwargs())
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, atol: float, rtol: float,

@@ -70,7 +70,7 @@ def test_every_entry_declares_its_domain(algo):
     assert a.summary and a.devices and a.dtypes
     for pass_ in Pass:
         if a.unsupported(problem, "cpu", torch.float32, pass_) is None:
-            assert a.workspace_bytes(problem, pass_, torch.float32) > 0
+            assert a.workspace_bytes(problem, pass_, torch.float32) >= 0
     reason = a.unsupported(problem, "cpu", torch.float16)
     assert reason and "float16" in reason
     assert "cuda" in a.unsupported(problem, "cuda", torch.float32)

