@@ -22,6 +22,7 @@ The real kernels and the fake kernels share one set of checks (``_plan`` and
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional, Sequence
 
 import torch
@@ -309,9 +310,14 @@ def conv2d_grad_bias(grad_output: Tensor) -> Tensor:
     if gb.numel() == 0:
         return gb
     gy, gy_layout = _dense(grad_output)
-    problem = Conv2dProblem(N=N, C=K, H=OH, W=OW, K=K, R=1, S=1, OH=OH, OW=OW)
-    backend.grad_bias(problem, gy, gy_layout, gb)
+    backend.grad_bias(_bias_problem(N, K, OH, OW), gy, gy_layout, gb)
     return gb
+
+
+@functools.lru_cache(maxsize=1024)
+def _bias_problem(N: int, K: int, OH: int, OW: int) -> Conv2dProblem:
+    """grad_output's shape as a problem (grad-bias reads N, K, OH and OW only)."""
+    return Conv2dProblem(N=N, C=K, H=OH, W=OW, K=K, R=1, S=1, OH=OH, OW=OW)
 
 
 @conv2d_grad_bias.register_fake
