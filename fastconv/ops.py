@@ -27,6 +27,7 @@ from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
+from torch._prims_common import suggest_memory_format
 
 from . import backend, dispatch
 from .backend import DTYPE_CODES, NCHW, NHWC, Pass
@@ -90,16 +91,20 @@ def _check_grad_output(grad_output: Tensor, problem: Conv2dProblem) -> None:
 
 
 def _channels_last(t: Tensor) -> bool:
-    """True when t is laid out channels_last and not also plainly contiguous (torch's
-    suggest_memory_format for 4-D tensors)."""
-    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+    """Whether torch would treat t as channels_last (its suggest_memory_format): dense
+    channels_last tensors, and strided views whose strides are ordered that way."""
+    if t.is_contiguous():
+        return False
+    if t.is_contiguous(memory_format=torch.channels_last):
+        return True
+    return t.dim() == 4 and suggest_memory_format(t) == torch.channels_last
 
 
 def _dense(t: Tensor) -> tuple[Tensor, int]:
-    """t as a dense NCHW or NHWC tensor (a copy only if it is neither: strided, expanded or
-    overlapping views are copied) and its layout code."""
+    """t as a dense NCHW or NHWC tensor, following its memory format (a copy only if it is
+    neither: strided, expanded or overlapping views are copied), and its layout code."""
     if _channels_last(t):
-        return t, NHWC
+        return t.contiguous(memory_format=torch.channels_last), NHWC
     return t.contiguous(), NCHW
 
 

@@ -659,3 +659,17 @@ def test_no_memory_growth_over_10000_calls(op, algo):
         call()
     grown = _rss_bytes() - before
     assert grown <= 2 * 2**20, f"{op}: resident memory grew by {grown / 2**20:.2f} MiB"
+
+
+@pytest.mark.parametrize("view", ["width_sliced", "channel_sliced", "batch_sliced"])
+def test_sliced_channels_last_views_give_torchs_memory_format(view, algo):
+    x = torch.randn(4, 8, 9, 18, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    x = {"width_sliced": x[..., ::2], "channel_sliced": x[:, ::2], "batch_sliced": x[::2]}[view]
+    w = torch.randn(5, x.shape[1], 3, 3, dtype=torch.float64)
+    if outside_domain(algo, x.shape, w.shape, x.dtype, FORWARD,
+                      lambda: fastconv.conv2d(x, w, padding=1, algo=algo), padding=1):
+        return
+    y, expected = fastconv.conv2d(x, w, padding=1, algo=algo), F.conv2d(x, w, padding=1)
+    assert_close(y, expected, atol=1e-12, rtol=1e-10, what=view)
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        assert y.is_contiguous(memory_format=fmt) == expected.is_contiguous(memory_format=fmt)
