@@ -70,6 +70,8 @@ def _memo_key(value):
     kind = type(value)
     if kind is int or kind is str:
         return value
+    if kind is tuple and len(value) == 2 and type(value[0]) is int and type(value[1]) is int:
+        return value  # modules pass pairs: checked without a generator
     if kind is tuple and all(type(v) is int for v in value):
         return value
     return None
@@ -112,7 +114,7 @@ def _eager_without_autograd(input: Tensor, weight: Tensor, bias: Optional[Tensor
 def _has_fastconv_kernels(input: Tensor) -> bool:
     """Whether some algorithm has kernels for input's device and dtype, outside autocast
     (under autocast torch casts a convolution's operands: only torch's own conv does that)."""
-    device = input.device.type
+    device = ops.device_type(input)
     return ((device, input.dtype) in registry.RUNNABLE
             and not torch.is_autocast_enabled(device))
 

@@ -136,11 +136,11 @@ struct BorderTaps {
 // The tensors of forward_nhwc's convolution.
 template <typename T>
 struct NhwcOperands {
-  const T* x;     // (n, h, w, c) at x[((n * H + h) * W + w) * C + c]
-  const T* wp;    // packed as in pack_weights with BK = kNbk * lanes
-  const T* bias;  // K values or nullptr
-  T* y;           // N x K x OH x OW in y_layout
-  int y_layout;
+  const T* x = nullptr;     // (n, h, w, c) at x[((n * H + h) * W + w) * C + c]
+  const T* wp = nullptr;    // packed as in pack_weights with BK = kNbk * lanes
+  const T* bias = nullptr;  // K values or nullptr
+  T* y = nullptr;           // N x K x OH x OW in y_layout
+  int y_layout = kNCHW;
 };
 
 // The convolution `p` of an NHWC input: output (oh, ow) reads input rows oh*sh - pt + r*dh
@@ -201,7 +201,17 @@ void forward_nhwc(const ConvGeom& p, const NhwcOperands<T>& op, int nthreads) {
         else
           f_direct_tile<T, kUr, 1>(taps, RS, Cg, w, tile);
       } else {
-        const BorderTaps<T> taps{xg, ih0, iw0, n_off, tap_dh, tap_dw, p.H, p.W, p.C, zeros};
+        BorderTaps<T> taps;
+        taps.x = xg;
+        taps.ih0 = ih0;
+        taps.iw0 = iw0;
+        taps.n_off = n_off;
+        taps.tap_dh = tap_dh;
+        taps.tap_dw = tap_dw;
+        taps.H = p.H;
+        taps.W = p.W;
+        taps.C = p.C;
+        taps.zeros = zeros;
         if (wide)
           f_direct_tile<T, kUr, kNbk>(taps, RS, Cg, w, tile);
         else
@@ -275,7 +285,12 @@ void forward(const ConvGeom& g, const T* x, int x_layout, const T* w, const T* b
   const int64_t Cg = g.Cg(), Kg = g.Kg(), RS = g.R * g.S;
   T* wp = workspace_as<T>(kWsPackedWeights, packed_weight_count<T>(g.groups, Kg, Cg, RS));
   pack_weights_oihw(w, g.groups, Kg, Cg, RS, BK, L, wp, nthreads);
-  NhwcOperands<T> op{x, wp, bias, y, y_layout};
+  NhwcOperands<T> op;
+  op.x = x;
+  op.wp = wp;
+  op.bias = bias;
+  op.y = y;
+  op.y_layout = y_layout;
   if (x_layout == kNHWC) return forward_nhwc(g, op, nthreads);
   // NCHW input: transposed to NHWC a group of images at a time, the weights packed once.
   const int64_t image = g.C * g.H * g.W, out_image = g.K * g.OH * g.OW;
@@ -332,7 +347,13 @@ void grad_input(const ConvGeom& g, const T* gy, int gy_layout, const T* w, T* gx
   t.pt = g.dh * (g.R - 1) - g.pt;
   t.pl = g.dw * (g.S - 1) - g.pl;
   t.pb = t.pr = 0;  // not read by forward_nhwc
-  forward_nhwc(t, NhwcOperands<T>{src, wp, nullptr, gx, gx_layout}, nthreads);
+  NhwcOperands<T> op;
+  op.x = src;
+  op.wp = wp;
+  op.bias = nullptr;
+  op.y = gx;
+  op.y_layout = gx_layout;
+  forward_nhwc(t, op, nthreads);
 }
 
 // ---------------------------------------------------------------------------------------

@@ -209,15 +209,16 @@ void forward(const ConvGeom& g, const T* x, int x_layout, const T* w, const T* b
 // once per tap and each row is then a few masked copies from its channel's plane.
 template <typename T>
 struct ImplicitCols {
-  const T* x;  // the image's first channel of this group
-  int64_t Cg, S, H, W, OW, sh, sw, dh, dw, pt, pl;
+  const T* x;          // the image's first channel of this group
+  const ConvGeom* g;   // the convolution (its Cg, S, H, W, OW, strides, dilations, pt, pl)
 };
 
 template <typename T>
 void pack_implicit_cols(const void* ctx, int64_t k0, int64_t kc, int64_t j0, int64_t cols,
                         int64_t nr, T* dst) {
-  const ImplicitCols<T>& c = *static_cast<const ImplicitCols<T>*>(ctx);
-  const int64_t HW = c.H * c.W;
+  const ImplicitCols<T>& src = *static_cast<const ImplicitCols<T>*>(ctx);
+  const ConvGeom& c = *src.g;
+  const int64_t Cg = c.Cg(), HW = c.H * c.W;
   // The panel's pixels as runs along output rows: destination column, ih0, iw0, length.
   constexpr int kMaxSeg = 64;
   int64_t seg_j[kMaxSeg], seg_ih[kMaxSeg], seg_iw[kMaxSeg], seg_len[kMaxSeg];
@@ -236,7 +237,7 @@ void pack_implicit_cols(const void* ctx, int64_t k0, int64_t kc, int64_t j0, int
   int64_t roff[kMaxSeg], iws[kMaxSeg], lo[kMaxSeg], hi[kMaxSeg];
   int64_t tap = -1;
   for (int64_t k = 0; k < kc; ++k) {
-    const int64_t i = k0 + k, t = i / c.Cg, ch = i % c.Cg;
+    const int64_t i = k0 + k, t = i / Cg, ch = i % Cg;
     if (t != tap) {
       tap = t;
       const int64_t dh = (t / c.S) * c.dh, dw = (t % c.S) * c.dw;
@@ -250,7 +251,7 @@ void pack_implicit_cols(const void* ctx, int64_t k0, int64_t kc, int64_t j0, int
         hi[sg] = max64(lo[sg], min64(len, iw0 >= c.W ? 0 : (c.W - 1 - iw0) / c.sw + 1));
       }
     }
-    const T* plane = c.x + ch * HW;
+    const T* plane = src.x + ch * HW;
     T* d = dst + k * nr;
     for (int sg = 0; sg < nseg; ++sg) {
       T* ds = d + seg_j[sg];
@@ -295,7 +296,7 @@ void forward_nchw_native(const ConvGeom& g, const T* x, const T* w, const T* bia
     a.epi.per_row = true;
     for (int64_t n = 0; n < g.N; ++n) {
       const T* xg = x + (n * g.C + gi * Cg) * HW;
-      const ImplicitCols<T> cols{xg, Cg, g.S, g.H, g.W, g.OW, g.sh, g.sw, g.dh, g.dw, g.pt, g.pl};
+      const ImplicitCols<T> cols{xg, &g};
       if (pointwise) {  // B is the image itself
         a.b = xg;
         a.rs_b = HW;
