@@ -444,12 +444,7 @@ int64_t workspace_bytes(const ConvGeom& g, Pass pass) {
 
 template <typename T>
 ConvKernels<T> im2col_kernels() {
-  ConvKernels<T> k;
-  k.forward = &forward<T>;
-  k.grad_input = &grad_input<T>;
-  k.grad_weight = &grad_weight<T>;
-  k.workspace_bytes = &workspace_bytes<T>;
-  return k;
+  return ConvKernels<T>::all(&forward<T>, &grad_input<T>, &grad_weight<T>, &workspace_bytes<T>);
 }
 
 template ConvKernels<float> im2col_kernels<float>();

@@ -25,6 +25,17 @@ struct ConvKernels {
   // Upper estimate of the workspace bytes one call of `pass` takes, NCHW tensors assumed
   // (channels_last ones need less).
   int64_t (*workspace_bytes)(const ConvGeom&, Pass) = nullptr;
+
+  // An algorithm with every pass (the signatures differ, so arguments cannot be swapped).
+  static ConvKernels all(decltype(forward) f, decltype(grad_input) gi,
+                         decltype(grad_weight) gw, decltype(workspace_bytes) ws) {
+    ConvKernels k;
+    k.forward = f;
+    k.grad_input = gi;
+    k.grad_weight = gw;
+    k.workspace_bytes = ws;
+    return k;
+  }
 };
 
 struct AlgorithmEntry {
