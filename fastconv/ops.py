@@ -160,30 +160,39 @@ def _(input, weight, bias, stride, padding, dilation, groups, algo):
     return _empty(problem.output_shape, input, _channels_last(input) or _channels_last(weight))
 
 
-def _conv2d_setup(ctx, inputs, output):
+def conv2d_setup(ctx, inputs, output):
     input, weight, bias, stride, padding, dilation, groups, algo = inputs
     ctx.save_for_backward(input, weight)
     ctx.conv = (list(stride), list(padding), list(dilation), groups, algo)
     ctx.bias_size = None if bias is None else bias.shape[0]
 
 
-def _conv2d_backward(ctx, grad):
+def conv2d_backward(ctx, grad, differentiable: bool = True):
+    """The gradients of conv2d (input, weight, bias) from its saved context: through the ops
+    (differentiable: double backward works) or through their bodies (plain eager backward,
+    no dispatcher; fastconv.autograd)."""
     input, weight = ctx.saved_tensors
     conv = ctx.conv
     gx = gw = gb = None
     if ctx.needs_input_grad[0]:
-        gx = conv2d_grad_input(grad, weight, list(input.shape), *conv)
+        f = conv2d_grad_input if differentiable else grad_input_forward
+        gx = f(grad, weight, list(input.shape), *conv)
     if ctx.needs_input_grad[1]:
-        gw = conv2d_grad_weight(grad, input, list(weight.shape), *conv)
+        f = conv2d_grad_weight if differentiable else grad_weight_forward
+        gw = f(grad, input, list(weight.shape), *conv)
     if ctx.bias_size is not None and ctx.needs_input_grad[2]:
         # With no input channels the output has no channels (torch's rule), so grad has
         # none to sum: the bias gradient is zero.
-        gb = conv2d_grad_bias(grad) if grad.shape[1] == ctx.bias_size else \
-            grad.new_zeros((ctx.bias_size,))
+        f = conv2d_grad_bias if differentiable else grad_bias_forward
+        gb = f(grad) if grad.shape[1] == ctx.bias_size else grad.new_zeros((ctx.bias_size,))
     return gx, gw, gb, None, None, None, None, None
 
 
-conv2d.register_autograd(_conv2d_backward, setup_context=_conv2d_setup)
+def _conv2d_backward(ctx, grad):
+    return conv2d_backward(ctx, grad)
+
+
+conv2d.register_autograd(_conv2d_backward, setup_context=conv2d_setup)
 
 
 # --------------------------------------------------------------------------------------------
@@ -198,11 +207,9 @@ def _grad_input_plan(grad_output, weight, input_size, stride, padding, dilation,
     return plan
 
 
-@torch.library.custom_op("fastconv::conv2d_grad_input", mutates_args=())
-def conv2d_grad_input(grad_output: Tensor, weight: Tensor, input_size: Sequence[int],
-                      stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
-                      groups: int, algo: str) -> Tensor:
-    """Gradient of conv2d with respect to its input (a transposed convolution of grad_output)."""
+def grad_input_forward(grad_output: Tensor, weight: Tensor, input_size, stride, padding,
+                       dilation, groups: int, algo: str) -> Tensor:
+    """The body of the conv2d_grad_input op (also called directly by fastconv.autograd)."""
     problem, kernels = _grad_input_plan(grad_output, weight, input_size, stride, padding,
                                         dilation, groups, algo)
     out_cl = _channels_last(grad_output) or _channels_last(weight)
@@ -212,6 +219,15 @@ def conv2d_grad_input(grad_output: Tensor, weight: Tensor, input_size: Sequence[
     gy, gy_layout = _dense(grad_output)
     kernels.grad_input(problem, gy, gy_layout, weight.contiguous(), gx, NHWC if out_cl else NCHW)
     return gx
+
+
+@torch.library.custom_op("fastconv::conv2d_grad_input", mutates_args=())
+def conv2d_grad_input(grad_output: Tensor, weight: Tensor, input_size: Sequence[int],
+                      stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
+                      groups: int, algo: str) -> Tensor:
+    """Gradient of conv2d with respect to its input (a transposed convolution of grad_output)."""
+    return grad_input_forward(grad_output, weight, input_size, stride, padding, dilation,
+                              groups, algo)
 
 
 @conv2d_grad_input.register_fake
@@ -254,11 +270,9 @@ def _grad_weight_plan(grad_output, input, weight_size, stride, padding, dilation
     return plan
 
 
-@torch.library.custom_op("fastconv::conv2d_grad_weight", mutates_args=())
-def conv2d_grad_weight(grad_output: Tensor, input: Tensor, weight_size: Sequence[int],
-                       stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
-                       groups: int, algo: str) -> Tensor:
-    """Gradient of conv2d with respect to its weight; returned OIHW-contiguous."""
+def grad_weight_forward(grad_output: Tensor, input: Tensor, weight_size, stride, padding,
+                        dilation, groups: int, algo: str) -> Tensor:
+    """The body of the conv2d_grad_weight op (also called directly by fastconv.autograd)."""
     problem, kernels = _grad_weight_plan(grad_output, input, weight_size, stride, padding,
                                          dilation, groups, algo)
     gw = input.new_empty(problem.weight_shape)
@@ -268,6 +282,15 @@ def conv2d_grad_weight(grad_output: Tensor, input: Tensor, weight_size: Sequence
     x, x_layout = _dense(input)
     kernels.grad_weight(problem, gy, gy_layout, x, x_layout, gw)
     return gw
+
+
+@torch.library.custom_op("fastconv::conv2d_grad_weight", mutates_args=())
+def conv2d_grad_weight(grad_output: Tensor, input: Tensor, weight_size: Sequence[int],
+                       stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
+                       groups: int, algo: str) -> Tensor:
+    """Gradient of conv2d with respect to its weight; returned OIHW-contiguous."""
+    return grad_weight_forward(grad_output, input, weight_size, stride, padding, dilation,
+                               groups, algo)
 
 
 @conv2d_grad_weight.register_fake
@@ -312,9 +335,8 @@ def _check_grad_bias(grad_output: Tensor) -> None:
         raise UnsupportedTensor(f"fastconv: grad_bias has no kernel for {grad_output.device}")
 
 
-@torch.library.custom_op("fastconv::conv2d_grad_bias", mutates_args=())
-def conv2d_grad_bias(grad_output: Tensor) -> Tensor:
-    """Per-channel sum of grad_output over batch and space (accumulated in float64)."""
+def grad_bias_forward(grad_output: Tensor) -> Tensor:
+    """The body of the conv2d_grad_bias op (also called directly by fastconv.autograd)."""
     _check_grad_bias(grad_output)
     N, K, OH, OW = grad_output.shape
     gb = grad_output.new_empty((K,))
@@ -323,6 +345,12 @@ def conv2d_grad_bias(grad_output: Tensor) -> Tensor:
     gy, gy_layout = _dense(grad_output)
     backend.grad_bias(_bias_problem(N, K, OH, OW), gy, gy_layout, gb)
     return gb
+
+
+@torch.library.custom_op("fastconv::conv2d_grad_bias", mutates_args=())
+def conv2d_grad_bias(grad_output: Tensor) -> Tensor:
+    """Per-channel sum of grad_output over batch and space (accumulated in float64)."""
+    return grad_bias_forward(grad_output)
 
 
 @functools.lru_cache(maxsize=1024)
