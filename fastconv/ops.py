@@ -23,7 +23,7 @@ The real kernels and the fake kernels share one set of checks (``_plan`` and
 from __future__ import annotations
 
 import functools
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -38,13 +38,18 @@ from .problem import Conv2dProblem, conv2d_problem
 # Checks and plans (shared by the real and the fake kernels)
 # --------------------------------------------------------------------------------------------
 
+class Plan(NamedTuple):
+    problem: Conv2dProblem
+    kernels: object  # the algorithm's kernels for the device (backend.CppKernels on the CPU)
+
+
 _PLANS: dict = {}
 
 
 def _plan(pass_: Pass, input_shape, weight_shape, stride, padding, dilation, groups: int,
           algo: str, device: str, dtype: torch.dtype):
-    """(problem, kernels) of one call: the validated problem and the kernels of the algorithm
-    that runs it (None on the meta device, where only shapes are computed). Memoised: a
+    """The Plan of one call: the validated problem and the kernels of the algorithm that runs
+    it (None on the meta device, where only shapes are computed). Memoised: a
     network calls the same few shapes over and over, and the checks cost microseconds."""
     key = (pass_, input_shape, weight_shape, tuple(stride), tuple(padding), tuple(dilation),
            groups, algo, device, dtype)
@@ -57,7 +62,7 @@ def _plan(pass_: Pass, input_shape, weight_shape, stride, padding, dilation, gro
         kernels = None
         if device != "meta":
             kernels = dispatch.resolve(algo, problem, device, dtype, pass_)[1]
-        plan = (problem, kernels)
+        plan = Plan(problem, kernels)
         if key is not None:
             if len(_PLANS) > 4096:
                 _PLANS.clear()
@@ -123,7 +128,7 @@ def _forward_plan(input, weight, bias, stride, padding, dilation, groups, algo):
     _check_operand("weight", weight, input, "input")
     plan = _plan(Pass.FORWARD, input.shape, weight.shape, stride, padding, dilation, groups,
                  algo, device_type(input), input.dtype)
-    _check_bias(bias, input, plan[0])
+    _check_bias(bias, input, plan.problem)
     return plan
 
 
@@ -203,7 +208,7 @@ def _grad_input_plan(grad_output, weight, input_size, stride, padding, dilation,
     _check_operand("weight", weight, grad_output, "grad_output")
     plan = _plan(Pass.GRAD_INPUT, tuple(input_size), weight.shape, stride, padding, dilation,
                  groups, algo, device_type(grad_output), grad_output.dtype)
-    _check_grad_output(grad_output, plan[0])
+    _check_grad_output(grad_output, plan.problem)
     return plan
 
 
@@ -266,7 +271,7 @@ def _grad_weight_plan(grad_output, input, weight_size, stride, padding, dilation
     _check_operand("input", input, grad_output, "grad_output")
     plan = _plan(Pass.GRAD_WEIGHT, input.shape, tuple(weight_size), stride, padding, dilation,
                  groups, algo, device_type(grad_output), grad_output.dtype)
-    _check_grad_output(grad_output, plan[0])
+    _check_grad_output(grad_output, plan.problem)
     return plan
 
 
