@@ -70,7 +70,9 @@ ext = Pybind11Extension(
     extra_compile_args=COMPILE_ARGS,
     extra_link_args=LINK_ARGS,
     cxx_std=17,
-    depends=sorted(glob.glob("csrc/**/*.h", recursive=True)),
+    # The kernel sources are compiled by BuildPerIsa, not listed as the extension's sources:
+    # naming them here makes an edit to one of them relink the extension.
+    depends=sorted(glob.glob("csrc/**/*.h", recursive=True)) + KERNEL_SOURCES,
 )
 
 setup(ext_modules=[ext], cmdclass={"build_ext": BuildPerIsa})

@@ -139,3 +139,33 @@ def test_batch_larger_than_the_layout_budget(algo):
     for got, ref, name in zip(torch.autograd.grad(y, (x, w), gy),
                               torch.autograd.grad(expected, (x, w), gy), ("dx", "dw")):
         assert_close(got, ref, atol=1e-9, rtol=1e-10, what=f"{name} over image groups")
+
+
+@pytest.mark.parametrize("stride", [(2, 2), (3, 2), (2, 3), (3, 3)], ids=lambda s: f"s{s[0]}{s[1]}")
+@pytest.mark.parametrize("kernel,dilation,padding", [
+    ((3, 3), (1, 1), (1, 1, 1, 1)), ((3, 3), (2, 1), (2, 0, 1, 2)), ((1, 1), (1, 1), (0, 0, 0, 0)),
+    ((2, 3), (1, 2), (0, 1, 2, 0)), ((5, 4), (3, 2), (3, 2, 0, 1))],
+    ids=["3x3", "3x3_dil_asym", "1x1", "2x3_dil", "5x4_dil3"])
+def test_grad_input_every_stride_phase(stride, kernel, dilation, padding, algo, isa):
+    # Strided grad-input runs one stride-1 problem per output phase (direct); the input sizes
+    # (13, 11) are multiples of no stride, so phases are ragged, and a kernel smaller than the
+    # stride leaves phases that no tap reaches.
+    x_shape, w_shape = (2, 5, 13, 11), (7, 5, *kernel)
+    problem = fastconv.conv2d_problem(x_shape, w_shape, stride, padding, dilation, 1)
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(w_shape, generator=g, dtype=torch.float64)
+    for channels_last in (False, True):
+        gy = torch.randn(problem.output_shape, generator=g, dtype=torch.float64)
+        if channels_last:
+            gy = gy.contiguous(memory_format=torch.channels_last)
+        args = (list(stride), list(padding), list(dilation), 1, algo)
+        if outside_domain(algo, (2, 5, 13 + padding[0] + padding[1], 11 + padding[2] + padding[3]),
+                          w_shape, torch.float64, ALL_PASSES,
+                          lambda: fastconv.ops.conv2d_grad_input(gy, w, list(x_shape), *args),
+                          stride=stride, dilation=dilation):
+            return
+        gx = fastconv.ops.conv2d_grad_input(gy, w, list(x_shape), *args)
+        ref = reference.conv2d_grad_input(gy, w, x_shape, stride, padding, dilation, 1)
+        assert_close(gx, ref, **tolerances(torch.float64, 7 * kernel[0] * kernel[1]),
+                     what=f"grad_input stride {stride} {'NHWC' if channels_last else 'NCHW'}")
+        assert gx.is_contiguous(memory_format=torch.channels_last) == channels_last

@@ -308,52 +308,139 @@ void forward(const ConvGeom& g, const T* x, int x_layout, const T* w, const T* b
   }
 }
 
-// grad_x = stride-1 convolution, with dilation (dh, dw), of grad_y placed every (sh, sw)
-// pixels on a zero background, using the flipped weights with input and output channels
-// swapped: w'[c][k][r][s] = w[k][c][R-1-r][S-1-s] per group. grad_y pixel (oh, ow) sits at
-// (oh*sh, ow*sw), and the convolution's padding is dh*(R-1) - pt rows on top (negative:
-// rows cropped) and likewise on the left.
+// grad_x is the adjoint of the forward: each grad_y pixel (oh, ow) spreads over the input
+// pixels (oh*sh - pt + r*dh, ow*sw - pl + s*dw). Its stride-1 form is a forward convolution
+// over grad_y with the flipped weights, input and output channels swapped,
+//   w'[c][k][r][s] = w[k][c][R-1-r][S-1-s]   (per group).
+// A strided convolution is split into sh x sw such problems, one per output phase (a, b),
+// i.e. per residue ((ih + pt) mod sh, (iw + pl) mod sw): the rows of phase a receive only the
+// taps r with r*dh = a (mod sh), so each phase is a stride-1 convolution of grad_y with that
+// sub-sampled filter, and no FLOP is spent on zeros inserted between grad_y's pixels.
+
+// The taps of one dimension that reach phase a: r*dh = a (mod stride), listed from the
+// largest r down (the flipped order), each reading grad_y at offset -e = -(r*dh - a)/stride
+// from the phase's output index q. Consecutive listed taps are `step` apart in e.
+struct PhaseTaps {
+  int64_t count = 0;   // taps in this phase (0: the phase's pixels get no gradient)
+  int64_t r_first = 0; // the largest such r
+  int64_t r_step = 0;  // r decreases by this much from one listed tap to the next
+  int64_t e_first = 0; // (r_first*d - a) / stride
+  int64_t e_step = 0;  // e decreases by this much per tap: the sub-problem's dilation
+};
+
+// floor(a / b) for b > 0 and any a.
+constexpr int64_t floor_div(int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
+
+inline PhaseTaps phase_taps(int64_t R, int64_t d, int64_t stride, int64_t a) {
+  PhaseTaps p;
+  for (int64_t r = R - 1; r >= 0; --r) {
+    if ((r * d - a) % stride != 0) continue;
+    if (p.count == 0) {
+      p.r_first = r;
+      p.e_first = (r * d - a) / stride;
+    } else if (p.count == 1) {
+      p.r_step = p.r_first - r;
+      p.e_step = p.r_step * d / stride;
+    }
+    ++p.count;
+  }
+  if (p.count == 1) p.e_step = 1;  // any dilation works for one tap
+  return p;
+}
+
 template <typename T>
 void grad_input(const ConvGeom& g, const T* gy, int gy_layout, const T* w, T* gx, int gx_layout,
                 int nthreads) {
   constexpr int L = Vec<T>::lanes, BK = kNbk * L;
-  const int64_t Cg = g.Cg(), Kg = g.Kg(), RS = g.R * g.S;
+  const int64_t Cg = g.Cg(), Kg = g.Kg(), RS = g.R * g.S, HW = g.H * g.W;
+  // grad_y as NHWC (no zeros inserted).
   const T* src = gy;
-  int64_t Hs = g.OH, Ws = g.OW;
-  if (g.sh != 1 || g.sw != 1 || gy_layout != kNHWC) {
-    Hs = (g.OH - 1) * g.sh + 1;
-    Ws = (g.OW - 1) * g.sw + 1;
-    T* buf = workspace_as<T>(kWsActivationNhwc, g.N * Hs * Ws * g.K);
-    scatter_to_nhwc(gy, gy_layout, g.N, g.K, g.OH, g.OW, buf, Hs, Ws, 0, 0, g.sh, g.sw, nthreads);
+  if (gy_layout != kNHWC) {
+    T* buf = workspace_as<T>(kWsActivationNhwc, g.N * g.OH * g.OW * g.K);
+    scatter_to_nhwc(gy, gy_layout, g.N, g.K, g.OH, g.OW, buf, g.OH, g.OW, 0, 0, 1, 1, nthreads);
     src = buf;
   }
+  const bool strided = g.sh != 1 || g.sw != 1;
   T* wp = workspace_as<T>(kWsPackedWeights, packed_weight_count<T>(g.groups, Cg, Kg, RS));
-  const int64_t R = g.R, S = g.S;
-  pack_weights<T>(
-      g.groups, Cg, Kg, RS, BK, L,
-      [&](int64_t gi, int64_t c, int64_t k, int64_t t) {
-        const int64_t r = R - 1 - t / S, s = S - 1 - t % S;
-        return w[((gi * Kg + k) * Cg + c) * RS + r * S + s];
-      },
-      wp, nthreads);
-  ConvGeom t = g;  // the transposed problem: grad_y (zero-inserted) in, grad_x out
-  t.H = Hs;
-  t.W = Ws;
-  t.C = g.K;
-  t.K = g.C;
-  t.OH = g.H;
-  t.OW = g.W;
-  t.sh = t.sw = 1;
-  t.pt = g.dh * (g.R - 1) - g.pt;
-  t.pl = g.dw * (g.S - 1) - g.pl;
-  t.pb = t.pr = 0;  // not read by forward_nhwc
-  NhwcOperands<T> op;
-  op.x = src;
-  op.wp = wp;
-  op.bias = nullptr;
-  op.y = gx;
-  op.y_layout = gx_layout;
-  forward_nhwc(t, op, nthreads);
+  // A strided problem writes each phase densely here (in grad_x's layout), then copies it
+  // into grad_x with the strides.
+  T* phase_out = strided ? workspace_as<T>(kWsOutputNhwc, g.N * ceil_div(g.H, g.sh) *
+                                                             ceil_div(g.W, g.sw) * g.C)
+                         : nullptr;
+  // Pixels of a phase that no tap reaches (a kernel smaller than the stride) get zero.
+  for (int64_t a = 0; a < g.sh; ++a)
+    for (int64_t b = 0; b < g.sw; ++b)
+      if (phase_taps(g.R, g.dh, g.sh, a).count == 0 || phase_taps(g.S, g.dw, g.sw, b).count == 0) {
+        std::memset(gx, 0, sizeof(T) * g.N * g.C * HW);
+        a = g.sh;
+        break;
+      }
+  for (int64_t a = 0; a < g.sh; ++a)
+    for (int64_t b = 0; b < g.sw; ++b) {
+      // The phase's rows ih = a - pt + sh*q for q in [q0, q1), likewise its columns.
+      const int64_t q0 = -floor_div(a - g.pt, g.sh), q1 = floor_div(g.H - 1 + g.pt - a, g.sh) + 1;
+      const int64_t u0 = -floor_div(b - g.pl, g.sw), u1 = floor_div(g.W - 1 + g.pl - b, g.sw) + 1;
+      const PhaseTaps th = phase_taps(g.R, g.dh, g.sh, a), tw = phase_taps(g.S, g.dw, g.sw, b);
+      if (q1 <= q0 || u1 <= u0 || th.count == 0 || tw.count == 0) continue;
+      const int64_t Rp = th.count, Sp = tw.count, R = g.R, S = g.S;
+      pack_weights<T>(
+          g.groups, Cg, Kg, Rp * Sp, BK, L,
+          [&](int64_t gi, int64_t c, int64_t k, int64_t t) {
+            const int64_t r = th.r_first - (t / Sp) * th.r_step;
+            const int64_t s = tw.r_first - (t % Sp) * tw.r_step;
+            return w[((gi * Kg + k) * Cg + c) * R * S + r * S + s];
+          },
+          wp, nthreads);
+      // Output index j = q - q0 reads grad_y row q - e_i, e_i = e_first - i*e_step: a
+      // stride-1 convolution with dilation e_step and top padding e_first - q0.
+      ConvGeom t = g;
+      t.H = g.OH;
+      t.W = g.OW;
+      t.C = g.K;
+      t.K = g.C;
+      t.R = Rp;
+      t.S = Sp;
+      t.OH = q1 - q0;
+      t.OW = u1 - u0;
+      t.sh = t.sw = 1;
+      t.dh = th.e_step;
+      t.dw = tw.e_step;
+      t.pt = th.e_first - q0;
+      t.pl = tw.e_first - u0;
+      t.pb = t.pr = 0;  // not read by forward_nhwc
+      NhwcOperands<T> op;
+      op.x = src;
+      op.wp = wp;
+      if (!strided) {
+        op.y = gx;
+        op.y_layout = gx_layout;
+        forward_nhwc(t, op, nthreads);
+        continue;
+      }
+      // The phase in grad_x's layout, then copied into grad_x with its strides: pixel (j, v)
+      // goes to (a - pt + sh*(q0 + j), b - pl + sw*(u0 + v)).
+      op.y = phase_out;
+      op.y_layout = gx_layout;
+      forward_nhwc(t, op, nthreads);
+      const int64_t ih0 = a - g.pt + g.sh * q0, iw0 = b - g.pl + g.sw * u0;
+      if (gx_layout == kNHWC) {
+        const int64_t rows = g.N * t.OH;
+        parallel_for(rows, threads_for(rows * t.OW * g.C * 4, nthreads), [&](int64_t row) {
+          const int64_t n = row / t.OH, ih = ih0 + g.sh * (row % t.OH);
+          for (int64_t v = 0; v < t.OW; ++v)
+            std::memcpy(gx + ((n * g.H + ih) * g.W + iw0 + g.sw * v) * g.C,
+                        phase_out + (row * t.OW + v) * g.C, sizeof(T) * g.C);
+        });
+      } else {
+        const int64_t rows = g.N * g.C * t.OH;  // (n, c, j): one output row of one channel
+        parallel_for(rows, threads_for(rows * t.OW * 4, nthreads), [&](int64_t row) {
+          const int64_t nc = row / t.OH, ih = ih0 + g.sh * (row % t.OH);
+          const T* sp = phase_out + row * t.OW;
+          T* d = gx + nc * HW + ih * g.W + iw0;
+          for (int64_t v = 0; v < t.OW; ++v) d[v * g.sw] = sp[v];
+        });
+      }
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -514,8 +601,10 @@ int64_t workspace_bytes(const ConvGeom& g, Pass pass) {
              tap_tables(g.C);
     }
     case Pass::kGradInput: {
-      const int64_t Hs = (g.OH - 1) * g.sh + 1, Ws = (g.OW - 1) * g.sw + 1;
-      return E * (g.N * Hs * Ws * g.K + packed_weight_count<T>(G, Cg, Kg, RS)) + tap_tables(g.K);
+      const bool strided = g.sh != 1 || g.sw != 1;
+      const int64_t phase = strided ? g.N * ceil_div(g.H, g.sh) * ceil_div(g.W, g.sw) * g.C : 0;
+      return E * (g.N * g.OH * g.OW * g.K + packed_weight_count<T>(G, Cg, Kg, RS) + phase) +
+             tap_tables(g.K);
     }
     case Pass::kGradWeight: {
       const int64_t Hp = g.H + g.pt + g.pb, Wp = g.W + g.pl + g.pr;
