@@ -1,0 +1,77 @@
+"""Each pass of a convolution against torch's, per layer: forward, grad-input, grad-weight.
+
+    python benchmarks/report_passes.py [--net resnet50|vgg16|mobilenet_v2|targets|all]
+        [--layers "3x3/2 128 @56,conv1 7x7/2 3>64 @224"] [--batch 8] [--algo auto] [--rounds 3]
+
+torch's passes are aten.convolution_backward with one output mask each (what autograd runs
+for that gradient). fastconv's are the op bodies (fastconv.ops.*_forward) with the algorithm
+that 'auto' picks. torch and fastconv alternate for --rounds rounds; the table gives medians
+and the median of the per-round speedups.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+
+import torch
+
+import fastconv
+from fastconv import ops
+from fastconv.bench import measure
+from fastconv.shapes import ALL_LAYERS, NETWORKS, RESNET50_DIRECT_TARGETS
+
+LAYER_SETS = dict(NETWORKS, targets=RESNET50_DIRECT_TARGETS, all=ALL_LAYERS)
+
+
+def passes(layer, batch: int, algo: str) -> dict:
+    """name -> (fastconv call, torch call) for the three passes of one layer."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(layer.input_shape(batch), generator=g)
+    w = torch.randn(layer.weight_shape(), generator=g) / (layer.C * layer.R ** 2) ** 0.5
+    s, p = layer.stride, layer.padding
+    y = torch.nn.functional.conv2d(x, w, **layer.conv_args())
+    gy = torch.randn(y.shape, generator=g)
+    conv = ([s, s], [p] * 4, [1, 1], layer.groups, algo)
+
+    def torch_backward(mask):
+        return lambda: torch.ops.aten.convolution_backward(
+            gy, x, w, None, [s, s], [p, p], [1, 1], False, [0, 0], layer.groups, mask)
+
+    return {
+        "forward": (lambda: ops.conv2d_forward(x, w, None, *conv),
+                    lambda: torch.nn.functional.conv2d(x, w, **layer.conv_args())),
+        "grad_input": (lambda: ops.grad_input_forward(gy, w, list(x.shape), *conv),
+                       torch_backward([True, False, False])),
+        "grad_weight": (lambda: ops.grad_weight_forward(gy, x, list(w.shape), *conv),
+                        torch_backward([False, True, False])),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--net", default="targets", choices=sorted(LAYER_SETS))
+    ap.add_argument("--layers", default="", help="comma-separated layer names (default: all)")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--algo", default="auto")
+    ap.add_argument("--rounds", type=int, default=3)
+    args = ap.parse_args()
+    wanted = {n.strip() for n in args.layers.split(",") if n.strip()}
+    layers = [l for l in LAYER_SETS[args.net] if not wanted or l.name in wanted]
+    print(f"fastconv {fastconv.__version__} isa={fastconv.get_isa()} torch {torch.__version__} "
+          f"threads={torch.get_num_threads()} batch={args.batch} algo={args.algo}")
+    print(f"{'layer':40s} {'pass':12s} {'torch ms':>9s} {'ours ms':>9s} {'GF/s':>6s} {'x':>6s}")
+    for layer in layers:
+        with torch.no_grad():
+            for name, (ours, theirs) in passes(layer, args.batch, args.algo).items():
+                t_ours, t_torch = [], []
+                for _ in range(args.rounds):
+                    t_torch.append(measure(theirs, min_time=0.15, min_reps=3).median)
+                    t_ours.append(measure(ours, min_time=0.15, min_reps=3).median)
+                speedup = statistics.median(a / b for a, b in zip(t_torch, t_ours))
+                ms = statistics.median(t_ours)
+                print(f"{layer.name:40s} {name:12s} {statistics.median(t_torch) * 1e3:9.2f} "
+                      f"{ms * 1e3:9.2f} {layer.flops(args.batch) / ms / 1e9:6.0f} {speedup:5.2f}x")
+
+
+if __name__ == "__main__":
+    main()
