@@ -514,58 +514,25 @@ void grad_weight(const ConvGeom& g, const T* gy, int gy_layout, const T* x, int 
   // Input as padded NHWC. Channel mode pads the channels to a whole number of URC tiles so
   // the last tile can broadcast past Cg without leaving the pixel; strip mode leaves URC
   // values of slack after the buffer, which the last strip tile may read past the end of
-  // the strip (results there are dropped).
+  // the strip (results there are dropped). Output gradient as NHWC with each group's
+  // channels padded to whole vectors.
   const int64_t Cp = strip ? g.C : (G - 1) * Cg + CT * kUrc, slack = strip ? kUrc : 0;
-  T* xp = workspace_as<T>(kWsActivationNhwc, g.N * Hp * Wp * Cp + slack);
-  {
-    // Scatter into a Cp-channel buffer: first build it with C channels, then widen in place
-    // only when needed (rare: the last group's channel count is not a multiple of URC).
-    if (Cp == g.C) {
-      if (x_layout == kNHWC && !g.padded() && !strip)
-        xp = const_cast<T*>(x);
-      else
-        scatter_to_nhwc(x, x_layout, g.N, g.C, g.H, g.W, xp, Hp, Wp, g.pt, g.pl, 1, 1, nthreads);
-      std::memset(xp + g.N * Hp * Wp * Cp, 0, sizeof(T) * slack);
-    } else {
-      T* tmp = workspace_as<T>(kWsStaging, g.N * Hp * Wp * g.C);
-      scatter_to_nhwc(x, x_layout, g.N, g.C, g.H, g.W, tmp, Hp, Wp, g.pt, g.pl, 1, 1, nthreads);
-      const int64_t pixels = g.N * Hp * Wp;
-      for (int64_t i = 0; i < pixels; ++i) {
-        std::memcpy(xp + i * Cp, tmp + i * g.C, sizeof(T) * g.C);
-        std::memset(xp + i * Cp + g.C, 0, sizeof(T) * (Cp - g.C));
-      }
-    }
-  }
-  // Output gradient as NHWC with each group's channels padded to whole vectors.
   const int64_t Kgp = round_up(Kg, L);
-  const T* gyn = gy;
-  int64_t ldg = g.K, kgs = Kg;
-  if (gy_layout != kNHWC || Kgp != Kg) {
-    ldg = G * Kgp;
-    kgs = Kgp;
-    T* buf = workspace_as<T>(kWsGradOutputNhwc, g.N * g.OH * g.OW * ldg);
-    if (Kgp == Kg) {
-      scatter_to_nhwc(gy, gy_layout, g.N, g.K, g.OH, g.OW, buf, g.OH, g.OW, 0, 0, 1, 1, nthreads);
-    } else {
-      const int64_t OHW = g.OH * g.OW, P = g.N * OHW;
-      for (int64_t pix = 0; pix < P; ++pix) {
-        const int64_t n = pix / OHW, q = pix % OHW;
-        T* d = buf + pix * ldg;
-        for (int64_t gi = 0; gi < G; ++gi)
-          for (int64_t k = 0; k < Kgp; ++k) {
-            const int64_t kk = gi * Kg + k;
-            d[gi * Kgp + k] = k >= Kg                ? T(0)
-                              : gy_layout == kNHWC ? gy[pix * g.K + kk]
-                                                   : gy[(n * g.K + kk) * OHW + q];
-          }
-      }
-    }
-    gyn = buf;
-  }
+  const bool x_copy = !(Cp == g.C && x_layout == kNHWC && !g.padded() && !strip);
+  const bool gy_copy = gy_layout != kNHWC || Kgp != Kg;
+  const int64_t ldg = gy_copy ? G * Kgp : g.K, kgs = gy_copy ? Kgp : Kg;
+  // Both copies are made a group of images at a time, under the layout budget, so the
+  // extra memory of a call does not grow with the batch.
+  const int64_t x_image = Hp * Wp * Cp, gy_image = g.OH * g.OW * ldg;
+  const int64_t group = min64(g.N, images_per_group(((x_copy ? x_image : 0) +
+                                                     (gy_copy ? gy_image : 0)) * int64_t(sizeof(T))));
+  T* xbuf = x_copy ? workspace_as<T>(kWsActivationNhwc, group * x_image + slack) : nullptr;
+  T* gybuf = gy_copy ? workspace_as<T>(kWsGradOutputNhwc, group * gy_image) : nullptr;
+  if (slack) std::memset(xbuf + group * x_image, 0, sizeof(T) * slack);
 
   // Units: (group, k block, tap (strip mode: tap row), tile), each owned by one thread for
-  // the whole call, so the accumulators need no synchronisation and results are
-  // deterministic.
+  // the whole of a parallel region, so the accumulators need no synchronisation and results
+  // are deterministic.
   const int64_t units = G * KB * taps * tiles;
   T* accum = workspace_as<T>(kWsAccumulators, units * kUrc * BK);
   // Chunks of whole output rows of one image: x and gy of a chunk stay in L2 while every unit
@@ -573,30 +540,71 @@ void grad_weight(const ConvGeom& g, const T* gy, int gy_layout, const T* x, int 
   const int64_t rows_per_chunk =
       max64(1, tuning().direct_grad_weight_chunk_pixels / max64(1, g.OW));
   const int64_t chunks_per_image = ceil_div(g.OH, rows_per_chunk);
-  parallel(threads_for(g.flops(), nthreads), [&](int tid, int nth) {
-    int64_t u0, u1;
-    split_range(units, nth, tid, &u0, &u1);
-    std::memset(accum + u0 * kUrc * BK, 0, sizeof(T) * (u1 - u0) * kUrc * BK);
-    for (int64_t n = 0; n < g.N; ++n)
-      for (int64_t ch = 0; ch < chunks_per_image; ++ch) {
-        const int64_t oh0 = ch * rows_per_chunk, oh1 = min64(g.OH, oh0 + rows_per_chunk);
-        for (int64_t u = u0; u < u1; ++u) {
-          const int64_t tile = u % tiles, t = (u / tiles) % taps, blk = u / (tiles * taps);
-          const int64_t gi = blk / KB, kb = blk % KB;
-          const int64_t r = strip ? t : t / g.S, s = strip ? 0 : t % g.S;
-          const T* xb = xp + ((n * Hp + r * g.dh) * Wp + s * g.dw) * Cp + gi * Cg + tile * kUrc;
-          const T* gb = gyn + n * g.OH * g.OW * ldg + gi * kgs + kb * BK;
-          const int64_t kv = min64(BK, Kg - kb * BK);
-          T* a = accum + u * kUrc * BK;
-          if (kv > L * (kNbk - 1))
-            gw_tile<T, kUrc, kNbk>(xb, g.sh * Wp * Cp, g.sw * Cp, gb, g.OW * ldg, ldg, oh0, oh1,
-                                   g.OW, a);
-          else
-            gw_tile<T, kUrc, 1>(xb, g.sh * Wp * Cp, g.sw * Cp, gb, g.OW * ldg, ldg, oh0, oh1,
-                                g.OW, a);
-        }
+  for (int64_t n0 = 0; n0 < g.N; n0 += group) {
+    const int64_t images = min64(group, g.N - n0);
+    const T* xp = x + n0 * g.C * g.H * g.W;
+    if (x_copy && Cp == g.C) {
+      scatter_to_nhwc(xp, x_layout, images, g.C, g.H, g.W, xbuf, Hp, Wp, g.pt, g.pl, 1, 1,
+                      nthreads);
+      xp = xbuf;
+    } else if (x_copy) {
+      // Build the group with C channels, then widen it to Cp (rare: the last group's
+      // channel count is not a multiple of URC).
+      T* tmp = workspace_as<T>(kWsStaging, images * Hp * Wp * g.C);
+      scatter_to_nhwc(xp, x_layout, images, g.C, g.H, g.W, tmp, Hp, Wp, g.pt, g.pl, 1, 1,
+                      nthreads);
+      for (int64_t i = 0; i < images * Hp * Wp; ++i) {
+        std::memcpy(xbuf + i * Cp, tmp + i * g.C, sizeof(T) * g.C);
+        std::memset(xbuf + i * Cp + g.C, 0, sizeof(T) * (Cp - g.C));
       }
-  });
+      xp = xbuf;
+    }
+    const T* gyn = gy + n0 * g.K * g.OH * g.OW;
+    if (gy_copy && Kgp == Kg) {
+      scatter_to_nhwc(gyn, gy_layout, images, g.K, g.OH, g.OW, gybuf, g.OH, g.OW, 0, 0, 1, 1,
+                      nthreads);
+      gyn = gybuf;
+    } else if (gy_copy) {
+      const int64_t OHW = g.OH * g.OW;
+      for (int64_t pix = 0; pix < images * OHW; ++pix) {
+        const int64_t n = pix / OHW, q = pix % OHW;
+        T* d = gybuf + pix * ldg;
+        for (int64_t gi = 0; gi < G; ++gi)
+          for (int64_t k = 0; k < Kgp; ++k) {
+            const int64_t kk = gi * Kg + k;
+            d[gi * Kgp + k] = k >= Kg                ? T(0)
+                              : gy_layout == kNHWC ? gyn[pix * g.K + kk]
+                                                   : gyn[(n * g.K + kk) * OHW + q];
+          }
+      }
+      gyn = gybuf;
+    }
+    parallel(threads_for(g.flops(), nthreads), [&](int tid, int nth) {
+      int64_t u0, u1;
+      split_range(units, nth, tid, &u0, &u1);
+      if (n0 == 0) std::memset(accum + u0 * kUrc * BK, 0, sizeof(T) * (u1 - u0) * kUrc * BK);
+      for (int64_t n = 0; n < images; ++n)
+        for (int64_t ch = 0; ch < chunks_per_image; ++ch) {
+          const int64_t oh0 = ch * rows_per_chunk, oh1 = min64(g.OH, oh0 + rows_per_chunk);
+          for (int64_t u = u0; u < u1; ++u) {
+            const int64_t tile = u % tiles, t = (u / tiles) % taps, blk = u / (tiles * taps);
+            const int64_t gi = blk / KB, kb = blk % KB;
+            const int64_t r = strip ? t : t / g.S, s = strip ? 0 : t % g.S;
+            const T* xb =
+                xp + ((n * Hp + r * g.dh) * Wp + s * g.dw) * Cp + gi * Cg + tile * kUrc;
+            const T* gb = gyn + n * g.OH * g.OW * ldg + gi * kgs + kb * BK;
+            const int64_t kv = min64(BK, Kg - kb * BK);
+            T* a = accum + u * kUrc * BK;
+            if (kv > L * (kNbk - 1))
+              gw_tile<T, kUrc, kNbk>(xb, g.sh * Wp * Cp, g.sw * Cp, gb, g.OW * ldg, ldg, oh0,
+                                     oh1, g.OW, a);
+            else
+              gw_tile<T, kUrc, 1>(xb, g.sh * Wp * Cp, g.sw * Cp, gb, g.OW * ldg, ldg, oh0, oh1,
+                                  g.OW, a);
+          }
+        }
+    });
+  }
   // Unpack [unit][row of tile][k in block] into OIHW; a row is input channel c of tap t, or
   // in strip mode the pair (s, c) at position s*Cg + c of tap row t's strip.
   for (int64_t u = 0; u < units; ++u) {
@@ -639,9 +647,10 @@ int64_t workspace_bytes(const ConvGeom& g, Pass pass) {
       const int64_t CT = ceil_div(Cg, int64_t(kUrc)), ST = ceil_div(g.S * Cg, int64_t(kUrc));
       const int64_t Cp = strip ? g.C : (G - 1) * Cg + CT * kUrc;
       const int64_t units = G * ceil_div(Kg, BK) * (strip ? g.R * ST : RS * CT);
-      return E * (g.N * Hp * Wp * Cp + (strip ? kUrc : 0) +
-                  (Cp != g.C ? g.N * Hp * Wp * g.C : 0) +
-                  g.N * g.OH * g.OW * G * round_up(Kg, L) + units * kUrc * BK);
+      const int64_t x_image = Hp * Wp * Cp, gy_image = g.OH * g.OW * G * round_up(Kg, L);
+      const int64_t group = min64(g.N, images_per_group((x_image + gy_image) * E));
+      return E * (group * (x_image + gy_image) + (strip ? kUrc : 0) +
+                  (Cp != g.C ? group * Hp * Wp * g.C : 0) + units * kUrc * BK);
     }
   }
   return 0;
