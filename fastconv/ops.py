@@ -61,7 +61,7 @@ def _plan(pass_: Pass, input_shape, weight_shape, stride, padding, dilation, gro
         problem = conv2d_problem(input_shape, weight_shape, stride, padding, dilation, groups)
         kernels = None
         if device != "meta":
-            kernels = dispatch.resolve(algo, problem, device, dtype, pass_)[1]
+            _, kernels = dispatch.resolve(algo, problem, device, dtype, pass_)
         plan = Plan(problem, kernels)
         if key is not None:
             if len(_PLANS) > 4096:

@@ -367,14 +367,12 @@ void grad_input(const ConvGeom& g, const T* gy, int gy_layout, const T* w, T* gx
   T* phase_out = strided ? workspace_as<T>(kWsOutputNhwc, g.N * ceil_div(g.H, g.sh) *
                                                              ceil_div(g.W, g.sw) * g.C)
                          : nullptr;
-  // Pixels of a phase that no tap reaches (a kernel smaller than the stride) get zero.
-  for (int64_t a = 0; a < g.sh; ++a)
-    for (int64_t b = 0; b < g.sw; ++b)
-      if (phase_taps(g.R, g.dh, g.sh, a).count == 0 || phase_taps(g.S, g.dw, g.sw, b).count == 0) {
-        std::memset(gx, 0, sizeof(T) * g.N * g.C * HW);
-        a = g.sh;
-        break;
-      }
+  // Pixels of a phase that no tap reaches (a kernel smaller than the stride) get zero: a
+  // phase is unreached when its row residue or its column residue has no tap.
+  bool unreached = false;
+  for (int64_t a = 0; a < g.sh; ++a) unreached |= phase_taps(g.R, g.dh, g.sh, a).count == 0;
+  for (int64_t b = 0; b < g.sw; ++b) unreached |= phase_taps(g.S, g.dw, g.sw, b).count == 0;
+  if (unreached) std::memset(gx, 0, sizeof(T) * g.N * g.C * HW);
   for (int64_t a = 0; a < g.sh; ++a)
     for (int64_t b = 0; b < g.sw; ++b) {
       // The phase's rows ih = a - pt + sh*q for q in [q0, q1), likewise its columns.
