@@ -21,7 +21,7 @@ PORTABLE = (platform.machine().lower() not in ("x86_64", "amd64")
             or os.environ.get("FASTCONV_PORTABLE", "") not in ("", "0"))
 X86_ISA_FLAGS = {
     "scalar": [],
-    "avx2": ["-mavx2", "-mfma"],
+    "avx2": ["-mavx2", "-mfma", "-Wno-maybe-uninitialized"],  # same g++ 12 issue, in its gathers
     # g++ 12's avx512fintrin.h builds unmasked intrinsics on `__m512 __Y = __Y;`, which -Wall
     # reports as uninitialized (fixed in later GCC). The same sources are compiled warning-clean
     # with these warnings on for the other two ISAs.

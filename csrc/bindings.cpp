@@ -16,6 +16,8 @@
 
 #include "common/problem.h"
 #include "common/tuning.h"
+#include "common/phase_times.h"
+#include "winograd/winograd.h"
 #include "common/workspace.h"
 #include "isa/kernel_table.h"
 
@@ -281,6 +283,8 @@ constexpr TuningField kTuningFields[] = {
     {"im2col_native_min_pixels_pointwise", &Tuning::im2col_native_min_pixels_pointwise},
     {"im2col_native_min_pixels_spatial", &Tuning::im2col_native_min_pixels_spatial},
     {"direct_grad_weight_chunk_pixels", &Tuning::direct_grad_weight_chunk_pixels},
+    {"winograd_tile_block", &Tuning::winograd_tile_block},
+    {"winograd_channel_block", &Tuning::winograd_channel_block},
 };
 
 }  // namespace
@@ -371,6 +375,50 @@ PYBIND11_MODULE(_C, m) {
                accumulate, scale, shift, per_row, relu, nt);
     });
   });
+  m.def("winograd_transform", [](int dtype, int m, int which, uintptr_t in, uintptr_t out,
+                                 int64_t count) {
+    if (m != 2 && m != 4 && m != 6) throw std::invalid_argument("m must be 2, 4 or 6");
+    if (which < 0 || which > 2) throw std::invalid_argument("which must be 0, 1 or 2");
+    by_dtype(dtype, [&](auto tag) {
+      using T = decltype(tag);
+      shared_of<T>().winograd_transform(m, which, ptr<const T>(in), ptr<T>(out), count);
+    });
+  }, "Apply the active ISA's Winograd F(m, 3) transform (0 input, 1 filter, 2 output) to "
+     "`count` contiguous row-major tiles");
+  m.def("winograd_matrices", [](int m) {
+    py::dict d;
+    auto put = [&](auto tag) {
+      using W = decltype(tag);
+      auto rows = [](const auto& mat) {
+        py::list out;
+        for (int i = 0; i < mat.rows; ++i) {
+          py::list r;
+          for (int j = 0; j < mat.cols; ++j) r.append(mat.v[i][j]);
+          out.append(r);
+        }
+        return out;
+      };
+      d["BT"] = rows(W::BT);
+      d["G"] = rows(W::G);
+      d["AT"] = rows(W::AT);
+    };
+    if (m == 2) put(WinogradMatrices<2>{});
+    else if (m == 4) put(WinogradMatrices<4>{});
+    else if (m == 6) put(WinogradMatrices<6>{});
+    else throw std::invalid_argument("m must be 2, 4 or 6");
+    return d;
+  }, "The BT, G and AT matrices the Winograd F(m, 3) kernels expand");
+  m.def("last_phase_times", []() {
+    const PhaseTimes& t = last_phase_times();
+    py::dict d;
+    d["filter_transform"] = t.filter_transform;
+    d["input_transform"] = t.input_transform;
+    d["gemm"] = t.gemm;
+    d["output_transform"] = t.output_transform;
+    d["wall"] = t.wall;
+    d["threads"] = t.threads;
+    return d;
+  }, "Seconds per phase (summed over threads) of this thread's last phased kernel call");
   m.def("gemm_blocking", [](int dtype) {
     const GemmBlocking b = dtype == kF32 ? active().f32.gemm_blocking : active().f64.gemm_blocking;
     py::dict d;

@@ -11,11 +11,12 @@ import torch
 from .backend import Pass
 from .errors import AlgorithmUnavailable
 from .problem import Conv2dProblem, conv2d_problem
-from .registry import ALGORITHMS, BY_NAME, Algorithm
+from .registry import ALGORITHMS, BY_NAME, FAMILIES, Algorithm
 
-#: 'auto' plus one member per registered algorithm (Algo.DIRECT == "direct", ...).
-Algo = enum.Enum("Algo", [("AUTO", "auto")] + [(a.name.upper(), a.name) for a in ALGORITHMS],
-                 type=str, module=__name__)
+#: 'auto', one member per family ('winograd': the tile size is chosen) and one per registered
+#: algorithm (Algo.DIRECT == "direct", Algo.WINOGRAD_F4 == "winograd_f4", ...).
+Algo = enum.Enum("Algo", [("AUTO", "auto")] + [(f.upper(), f) for f in FAMILIES] +
+                 [(a.name.upper(), a.name) for a in ALGORITHMS], type=str, module=__name__)
 VALID = tuple(a.value for a in Algo)
 
 
@@ -28,23 +29,56 @@ def check_algo(algo) -> str:
                          f"{', '.join(VALID)}") from None
 
 
+def winograd_tile(problem: Conv2dProblem, device_type: str = "cpu",
+                  dtype: torch.dtype = torch.float32) -> Optional[Algorithm]:
+    """``winograd``: the tile size for one convolution (None when no Winograd runs it).
+
+    F(6x6, 3x3) on large maps with at most 256 channels, F(4x4, 3x3) otherwise. Measured at
+    batch 8 against torch (speedups of F2 / F4 / F6, benchmarks/report_layers.py):
+    64 @224 1.43 / 2.11 / 2.41, 128 @112 1.66 / 2.41 / 2.68, 64 @56 1.16 / 1.56 / 1.58,
+    256 @56 2.01 / 2.83 / 2.83, 512 @28 1.57 / 2.28 / 2.11, 128 @28 1.32 / 1.55 / 1.39,
+    512 @14 1.23 / 1.54 / 0.96, 256 @14 1.09 / 1.12 / 0.75, 512 @7 0.83 / 0.87 / 0.53.
+    F6's 64 GEMMs only pay on maps of 56+ (its filter transform and edge tiles cost more
+    elsewhere); F2 never won.
+    """
+    def runs(name: str) -> bool:
+        return BY_NAME[name].unsupported(problem, device_type, dtype) is None
+
+    if problem.OH * problem.OW >= 56 * 56 and max(problem.Cg, problem.Kg) <= 256 \
+            and runs("winograd_f6"):
+        return BY_NAME["winograd_f6"]
+    return next((a for a in (BY_NAME["winograd_f4"], BY_NAME["winograd_f2"], BY_NAME["winograd_f6"])
+                 if runs(a.name)), None)
+
+
 def choose(problem: Conv2dProblem, device_type: str = "cpu",
            dtype: torch.dtype = torch.float32) -> Optional[Algorithm]:
     """``auto``: the algorithm for one convolution, or None when no registered algorithm can
     run it (callers then use torch's own convolution, or report the reasons).
 
-    Measured on ResNet-50's layers at batch 1 and 8 (benchmarks/report_layers.py, numbers in
-    the README): the packed GEMM wins on every 1x1 layer without groups (1.0-1.35x torch at
-    batch 1, against 0.44-1.0x for direct, whose register tile wastes lanes on 7x7 maps); the
-    direct kernel wins on everything with a spatial kernel (3x3: 0.8-1.4x vs 0.55-0.95x), and
-    on grouped and depthwise layers, where each group's GEMM is tiny.
+    * 1x1 without groups: the packed GEMM (1.0-1.35x torch at batch 1, against 0.44-1.0x for
+      direct, whose register tile wastes lanes on 7x7 maps).
+    * 3x3, stride 1, no groups, 16+ channels in and out and 784+ output pixels in the batch:
+      Winograd (:func:`winograd_tile` picks the tile). The filter transform costs the same
+      for any batch, so the batch needs enough pixels to amortise it. Measured, best
+      Winograd vs torch: batch 8: 1.1-2.8x on every ResNet-50 / VGG-16 3x3 layer but 512 @7
+      (392 pixels: 0.87x; its 36 MiB of transformed filters cost more than the maps save);
+      batch 1: 784 pixels (128 @28 1.06x, 512 @28 1.36x) and up win, 196 (256 @14 0.73x,
+      512 @14 0.92x) lose to torch and tie the direct kernel.
+    * Everything else (spatial kernels, strided, grouped and depthwise layers): direct
+      (3x3: 0.8-1.4x torch vs 0.55-0.95x for im2col; each group's GEMM is tiny).
     """
     def runs(name: str) -> bool:
         a = BY_NAME.get(name)
         return a is not None and a.unsupported(problem, device_type, dtype) is None
 
-    if problem.R == problem.S == 1 and problem.groups == 1 and runs("im2col"):
+    p = problem
+    if p.R == p.S == 1 and p.groups == 1 and runs("im2col"):
         return BY_NAME["im2col"]
+    if p.groups == 1 and min(p.Cg, p.Kg) >= 16 and p.N * p.OH * p.OW >= 28 * 28:
+        tile = winograd_tile(p, device_type, dtype)
+        if tile is not None:
+            return tile
     if runs("direct"):
         return BY_NAME["direct"]
     return next((a for a in ALGORITHMS if a.unsupported(problem, device_type, dtype) is None),
@@ -63,7 +97,15 @@ def resolve(algo: str, problem: Conv2dProblem, device_type: str, dtype: torch.dt
             raise AlgorithmUnavailable(f"fastconv: no algorithm can run this convolution "
                                        f"({reasons})")
         return chosen, chosen.require(problem, device_type, dtype, pass_)
-    a = BY_NAME[check_algo(algo)]
+    name = check_algo(algo)
+    if name in FAMILIES:
+        chosen = winograd_tile(problem, device_type, dtype)
+        if chosen is None:  # every member fails for the same reason: report the first's
+            reason = FAMILIES[name][0].unsupported(problem, device_type, dtype, pass_)
+            raise AlgorithmUnavailable(f"fastconv: algo={name!r} cannot run this convolution: "
+                                       f"{reason}")
+        return chosen, chosen.require(problem, device_type, dtype, pass_)
+    a = BY_NAME[name]
     return a, a.require(problem, device_type, dtype, pass_)
 
 
@@ -90,7 +132,7 @@ class Explanation:
         for c in self.candidates:
             state = (f"can run, workspace {c.workspace_bytes / 2**20:.2f} MiB"
                      if c.reason is None else f"cannot run: {c.reason}")
-            lines.append(f"  {c.name:10s} {state}")
+            lines.append(f"  {c.name:12s} {state}")
         return "\n".join(lines)
 
 
@@ -116,8 +158,12 @@ def explain(input_shape, weight_shape, stride=1, padding=0, dilation=1, groups: 
         why = "no fastconv algorithm can run it, so fastconv.conv2d calls torch's convolution"
     elif chosen.name == "im2col" and problem.R == problem.S == 1:
         why = "1x1 without groups: the packed GEMM beats the direct kernel on every such layer"
+    elif chosen.family == "winograd":
+        why = (f"3x3 stride-1 layer with enough channels and pixels: Winograd "
+               f"{chosen.name[-2:].upper()} does {chosen.name[-1]}x{chosen.name[-1]} outputs "
+               f"per transform and beats the direct kernel there")
     elif chosen.name == "direct":
-        why = "spatial or grouped kernel: the direct kernel wins there"
+        why = "spatial, strided or grouped kernel: the direct kernel wins there"
     else:
         why = "the first registered algorithm that can run it"
     return Explanation(problem, chosen.name if chosen else None, why, tuple(candidates))

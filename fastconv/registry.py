@@ -11,6 +11,9 @@ Adding an algorithm:
      <name>_kernels();`` (csrc/isa/kernel_table.h states the contract);
   2. one line ``X(<name>)`` in FASTCONV_ALGORITHMS, csrc/isa/table.cpp;
   3. one :class:`Algorithm` entry in ``ALGORITHMS`` below.
+
+A *family* (``winograd``) names algorithms that differ in one parameter (the tile size);
+asking for the family lets fastconv.dispatch pick the member.
 """
 from __future__ import annotations
 
@@ -40,6 +43,8 @@ class Algorithm:
     dtypes: tuple = FLOATS
     #: The reason this algorithm cannot run a (valid) problem, or None if it can.
     check: Callable[[Conv2dProblem], Optional[str]] = _runs_everything
+    #: The family this algorithm belongs to ("winograd"), if any.
+    family: Optional[str] = None
 
     @property
     def devices(self) -> tuple:
@@ -74,6 +79,31 @@ class Algorithm:
         return self.kernels[device_type].workspace_bytes(problem, pass_, dtype)
 
 
+def _winograd_3x3(problem: Conv2dProblem) -> Optional[str]:
+    wrong = []
+    if (problem.R, problem.S) != (3, 3):
+        wrong.append(f"a {problem.R}x{problem.S} kernel")
+    if problem.stride != (1, 1):
+        wrong.append(f"stride {problem.sh}x{problem.sw}")
+    if problem.dilation != (1, 1):
+        wrong.append(f"dilation {problem.dh}x{problem.dw}")
+    if wrong:
+        return ("Winograd F(m, 3) runs 3x3 kernels with stride 1 and dilation 1; this "
+                "convolution has " + " and ".join(wrong))
+    return None
+
+
+def _winograd(m: int, note: str) -> "Algorithm":
+    return Algorithm(
+        name=f"winograd_f{m}",
+        summary=f"Winograd F({m}x{m}, 3x3): {(m * m * 9) / (m + 2) ** 2:.2f}x fewer multiplies "
+                f"than direct, as {(m + 2) ** 2} GEMMs on the packed-GEMM micro-kernels; {note}",
+        kernels={"cpu": CppKernels(f"winograd_f{m}")},
+        check=_winograd_3x3,
+        family="winograd",
+    )
+
+
 ALGORITHMS: tuple = (
     Algorithm(
         name="direct",
@@ -87,9 +117,15 @@ ALGORITHMS: tuple = (
                 "read the activation as the GEMM operand",
         kernels={"cpu": CppKernels("im2col")},
     ),
+    _winograd(2, "the most accurate tile; grad-weight by the direct kernel"),
+    _winograd(4, "grad-weight by the direct kernel"),
+    _winograd(6, "points 0, +-1, +-2, +-1/2, inf; grad-weight by the direct kernel"),
 )
 
 BY_NAME = {a.name: a for a in ALGORITHMS}
+#: Family name -> its members, in registry order (algo="winograd" picks among them).
+FAMILIES = {f: tuple(a for a in ALGORITHMS if a.family == f)
+            for f in dict.fromkeys(a.family for a in ALGORITHMS if a.family)}
 #: Torch device types that some algorithm has kernels for.
 DEVICE_TYPES = tuple(sorted({d for a in ALGORITHMS for d in a.devices}))
 #: (device type, dtype) pairs that some algorithm has kernels for.

@@ -20,14 +20,38 @@ def _choice(layer, batch=1):
     return dispatch.choose(_problem(layer, batch)).name
 
 
-def test_auto_picks_gemm_for_1x1_layers_and_direct_otherwise():
+def test_auto_picks_gemm_for_1x1_winograd_for_3x3_and_direct_otherwise():
     by_name = {l.name: l for l in NETWORKS["resnet50"]}
     assert _choice(by_name["1x1 256>64 @56"]) == "im2col"
     assert _choice(by_name["1x1 1024>256 @14"]) == "im2col"
     assert _choice(by_name["1x1/2 downsample 256>512 @56"]) == "im2col"
     assert _choice(by_name["1x1 2048>512 @7"]) == "im2col"
-    assert _choice(by_name["3x3 64 @56"]) == "direct"
     assert _choice(by_name["conv1 7x7/2 3>64 @224"]) == "direct"
+    assert _choice(by_name["3x3/2 128 @56"]) == "direct"
+    # Winograd where the batch has enough pixels; F6 only on large maps with <= 256 channels.
+    assert _choice(by_name["3x3 64 @56"]) == "winograd_f6"
+    assert _choice(by_name["3x3 128 @28"], batch=8) == "winograd_f4"
+    assert _choice(by_name["3x3 256 @14"], batch=8) == "winograd_f4"
+    assert _choice(by_name["3x3 128 @28"]) == "winograd_f4"  # 784 pixels: enough
+    assert _choice(by_name["3x3 256 @14"]) == "direct"       # 196 pixels: too few
+    assert _choice(by_name["3x3 512 @7"], batch=8) == "direct"
+    vgg = {l.name: l for l in NETWORKS["vgg16"]}
+    assert _choice(vgg["3x3 64>64 @224"]) == "winograd_f6"
+    assert _choice(vgg["3x3 512>512 @28"]) == "winograd_f4"
+    assert _choice(vgg["3x3 512>512 @14"]) == "direct"
+    assert _choice(vgg["3x3 3>64 @224"]) == "direct"          # 3 input channels
+
+
+def test_winograd_family_picks_a_tile_or_says_why_not():
+    x, w = torch.randn(1, 4, 9, 9), torch.randn(4, 4, 3, 3)
+    assert fastconv.conv2d(x, w, algo="winograd").shape == (1, 4, 7, 7)
+    for kw, word in [(dict(stride=2), "stride 2x2"), (dict(dilation=2), "dilation 2x2")]:
+        with pytest.raises(ValueError, match=word):
+            fastconv.conv2d(x, w, **kw, algo="winograd")
+    with pytest.raises(ValueError, match="a 5x5 kernel"):
+        fastconv.conv2d(x, torch.randn(4, 4, 5, 5), algo="winograd")
+    with pytest.raises(ValueError, match="algo='winograd'"):
+        fastconv.conv2d(x, w, stride=2, algo="winograd")
 
 
 def test_auto_never_picks_gemm_for_grouped_layers():
@@ -45,6 +69,7 @@ def test_auto_finds_nothing_for_dtypes_without_kernels():
     ((2, 16, 20, 20), (32, 16, 1, 1), {}),                  # -> im2col
     ((2, 16, 6, 6), (8, 2, 1, 1), dict(groups=8)),           # -> direct (grouped)
     ((2, 8, 12, 12), (16, 8, 3, 3), dict(padding=1)),       # -> direct
+    ((4, 16, 20, 20), (16, 16, 3, 3), dict(padding=1)),     # -> winograd_f4
 ])
 def test_auto_gives_exactly_the_chosen_algorithms_result(shape, weight, kw):
     x, w = torch.randn(shape), torch.randn(weight)
@@ -60,7 +85,9 @@ def test_registry_and_kernel_table_agree():
     assert len(set(names)) == len(names)
     assert sorted(_C.algorithm_names()) == sorted(a.name for a in registry.ALGORITHMS
                                                   if "cpu" in a.kernels)
-    assert [m.value for m in fastconv.Algo] == ["auto"] + names
+    families = list(registry.FAMILIES)
+    assert families == ["winograd"]
+    assert [m.value for m in fastconv.Algo] == ["auto"] + families + names
 
 
 @pytest.mark.parametrize("algo", [a.name for a in registry.ALGORITHMS])
@@ -78,10 +105,11 @@ def test_every_entry_declares_its_domain(algo):
 
 def test_explain_names_choice_flops_and_workspace():
     e = fastconv.explain((8, 64, 56, 56), (64, 64, 3, 3), padding=1)
-    assert e.choice == "direct"
+    assert e.choice == "winograd_f6"
     assert e.problem.flops == 2 * 8 * 64 * 64 * 9 * 56 * 56
     text = str(e)
-    assert "auto picks direct" in text and "GFLOP" in text and "MiB" in text
+    assert "auto picks winograd_f6" in text and "GFLOP" in text and "MiB" in text
+    assert fastconv.explain((8, 64, 56, 56), (64, 64, 3, 3), stride=2, padding=1).choice == "direct"
     for a in registry.ALGORITHMS:
         assert a.name in text
     assert fastconv.explain((1, 3, 8, 8), (4, 3, 3, 3), dtype=torch.float16).choice is None

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 import fastconv
 from fastconv.backend import Pass
-from conftest import ALL_PASSES, FORWARD, assert_close, outside_domain, tolerances
+from conftest import ALL_PASSES, FORWARD, assert_close, is_winograd, outside_domain, tolerances
 
 
 @contextlib.contextmanager
@@ -209,6 +209,12 @@ def test_nonfinite_at_every_position_propagates_like_torch(dtype, algo, isa):
                           lambda: fastconv.conv2d(x, w, b, **kwargs, algo=algo), **kwargs):
             continue
         got = _pattern(fastconv.conv2d(x, w, b, **kwargs, algo=algo))
+        if is_winograd(algo):  # a non-finite input spreads over its tile (conftest)
+            nonfinite, exp_nonfinite = got.any(0), exp.any(0)
+            if (exp_nonfinite & ~nonfinite).any():
+                idx = tuple((exp_nonfinite & ~nonfinite).nonzero()[0].tolist())
+                failures.append(f"{what}: output{idx} is finite, torch's is not")
+            continue
         if not torch.equal(got, exp):
             kind, *idx = (int(i) for i in (got != exp).nonzero()[0])
             names = ("isnan", "isposinf", "isneginf")
@@ -307,7 +313,7 @@ def _check_strided(x_base, x_view, w_base, w_view, b_base, b_view, kwargs, algo,
         return
     expected = F.conv2d(x, w, b, **kwargs)
     red = w.shape[1] * w.shape[2] * w.shape[3]
-    tol = tolerances(dtype, red, magnitude=6.0)
+    tol = tolerances(dtype, red, magnitude=6.0, algo=algo)
     y = fastconv.conv2d(x, w, b, **kwargs, algo=algo)
     assert_close(y, expected, **tol, what=f"{what} forward")
 
@@ -326,7 +332,7 @@ def _check_strided(x_base, x_view, w_base, w_view, b_base, b_view, kwargs, algo,
     scale = float(gy.abs().max()) if gy.numel() else 1.0
     for name, a, e, red_g in zip(("grad_input", "grad_weight", "grad_bias"), got, ref,
                                  (w.shape[0] * w.shape[2] * w.shape[3], pixels, pixels)):
-        assert_close(a, e, **tolerances(dtype, red_g, magnitude=6.0 * scale * red_g ** 0.5),
+        assert_close(a, e, **tolerances(dtype, red_g, magnitude=6.0 * scale * red_g ** 0.5, algo=algo),
                      what=f"{what} {name}")
     for t, s in zip(bases, snapshots):
         assert torch.equal(t, s), f"{what}: an argument was modified"

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import fastconv
 from fastconv.shapes import ALL_LAYERS
-from conftest import ALL_PASSES, FORWARD, assert_close, outside_domain
+from conftest import ALL_PASSES, ERROR_GROWTH, FORWARD, assert_close, outside_domain
 
 
 @pytest.mark.parametrize("layer", ALL_LAYERS, ids=lambda l: l.id)
@@ -24,7 +24,9 @@ def test_network_layer_forward(layer, algo):
         return
     y = fastconv.conv2d(x, w, b, **layer.conv_args(), algo=algo)
     expected = F.conv2d(x.double(), w.double(), b.double(), **layer.conv_args())
-    assert_close(y, expected, atol=1e-5 * max(1.0, fan_in ** 0.5 / 8), rtol=1e-5, what=layer.id)
+    growth = ERROR_GROWTH.get(algo, 1.0)
+    assert_close(y, expected, atol=1e-5 * max(1.0, fan_in ** 0.5 / 8) * growth, rtol=1e-5 * growth,
+                 what=layer.id)
 
 
 @pytest.mark.parametrize("layer", [l for l in ALL_LAYERS if l.H <= 56 and l.C * l.K <= 2 ** 17][::4],
@@ -44,6 +46,7 @@ def test_network_layer_backward(layer, algo):
     gx, gw = torch.autograd.grad(y, (x, w), gy)
     xd, wd = x.detach().double().requires_grad_(True), w.detach().double().requires_grad_(True)
     ex, ew = torch.autograd.grad(F.conv2d(xd, wd, None, **layer.conv_args()), (xd, wd), gy.double())
-    assert_close(gx, ex, atol=1e-4, rtol=1e-4, what=f"{layer.id} grad_input")
+    growth = ERROR_GROWTH.get(algo, 1.0)
+    assert_close(gx, ex, atol=1e-4 * growth, rtol=1e-4 * growth, what=f"{layer.id} grad_input")
     pixels = y.shape[0] * y.shape[2] * y.shape[3]
     assert_close(gw, ew, atol=2e-6 * pixels ** 0.5, rtol=1e-4, what=f"{layer.id} grad_weight")

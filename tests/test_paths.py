@@ -63,12 +63,12 @@ def test_every_path_matches_torch(case, dtype, setting, algo, isa):
         return
     with tuning(**SETTINGS[setting]):
         y, grads, expected_y, expected, used = _run_both_passes(case, dtype, algo)
-    assert_close(y, expected_y, **tolerances(dtype, case.reduction()), what=f"{setting} forward")
+    assert_close(y, expected_y, **tolerances(dtype, case.reduction(), algo=algo), what=f"{setting} forward")
     pixels = max(1, y.shape[0] * y.shape[2] * y.shape[3])
     reductions = [case.weight[0] // case.groups * case.weight[2] * case.weight[3], pixels, pixels]
     for name, got, ref, red, mag in zip(("grad_input", "grad_weight", "grad_bias"), grads,
                                         expected, reductions, [1.0, pixels ** .5, pixels ** .5]):
-        assert_close(got, ref, **tolerances(dtype, red, mag), what=f"{setting} {name}")
+        assert_close(got, ref, **tolerances(dtype, red, mag, algo=algo), what=f"{setting} {name}")
     # The forward took the path the setting names.
     nchw = not (case.channels_last or case.weight_channels_last)
     if algo == "im2col" and nchw and setting == "im2col_native":

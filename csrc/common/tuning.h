@@ -28,6 +28,11 @@ struct Tuning {
   // direct grad-weight: output pixels per chunk that every dW tile sweeps (x and grad_y of a
   // chunk stay in L2).
   int64_t direct_grad_weight_chunk_pixels = 512;
+  // Winograd: tiles per block (the GEMMs' N) and output channels per block (their M). A
+  // thread transforms one block of tiles for all input channels, then runs the (m+2)^2
+  // GEMMs of each channel block on it. Sweep: see csrc/winograd/winograd_conv.cpp.
+  int64_t winograd_tile_block = 64;
+  int64_t winograd_channel_block = 96;
 };
 
 // The process-wide values; set only between calls (fastconv.backend.tuning).

@@ -20,6 +20,8 @@ enum WorkspaceSlot : int {
   kWsGemmWholeOperand,  // one GEMM operand packed whole, reused across GEMM calls
   kWsGemmPanelsA,       // the GEMM's packed A block (MC x KC)
   kWsGemmPanelsB,       // the GEMM's packed B block (KC x NC)
+  kWsWinogradInput,     // Winograd: per-thread transformed input of one tile block (B panels)
+  kWsWinogradOutput,    // Winograd: per-thread transform-domain products before the output transform
   kWsSlots
 };
 

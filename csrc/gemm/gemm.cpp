@@ -352,6 +352,33 @@ void gemm_pack_b(const GemmArgs<T>& g, T* out, int nthreads) {
   }
 }
 
+template <typename T>
+int64_t gemm_k_block(int64_t K) {
+  return k_block<T>(K);
+}
+template int64_t gemm_k_block<float>(int64_t);
+template int64_t gemm_k_block<double>(int64_t);
+
+template <typename T>
+void gemm_macro_kernel(int64_t m, int64_t n, int64_t kc, const T* ap, const T* bp, T* c,
+                       int64_t ldc, bool accumulate, bool last, const Epilogue<T>& epi,
+                       int64_t row0, int64_t col0) {
+  using B = Blocking<T>;
+  constexpr int MR = B::MR, NR = B::NBV * Vec<T>::lanes;
+  for (int64_t jr = 0; jr < n; jr += NR, bp += kc * NR) {  // JR: B micro-panel stays in L1
+    const T* a = ap;
+    for (int64_t ir = 0; ir < m; ir += MR, a += kc * MR)   // IR
+      tile<T>(kc, a, bp, c + ir * ldc + jr, ldc, min64(MR, m - ir), min64(NR, n - jr),
+              accumulate, last, epi, row0 + ir, col0 + jr);
+  }
+}
+template void gemm_macro_kernel<float>(int64_t, int64_t, int64_t, const float*, const float*,
+                                       float*, int64_t, bool, bool, const Epilogue<float>&,
+                                       int64_t, int64_t);
+template void gemm_macro_kernel<double>(int64_t, int64_t, int64_t, const double*,
+                                        const double*, double*, int64_t, bool, bool,
+                                        const Epilogue<double>&, int64_t, int64_t);
+
 template void gemm<float>(const GemmArgs<float>&, int);
 template void gemm<double>(const GemmArgs<double>&, int);
 

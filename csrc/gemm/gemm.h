@@ -87,6 +87,18 @@ template <typename T> int64_t gemm_packed_size_a(int64_t M, int64_t K);
 template <typename T> int64_t gemm_packed_size_b(int64_t K, int64_t N);
 template <typename T> void gemm_pack_a(const GemmArgs<T>& args, T* out, int nthreads);
 template <typename T> void gemm_pack_b(const GemmArgs<T>& args, T* out, int nthreads);
+// The size of the K blocks the five loops (and the whole-operand layouts) cut K into: blocks
+// of this many, the last one possibly shorter.
+template <typename T> int64_t gemm_k_block(int64_t K);
+// The macro-kernel alone (JR and IR loops), in the calling thread, for callers that pack
+// their own panels (Winograd packs transformed tiles as B): C (m x n, row stride ldc) =
+// [C +] Ap * Bp over kc, where Ap holds ceil(m / MR) A micro-panels (kc x MR each, one after
+// the other) and Bp ceil(n / NR) B micro-panels (kc x NR each). `last` applies epi, whose
+// channels are row0 + i (per_row) or col0 + j.
+template <typename T>
+void gemm_macro_kernel(int64_t m, int64_t n, int64_t kc, const T* ap, const T* bp, T* c,
+                       int64_t ldc, bool accumulate, bool last, const Epilogue<T>& epi,
+                       int64_t row0, int64_t col0);
 // Bytes of panel workspace one gemm() call of this shape takes (operands not prepacked).
 template <typename T> int64_t gemm_workspace_bytes(int64_t M, int64_t N, int64_t K,
                                                    bool a_prepacked, bool b_prepacked);

@@ -50,6 +50,9 @@ struct SharedKernels {
   GemmBlocking gemm_blocking{};
   // Per-channel sums of grad_y (grad-bias), the same for every algorithm.
   void (*grad_bias)(const ConvGeom&, const T* gy, int gy_layout, T* gb, int nthreads) = nullptr;
+  // Winograd F(m, 3)'s vectorised transforms applied to `count` tiles, for tests
+  // (csrc/winograd: which = 0 input, 1 filter, 2 output).
+  void (*winograd_transform)(int m, int which, const T* in, T* out, int64_t count) = nullptr;
 };
 
 struct IsaKernels {

@@ -2,12 +2,15 @@
 #include "../common/simd.h"
 #include "kernel_table.h"
 
-// Every algorithm, once. The name is the algorithm's folder (csrc/<name>/), the name Python's
-// registry (fastconv/registry.py) declares it under, and the prefix of the function template
-// <name>_kernels<T>() that the folder defines.
+// Every algorithm, once. The name is the one Python's registry (fastconv/registry.py)
+// declares it under, and the prefix of the function template <name>_kernels<T>() that its
+// folder defines (csrc/<name>/, or csrc/winograd/ for the three Winograd tile sizes).
 #define FASTCONV_ALGORITHMS(X) \
   X(direct)                    \
-  X(im2col)
+  X(im2col)                    \
+  X(winograd_f2)               \
+  X(winograd_f4)               \
+  X(winograd_f6)
 
 namespace fastconv {
 namespace FASTCONV_ISA {
@@ -20,11 +23,15 @@ template <typename T>
 void grad_bias(const ConvGeom&, const T* gy, int gy_layout, T* gb, int nthreads);
 
 template <typename T>
+void winograd_transform(int m, int which, const T* in, T* out, int64_t count);
+
+template <typename T>
 SharedKernels<T> shared_kernels() {
   SharedKernels<T> k;
   k.gemm = &gemm<T>;
   k.gemm_blocking = gemm_blocking<T>();
   k.grad_bias = &grad_bias<T>;
+  k.winograd_transform = &winograd_transform<T>;
   return k;
 }
 

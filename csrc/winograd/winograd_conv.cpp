@@ -1,0 +1,503 @@
+// Winograd F(m x m, 3 x 3) convolution, m = 2, 4, 6, for one ISA (compiled once per ISA, see
+// simd.h): forward and grad-input; grad-weight runs the direct kernel's.
+//
+// A 3x3 stride-1 convolution computes each m x m output tile from an a x a input tile
+// (a = m + 2) as  Y = AT [ (G g GT) . (BT d B) ] A,  '.' elementwise (Lavin & Gray 2015). Over
+// channels, the elementwise products become a^2 independent GEMMs, one per transform-domain
+// point xi:  M_xi[k][tile] = sum_c U_xi[k][c] * V_xi[c][tile].
+//
+// Structure (ncnn's and oneDNN's W_SGD schedule, ../shared/notes §3):
+//   * Filters: U = G g GT for every (k, c), written straight into the GEMM's packed-A layout
+//     (one packed K x C matrix per xi), once per call.
+//   * Work items: (group, block of tiles, block of output channels), split over threads in
+//     that order. Per item a thread
+//       1. transforms its block of tiles, for every input channel, straight into the GEMM's
+//          packed-B layout (the input transform is the packing) -- skipped when the previous
+//          item had the same tiles;
+//       2. runs the a^2 GEMMs of its channel block with the packed GEMM's macro-kernel
+//          (csrc/gemm: the same micro-kernels as every other GEMM here);
+//       3. applies the output transform, bias / scale / shift / ReLU, and writes the tiles.
+//     Only one block of tiles is ever in the transform domain (per thread), never the whole
+//     transformed tensor.
+//   * Transforms run on vectors of `lanes` tiles (one channel), so they vectorise for every
+//     ISA; their constant matrices are expanded at compile time (zeros skipped, +-1 as
+//     add/sub).
+//   * Grad-input is the same forward over grad_y, with the filters rotated by 180 degrees and
+//     their in/out channels swapped, and padding 2 - p (negative: cropped).
+#include <chrono>
+#include <utility>
+#include <vector>
+
+#include "../common/phase_times.h"
+#include "../common/simd.h"
+#include "../common/transpose.h"
+#include "../common/tuning.h"
+#include "../common/workspace.h"
+#include "../isa/kernel_table.h"
+#include "winograd.h"
+
+namespace fastconv {
+namespace FASTCONV_ISA {
+
+template <typename T> ConvKernels<T> direct_kernels();  // grad-weight (csrc/direct)
+
+namespace {
+
+// ---------------------------------------------------------------------------------------
+// Transforms: out[i] = sum_u M(i, u) * in[u] for a constant matrix M, expanded at compile time
+// ---------------------------------------------------------------------------------------
+
+template <typename T, const auto& Mat, int I, int U>
+inline Vec<T> term(Vec<T> acc, const Vec<T>* in, int step) {
+  constexpr double a = Mat.v[I][U];
+  constexpr int first = Mat.first_nonzero(I);
+  const Vec<T> x = in[U * step];
+  if constexpr (a == 0) {
+    return acc;
+  } else if constexpr (U == first) {
+    if constexpr (a == 1) return x;
+    if constexpr (a == -1) return sub(Vec<T>::zero(), x);
+    const T c = T(a);
+    return mul(Vec<T>::broadcast(&c), x);
+  } else {
+    if constexpr (a == 1) return add(acc, x);
+    if constexpr (a == -1) return sub(acc, x);
+    const T c = T(a);
+    return fmadd(Vec<T>::broadcast(&c), x, acc);
+  }
+}
+
+template <typename T, const auto& Mat, int I, int... U>
+inline Vec<T> combine_row(const Vec<T>* in, int step, std::integer_sequence<int, U...>) {
+  Vec<T> acc = Vec<T>::zero();
+  ((acc = term<T, Mat, I, U>(acc, in, step)), ...);
+  return acc;
+}
+
+template <typename T, const auto& Mat, int... I>
+inline void combine(const Vec<T>* in, int in_step, Vec<T>* out, int out_step,
+                    std::integer_sequence<int, I...>) {
+  using M = std::decay_t<decltype(Mat)>;
+  ((out[I * out_step] = combine_row<T, Mat, I>(in, in_step, std::make_integer_sequence<int, M::cols>())),
+   ...);
+}
+
+// out (R x R) = Mat . in (C x C) . Mat^T for Mat R x C, on row-major arrays of vectors.
+template <typename T, const auto& Mat>
+inline void sandwich(const Vec<T>* in, Vec<T>* out) {
+  using M = std::decay_t<decltype(Mat)>;
+  constexpr int R = M::rows, C = M::cols;
+  Vec<T> t[R * C];
+  for (int v = 0; v < C; ++v)  // t = Mat . in (column by column)
+    combine<T, Mat>(in + v, C, t + v, C, std::make_integer_sequence<int, R>());
+  for (int i = 0; i < R; ++i)  // out = t . Mat^T (row by row)
+    combine<T, Mat>(t + i * C, 1, out + i * R, 1, std::make_integer_sequence<int, R>());
+}
+
+// ---------------------------------------------------------------------------------------
+// Blocking and layouts
+// ---------------------------------------------------------------------------------------
+
+template <typename T, int M>
+struct Plan {
+  static constexpr int A = M + 2, A2 = A * A, L = Vec<T>::lanes;
+  int64_t G, Cg, Kg;            // groups, input and output channels per group
+  int64_t TH, TW, tiles;        // tile rows and columns per image, tiles in the batch
+  int64_t MR, NR, KCB;          // GEMM register tile and K (= input channel) block
+  int64_t Kpad;                 // Kg rounded up to MR: rows of one packed U matrix
+  int64_t nb, nb_pad;           // tiles per block (and rounded up to NR)
+  int64_t mb;                   // output channels per block (a multiple of MR)
+  int64_t TB, KB, items;        // tile blocks, channel blocks, work items
+
+  explicit Plan(const ConvGeom& g) {
+    const GemmBlocking b = gemm_blocking<T>();
+    G = g.groups, Cg = g.Cg(), Kg = g.Kg();
+    TH = ceil_div(g.OH, M), TW = ceil_div(g.OW, M), tiles = g.N * TH * TW;
+    MR = b.mr, NR = b.nr, KCB = gemm_k_block<T>(Cg), Kpad = round_up(Kg, MR);
+    nb = min64(round_up(tuning().winograd_tile_block, L), round_up(tiles, L));
+    nb_pad = round_up(nb, NR);
+    mb = min64(round_up(tuning().winograd_channel_block, MR), Kpad);
+    TB = ceil_div(tiles, nb), KB = ceil_div(Kg, mb), items = G * TB * KB;
+  }
+  // Elements of the packed filters (all groups), of one thread's transformed tile block, and
+  // of one thread's transform-domain products.
+  int64_t filter_size() const { return G * A2 * Kpad * Cg; }
+  // One transform-domain matrix apart from the next: its size plus a cache line, so that the
+  // a^2 stores (loads) of one tile's transform do not all land in the same L1 set (the
+  // plain sizes are multiples of 4 KiB).
+  int64_t v_stride() const { return Cg * nb_pad + 64 / int64_t(sizeof(T)); }
+  int64_t m_stride() const { return mb * nb_pad + 64 / int64_t(sizeof(T)); }
+  int64_t input_block_size() const { return A2 * v_stride(); }
+  int64_t output_block_size() const { return A2 * m_stride(); }
+  // Offset of element (k, c) in one packed U matrix (gemm.h's whole-operand A layout).
+  int64_t a_offset(int64_t k, int64_t c) const {
+    const int64_t pc = c / KCB * KCB, kc = min64(KCB, Cg - pc);
+    return pc * Kpad + k / MR * kc * MR + (c - pc) * MR + k % MR;
+  }
+  // Offset of element (c, tile j) in one packed V matrix (the whole-operand B layout).
+  int64_t b_offset(int64_t c, int64_t j) const {
+    const int64_t pc = c / KCB * KCB, kc = min64(KCB, Cg - pc);
+    return pc * nb_pad + j / NR * kc * NR + (c - pc) * NR + j % NR;
+  }
+};
+
+// Strides of an N x C x H x W tensor in either layout.
+struct Strides {
+  int64_t n, c, h, w;
+  Strides(int layout, int64_t C, int64_t H, int64_t W)
+      : n(C * H * W), c(layout == kNHWC ? 1 : H * W), h(layout == kNHWC ? W * C : W),
+        w(layout == kNHWC ? C : 1) {}
+};
+
+// ---------------------------------------------------------------------------------------
+// Filter transform
+// ---------------------------------------------------------------------------------------
+
+// Where filter (group gi, out channel k, in channel c, tap r, s) of a problem lives in an
+// OIHW weight tensor: forward reads it as is; grad-input's derived problem reads it with in
+// and out channels swapped (strides exchanged) and the taps rotated by 180 degrees.
+template <typename T>
+struct FilterSource {
+  const T* w;
+  int64_t group, k, c;  // strides
+  bool rotated;
+  const T* at(int64_t gi, int64_t kk, int64_t cc) const { return w + gi * group + kk * k + cc * c; }
+  int tap(int i) const { return rotated ? 8 - i : i; }
+};
+
+// U_xi(k, c) = (G g_kc GT)[xi] for every group, into the packed layout; rows k >= Kg of the
+// last MR panel are zero. `w_at(group, k, c, r, s)` reads the (possibly rotated) filter.
+// Vectorised over the output channels of one MR-row panel (in chunks of `lanes`), whose
+// values for one (c, xi) are contiguous in the packed layout: each store is a short copy.
+template <typename T, int M>
+void transform_filters(const Plan<T, M>& p, const FilterSource<T>& src, T* u, int nthreads) {
+  using P = Plan<T, M>;
+  using V = Vec<T>;
+  constexpr int L = P::L, A2 = P::A2;
+  const int64_t per_group = A2 * p.Kpad * p.Cg, per_xi = p.Kpad * p.Cg;
+  const int64_t panels = p.Kpad / p.MR;
+  const bool can_gather = (L - 1) * src.k < (int64_t(1) << 31) - 9;
+  alignas(64) int32_t lane_idx[L];
+  for (int l = 0; l < L; ++l) lane_idx[l] = int32_t(can_gather && l < p.MR ? l * src.k : 0);
+  parallel_for(p.G * panels, threads_for(p.G * p.Kpad * p.Cg * 100, nthreads), [&](int64_t job) {
+    const int64_t gi = job / panels, k_panel = job % panels * p.MR;
+    T* ug = u + gi * per_group;
+    alignas(64) T buf[A2 * L];
+    for (int64_t r0 = 0; r0 < p.MR; r0 += L) {  // rows of the panel, `lanes` at a time
+      const int64_t k0 = k_panel + r0, rows = min64(L, p.MR - r0);
+      const int64_t valid = max64(0, min64(rows, p.Kg - k0));
+      for (int64_t c = 0; c < p.Cg; ++c) {
+        V g[9], out[A2];
+        if (valid == rows && can_gather) {  // lanes past `rows` read row k0 again, unused
+          const T* w0 = src.at(gi, k0, c);
+          for (int i = 0; i < 9; ++i) g[i] = gather(w0 + src.tap(i), lane_idx);
+        } else {
+          for (int i = 0; i < 9; ++i)
+            for (int l = 0; l < L; ++l)
+              buf[i * L + l] = l < valid ? src.at(gi, k0 + l, c)[src.tap(i)] : T(0);
+          for (int i = 0; i < 9; ++i) g[i] = V::load(buf + i * L);
+        }
+        sandwich<T, WinogradMatrices<M>::G>(g, out);
+        for (int xi = 0; xi < A2; ++xi) out[xi].store(buf + xi * L);
+        T* dst = ug + p.a_offset(k0, c);
+        for (int xi = 0; xi < A2; ++xi) copy_n(dst + xi * per_xi, buf + xi * L, rows);
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------
+// Input transform (fused into packing) and output transform
+// ---------------------------------------------------------------------------------------
+
+// Where the tiles of one group of `lanes` tiles start: per lane, the offset of its first
+// input (or output) element in image coordinates, and whether the tile lies fully inside.
+template <int L>
+struct LaneTiles {
+  int64_t base[L];  // offset of (n, channel 0, row, col) with row/col the tile's origin
+  int64_t row[L], col[L];
+  bool inside[L];
+  int count = 0;    // lanes holding a tile (the rest are zero padding)
+};
+
+template <typename T, int M>
+void transform_input_block(const Plan<T, M>& p, const ConvGeom& g, const T* x,
+                           const Strides& xs, int64_t gi, int64_t t0, int64_t nt, T* vblk) {
+  using P = Plan<T, M>;
+  using V = Vec<T>;
+  constexpr int A = P::A, A2 = P::A2, L = P::L;
+  const T* xg = x + gi * p.Cg * xs.c;
+  const int64_t per_xi = p.v_stride();
+  for (int64_t j0 = 0; j0 < round_up(nt, p.NR); j0 += L) {
+    LaneTiles<L> lt;
+    lt.count = int(max64(0, min64(L, nt - j0)));
+    for (int l = 0; l < lt.count; ++l) {
+      const int64_t t = t0 + j0 + l, n = t / (p.TH * p.TW), ty = t / p.TW % p.TH, tx = t % p.TW;
+      const int64_t h0 = ty * M - g.pt, w0 = tx * M - g.pl;
+      lt.row[l] = h0, lt.col[l] = w0;
+      lt.base[l] = n * xs.n + h0 * xs.h + w0 * xs.w;
+    }
+    for (int l = 0; l < lt.count; ++l)
+      lt.inside[l] = lt.row[l] >= 0 && lt.row[l] + A <= g.H && lt.col[l] >= 0 && lt.col[l] + A <= g.W;
+    // Lane l's a x a inputs go to patches[l][a * a] (a row of a values: one short vector
+    // copy in NCHW), then one transpose gives the transform's layout [a * a][lanes]. (Gathers
+    // measured 1.4x slower than scalar moves here, this 1.26x faster on 3x3 64 @56, F(4,3).)
+    alignas(64) T patches[L * A2], buf[A2 * L];
+    for (int64_t c = 0; c < p.Cg; ++c) {
+      const T* xc = xg + c * xs.c;
+      for (int l = 0; l < L; ++l) {
+        T* d = patches + l * A2;
+        if (l >= lt.count) {
+          zero_n(d, A2);
+        } else if (lt.inside[l]) {
+          const T* s = xc + lt.base[l];
+          for (int u = 0; u < A; ++u) {
+            if (xs.w == 1) copy_n(d + u * A, s + u * xs.h, A);
+            else copy_strided_n(d + u * A, s + u * xs.h, A, xs.w);
+          }
+        } else {
+          for (int u = 0; u < A; ++u)
+            for (int v = 0; v < A; ++v) {
+              const int64_t h = lt.row[l] + u, w = lt.col[l] + v;
+              d[u * A + v] = h >= 0 && h < g.H && w >= 0 && w < g.W
+                                 ? xc[lt.base[l] + u * xs.h + v * xs.w]
+                                 : T(0);
+            }
+        }
+      }
+      for (int i0 = 0; i0 < A2; i0 += kTransposeBlock)
+        transpose_block(patches + i0, A2, buf + i0 * L, L, L, int(min64(kTransposeBlock, A2 - i0)));
+      V d[A2], out[A2];
+      for (int i = 0; i < A2; ++i) d[i] = V::load(buf + i * L);
+      sandwich<T, WinogradMatrices<M>::BT>(d, out);
+      T* dst = vblk + p.b_offset(c, j0);
+      for (int xi = 0; xi < A2; ++xi) out[xi].store(dst + xi * per_xi);
+    }
+  }
+}
+
+// y tiles of output channels [k0, k0 + mk) of tiles [t0, t0 + nt) from the products
+// mblk[xi][k - k0][j], with the epilogue (channel = group's k0 + k).
+template <typename T, int M>
+void transform_output_block(const Plan<T, M>& p, const ConvGeom& g, const T* mblk,
+                            int64_t gi, int64_t k0, int64_t mk, int64_t t0, int64_t nt,
+                            const Epilogue<T>& epi, T* y, const Strides& ys) {
+  using P = Plan<T, M>;
+  using V = Vec<T>;
+  constexpr int A2 = P::A2, L = P::L, M2 = M * M;
+  const int64_t per_xi = p.m_stride();
+  for (int64_t j0 = 0; j0 < nt; j0 += L) {
+    LaneTiles<L> lt;
+    lt.count = int(min64(L, nt - j0));
+    for (int l = 0; l < lt.count; ++l) {
+      const int64_t t = t0 + j0 + l, n = t / (p.TH * p.TW), ty = t / p.TW % p.TH, tx = t % p.TW;
+      lt.row[l] = min64(M, g.OH - ty * M);  // valid rows and columns of the tile
+      lt.col[l] = min64(M, g.OW - tx * M);
+      lt.base[l] = n * ys.n + ty * M * ys.h + tx * M * ys.w;
+    }
+    alignas(64) T buf[M2 * L], tiles[L * M2];
+    for (int64_t k = 0; k < mk; ++k) {
+      const int64_t ch = gi * p.Kg + k0 + k;
+      V m[A2], out[M2];
+      for (int xi = 0; xi < A2; ++xi) m[xi] = V::load(mblk + xi * per_xi + k * p.nb_pad + j0);
+      sandwich<T, WinogradMatrices<M>::AT>(m, out);
+      if (epi.active()) {
+        for (int i = 0; i < M2; ++i) {
+          if (epi.scale) out[i] = mul(out[i], V::broadcast(epi.scale + ch));
+          if (epi.shift) out[i] = add(out[i], V::broadcast(epi.shift + ch));
+          if (epi.relu) out[i] = relu(out[i]);
+        }
+      }
+      for (int i = 0; i < M2; ++i) out[i].store(buf + i * L);
+      // [m * m][lanes] -> [lanes][m * m], so each lane writes rows of m contiguous values.
+      for (int i0 = 0; i0 < M2; i0 += kTransposeBlock)
+        transpose_block(buf + i0 * L, L, tiles + i0, M2, int(min64(kTransposeBlock, M2 - i0)), L);
+      T* yk = y + ch * ys.c;
+      for (int l = 0; l < lt.count; ++l) {
+        T* d = yk + lt.base[l];
+        const T* src = tiles + l * M2;
+        for (int i = 0; i < lt.row[l]; ++i) {
+          if (ys.w == 1) copy_n(d + i * ys.h, src + i * M, lt.col[l]);
+          else for (int j = 0; j < lt.col[l]; ++j) d[i * ys.h + j * ys.w] = src[i * M + j];
+        }
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Driver
+// ---------------------------------------------------------------------------------------
+
+// y = epilogue(conv3x3(x, w)) for a stride-1, dilation-1, 3x3 problem g (forward, or the
+// derived forward of grad-input), its filters read from w.
+template <typename T, int M>
+void winograd_conv(const ConvGeom& g, const T* x, int x_layout, const FilterSource<T>& w,
+                   const Epilogue<T>& epi, T* y, int y_layout, int nthreads) {
+  using Clock = std::chrono::steady_clock;
+  using P = Plan<T, M>;
+  constexpr int A2 = P::A2;
+  const auto start = Clock::now();
+  const P p(g);
+  const Strides xs(x_layout, g.C, g.H, g.W), ys(y_layout, g.K, g.OH, g.OW);
+
+  T* u = workspace_as<T>(kWsPackedWeights, p.filter_size());
+  transform_filters<T, M>(p, w, u, nthreads);
+  PhaseTimes times;
+  times.filter_transform = seconds_since(start);
+
+  const int nt = threads_for(g.flops() / 4, nthreads);
+  T* vbuf = workspace_as<T>(kWsWinogradInput, nt * p.input_block_size());
+  T* mbuf = workspace_as<T>(kWsWinogradOutput, nt * p.output_block_size());
+  std::vector<double> phase(3 * nt, 0.0);  // per thread: input, GEMM, output seconds
+  const Epilogue<T> none;
+  parallel(nt, [&](int tid, int nth) {
+    T* vblk = vbuf + tid * p.input_block_size();
+    T* mblk = mbuf + tid * p.output_block_size();
+    double* ph = phase.data() + 3 * tid;
+    int64_t i0, i1, transformed = -1;
+    split_range(p.items, nth, tid, &i0, &i1);
+    for (int64_t item = i0; item < i1; ++item) {
+      const int64_t kb = item % p.KB, tb = item / p.KB % p.TB, gi = item / (p.KB * p.TB);
+      const int64_t t0 = tb * p.nb, ntile = min64(p.nb, p.tiles - t0);
+      const int64_t k0 = kb * p.mb, mk = min64(p.mb, p.Kg - k0);
+      auto t = Clock::now();
+      if (item / p.KB != transformed) {  // a new (group, tile block)
+        transform_input_block<T, M>(p, g, x, xs, gi, t0, ntile, vblk);
+        transformed = item / p.KB;
+        ph[0] += seconds_since(t);
+        t = Clock::now();
+      }
+      const T* ug = u + gi * A2 * p.Kpad * p.Cg;
+      for (int xi = 0; xi < A2; ++xi) {
+        const T* uxi = ug + xi * p.Kpad * p.Cg;
+        const T* vxi = vblk + xi * p.v_stride();
+        T* mxi = mblk + xi * p.m_stride();
+        for (int64_t pc = 0; pc < p.Cg; pc += p.KCB) {
+          const int64_t kc = min64(p.KCB, p.Cg - pc);
+          gemm_macro_kernel<T>(mk, ntile, kc, uxi + pc * p.Kpad + k0 / p.MR * kc * p.MR,
+                               vxi + pc * p.nb_pad, mxi, p.nb_pad, pc > 0, pc + kc == p.Cg,
+                               none, 0, 0);
+        }
+      }
+      ph[1] += seconds_since(t);
+      t = Clock::now();
+      transform_output_block<T, M>(p, g, mblk, gi, k0, mk, t0, ntile, epi, y, ys);
+      ph[2] += seconds_since(t);
+    }
+  });
+  for (int i = 0; i < nt; ++i) {
+    times.input_transform += phase[3 * i];
+    times.gemm += phase[3 * i + 1];
+    times.output_transform += phase[3 * i + 2];
+  }
+  times.threads = nt;
+  times.wall = seconds_since(start);
+  last_phase_times() = times;
+}
+
+// ---------------------------------------------------------------------------------------
+// The three passes
+// ---------------------------------------------------------------------------------------
+
+template <typename T, int M>
+void forward(const ConvGeom& g, const T* x, int x_layout, const T* w, const T* bias, T* y,
+             int y_layout, int nthreads) {
+  const int64_t Cg = g.Cg(), Kg = g.Kg();
+  const FilterSource<T> src{w, Kg * Cg * 9, Cg * 9, 9, false};
+  Epilogue<T> epi;
+  epi.shift = bias;
+  winograd_conv<T, M>(g, x, x_layout, src, epi, y, y_layout, nthreads);
+}
+
+// The forward whose output is grad-input: grad_y (N x K x OH x OW) convolved with the rotated,
+// channel-swapped filters, padding 2 - p on each side, gives N x C x H x W.
+ConvGeom grad_input_problem(const ConvGeom& g) {
+  ConvGeom d = g;
+  d.C = g.K, d.H = g.OH, d.W = g.OW;
+  d.K = g.C, d.OH = g.H, d.OW = g.W;
+  d.pt = 2 - g.pt, d.pb = 2 - g.pb, d.pl = 2 - g.pl, d.pr = 2 - g.pr;
+  return d;
+}
+
+template <typename T, int M>
+void grad_input(const ConvGeom& g, const T* gy, int gy_layout, const T* w, T* gx, int gx_layout,
+                int nthreads) {
+  const int64_t Cg = g.Cg(), Kg = g.Kg();
+  // Derived filter (group gi, out channel c, in channel k) = w[gi*Kg + k][c], rotated.
+  const FilterSource<T> src{w, Kg * Cg * 9, 9, Cg * 9, true};
+  winograd_conv<T, M>(grad_input_problem(g), gy, gy_layout, src, Epilogue<T>(), gx, gx_layout,
+                      nthreads);
+}
+
+template <typename T>
+void grad_weight(const ConvGeom& g, const T* gy, int gy_layout, const T* x, int x_layout, T* gw,
+                 int nthreads) {
+  direct_kernels<T>().grad_weight(g, gy, gy_layout, x, x_layout, gw, nthreads);
+}
+
+template <typename T, int M>
+int64_t workspace_bytes(const ConvGeom& g, Pass pass) {
+  if (pass == Pass::kGradWeight) return direct_kernels<T>().workspace_bytes(g, pass);
+  const ConvGeom d = pass == Pass::kGradInput ? grad_input_problem(g) : g;
+  const Plan<T, M> p(d);
+  const int nt = threads_for(d.flops() / 4, omp_get_max_threads());
+  return int64_t(sizeof(T)) *
+         (p.filter_size() + nt * (p.input_block_size() + p.output_block_size()));
+}
+
+template <typename T, int M>
+ConvKernels<T> winograd_kernels() {
+  return ConvKernels<T>::all(&forward<T, M>, &grad_input<T, M>, &grad_weight<T>,
+                             &workspace_bytes<T, M>);
+}
+
+
+// The vectorised transforms alone, for tests: `count` tiles, each row-major and contiguous in
+// `in` and `out`: which = 0 input (a x a -> BT d B), 1 filter (3 x 3 -> G g GT),
+// 2 output (a x a -> AT m A, m x m).
+template <typename T, int M>
+void apply_transform(int which, const T* in, T* out, int64_t count) {
+  using V = Vec<T>;
+  constexpr int A = M + 2, L = V::lanes;
+  const int n_in = which == 1 ? 9 : A * A, n_out = which == 2 ? M * M : A * A;
+  alignas(64) T buf[A * A * L];
+  for (int64_t t0 = 0; t0 < count; t0 += L) {
+    const int64_t lanes = min64(L, count - t0);
+    for (int i = 0; i < n_in; ++i)
+      for (int l = 0; l < L; ++l) buf[i * L + l] = l < lanes ? in[(t0 + l) * n_in + i] : T(0);
+    V v_in[A * A], v_out[A * A];
+    for (int i = 0; i < n_in; ++i) v_in[i] = V::load(buf + i * L);
+    if (which == 0) sandwich<T, WinogradMatrices<M>::BT>(v_in, v_out);
+    else if (which == 1) sandwich<T, WinogradMatrices<M>::G>(v_in, v_out);
+    else sandwich<T, WinogradMatrices<M>::AT>(v_in, v_out);
+    for (int i = 0; i < n_out; ++i) v_out[i].store(buf + i * L);
+    for (int64_t l = 0; l < lanes; ++l)
+      for (int i = 0; i < n_out; ++i) out[(t0 + l) * n_out + i] = buf[i * L + l];
+  }
+}
+
+}  // namespace
+
+template <typename T>
+void winograd_transform(int m, int which, const T* in, T* out, int64_t count) {
+  if (m == 2) return apply_transform<T, 2>(which, in, out, count);
+  if (m == 4) return apply_transform<T, 4>(which, in, out, count);
+  return apply_transform<T, 6>(which, in, out, count);
+}
+template void winograd_transform<float>(int, int, const float*, float*, int64_t);
+template void winograd_transform<double>(int, int, const double*, double*, int64_t);
+
+
+template <typename T> ConvKernels<T> winograd_f2_kernels() { return winograd_kernels<T, 2>(); }
+template <typename T> ConvKernels<T> winograd_f4_kernels() { return winograd_kernels<T, 4>(); }
+template <typename T> ConvKernels<T> winograd_f6_kernels() { return winograd_kernels<T, 6>(); }
+template ConvKernels<float> winograd_f2_kernels<float>();
+template ConvKernels<double> winograd_f2_kernels<double>();
+template ConvKernels<float> winograd_f4_kernels<float>();
+template ConvKernels<double> winograd_f4_kernels<double>();
+template ConvKernels<float> winograd_f6_kernels<float>();
+template ConvKernels<double> winograd_f6_kernels<double>();
+
+}  // namespace FASTCONV_ISA
+}  // namespace fastconv
