@@ -1,10 +1,13 @@
 """Every algorithm against torch (oneDNN) on real network layers, in one process.
 
-    python benchmarks/report_layers.py [--net resnet50|vgg16|mobilenet_v2|targets|all]
-        [--batch 8] [--algos direct,im2col,auto] [--rounds 3] [--channels-last] [--json F]
+    python benchmarks/report_layers.py [--net resnet50|vgg16|mobilenet_v2|targets|winograd|all]
+        [--batch 8] [--algos direct,im2col,winograd,auto] [--rounds 3] [--channels-last]
+        [--phases] [--json F]
 
 For each layer and algorithm: median ms, GFLOP/s, % of machine peak, speedup over torch and
-the max error against torch's float64 result. The machine is noisy (two vCPUs whose speed
+the max error against torch's float64 result ('-' where an algorithm cannot run the layer), and
+which algorithm auto (and the winograd family) picked. --phases adds the phase split of the
+Winograd kernels (filter transform, input transform, GEMM, output transform). The machine is noisy (two vCPUs whose speed
 varies by up to 2x from run to run), so torch and each algorithm are timed alternately for
 --rounds rounds and the speedup is the median of the per-round ratios. Then: per-call
 overhead on a tiny convolution, and conv + batch_norm + relu interleaving torch ops with ours.
@@ -22,9 +25,13 @@ import torch.nn.functional as F
 import fastconv
 from fastconv.bench import geomean, measure, peak_gflops
 from fastconv.registry import ALGORITHMS
-from fastconv.shapes import ALL_LAYERS, NETWORKS, RESNET50_DIRECT_TARGETS
+from fastconv.backend import _C
+from fastconv.errors import AlgorithmUnavailable
+from fastconv.shapes import ALL_LAYERS, NETWORKS, RESNET50_DIRECT_TARGETS, WINOGRAD_TARGETS
 
-LAYER_SETS = dict(NETWORKS, targets=RESNET50_DIRECT_TARGETS, all=ALL_LAYERS)
+LAYER_SETS = dict(NETWORKS, targets=RESNET50_DIRECT_TARGETS, winograd=WINOGRAD_TARGETS,
+                  all=ALL_LAYERS)
+PHASES = ("filter_transform", "input_transform", "gemm", "output_transform")
 
 
 def _problem(layer, batch, channels_last):
@@ -43,7 +50,18 @@ def _progress(i, n, text):
           flush=True)
 
 
-def layer_rows(layers, batch, algos, rounds, channels_last):
+def _picks(algo, x, w, kw):
+    """The algorithm 'auto' or a family name runs for this layer."""
+    from fastconv import dispatch
+    from fastconv.functional import explicit_padding, pair
+    stride = pair("stride", kw["stride"])
+    pad = explicit_padding(kw["padding"], tuple(w.shape[2:]), stride, (1, 1))
+    problem = fastconv.conv2d_problem(tuple(x.shape), tuple(w.shape), stride, pad, (1, 1),
+                                      kw["groups"])
+    return dispatch.resolve(algo, problem, "cpu", x.dtype)[0].name
+
+
+def layer_rows(layers, batch, algos, rounds, channels_last, phases=False):
     rows = []
     for i, layer in enumerate(layers):
         _progress(i, len(layers), layer.id)
@@ -51,21 +69,32 @@ def layer_rows(layers, batch, algos, rounds, channels_last):
         kw = layer.conv_args()
         flops = layer.flops(batch)
         fns = {"torch": lambda: F.conv2d(x, w, b, **kw)}
-        for a in algos:
-            fns[a] = (lambda a=a: fastconv.conv2d(x, w, b, **kw, algo=a))
         row = dict(layer=layer.id, batch=batch, flops=flops)
+        runnable = []
+        for a in algos:
+            try:
+                row[f"{a}_picks"] = _picks(a, x, w, kw)
+            except AlgorithmUnavailable:
+                continue
+            runnable.append(a)
+            fns[a] = (lambda a=a: fastconv.conv2d(x, w, b, **kw, algo=a))
         with torch.no_grad():
             exact = F.conv2d(x.double(), w.double(), b.double(), **kw)
-            for a in algos:
+            for a in runnable:
                 row[f"{a}_rel_err"] = ((fns[a]().double() - exact).abs().max()
                                        / exact.abs().max()).item()
+                if phases and row[f"{a}_picks"].startswith("winograd"):
+                    fns[a]()
+                    t = _C.last_phase_times()
+                    total = sum(t[p] for p in PHASES)
+                    row[f"{a}_phases"] = {p: t[p] / total for p in PHASES}
             times = {k: [] for k in fns}
             for _ in range(rounds):
                 for k, fn in fns.items():
                     times[k].append(measure(fn, min_time=0.15, min_reps=3).median)
         row["torch_ms"] = statistics.median(times["torch"]) * 1e3
         row["torch_gflops"] = flops / statistics.median(times["torch"]) / 1e9
-        for a in algos:
+        for a in runnable:
             t = statistics.median(times[a])
             row[f"{a}_ms"] = t * 1e3
             row[f"{a}_gflops"] = flops / t / 1e9
@@ -108,10 +137,12 @@ def main(argv=None):
     p.add_argument("--net", choices=sorted(LAYER_SETS), default="targets")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
-    p.add_argument("--algos", default=",".join(a.name for a in ALGORITHMS) + ",auto")
+    p.add_argument("--algos", default=",".join(a.name for a in ALGORITHMS) + ",winograd,auto")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--no-extras", action="store_true", help="skip overhead and interleaved runs")
+    p.add_argument("--phases", action="store_true",
+                   help="print the phase split of the Winograd kernels")
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -121,7 +152,7 @@ def main(argv=None):
     print(f"fastconv {fastconv.__version__} isa={fastconv.get_isa()} torch {torch.__version__} "
           f"threads={args.threads} peak={peak_gflops(args.threads):.0f} GFLOP/s float32 "
           f"{'channels_last' if args.channels_last else 'NCHW'} batch={args.batch}")
-    rows = layer_rows(layers, args.batch, algos, args.rounds, args.channels_last)
+    rows = layer_rows(layers, args.batch, algos, args.rounds, args.channels_last, args.phases)
     head = f"{'layer':36s} {'torch ms':>8s} {'GF/s':>5s}"
     for a in algos:
         head += f" | {a + ' ms':>10s} {'GF/s':>5s} {'%pk':>4s} {'x':>5s}"
@@ -129,14 +160,29 @@ def main(argv=None):
     for r in rows:
         line = f"{r['layer']:36s} {r['torch_ms']:8.3f} {r['torch_gflops']:5.0f}"
         for a in algos:
+            if a + "_ms" not in r:
+                line += f" | {'-':>10s} {'':5s} {'':4s} {'':5s}"
+                continue
             line += (f" | {r[a + '_ms']:10.3f} {r[a + '_gflops']:5.0f} "
                      f"{r[a + '_pct_peak']:3.0f}% {r[a + '_speedup']:4.2f}x")
-        print(line)
-    summary = {a: geomean(r[a + "_speedup"] for r in rows) for a in algos}
+        picks = [f"{a}->{r[a + '_picks']}" for a in algos
+                 if a + "_picks" in r and r[a + "_picks"] != a]
+        print(line + ("  " + " ".join(picks) if picks else ""))
+    summary = {a: geomean(r[a + "_speedup"] for r in rows if a + "_speedup" in r) for a in algos}
     print(f"{'geometric-mean speedup over torch':36s} " +
           "  ".join(f"{a} {v:.2f}x" for a, v in summary.items()))
     print("max relative error vs float64: " + "  ".join(
-        f"{a} {max(r[a + '_rel_err'] for r in rows):.1e}" for a in algos))
+        f"{a} {max((r[a + '_rel_err'] for r in rows if a + '_rel_err' in r), default=0):.1e}"
+        for a in algos))
+    if args.phases:
+        print("\nphase split (share of kernel time: filter transform / input transform / GEMM "
+              "/ output transform)")
+        for r in rows:
+            for a in algos:
+                if a + "_phases" in r:
+                    ph = r[a + "_phases"]
+                    print(f"{r['layer']:36s} {a:12s} ({r[a + '_picks']}) " +
+                          " / ".join(f"{100 * ph[p]:4.1f}%" for p in PHASES))
     out = dict(layers=rows, geomean_speedup=summary, isa=fastconv.get_isa(),
                threads=args.threads, torch=torch.__version__, batch=args.batch)
     if not args.no_extras:

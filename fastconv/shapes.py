@@ -126,3 +126,10 @@ RESNET50_DIRECT_TARGETS = [
     if layer.name.startswith(("3x3 64 @56", "3x3 128 @28", "3x3 256 @14", "3x3 512 @7",
                               "3x3/2 128 @56", "conv1"))
 ]
+
+#: The 3x3 stride-1 layers of ResNet-50 and VGG-16 (not VGG's 3-channel first layer) that the
+#: Winograd speed targets are stated on (issue #7).
+WINOGRAD_TARGETS = [
+    layer for layer in NETWORKS["resnet50"] + NETWORKS["vgg16"]
+    if layer.R == 3 and layer.stride == 1 and layer.groups == 1 and layer.C >= 64
+]

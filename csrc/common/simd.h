@@ -31,7 +31,7 @@ namespace fastconv {
 namespace FASTCONV_ISA {
 
 // Vec<T>: `lanes` values of T. Operations: zero, load (unaligned), broadcast of one value
-// from memory, fused multiply-add, add, sub, mul, relu, store, and gather(base, int32 indices[, lane mask]) (unaligned). Nothing else is needed by the kernels.
+// from memory, fused multiply-add, add, sub, mul, relu, store, and gather(base, int32 indices) (slow on this CPU: ~5 cycles per element, measured) (unaligned). Nothing else is needed by the kernels.
 template <typename T>
 struct Vec;
 
@@ -70,14 +70,6 @@ inline Vec<float> gather(const float* base, const int32_t* idx) {  // base[idx[i
 }
 inline Vec<double> gather(const double* base, const int32_t* idx) {
   return {_mm512_i32gather_pd(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(idx)), base, 8)};
-}
-// base[idx[i]] for the lanes i whose bit is set in `mask`, 0 elsewhere (those are not read).
-inline Vec<float> gather(const float* base, const int32_t* idx, uint32_t mask) {
-  return {_mm512_mask_i32gather_ps(_mm512_setzero_ps(), __mmask16(mask), _mm512_loadu_si512(idx), base, 4)};
-}
-inline Vec<double> gather(const double* base, const int32_t* idx, uint32_t mask) {
-  return {_mm512_mask_i32gather_pd(_mm512_setzero_pd(), __mmask8(mask),
-                                   _mm256_loadu_si256(reinterpret_cast<const __m256i*>(idx)), base, 8)};
 }
 inline Vec<float> sub(Vec<float> a, Vec<float> b) { return {_mm512_sub_ps(a.v, b.v)}; }
 inline Vec<double> sub(Vec<double> a, Vec<double> b) { return {_mm512_sub_pd(a.v, b.v)}; }
@@ -122,19 +114,6 @@ inline Vec<float> gather(const float* base, const int32_t* idx) {  // base[idx[i
 }
 inline Vec<double> gather(const double* base, const int32_t* idx) {
   return {_mm256_i32gather_pd(base, _mm_loadu_si128(reinterpret_cast<const __m128i*>(idx)), 8)};
-}
-// base[idx[i]] for the lanes i whose bit is set in `mask`, 0 elsewhere (those are not read).
-inline Vec<float> gather(const float* base, const int32_t* idx, uint32_t mask) {
-  const __m256i bits = _mm256_and_si256(_mm256_set1_epi32(int(mask)), _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128));
-  const __m256 m = _mm256_castsi256_ps(_mm256_cmpeq_epi32(bits, _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128)));
-  return {_mm256_mask_i32gather_ps(_mm256_setzero_ps(), base,
-                                   _mm256_loadu_si256(reinterpret_cast<const __m256i*>(idx)), m, 4)};
-}
-inline Vec<double> gather(const double* base, const int32_t* idx, uint32_t mask) {
-  const __m256i bits = _mm256_and_si256(_mm256_set1_epi64x(int64_t(mask)), _mm256_setr_epi64x(1, 2, 4, 8));
-  const __m256d m = _mm256_castsi256_pd(_mm256_cmpeq_epi64(bits, _mm256_setr_epi64x(1, 2, 4, 8)));
-  return {_mm256_mask_i32gather_pd(_mm256_setzero_pd(), base,
-                                   _mm_loadu_si128(reinterpret_cast<const __m128i*>(idx)), m, 8)};
 }
 inline Vec<float> sub(Vec<float> a, Vec<float> b) { return {_mm256_sub_ps(a.v, b.v)}; }
 inline Vec<double> sub(Vec<double> a, Vec<double> b) { return {_mm256_sub_pd(a.v, b.v)}; }
@@ -186,12 +165,6 @@ template <typename T>
 inline Vec<T> gather(const T* base, const int32_t* idx) {  // base[idx[i]] per lane
   Vec<T> r;
   for (int i = 0; i < Vec<T>::lanes; ++i) r.v[i] = base[idx[i]];
-  return r;
-}
-template <typename T>
-inline Vec<T> gather(const T* base, const int32_t* idx, uint32_t mask) {
-  Vec<T> r;
-  for (int i = 0; i < Vec<T>::lanes; ++i) r.v[i] = mask >> i & 1u ? base[idx[i]] : T(0);
   return r;
 }
 template <typename T>
