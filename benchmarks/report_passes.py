@@ -1,12 +1,14 @@
 """Each pass of a convolution against torch's, per layer: forward, grad-input, grad-weight.
 
-    python benchmarks/report_passes.py [--net resnet50|vgg16|mobilenet_v2|targets|all]
+    python benchmarks/report_passes.py [--net resnet50|vgg16|mobilenet_v2|targets|winograd|all]
         [--layers "3x3/2 128 @56,conv1 7x7/2 3>64 @224"] [--batch 8] [--algo auto] [--rounds 3]
 
 torch's passes are aten.convolution_backward with one output mask each (what autograd runs
 for that gradient). fastconv's are the op bodies (fastconv.ops.*_forward) with the algorithm
 that 'auto' picks. torch and fastconv alternate for --rounds rounds; the table gives medians
-and the median of the per-round speedups.
+and the median of the per-round speedups. The last row of each layer, fwd+bwd, is one
+training step of the layer through autograd (forward, then input, weight and bias gradients;
+its GFLOP/s count 3x the forward's FLOPs).
 """
 from __future__ import annotations
 
@@ -18,9 +20,10 @@ import torch
 import fastconv
 from fastconv import ops
 from fastconv.bench import measure
-from fastconv.shapes import ALL_LAYERS, NETWORKS, RESNET50_DIRECT_TARGETS
+from fastconv.shapes import ALL_LAYERS, NETWORKS, RESNET50_DIRECT_TARGETS, WINOGRAD_TARGETS
 
-LAYER_SETS = dict(NETWORKS, targets=RESNET50_DIRECT_TARGETS, all=ALL_LAYERS)
+LAYER_SETS = dict(NETWORKS, targets=RESNET50_DIRECT_TARGETS, winograd=WINOGRAD_TARGETS,
+                  all=ALL_LAYERS)
 
 
 def passes(layer, batch: int, algo: str) -> dict:
@@ -37,7 +40,20 @@ def passes(layer, batch: int, algo: str) -> dict:
         return lambda: torch.ops.aten.convolution_backward(
             gy, x, w, None, [s, s], [p, p], [1, 1], False, [0, 0], layer.groups, mask)
 
+    b = torch.randn(layer.K, generator=g)
+    leaves = [t.clone().requires_grad_(True) for t in (x, w, b)]
+
+    def train_step(conv_fn):
+        def step():
+            with torch.enable_grad():
+                conv_fn(*leaves).backward(gy)
+        return step
+
     return {
+        "fwd+bwd": (train_step(lambda x, w, b: fastconv.conv2d(x, w, b, **layer.conv_args(),
+                                                               algo=algo)),
+                    train_step(lambda x, w, b: torch.nn.functional.conv2d(x, w, b,
+                                                                          **layer.conv_args()))),
         "forward": (lambda: ops.conv2d_forward(x, w, None, *conv),
                     lambda: torch.nn.functional.conv2d(x, w, **layer.conv_args())),
         "grad_input": (lambda: ops.grad_input_forward(gy, w, list(x.shape), *conv),
@@ -69,8 +85,9 @@ def main() -> None:
                     t_ours.append(measure(ours, min_time=0.15, min_reps=3).median)
                 speedup = statistics.median(a / b for a, b in zip(t_torch, t_ours))
                 ms = statistics.median(t_ours)
+                flops = layer.flops(args.batch) * (3 if name == "fwd+bwd" else 1)
                 print(f"{layer.name:40s} {name:12s} {statistics.median(t_torch) * 1e3:9.2f} "
-                      f"{ms * 1e3:9.2f} {layer.flops(args.batch) / ms / 1e9:6.0f} {speedup:5.2f}x")
+                      f"{ms * 1e3:9.2f} {flops / ms / 1e9:6.0f} {speedup:5.2f}x")
 
 
 if __name__ == "__main__":

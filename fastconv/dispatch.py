@@ -33,22 +33,25 @@ def winograd_tile(problem: Conv2dProblem, device_type: str = "cpu",
                   dtype: torch.dtype = torch.float32) -> Optional[Algorithm]:
     """``winograd``: the tile size for one convolution (None when no Winograd runs it).
 
-    F(6x6, 3x3) on large maps with at most 256 channels, F(4x4, 3x3) otherwise. Measured at
-    batch 8 against torch (speedups of F2 / F4 / F6, benchmarks/report_layers.py):
-    64 @224 1.43 / 2.11 / 2.41, 128 @112 1.66 / 2.41 / 2.68, 64 @56 1.16 / 1.56 / 1.58,
-    256 @56 2.01 / 2.83 / 2.83, 512 @28 1.57 / 2.28 / 2.11, 128 @28 1.32 / 1.55 / 1.39,
-    512 @14 1.23 / 1.54 / 0.96, 256 @14 1.09 / 1.12 / 0.75, 512 @7 0.83 / 0.87 / 0.53.
-    F6's 64 GEMMs only pay on maps of 56+ (its filter transform and edge tiles cost more
-    elsewhere); F2 never won.
+    F(6x6, 3x3) on maps of 56+ with at most 128 channels, F(2x2, 3x3) when the batch has
+    fewer than 784 output pixels, F(4x4, 3x3) otherwise. Measured at batch 8, speedups over
+    torch of F2 / F4 / F6 (benchmarks/report_layers.py --net winograd):
+    64 @224 1.45 / 2.14 / 2.39, 128 @112 1.70 / 2.52 / 2.65, 64 @56 1.12 / 1.66 / 1.69,
+    128>256 @56 1.56 / 2.43 / 2.31, 256 @56 1.71 / 2.44 / 2.28, 512 @28 1.61 / 2.25 / 2.14,
+    128 @28 1.38 / 1.90 / 1.76, 512 @14 1.25 / 1.52 / 0.95, 256 @14 1.26 / 1.51 / 0.83,
+    512 @7 (392 pixels) 1.01 / 0.89 / 0.53 (direct 0.78). F6's 64 GEMMs pay only on large
+    maps with few channels; on few pixels F2's 16 GEMMs (and 4x smaller transformed
+    filters, rebuilt every call) beat F4's 36.
     """
     def runs(name: str) -> bool:
         return BY_NAME[name].unsupported(problem, device_type, dtype) is None
 
-    if problem.OH * problem.OW >= 56 * 56 and max(problem.Cg, problem.Kg) <= 256 \
-            and runs("winograd_f6"):
+    p = problem
+    if p.OH * p.OW >= 56 * 56 and max(p.Cg, p.Kg) <= 128 and runs("winograd_f6"):
         return BY_NAME["winograd_f6"]
-    return next((a for a in (BY_NAME["winograd_f4"], BY_NAME["winograd_f2"], BY_NAME["winograd_f6"])
-                 if runs(a.name)), None)
+    order = ("winograd_f2", "winograd_f4") if p.N * p.OH * p.OW < 28 * 28 else \
+        ("winograd_f4", "winograd_f2")
+    return next((BY_NAME[n] for n in order + ("winograd_f6",) if runs(n)), None)
 
 
 def choose(problem: Conv2dProblem, device_type: str = "cpu",
@@ -58,13 +61,12 @@ def choose(problem: Conv2dProblem, device_type: str = "cpu",
 
     * 1x1 without groups: the packed GEMM (1.0-1.35x torch at batch 1, against 0.44-1.0x for
       direct, whose register tile wastes lanes on 7x7 maps).
-    * 3x3, stride 1, no groups, 16+ channels in and out and 784+ output pixels in the batch:
+    * 3x3, stride 1, no groups, 16+ channels in and out and 392+ output pixels in the batch:
       Winograd (:func:`winograd_tile` picks the tile). The filter transform costs the same
       for any batch, so the batch needs enough pixels to amortise it. Measured, best
-      Winograd vs torch: batch 8: 1.1-2.8x on every ResNet-50 / VGG-16 3x3 layer but 512 @7
-      (392 pixels: 0.87x; its 36 MiB of transformed filters cost more than the maps save);
-      batch 1: 784 pixels (128 @28 1.06x, 512 @28 1.36x) and up win, 196 (256 @14 0.73x,
-      512 @14 0.92x) lose to torch and tie the direct kernel.
+      Winograd vs torch (direct): batch 8: 1.5-2.7x on every ResNet-50 / VGG-16 3x3 layer
+      but 512 @7 (392 pixels: F2 1.01x, direct 0.78x); batch 1: 784 pixels and up win
+      (128 @28 1.06x, 512 @28 1.36x), 196 do not (256 @14 F2 0.73x, direct 0.90x).
     * Everything else (spatial kernels, strided, grouped and depthwise layers): direct
       (3x3: 0.8-1.4x torch vs 0.55-0.95x for im2col; each group's GEMM is tiny).
     """
@@ -75,7 +77,7 @@ def choose(problem: Conv2dProblem, device_type: str = "cpu",
     p = problem
     if p.R == p.S == 1 and p.groups == 1 and runs("im2col"):
         return BY_NAME["im2col"]
-    if p.groups == 1 and min(p.Cg, p.Kg) >= 16 and p.N * p.OH * p.OW >= 28 * 28:
+    if p.groups == 1 and min(p.Cg, p.Kg) >= 16 and p.N * p.OH * p.OW >= 392:
         tile = winograd_tile(p, device_type, dtype)
         if tile is not None:
             return tile

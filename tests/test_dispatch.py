@@ -28,17 +28,20 @@ def test_auto_picks_gemm_for_1x1_winograd_for_3x3_and_direct_otherwise():
     assert _choice(by_name["1x1 2048>512 @7"]) == "im2col"
     assert _choice(by_name["conv1 7x7/2 3>64 @224"]) == "direct"
     assert _choice(by_name["3x3/2 128 @56"]) == "direct"
-    # Winograd where the batch has enough pixels; F6 only on large maps with <= 256 channels.
+    # Winograd where the batch has enough pixels; F6 only on large maps with <= 128 channels,
+    # F2 on few pixels.
     assert _choice(by_name["3x3 64 @56"]) == "winograd_f6"
     assert _choice(by_name["3x3 128 @28"], batch=8) == "winograd_f4"
     assert _choice(by_name["3x3 256 @14"], batch=8) == "winograd_f4"
     assert _choice(by_name["3x3 128 @28"]) == "winograd_f4"  # 784 pixels: enough
     assert _choice(by_name["3x3 256 @14"]) == "direct"       # 196 pixels: too few
-    assert _choice(by_name["3x3 512 @7"], batch=8) == "direct"
+    assert _choice(by_name["3x3 512 @7"], batch=8) == "winograd_f2"  # 392 pixels
+    assert _choice(by_name["3x3 512 @7"], batch=4) == "direct"
     vgg = {l.name: l for l in NETWORKS["vgg16"]}
     assert _choice(vgg["3x3 64>64 @224"]) == "winograd_f6"
     assert _choice(vgg["3x3 512>512 @28"]) == "winograd_f4"
     assert _choice(vgg["3x3 512>512 @14"]) == "direct"
+    assert _choice(vgg["3x3 256>256 @56"]) == "winograd_f4"
     assert _choice(vgg["3x3 3>64 @224"]) == "direct"          # 3 input channels
 
 
