@@ -14,7 +14,7 @@ export LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=lib
 export ASAN_OPTIONS=detect_leaks=0 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
 cd "$out"   # so that `import fastconv` finds the sanitized build
 python -c "import fastconv, sys; assert fastconv.__file__.startswith('$out'), fastconv.__file__"
-exec python -m pytest -q -p no:cacheprovider "$root/tests/test_conv2d.py" "$root/tests/test_gemm.py" \
+exec python -m pytest -q -p no:cacheprovider "$root/tests/test_conv2d.py" "$root/tests/test_gemm.py" "$root/tests/test_winograd.py" \
     "$root/tests/test_paths.py" "$root/tests/test_edge_cases.py" "$root/tests/test_properties.py" \
     "$root/tests/test_nn.py" "$root/tests/test_errors.py" "$root/tests/test_runtime.py" \
     -k "not no_memory_growth" "$@"   # AddressSanitizer keeps freed memory: RSS grows there
