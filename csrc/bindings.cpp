@@ -246,6 +246,13 @@ int64_t workspace_bytes(int algo, int dtype, const ConvGeom& g, int pass) {
   return bytes;
 }
 
+// A dict of named values (for the small structs the bindings return).
+py::dict named(std::initializer_list<std::pair<const char*, py::object>> items) {
+  py::dict d;
+  for (const auto& [name, value] : items) d[name] = value;
+  return d;
+}
+
 template <typename T>
 void run_gemm(const SharedKernels<T>& k, py::tuple shape, uintptr_t a, int64_t rs_a,
               int64_t cs_a, uintptr_t b, int64_t rs_b, int64_t cs_b, uintptr_t c, int64_t ldc,
@@ -410,23 +417,16 @@ PYBIND11_MODULE(_C, m) {
   }, "The BT, G and AT matrices the Winograd F(m, 3) kernels expand");
   m.def("last_phase_times", []() {
     const PhaseTimes& t = last_phase_times();
-    py::dict d;
-    d["filter_transform"] = t.filter_transform;
-    d["input_transform"] = t.input_transform;
-    d["gemm"] = t.gemm;
-    d["output_transform"] = t.output_transform;
-    d["wall"] = t.wall;
-    d["threads"] = t.threads;
-    return d;
+    return named({{"filter_transform", py::float_(t.filter_transform)},
+                  {"input_transform", py::float_(t.input_transform)},
+                  {"gemm", py::float_(t.gemm)},
+                  {"output_transform", py::float_(t.output_transform)},
+                  {"wall", py::float_(t.wall)},
+                  {"threads", py::int_(t.threads)}});
   }, "Seconds per phase (summed over threads) of this thread's last phased kernel call");
   m.def("gemm_blocking", [](int dtype) {
     const GemmBlocking b = dtype == kF32 ? active().f32.gemm_blocking : active().f64.gemm_blocking;
-    py::dict d;
-    d["mr"] = b.mr;
-    d["nr"] = b.nr;
-    d["kc"] = b.kc;
-    d["mc"] = b.mc;
-    d["nc"] = b.nc;
-    return d;
+    return named({{"mr", py::int_(b.mr)}, {"nr", py::int_(b.nr)}, {"kc", py::int_(b.kc)},
+                  {"mc", py::int_(b.mc)}, {"nc", py::int_(b.nc)}});
   }, "Register tile and cache blocks of the active ISA's GEMM (dtype 0 = f32, 1 = f64)");
 }
