@@ -29,6 +29,11 @@ def check_algo(algo) -> str:
                          f"{', '.join(VALID)}") from None
 
 
+def _runs(name: str, problem: Conv2dProblem, device_type: str, dtype: torch.dtype) -> bool:
+    a = BY_NAME.get(name)
+    return a is not None and a.unsupported(problem, device_type, dtype) is None
+
+
 def winograd_tile(problem: Conv2dProblem, device_type: str = "cpu",
                   dtype: torch.dtype = torch.float32) -> Optional[Algorithm]:
     """``winograd``: the tile size for one convolution (None when no Winograd runs it).
@@ -44,7 +49,7 @@ def winograd_tile(problem: Conv2dProblem, device_type: str = "cpu",
     filters, rebuilt every call) beat F4's 36.
     """
     def runs(name: str) -> bool:
-        return BY_NAME[name].unsupported(problem, device_type, dtype) is None
+        return _runs(name, problem, device_type, dtype)
 
     p = problem
     if p.OH * p.OW >= 56 * 56 and max(p.Cg, p.Kg) <= 128 and runs("winograd_f6"):
@@ -71,8 +76,7 @@ def choose(problem: Conv2dProblem, device_type: str = "cpu",
       (3x3: 0.8-1.4x torch vs 0.55-0.95x for im2col; each group's GEMM is tiny).
     """
     def runs(name: str) -> bool:
-        a = BY_NAME.get(name)
-        return a is not None and a.unsupported(problem, device_type, dtype) is None
+        return _runs(name, problem, device_type, dtype)
 
     p = problem
     if p.R == p.S == 1 and p.groups == 1 and runs("im2col"):
@@ -85,6 +89,11 @@ def choose(problem: Conv2dProblem, device_type: str = "cpu",
         return BY_NAME["direct"]
     return next((a for a in ALGORITHMS if a.unsupported(problem, device_type, dtype) is None),
                 None)
+
+
+#: Family name -> the function that picks its member for a problem (None: none can run it).
+FAMILY_CHOICE = {"winograd": winograd_tile}
+assert set(FAMILY_CHOICE) == set(FAMILIES), "every registry family needs a chooser here"
 
 
 def resolve(algo: str, problem: Conv2dProblem, device_type: str, dtype: torch.dtype,
@@ -101,7 +110,7 @@ def resolve(algo: str, problem: Conv2dProblem, device_type: str, dtype: torch.dt
         return chosen, chosen.require(problem, device_type, dtype, pass_)
     name = check_algo(algo)
     if name in FAMILIES:
-        chosen = winograd_tile(problem, device_type, dtype)
+        chosen = FAMILY_CHOICE[name](problem, device_type, dtype)
         if chosen is None:  # every member fails for the same reason: report the first's
             reason = FAMILIES[name][0].unsupported(problem, device_type, dtype, pass_)
             raise AlgorithmUnavailable(f"fastconv: algo={name!r} cannot run this convolution: "

@@ -129,6 +129,12 @@ struct Plan {
   int64_t m_stride() const { return mb * nb_pad + 64 / int64_t(sizeof(T)); }
   int64_t input_block_size() const { return A2 * v_stride(); }
   int64_t output_block_size() const { return A2 * m_stride(); }
+  // Image, tile row and tile column of tile t of the batch (tiles are numbered row-major
+  // within an image, images one after the other).
+  struct TilePos {
+    int64_t n, ty, tx;
+  };
+  TilePos locate(int64_t t) const { return {t / (TH * TW), t / TW % TH, t % TW}; }
   // Offset of element (k, c) in one packed U matrix (gemm.h's whole-operand A layout).
   int64_t a_offset(int64_t k, int64_t c) const {
     const int64_t pc = c / KCB * KCB, kc = min64(KCB, Cg - pc);
@@ -176,6 +182,8 @@ void transform_filters(const Plan<T, M>& p, const FilterSource<T>& src, T* u, in
   constexpr int L = P::L, A2 = P::A2;
   const int64_t per_group = A2 * p.Kpad * p.Cg, per_xi = p.Kpad * p.Cg;
   const int64_t panels = p.Kpad / p.MR;
+  // The 9 taps of `lanes` filters are 9 gathers at a fixed stride: 512x512 filters, batch 1,
+  // 1.4 ms (F2) / 3.9 ms (F4) against 3.2 / 5.2 ms for a scalar fill of the lane buffer.
   const bool can_gather = (L - 1) * src.k < (int64_t(1) << 31) - 9;
   alignas(64) int32_t lane_idx[L];
   for (int l = 0; l < L; ++l) lane_idx[l] = int32_t(can_gather && l < p.MR ? l * src.k : 0);
@@ -232,24 +240,22 @@ void transform_input_block(const Plan<T, M>& p, const ConvGeom& g, const T* x,
     LaneTiles<L> lt;
     lt.count = int(max64(0, min64(L, nt - j0)));
     for (int l = 0; l < lt.count; ++l) {
-      const int64_t t = t0 + j0 + l, n = t / (p.TH * p.TW), ty = t / p.TW % p.TH, tx = t % p.TW;
-      const int64_t h0 = ty * M - g.pt, w0 = tx * M - g.pl;
+      const auto pos = p.locate(t0 + j0 + l);
+      const int64_t h0 = pos.ty * M - g.pt, w0 = pos.tx * M - g.pl;
       lt.row[l] = h0, lt.col[l] = w0;
-      lt.base[l] = n * xs.n + h0 * xs.h + w0 * xs.w;
+      lt.base[l] = pos.n * xs.n + h0 * xs.h + w0 * xs.w;
+      lt.inside[l] = h0 >= 0 && h0 + A <= g.H && w0 >= 0 && w0 + A <= g.W;
     }
-    for (int l = 0; l < lt.count; ++l)
-      lt.inside[l] = lt.row[l] >= 0 && lt.row[l] + A <= g.H && lt.col[l] >= 0 && lt.col[l] + A <= g.W;
     // Lane l's a x a inputs go to patches[l][a * a] (a row of a values: one short vector
     // copy in NCHW), then one transpose gives the transform's layout [a * a][lanes]. (Gathers
     // measured 1.4x slower than scalar moves here, this 1.26x faster on 3x3 64 @56, F(4,3).)
     alignas(64) T patches[L * A2], buf[A2 * L];
+    zero_n(patches + lt.count * A2, (L - lt.count) * A2);  // lanes past the last tile
     for (int64_t c = 0; c < p.Cg; ++c) {
       const T* xc = xg + c * xs.c;
-      for (int l = 0; l < L; ++l) {
+      for (int l = 0; l < lt.count; ++l) {
         T* d = patches + l * A2;
-        if (l >= lt.count) {
-          zero_n(d, A2);
-        } else if (lt.inside[l]) {
+        if (lt.inside[l]) {
           const T* s = xc + lt.base[l];
           for (int u = 0; u < A; ++u) {
             if (xs.w == 1) copy_n(d + u * A, s + u * xs.h, A);
@@ -290,10 +296,10 @@ void transform_output_block(const Plan<T, M>& p, const ConvGeom& g, const T* mbl
     LaneTiles<L> lt;
     lt.count = int(min64(L, nt - j0));
     for (int l = 0; l < lt.count; ++l) {
-      const int64_t t = t0 + j0 + l, n = t / (p.TH * p.TW), ty = t / p.TW % p.TH, tx = t % p.TW;
-      lt.row[l] = min64(M, g.OH - ty * M);  // valid rows and columns of the tile
-      lt.col[l] = min64(M, g.OW - tx * M);
-      lt.base[l] = n * ys.n + ty * M * ys.h + tx * M * ys.w;
+      const auto pos = p.locate(t0 + j0 + l);
+      lt.row[l] = min64(M, g.OH - pos.ty * M);  // valid rows and columns of the tile
+      lt.col[l] = min64(M, g.OW - pos.tx * M);
+      lt.base[l] = pos.n * ys.n + pos.ty * M * ys.h + pos.tx * M * ys.w;
     }
     alignas(64) T buf[M2 * L], tiles[L * M2];
     for (int64_t k = 0; k < mk; ++k) {
