@@ -2,13 +2,15 @@
 
     python benchmarks/report_layers.py [--net resnet50|vgg16|mobilenet_v2|targets|winograd|all]
         [--batch 8] [--algos direct,im2col,winograd,auto] [--rounds 3] [--channels-last]
-        [--phases] [--json F]
+        [--phases] [--weight-cache] [--json F]
 
 For each layer and algorithm: median ms, GFLOP/s, % of machine peak, speedup over torch and
 the max error against torch's float64 result ('-' where an algorithm cannot run the layer), and
 which algorithm auto (and the winograd family) picked. --phases adds the phase split of the
-Winograd kernels (filter transform, input transform, GEMM, output transform). The machine is noisy (two vCPUs whose speed
-varies by up to 2x from run to run), so torch and each algorithm are timed alternately for
+Winograd kernels (filter transform, input transform, GEMM, output transform).
+--weight-cache passes fastconv.prepack(weight) (inference weight cache: weights packed or
+transformed once, outside the timing). The machine is noisy (two vCPUs whose speed varies by up
+to 2x from run to run), so torch and each algorithm are timed alternately for
 --rounds rounds and the speedup is the median of the per-round ratios. Then: per-call
 overhead on a tiny convolution, and conv + batch_norm + relu interleaving torch ops with ours.
 """
@@ -50,7 +52,7 @@ def _progress(i, n, text):
           flush=True)
 
 
-def _picks(algo, x, w, kw):
+def _picks(algo, x, w, kw, prepacked=False):
     """The algorithm 'auto' or a family name runs for this layer."""
     from fastconv import dispatch
     from fastconv.functional import explicit_padding, pair
@@ -58,14 +60,15 @@ def _picks(algo, x, w, kw):
     pad = explicit_padding(kw["padding"], tuple(w.shape[2:]), stride, (1, 1))
     problem = fastconv.conv2d_problem(tuple(x.shape), tuple(w.shape), stride, pad, (1, 1),
                                       kw["groups"])
-    return dispatch.resolve(algo, problem, "cpu", x.dtype)[0].name
+    return dispatch.resolve(algo, problem, "cpu", x.dtype, prepacked=prepacked)[0].name
 
 
-def layer_rows(layers, batch, algos, rounds, channels_last, phases=False):
+def layer_rows(layers, batch, algos, rounds, channels_last, phases=False, weight_cache=False):
     rows = []
     for i, layer in enumerate(layers):
         _progress(i, len(layers), layer.id)
         x, w, b = _problem(layer, batch, channels_last)
+        wf = fastconv.prepack(w) if weight_cache else w
         kw = layer.conv_args()
         flops = layer.flops(batch)
         fns = {"torch": lambda: F.conv2d(x, w, b, **kw)}
@@ -73,11 +76,11 @@ def layer_rows(layers, batch, algos, rounds, channels_last, phases=False):
         runnable = []
         for a in algos:
             try:
-                row[f"{a}_picks"] = _picks(a, x, w, kw)
+                row[f"{a}_picks"] = _picks(a, x, w, kw, weight_cache)
             except AlgorithmUnavailable:
                 continue
             runnable.append(a)
-            fns[a] = (lambda a=a: fastconv.conv2d(x, w, b, **kw, algo=a))
+            fns[a] = (lambda a=a: fastconv.conv2d(x, wf, b, **kw, algo=a))
         with torch.no_grad():
             exact = F.conv2d(x.double(), w.double(), b.double(), **kw)
             for a in runnable:
@@ -143,6 +146,8 @@ def main(argv=None):
     p.add_argument("--no-extras", action="store_true", help="skip overhead and interleaved runs")
     p.add_argument("--phases", action="store_true",
                    help="print the phase split of the Winograd kernels")
+    p.add_argument("--weight-cache", action="store_true",
+                   help="run fastconv on fastconv.prepack(weight): weights packed once")
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -151,8 +156,10 @@ def main(argv=None):
 
     print(f"fastconv {fastconv.__version__} isa={fastconv.get_isa()} torch {torch.__version__} "
           f"threads={args.threads} peak={peak_gflops(args.threads):.0f} GFLOP/s float32 "
-          f"{'channels_last' if args.channels_last else 'NCHW'} batch={args.batch}")
-    rows = layer_rows(layers, args.batch, algos, args.rounds, args.channels_last, args.phases)
+          f"{'channels_last' if args.channels_last else 'NCHW'} batch={args.batch}"
+          f"{' weight cache' if args.weight_cache else ''}")
+    rows = layer_rows(layers, args.batch, algos, args.rounds, args.channels_last, args.phases,
+                      args.weight_cache)
     head = f"{'layer':36s} {'torch ms':>8s} {'GF/s':>5s}"
     for a in algos:
         head += f" | {a + ' ms':>10s} {'GF/s':>5s} {'%pk':>4s} {'x':>5s}"
@@ -184,7 +191,8 @@ def main(argv=None):
                     print(f"{r['layer']:36s} {a:12s} ({r[a + '_picks']}) " +
                           " / ".join(f"{100 * ph[p]:4.1f}%" for p in PHASES))
     out = dict(layers=rows, geomean_speedup=summary, isa=fastconv.get_isa(),
-               threads=args.threads, torch=torch.__version__, batch=args.batch)
+               threads=args.threads, torch=torch.__version__, batch=args.batch,
+               weight_cache=args.weight_cache)
     if not args.no_extras:
         ov = overhead_row()
         print(f"\nper call, 1x8x8x8 * 8x8x3x3: torch {ov['torch_us']:.2f} us, fastconv "

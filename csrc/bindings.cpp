@@ -190,15 +190,51 @@ void zero(T* p, int64_t count) {
 // Entry points
 // ---------------------------------------------------------------------------------------
 
+// The packed weights of an algorithm's forward for this geometry and these layouts (none for
+// degenerate problems, which never reach a kernel).
+template <typename T>
+WeightPacking packing_of(int algo, const ConvGeom& g, int xl, int yl) {
+  const auto fn = kernels_of<T>(algorithm(algo)).weight_packing;
+  if (!fn || empty_output(g) || empty_reduction(g)) return {};
+  return fn(g, xl, yl);
+}
+
+// `packed` (0: none) with `packed_elements` and `packed_variant` as weight_packing gave them
+// when it was made; checked again here, so a packing made for another geometry, layout or
+// algorithm is refused rather than read.
 void forward(int algo, int dtype, const ConvGeom& g, uintptr_t x, int xl, uintptr_t w,
-             uintptr_t b, uintptr_t y, int yl, int nt) {
+             uintptr_t packed, int64_t packed_elements, int packed_variant, uintptr_t b,
+             uintptr_t y, int yl, int nt) {
   by_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     auto fn = find_kernel<T>(algo, &ConvKernels<T>::forward, Pass::kForward);
+    if (packed) {
+      const WeightPacking want = packing_of<T>(algo, g, xl, yl);
+      if (want.elements != packed_elements || want.variant != packed_variant)
+        throw std::invalid_argument(
+            std::string("fastconv: prepacked weights do not match this call of '") +
+            algorithm(algo).name + "' (" + std::to_string(packed_elements) + " elements, variant " +
+            std::to_string(packed_variant) + "; expected " + std::to_string(want.elements) +
+            ", variant " + std::to_string(want.variant) + ")");
+    }
     if (empty_output(g)) return;
     py::gil_scoped_release nogil;
     if (empty_reduction(g)) return fill_with_bias(g, ptr<const T>(b), ptr<T>(y), yl);
-    fn(g, ptr<const T>(x), xl, ptr<const T>(w), ptr<const T>(b), ptr<T>(y), yl, nt);
+    fn(g, ptr<const T>(x), xl, ptr<const T>(w), ptr<const T>(packed), ptr<const T>(b),
+       ptr<T>(y), yl, nt);
+  });
+}
+
+void pack_weights(int algo, int dtype, const ConvGeom& g, int xl, int yl, uintptr_t w,
+                  uintptr_t out, int nt) {
+  by_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const auto fn = kernels_of<T>(algorithm(algo)).pack_weights;
+    if (!fn || packing_of<T>(algo, g, xl, yl).elements == 0)
+      throw std::invalid_argument(std::string("fastconv: '") + algorithm(algo).name +
+                                  "' packs no weights for this call");
+    py::gil_scoped_release nogil;
+    fn(g, xl, yl, ptr<const T>(w), ptr<T>(out), nt);
   });
 }
 
@@ -366,6 +402,13 @@ PYBIND11_MODULE(_C, m) {
 
   // Arguments are converted with the GIL held; the kernels run with it released.
   m.def("forward", &forward);
+  m.def("weight_packing", [](int algo, int dtype, const ConvGeom& g, int xl, int yl) {
+    WeightPacking p;
+    by_dtype(dtype, [&](auto tag) { p = packing_of<decltype(tag)>(algo, g, xl, yl); });
+    return named({{"elements", py::int_(p.elements)}, {"variant", py::int_(p.variant)}});
+  }, "What the forward makes of the weights for this call: elements (0: nothing) and variant");
+  m.def("pack_weights", &pack_weights,
+        "Write the forward's packed weights (weight_packing's elements) to `out`");
   m.def("grad_input", &grad_input);
   m.def("grad_weight", &grad_weight);
   m.def("grad_bias", &grad_bias);

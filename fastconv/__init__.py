@@ -7,15 +7,17 @@ dispatching through the registry), ``fastconv.functional.conv2d``
 (torch.nn.functional.conv2d's semantics), ``fastconv.nn.Conv2d`` and ``fastconv.convert``.
 """
 from . import backend, dispatch, errors, nn, ops, reference, registry
-from .backend import available_isas, get_isa, release_workspaces, set_isa, use_isa
+from .backend import available_isas, get_isa, set_isa, use_isa
 from .convert import convert
 from .dispatch import Algo, explain
 from .errors import AlgorithmUnavailable, InvalidConvolution, UnsupportedTensor
 from .functional import conv2d
+from .weight_cache import PackedWeight, cache_info, prepack, release_workspaces, set_cache_limit
 from .problem import Conv2dProblem, conv2d_problem
 
 __version__ = "0.1.0"
 __all__ = ["conv2d", "convert", "explain", "nn", "ops", "reference", "registry", "Algo",
            "Conv2dProblem", "conv2d_problem", "AlgorithmUnavailable", "InvalidConvolution",
            "UnsupportedTensor", "available_isas", "get_isa", "set_isa", "use_isa",
-           "release_workspaces", "backend", "dispatch", "errors"]
+           "release_workspaces", "backend", "dispatch", "errors", "prepack", "PackedWeight",
+           "cache_info", "set_cache_limit"]

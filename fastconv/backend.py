@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import os
+from typing import NamedTuple
 
 import torch  # must be loaded first: _C then reuses torch's libgomp, see below
 
@@ -80,6 +81,11 @@ def workspace_high_water() -> dict:
     return dict(_C.workspace_high_water())
 
 
+#: Bumped whenever the tuning values change: the weight cache keys its packings with it (a
+#: tuning value may change a packed layout).
+tuning_generation = 0
+
+
 @contextlib.contextmanager
 def tuning(**values: int):
     """Temporarily overrides the measured path thresholds and workspace budgets of
@@ -89,13 +95,25 @@ def tuning(**values: int):
     unknown = set(values) - set(previous)
     if unknown:
         raise ValueError(f"unknown tuning fields {sorted(unknown)}; known: {sorted(previous)}")
+    global tuning_generation
     try:
+        tuning_generation += 1
         for name, value in values.items():
             _C.set_tuning(name, int(value))
         yield dict(_C.get_tuning())
     finally:
+        tuning_generation += 1
         for name, value in previous.items():
             _C.set_tuning(name, value)
+
+
+class WeightPacking(NamedTuple):
+    """What a forward makes of its weights (csrc/isa/kernel_table.h: WeightPacking)."""
+    elements: int  # values of the weight's dtype; 0 when it packs nothing
+    variant: int   # which packed layout (im2col: 0 GEMM operand B, 1 operand A)
+
+
+_NO_PACKING = WeightPacking(0, 0)
 
 
 class CppKernels:
@@ -116,11 +134,32 @@ class CppKernels:
         return _C.workspace_bytes(self.index, DTYPE_CODES[dtype], problem.kernel_geometry,
                                   int(pass_))
 
+    # Weight prepacking (fastconv.weight_cache): what the forward makes of the weights for a
+    # call, and making it ahead of time.
+    def weight_packing(self, problem, dtype: torch.dtype, x_layout: int,
+                       y_layout: int) -> "WeightPacking":
+        """The forward's packed weights for this call: how many elements (0: it packs
+        nothing) and which layout variant. Depends on the ISA and the tuning values too."""
+        p = _C.weight_packing(self.index, DTYPE_CODES[dtype], problem.kernel_geometry,
+                              x_layout, y_layout)
+        return WeightPacking(p["elements"], p["variant"])
+
+    def pack_weights(self, problem, x_layout: int, y_layout: int, w, out) -> None:
+        """Write the forward's packed weights for this call into ``out`` (a dense tensor of
+        weight_packing's elements and w's dtype)."""
+        _C.pack_weights(self.index, DTYPE_CODES[w.dtype], problem.kernel_geometry, x_layout,
+                        y_layout, w.data_ptr(), out.data_ptr(), torch.get_num_threads())
+
     # The three passes. Tensors are dense, in the layout given by each *_layout code.
-    def forward(self, problem, x, x_layout, w, b, y, y_layout) -> None:
+    def forward(self, problem, x, x_layout, w, b, y, y_layout, packed=None) -> None:
+        """``packed``: an object with ``tensor`` and ``packing`` made by pack_weights for
+        this call's geometry and layouts (checked), or None to pack w on the fly."""
+        pk_ptr, pk = (0, _NO_PACKING) if packed is None else (packed.tensor.data_ptr(),
+                                                                packed.packing)
         _C.forward(self.index, DTYPE_CODES[x.dtype], problem.kernel_geometry, x.data_ptr(),
-                   x_layout, w.data_ptr(), b.data_ptr() if b is not None else 0, y.data_ptr(),
-                   y_layout, torch.get_num_threads())
+                   x_layout, w.data_ptr(), pk_ptr, pk.elements, pk.variant,
+                   b.data_ptr() if b is not None else 0, y.data_ptr(), y_layout,
+                   torch.get_num_threads())
 
     def grad_input(self, problem, gy, gy_layout, w, gx, gx_layout) -> None:
         _C.grad_input(self.index, DTYPE_CODES[gy.dtype], problem.kernel_geometry,

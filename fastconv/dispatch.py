@@ -35,11 +35,20 @@ def _runs(name: str, problem: Conv2dProblem, device_type: str, dtype: torch.dtyp
 
 
 def winograd_tile(problem: Conv2dProblem, device_type: str = "cpu",
-                  dtype: torch.dtype = torch.float32) -> Optional[Algorithm]:
+                  dtype: torch.dtype = torch.float32,
+                  prepacked: bool = False) -> Optional[Algorithm]:
     """``winograd``: the tile size for one convolution (None when no Winograd runs it).
 
     F(6x6, 3x3) on maps of 56+ with at most 128 channels, F(2x2, 3x3) when the batch has
-    fewer than 784 output pixels, F(4x4, 3x3) otherwise. Measured at batch 8, speedups over
+    fewer than 784 output pixels (196 with ``prepacked`` filters), F(4x4, 3x3) otherwise.
+
+    Prepacked (the weight cache: filters transformed once), speedups over torch of
+    F2 / F4 / F6: batch 1: 512 @7 (49 pixels) 1.25 / 0.50 / 0.28, 256 @14 (196) 0.91 / 1.39
+    / 0.63, 128 @28 1.21 / 1.31 / 1.28, 64 @56 1.09 / 1.71 / 1.80, VGG-16 2.0-2.5x (F4,
+    F6); 512 @7 at batch 2 (98) 1.32 / 0.90 / 0.48, batch 4 (196) 1.21 / 1.61 / 0.89,
+    batch 8 (392) 1.26 / 1.68 / 0.98 (benchmarks/report_layers.py --weight-cache).
+
+    Transformed per call, measured at batch 8, speedups over
     torch of F2 / F4 / F6 (benchmarks/report_layers.py --net winograd):
     64 @224 1.45 / 2.14 / 2.39, 128 @112 1.70 / 2.52 / 2.65, 64 @56 1.12 / 1.66 / 1.69,
     128>256 @56 1.56 / 2.43 / 2.31, 256 @56 1.71 / 2.44 / 2.28, 512 @28 1.61 / 2.25 / 2.14,
@@ -54,15 +63,18 @@ def winograd_tile(problem: Conv2dProblem, device_type: str = "cpu",
     p = problem
     if p.OH * p.OW >= 56 * 56 and max(p.Cg, p.Kg) <= 128 and runs("winograd_f6"):
         return BY_NAME["winograd_f6"]
-    order = ("winograd_f2", "winograd_f4") if p.N * p.OH * p.OW < 28 * 28 else \
+    f2_below = 196 if prepacked else 784
+    order = ("winograd_f2", "winograd_f4") if p.N * p.OH * p.OW < f2_below else \
         ("winograd_f4", "winograd_f2")
     return next((BY_NAME[n] for n in order + ("winograd_f6",) if runs(n)), None)
 
 
 def choose(problem: Conv2dProblem, device_type: str = "cpu",
-           dtype: torch.dtype = torch.float32) -> Optional[Algorithm]:
+           dtype: torch.dtype = torch.float32, prepacked: bool = False) -> Optional[Algorithm]:
     """``auto``: the algorithm for one convolution, or None when no registered algorithm can
-    run it (callers then use torch's own convolution, or report the reasons).
+    run it (callers then use torch's own convolution, or report the reasons). ``prepacked``:
+    the call's weights come from the weight cache (fastconv.weight_cache), so packing and
+    filter transforms cost nothing.
 
     * 1x1 without groups: the packed GEMM (1.0-1.35x torch at batch 1, against 0.44-1.0x for
       direct, whose register tile wastes lanes on 7x7 maps).
@@ -72,6 +84,8 @@ def choose(problem: Conv2dProblem, device_type: str = "cpu",
       Winograd vs torch (direct): batch 8: 1.5-2.7x on every ResNet-50 / VGG-16 3x3 layer
       but 512 @7 (392 pixels: F2 1.01x, direct 0.78x); batch 1: 784 pixels and up win
       (128 @28 1.06x, 512 @28 1.36x), 196 do not (256 @14 F2 0.73x, direct 0.90x).
+      Prepacked, the filters are transformed once and Winograd wins from 49 pixels (batch
+      1: 512 @7 F2 1.25x, 256 @14 F4 1.39x; direct 0.96-0.99x), see :func:`winograd_tile`.
     * Everything else (spatial kernels, strided, grouped and depthwise layers): direct
       (3x3: 0.8-1.4x torch vs 0.55-0.95x for im2col; each group's GEMM is tiny).
     """
@@ -81,8 +95,9 @@ def choose(problem: Conv2dProblem, device_type: str = "cpu",
     p = problem
     if p.R == p.S == 1 and p.groups == 1 and runs("im2col"):
         return BY_NAME["im2col"]
-    if p.groups == 1 and min(p.Cg, p.Kg) >= 16 and p.N * p.OH * p.OW >= 392:
-        tile = winograd_tile(p, device_type, dtype)
+    min_pixels = 49 if prepacked else 392
+    if p.groups == 1 and min(p.Cg, p.Kg) >= 16 and p.N * p.OH * p.OW >= min_pixels:
+        tile = winograd_tile(p, device_type, dtype, prepacked)
         if tile is not None:
             return tile
     if runs("direct"):
@@ -91,17 +106,18 @@ def choose(problem: Conv2dProblem, device_type: str = "cpu",
                 None)
 
 
-#: Family name -> the function that picks its member for a problem (None: none can run it).
+#: Family name -> the function that picks its member for a problem, called as
+#: (problem, device_type, dtype, prepacked) (None: none can run it).
 FAMILY_CHOICE = {"winograd": winograd_tile}
 assert set(FAMILY_CHOICE) == set(FAMILIES), "every registry family needs a chooser here"
 
 
 def resolve(algo: str, problem: Conv2dProblem, device_type: str, dtype: torch.dtype,
-            pass_: Pass = Pass.FORWARD):
-    """(algorithm, its kernels for the device) for a call, or AlgorithmUnavailable saying
-    why: the named algorithm's reason, or every algorithm's reason when ``auto`` finds none."""
+            pass_: Pass = Pass.FORWARD, prepacked: bool = False):
+    """(algorithm, its kernels for the device) for a call (``prepacked``: its weights come
+    from the weight cache), or AlgorithmUnavailable saying why: the named algorithm's reason, or every algorithm's reason when ``auto`` finds none."""
     if algo == "auto":
-        chosen = choose(problem, device_type, dtype)
+        chosen = choose(problem, device_type, dtype, prepacked)
         if chosen is None:
             reasons = "; ".join(f"{a.name}: {a.unsupported(problem, device_type, dtype)}"
                                 for a in ALGORITHMS)
@@ -110,7 +126,7 @@ def resolve(algo: str, problem: Conv2dProblem, device_type: str, dtype: torch.dt
         return chosen, chosen.require(problem, device_type, dtype, pass_)
     name = check_algo(algo)
     if name in FAMILIES:
-        chosen = FAMILY_CHOICE[name](problem, device_type, dtype)
+        chosen = FAMILY_CHOICE[name](problem, device_type, dtype, prepacked)
         if chosen is None:  # every member fails for the same reason: report the first's
             reason = FAMILIES[name][0].unsupported(problem, device_type, dtype, pass_)
             raise AlgorithmUnavailable(f"fastconv: algo={name!r} cannot run this convolution: "
@@ -148,10 +164,13 @@ class Explanation:
 
 
 def explain(input_shape, weight_shape, stride=1, padding=0, dilation=1, groups: int = 1, *,
-            dtype: torch.dtype = torch.float32, device: str = "cpu") -> Explanation:
+            dtype: torch.dtype = torch.float32, device: str = "cpu",
+            prepacked: bool = False) -> Explanation:
     """Which algorithm ``auto`` picks for this convolution and why, with its FLOPs and each
     algorithm's eligibility and workspace. Arguments as torch.nn.functional.conv2d's
-    (shapes instead of tensors); ``print()`` the result for a readable summary."""
+    (shapes instead of tensors); ``prepacked``: weights from the weight cache (an inference
+    call of fastconv.nn.Conv2d or of a fastconv.prepack weight). ``print()`` the result for
+    a readable summary."""
     from .functional import explicit_padding, pair
     stride, dilation = pair("stride", stride), pair("dilation", dilation)
     pad = explicit_padding(padding, tuple(weight_shape[2:]), stride, dilation)
@@ -164,7 +183,7 @@ def explain(input_shape, weight_shape, stride=1, padding=0, dilation=1, groups: 
         reason = a.unsupported(problem, device_type, dtype)
         ws = a.workspace_bytes(problem, Pass.FORWARD, dtype, device_type) if reason is None else 0
         candidates.append(Candidate(a.name, reason, ws))
-    chosen = choose(problem, device_type, dtype)
+    chosen = choose(problem, device_type, dtype, prepacked)
     if chosen is None:
         why = "no fastconv algorithm can run it, so fastconv.conv2d calls torch's convolution"
     elif chosen.name == "im2col" and problem.R == problem.S == 1:

@@ -10,6 +10,7 @@ from torch import Tensor
 from . import dispatch, ops, registry
 from .autograd import Conv2dFunction
 from .errors import InvalidConvolution
+from .weight_cache import PackedWeight
 
 IntPair = Union[int, tuple, list]
 
@@ -120,14 +121,15 @@ def _has_fastconv_kernels(input: Tensor) -> bool:
             and not torch.is_autocast_enabled(device))
 
 
-def conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride: IntPair = 1,
+def conv2d(input: Tensor, weight: Union[Tensor, PackedWeight], bias: Optional[Tensor] = None, stride: IntPair = 1,
            padding: Union[IntPair, str] = 0, dilation: IntPair = 1, groups: int = 1, *,
            algo: str = "auto") -> Tensor:
     """2-D convolution with exactly :func:`torch.nn.functional.conv2d`'s semantics.
 
     Args:
         input: (N, C, H, W) or unbatched (C, H, W); float32 or float64; NCHW or channels_last.
-        weight: (K, C/groups, R, S), same dtype.
+        weight: (K, C/groups, R, S), same dtype; or a :func:`fastconv.prepack` of it, whose
+            packed weights calls that need no gradient reuse (fastconv.weight_cache).
         bias: optional (K,).
         stride, dilation: int or pair of positive ints.
         padding: int or pair of non-negative ints, or 'same' (stride 1 only) or 'valid'.
@@ -145,8 +147,12 @@ def conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride:
         ``torch.ops.fastconv.conv2d``; eager calls record fastconv.autograd.Conv2dFunction
         around the same kernels, which costs less per call).
     """
+    cache = None
+    if isinstance(weight, PackedWeight):
+        cache, weight = weight, weight.weight
     if not isinstance(input, Tensor) or not isinstance(weight, Tensor):
-        raise TypeError("fastconv: input and weight must be tensors")
+        raise TypeError("fastconv: input and weight must be tensors (or a weight from "
+                        "fastconv.prepack)")
     if bias is not None and not isinstance(bias, Tensor):
         raise TypeError("fastconv: bias must be a tensor or None")
     if algo == "auto" and not _has_fastconv_kernels(input):
@@ -164,6 +170,7 @@ def conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride:
     elif torch.is_grad_enabled() and (input.requires_grad or weight.requires_grad or
                                       (bias is not None and bias.requires_grad)):
         out = Conv2dFunction.apply(input, weight, bias, stride, pad, dilation, groups, name)
-    else:
-        out = ops.conv2d_forward(input, weight, bias, stride, pad, dilation, groups, name)
+    else:  # no gradient: the only calls that may use the weight cache
+        out = ops.conv2d_forward(input, weight, bias, stride, pad, dilation, groups, name,
+                                 cache)
     return out.squeeze(0) if unbatched else out

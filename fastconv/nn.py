@@ -1,12 +1,15 @@
 """``fastconv.nn.Conv2d``: a drop-in torch.nn.Conv2d running fastconv's kernels."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from . import dispatch
 from .functional import conv2d
+from .weight_cache import PackedWeight
 
 
 class Conv2d(torch.nn.Conv2d):
@@ -18,11 +21,17 @@ class Conv2d(torch.nn.Conv2d):
     after ``model.half()`` or ``.to(torch.bfloat16)``; devices without fastconv kernels; an
     enabled autocast) run torch's own convolution, silently. A named ``algo`` that cannot run
     a call raises :class:`fastconv.errors.AlgorithmUnavailable` naming the reason.
+
+    Calls that need no gradient (``torch.no_grad()``, ``torch.inference_mode()``, frozen
+    weights) keep the packed or transformed weights of their algorithm and reuse them until
+    the weight changes; :meth:`release_weight_cache` or ``fastconv.release_workspaces()``
+    frees them. Training never uses them. See :mod:`fastconv.weight_cache`.
     """
 
     def __init__(self, *args, algo: str = "auto", **kwargs):
         super().__init__(*args, **kwargs)
         self.algo = dispatch.check_algo(algo)
+        self._packed: Optional[PackedWeight] = None
 
     @classmethod
     def from_torch(cls, module: torch.nn.Conv2d, algo: str = "auto") -> "Conv2d":
@@ -34,9 +43,39 @@ class Conv2d(torch.nn.Conv2d):
         for table in ("_parameters", "_buffers", "_modules"):
             setattr(new, table, getattr(module, table).copy())
         new.algo = dispatch.check_algo(algo)
+        new._packed = None
         return new
 
+    def _weight_arg(self, weight: Tensor):
+        """weight, or its PackedWeight when it is this module's own parameter (not one a
+        parametrization computes afresh per call): calls without gradients then reuse its
+        packings (fastconv.weight_cache). Never while torch.compile traces (the graph takes
+        the tensor) or while the weight needs a gradient (training packs afresh)."""
+        if (weight is not self._parameters.get("weight") or torch.compiler.is_compiling()
+                or (weight.requires_grad and torch.is_grad_enabled())):
+            return weight
+        packed = self.__dict__.get("_packed")
+        if packed is None or packed.weight is not weight:
+            packed = self._packed = PackedWeight(weight)
+        return packed
+
+    def release_weight_cache(self) -> None:
+        """Drop the packed weights this module keeps for inference (made again by the next
+        call that needs them). Needed only after writing through ``weight.data``, which torch
+        does not track; every other change of the weight is noticed (fastconv.weight_cache)."""
+        packed = self.__dict__.get("_packed")
+        if packed is not None:
+            packed.release()
+        self._packed = None
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        # The copy bumps the weight's version, which the cache would notice anyway; dropping
+        # the packings here frees their memory at once.
+        self.release_weight_cache()
+        super()._load_from_state_dict(*args, **kwargs)
+
     def _conv_forward(self, input: Tensor, weight: Tensor, bias) -> Tensor:
+        weight = self._weight_arg(weight)
         if self.padding_mode != "zeros":
             input = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             return conv2d(input, weight, bias, self.stride, 0, self.dilation, self.groups,

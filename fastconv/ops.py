@@ -47,12 +47,13 @@ _PLANS: dict = {}
 
 
 def _plan(pass_: Pass, input_shape, weight_shape, stride, padding, dilation, groups: int,
-          algo: str, device: str, dtype: torch.dtype):
+          algo: str, device: str, dtype: torch.dtype, prepacked: bool = False):
     """The Plan of one call: the validated problem and the kernels of the algorithm that runs
-    it (None on the meta device, where only shapes are computed). Memoised: a
-    network calls the same few shapes over and over, and the checks cost microseconds."""
+    it (None on the meta device, where only shapes are computed; ``prepacked``: a forward
+    whose weights come from the weight cache). Memoised: a network calls the same few shapes
+    over and over, and the checks cost microseconds."""
     key = (pass_, input_shape, weight_shape, tuple(stride), tuple(padding), tuple(dilation),
-           groups, algo, device, dtype)
+           groups, algo, device, dtype, prepacked)
     try:
         plan = _PLANS.get(key)
     except TypeError:  # symbolic sizes (torch.compile with dynamic shapes) do not hash
@@ -61,7 +62,7 @@ def _plan(pass_: Pass, input_shape, weight_shape, stride, padding, dilation, gro
         problem = conv2d_problem(input_shape, weight_shape, stride, padding, dilation, groups)
         kernels = None
         if device != "meta":
-            _, kernels = dispatch.resolve(algo, problem, device, dtype, pass_)
+            _, kernels = dispatch.resolve(algo, problem, device, dtype, pass_, prepacked)
         plan = Plan(problem, kernels)
         if key is not None:
             if len(_PLANS) > 4096:
@@ -124,10 +125,11 @@ def _empty(shape, like: Tensor, channels_last: bool) -> Tensor:
     return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=fmt)
 
 
-def _forward_plan(input, weight, bias, stride, padding, dilation, groups, algo):
+def _forward_plan(input, weight, bias, stride, padding, dilation, groups, algo,
+                  prepacked=False):
     _check_operand("weight", weight, input, "input")
     plan = _plan(Pass.FORWARD, input.shape, weight.shape, stride, padding, dilation, groups,
-                 algo, device_type(input), input.dtype)
+                 algo, device_type(input), input.dtype, prepacked)
     _check_bias(bias, input, plan.problem)
     return plan
 
@@ -137,18 +139,22 @@ def _forward_plan(input, weight, bias, stride, padding, dilation, groups, algo):
 # --------------------------------------------------------------------------------------------
 
 def conv2d_forward(input: Tensor, weight: Tensor, bias: Optional[Tensor], stride, padding,
-                   dilation, groups: int, algo: str) -> Tensor:
+                   dilation, groups: int, algo: str, cache=None) -> Tensor:
     """The body of the conv2d op: checks, allocates the output and runs the kernel. Called by
-    the op, and directly by fastconv.conv2d in eager calls that need no autograd."""
+    the op, and directly by fastconv.conv2d in eager calls that need no autograd, which may
+    pass ``cache``, the fastconv.weight_cache.PackedWeight of ``weight``."""
+    cached = cache is not None and cache.usable()
     problem, kernels = _forward_plan(input, weight, bias, stride, padding, dilation, groups,
-                                     algo)
+                                     algo, cached)
     out_cl = _channels_last(input) or _channels_last(weight)
     y = _empty(problem.output_shape, input, out_cl)
     if y.numel() == 0:
         return y
     x, x_layout = _dense(input)
-    kernels.forward(problem, x, x_layout, weight.contiguous(),
-                    bias.contiguous() if bias is not None else None, y, NHWC if out_cl else NCHW)
+    y_layout = NHWC if out_cl else NCHW
+    packed = cache.packed_for(kernels, problem, x_layout, y_layout) if cached else None
+    kernels.forward(problem, x, x_layout, weight if packed is not None else weight.contiguous(),
+                    bias.contiguous() if bias is not None else None, y, y_layout, packed)
     return y
 
 

@@ -122,4 +122,5 @@ def test_missing_kernel_is_an_error_not_a_crash():
     # A kernel-table entry without a kernel (a null pointer) must be reported, never called:
     # the table lookup refuses an index past the table too.
     with pytest.raises(ValueError, match="unknown algorithm index"):
-        _C.forward(99, 0, _problem(NETWORKS["resnet50"][1]).kernel_geometry, 0, 0, 0, 0, 0, 0, 1)
+        _C.forward(99, 0, _problem(NETWORKS["resnet50"][1]).kernel_geometry, 0, 0, 0, 0, 0, 0,
+                   0, 0, 0, 1)

@@ -278,16 +278,29 @@ void pack_weights_oihw(const T* w, int64_t G, int64_t Kg, int64_t Cg, int64_t RS
   });
 }
 
+// The forward's packed weights (the same whatever the layouts).
 template <typename T>
-void forward(const ConvGeom& g, const T* x, int x_layout, const T* w, const T* bias, T* y,
-             int y_layout, int nthreads) {
+WeightPacking weight_packing(const ConvGeom& g, int, int) {
+  return {packed_weight_count<T>(g.groups, g.Kg(), g.Cg(), g.R * g.S), 0};
+}
+
+template <typename T>
+void pack_forward_weights(const ConvGeom& g, int, int, const T* w, T* wp, int nthreads) {
   constexpr int L = Vec<T>::lanes, BK = kNbk * L;
-  const int64_t Cg = g.Cg(), Kg = g.Kg(), RS = g.R * g.S;
-  T* wp = workspace_as<T>(kWsPackedWeights, packed_weight_count<T>(g.groups, Kg, Cg, RS));
-  pack_weights_oihw(w, g.groups, Kg, Cg, RS, BK, L, wp, nthreads);
+  pack_weights_oihw(w, g.groups, g.Kg(), g.Cg(), g.R * g.S, BK, L, wp, nthreads);
+}
+
+template <typename T>
+void forward(const ConvGeom& g, const T* x, int x_layout, const T* w, const T* packed,
+             const T* bias, T* y, int y_layout, int nthreads) {
+  if (!packed) {
+    T* wp = workspace_as<T>(kWsPackedWeights, weight_packing<T>(g, x_layout, y_layout).elements);
+    pack_forward_weights(g, x_layout, y_layout, w, wp, nthreads);
+    packed = wp;
+  }
   NhwcOperands<T> op;
   op.x = x;
-  op.wp = wp;
+  op.wp = packed;
   op.bias = bias;
   op.y = y;
   op.y_layout = y_layout;
@@ -658,7 +671,8 @@ int64_t workspace_bytes(const ConvGeom& g, Pass pass) {
 
 template <typename T>
 ConvKernels<T> direct_kernels() {
-  return ConvKernels<T>::all(&forward<T>, &grad_input<T>, &grad_weight<T>, &workspace_bytes<T>);
+  return ConvKernels<T>::all(&forward<T>, &grad_input<T>, &grad_weight<T>, &workspace_bytes<T>)
+      .with_packing(&weight_packing<T>, &pack_forward_weights<T>);
 }
 template ConvKernels<float> direct_kernels<float>();
 template ConvKernels<double> direct_kernels<double>();

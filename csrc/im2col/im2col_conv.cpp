@@ -152,34 +152,76 @@ void over_image_groups(const ConvGeom& g, const T* in, int in_layout, int64_t C,
   }
 }
 
+// Whether a forward runs natively on NCHW tensors (packed A = weights) or in NHWC (packed
+// B = weights): the two layouts its packed weights can have.
+bool forward_native(const ConvGeom& g, int x_layout, int y_layout) {
+  return x_layout == kNCHW && y_layout == kNCHW && runs_native(g);
+}
+enum PackedVariant : int { kPackedAsB = 0, kPackedAsA = 1 };
+
+// The forward's weights, tap-major and packed whole for the GEMM, one group after another.
 template <typename T>
-void forward_nchw_native(const ConvGeom& g, const T* x, const T* w, const T* bias, T* y,
+WeightPacking weight_packing(const ConvGeom& g, int x_layout, int y_layout) {
+  const int64_t Kg = g.Kg(), RSC = g.R * g.S * g.Cg();
+  if (forward_native(g, x_layout, y_layout))
+    return {g.groups * gemm_packed_size_a<T>(Kg, RSC), kPackedAsA};
+  return {g.groups * gemm_packed_size_b<T>(RSC, Kg), kPackedAsB};
+}
+
+template <typename T>
+void pack_forward_weights(const ConvGeom& g, int x_layout, int y_layout, const T* w, T* out,
+                          int nthreads) {
+  const int64_t Kg = g.Kg(), RSC = g.R * g.S * g.Cg();
+  const bool as_a = weight_packing<T>(g, x_layout, y_layout).variant == kPackedAsA;
+  const int64_t size = as_a ? gemm_packed_size_a<T>(Kg, RSC) : gemm_packed_size_b<T>(RSC, Kg);
+  const T* wt = permuted_weights(g, w, nthreads);  // [k][t][c]: the rows' tap-major order
+  for (int64_t gi = 0; gi < g.groups; ++gi) {
+    GemmArgs<T> a{};
+    a.K = RSC;
+    if (as_a) {  // A(k, i) = wt[k][i]
+      a.M = Kg;
+      a.a = wt + gi * Kg * RSC;
+      a.rs_a = RSC;
+      a.cs_a = 1;
+      gemm_pack_a(a, out + gi * size, nthreads);
+    } else {  // B(i, k) = wt[k][i]
+      a.N = Kg;
+      a.b = wt + gi * Kg * RSC;
+      a.rs_b = 1;
+      a.cs_b = RSC;
+      gemm_pack_b(a, out + gi * size, nthreads);
+    }
+  }
+}
+
+template <typename T>
+void forward_nchw_native(const ConvGeom& g, const T* x, const T* packed, const T* bias, T* y,
                          int nthreads);
 
 template <typename T>
-void forward(const ConvGeom& g, const T* x, int x_layout, const T* w, const T* bias, T* y,
-             int y_layout, int nthreads) {
+void forward(const ConvGeom& g, const T* x, int x_layout, const T* w, const T* packed,
+             const T* bias, T* y, int y_layout, int nthreads) {
+  if (!packed) {
+    T* buf = workspace_as<T>(kWsGemmWholeOperand, weight_packing<T>(g, x_layout, y_layout).elements);
+    pack_forward_weights(g, x_layout, y_layout, w, buf, nthreads);
+    packed = buf;
+  }
+  if (forward_native(g, x_layout, y_layout))
+    return forward_nchw_native(g, x, packed, bias, y, nthreads);
   const int64_t OHW = g.OH * g.OW;
-  if (x_layout == kNCHW && y_layout == kNCHW && runs_native(g))
-    return forward_nchw_native(g, x, w, bias, y, nthreads);
   const int64_t G = g.groups, Cg = g.Cg(), Kg = g.Kg(), RSC = g.R * g.S * Cg;
+  const int64_t packed_group = gemm_packed_size_b<T>(RSC, Kg);
   const bool pointwise = is_pointwise(g);
-  const T* wt = permuted_weights(g, w, nthreads);
   over_image_groups<T>(g, x, x_layout, g.C, g.H, g.W, y, y_layout, g.K, OHW, false, nthreads,
                        [&](int64_t n0, int64_t n1, const T* xn, T* yn) {
     const NhwcView<T> v{g, n1 - n0};
     const int64_t P = v.pixels(), rows = pointwise ? P : chunk_rows<T>(RSC, P);
     T* col = pointwise ? nullptr : workspace_as<T>(kWsColumns, rows * RSC);
-    T* packed = workspace_as<T>(kWsGemmWholeOperand, gemm_packed_size_b<T>(RSC, Kg));
     for (int64_t gi = 0; gi < G; ++gi) {
       GemmArgs<T> a{};
       a.N = Kg;
       a.K = RSC;
-      a.b = wt + gi * Kg * RSC;  // B(i, k) = wt[k][i], packed once for every chunk
-      a.rs_b = 1;
-      a.cs_b = RSC;
-      gemm_pack_b(a, packed, nthreads);
-      a.b_packed = packed;
+      a.b_packed = packed + gi * packed_group;
       a.epi.shift = bias ? bias + gi * Kg : nullptr;
       a.epi.per_row = false;
       for (int64_t p0 = 0; p0 < P; p0 += rows) {
@@ -274,23 +316,18 @@ void pack_implicit_cols(const void* ctx, int64_t k0, int64_t kc, int64_t j0, int
 }
 
 template <typename T>
-void forward_nchw_native(const ConvGeom& g, const T* x, const T* w, const T* bias, T* y,
+void forward_nchw_native(const ConvGeom& g, const T* x, const T* packed, const T* bias, T* y,
                          int nthreads) {
   const int64_t G = g.groups, Cg = g.Cg(), Kg = g.Kg(), RSC = Cg * g.R * g.S;
   const int64_t HW = g.H * g.W, OHW = g.OH * g.OW;
+  const int64_t packed_group = gemm_packed_size_a<T>(Kg, RSC);
   const bool pointwise = is_pointwise(g);
-  const T* wt = permuted_weights(g, w, nthreads);  // [k][t][c]: the rows' tap-major order
-  T* packed = workspace_as<T>(kWsGemmWholeOperand, gemm_packed_size_a<T>(Kg, RSC));
   for (int64_t gi = 0; gi < G; ++gi) {
     GemmArgs<T> a{};
     a.M = Kg;
     a.N = OHW;
     a.K = RSC;
-    a.a = wt + gi * Kg * RSC;
-    a.rs_a = RSC;
-    a.cs_a = 1;
-    gemm_pack_a(a, packed, nthreads);  // once per group, for every image
-    a.a_packed = packed;
+    a.a_packed = packed + gi * packed_group;  // the same for every image
     a.ldc = OHW;
     a.epi.shift = bias ? bias + gi * Kg : nullptr;
     a.epi.per_row = true;
@@ -419,7 +456,7 @@ int64_t workspace_bytes(const ConvGeom& g, Pass pass) {
   const bool pointwise = is_pointwise(g);
   const int64_t tap_major = g.R * g.S > 1 ? g.K * RSC * E : 0;
   if (pass == Pass::kForward && runs_native(g))
-    return tap_major + gemm_packed_size_a<T>(Kg, RSC) * E +
+    return tap_major + g.groups * gemm_packed_size_a<T>(Kg, RSC) * E +
            gemm_workspace_bytes<T>(Kg, OHW, RSC, true, false);
   // The NHWC passes convert a group of images (all of both tensors' images) at a time and
   // cut its pixels into column chunks.
@@ -428,7 +465,7 @@ int64_t workspace_bytes(const ConvGeom& g, Pass pass) {
   const int64_t layouts = images * (image_in + image_out) * E, columns = pointwise ? 0 : rows * RSC * E;
   switch (pass) {
     case Pass::kForward:
-      return tap_major + layouts + columns + gemm_packed_size_b<T>(RSC, Kg) * E +
+      return tap_major + layouts + columns + g.groups * gemm_packed_size_b<T>(RSC, Kg) * E +
              gemm_workspace_bytes<T>(rows, Kg, RSC, false, true);
     case Pass::kGradInput:
       return tap_major + layouts + columns + gemm_packed_size_b<T>(Kg, RSC) * E +
@@ -444,7 +481,8 @@ int64_t workspace_bytes(const ConvGeom& g, Pass pass) {
 
 template <typename T>
 ConvKernels<T> im2col_kernels() {
-  return ConvKernels<T>::all(&forward<T>, &grad_input<T>, &grad_weight<T>, &workspace_bytes<T>);
+  return ConvKernels<T>::all(&forward<T>, &grad_input<T>, &grad_weight<T>, &workspace_bytes<T>)
+      .with_packing(&weight_packing<T>, &pack_forward_weights<T>);
 }
 
 template ConvKernels<float> im2col_kernels<float>();

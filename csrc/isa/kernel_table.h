@@ -12,12 +12,26 @@
 
 namespace fastconv {
 
+// What an algorithm's forward makes of the weights before it runs (a packed or transformed
+// copy) for one geometry and pair of layouts: `elements` values of T, 0 if it makes none.
+// Packings with different `variant`s (im2col: packed B for its NHWC GEMM, packed A for its
+// native NCHW one) are different layouts of the same size class.
+struct WeightPacking {
+  int64_t elements = 0;
+  int variant = 0;
+};
+
 // Kernels of one algorithm for one element type. Pointers are dense tensors in the layout
 // named beside them (kNCHW or kNHWC); weights are always OIHW-contiguous.
+//
+// Weight prepacking (the inference weight cache, fastconv/prepack.py): forward packs its
+// weights on every call unless handed `packed`, what pack_weights wrote for the same geometry
+// (N aside) and layouts; then it reads only `packed`, never w. The bindings check that
+// weight_packing agrees before passing it on.
 template <typename T>
 struct ConvKernels {
-  void (*forward)(const ConvGeom&, const T* x, int x_layout, const T* w, const T* bias, T* y,
-                  int y_layout, int nthreads) = nullptr;
+  void (*forward)(const ConvGeom&, const T* x, int x_layout, const T* w, const T* packed,
+                  const T* bias, T* y, int y_layout, int nthreads) = nullptr;
   void (*grad_input)(const ConvGeom&, const T* gy, int gy_layout, const T* w, T* gx,
                      int gx_layout, int nthreads) = nullptr;
   void (*grad_weight)(const ConvGeom&, const T* gy, int gy_layout, const T* x, int x_layout,
@@ -25,6 +39,9 @@ struct ConvKernels {
   // Upper estimate of the workspace bytes one call of `pass` takes, NCHW tensors assumed
   // (channels_last ones need less).
   int64_t (*workspace_bytes)(const ConvGeom&, Pass) = nullptr;
+  WeightPacking (*weight_packing)(const ConvGeom&, int x_layout, int y_layout) = nullptr;
+  void (*pack_weights)(const ConvGeom&, int x_layout, int y_layout, const T* w, T* packed,
+                       int nthreads) = nullptr;
 
   // An algorithm with every pass (the signatures differ, so arguments cannot be swapped).
   static ConvKernels all(decltype(forward) f, decltype(grad_input) gi,
@@ -34,6 +51,12 @@ struct ConvKernels {
     k.grad_input = gi;
     k.grad_weight = gw;
     k.workspace_bytes = ws;
+    return k;
+  }
+  ConvKernels with_packing(decltype(weight_packing) wp, decltype(pack_weights) pw) const {
+    ConvKernels k = *this;
+    k.weight_packing = wp;
+    k.pack_weights = pw;
     return k;
   }
 };

@@ -337,9 +337,10 @@ void transform_output_block(const Plan<T, M>& p, const ConvGeom& g, const T* mbl
 
 // y = epilogue(conv3x3(x, w)) for a stride-1, dilation-1, 3x3 problem g (forward, or the
 // derived forward of grad-input), its filters read from w.
+// `u` holds the filters already transformed (the weight cache), or is null.
 template <typename T, int M>
 void winograd_conv(const ConvGeom& g, const T* x, int x_layout, const FilterSource<T>& w,
-                   const Epilogue<T>& epi, T* y, int y_layout, int nthreads) {
+                   const T* u, const Epilogue<T>& epi, T* y, int y_layout, int nthreads) {
   using Clock = std::chrono::steady_clock;
   using P = Plan<T, M>;
   constexpr int A2 = P::A2;
@@ -347,8 +348,11 @@ void winograd_conv(const ConvGeom& g, const T* x, int x_layout, const FilterSour
   const P p(g);
   const Strides xs(x_layout, g.C, g.H, g.W), ys(y_layout, g.K, g.OH, g.OW);
 
-  T* u = workspace_as<T>(kWsPackedWeights, p.filter_size());
-  transform_filters<T, M>(p, w, u, nthreads);
+  if (!u) {
+    T* buf = workspace_as<T>(kWsPackedWeights, p.filter_size());
+    transform_filters<T, M>(p, w, buf, nthreads);
+    u = buf;
+  }
   PhaseTimes times;
   times.filter_transform = seconds_since(start);
 
@@ -406,14 +410,28 @@ void winograd_conv(const ConvGeom& g, const T* x, int x_layout, const FilterSour
 // The three passes
 // ---------------------------------------------------------------------------------------
 
+// The forward reads filter (group gi, out channel k, in channel c) as w[gi*Kg + k][c].
+template <typename T>
+FilterSource<T> forward_filters(const ConvGeom& g, const T* w) {
+  return {w, g.Kg() * g.Cg() * 9, g.Cg() * 9, 9, false};
+}
+
 template <typename T, int M>
-void forward(const ConvGeom& g, const T* x, int x_layout, const T* w, const T* bias, T* y,
-             int y_layout, int nthreads) {
-  const int64_t Cg = g.Cg(), Kg = g.Kg();
-  const FilterSource<T> src{w, Kg * Cg * 9, Cg * 9, 9, false};
+WeightPacking weight_packing(const ConvGeom& g, int, int) {
+  return {Plan<T, M>(g).filter_size(), 0};
+}
+
+template <typename T, int M>
+void transform_forward_filters(const ConvGeom& g, int, int, const T* w, T* u, int nthreads) {
+  transform_filters<T, M>(Plan<T, M>(g), forward_filters(g, w), u, nthreads);
+}
+
+template <typename T, int M>
+void forward(const ConvGeom& g, const T* x, int x_layout, const T* w, const T* packed,
+             const T* bias, T* y, int y_layout, int nthreads) {
   Epilogue<T> epi;
   epi.shift = bias;
-  winograd_conv<T, M>(g, x, x_layout, src, epi, y, y_layout, nthreads);
+  winograd_conv<T, M>(g, x, x_layout, forward_filters(g, w), packed, epi, y, y_layout, nthreads);
 }
 
 // The forward whose output is grad-input: grad_y (N x K x OH x OW) convolved with the rotated,
@@ -432,8 +450,8 @@ void grad_input(const ConvGeom& g, const T* gy, int gy_layout, const T* w, T* gx
   const int64_t Cg = g.Cg(), Kg = g.Kg();
   // Derived filter (group gi, out channel c, in channel k) = w[gi*Kg + k][c], rotated.
   const FilterSource<T> src{w, Kg * Cg * 9, 9, Cg * 9, true};
-  winograd_conv<T, M>(grad_input_problem(g), gy, gy_layout, src, Epilogue<T>(), gx, gx_layout,
-                      nthreads);
+  winograd_conv<T, M>(grad_input_problem(g), gy, gy_layout, src, nullptr, Epilogue<T>(), gx,
+                      gx_layout, nthreads);
 }
 
 template <typename T>
@@ -455,7 +473,8 @@ int64_t workspace_bytes(const ConvGeom& g, Pass pass) {
 template <typename T, int M>
 ConvKernels<T> winograd_kernels() {
   return ConvKernels<T>::all(&forward<T, M>, &grad_input<T, M>, &grad_weight<T>,
-                             &workspace_bytes<T, M>);
+                             &workspace_bytes<T, M>)
+      .with_packing(&weight_packing<T, M>, &transform_forward_filters<T, M>);
 }
 
 
