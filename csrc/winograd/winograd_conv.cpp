@@ -121,10 +121,12 @@ struct Plan {
   }
   // Elements of the packed filters (all groups), of one thread's transformed tile block, and
   // of one thread's transform-domain products.
-  int64_t filter_size() const { return G * A2 * Kpad * Cg; }
+  int64_t filter_size() const { return G * A2 * u_stride(); }
   // One transform-domain matrix apart from the next: its size plus a cache line, so that the
-  // a^2 stores (loads) of one tile's transform do not all land in the same L1 set (the
-  // plain sizes are multiples of 4 KiB).
+  // a^2 stores (loads) of one tile's (filter's) transform do not all land in the same L1 and
+  // L2 set (the plain sizes are multiples of 4 KiB; for U 1 MiB at 512x512, where the 36
+  // store streams of F4's filter transform would share one 16-way L2 set).
+  int64_t u_stride() const { return Kpad * Cg + 64 / int64_t(sizeof(T)); }
   int64_t v_stride() const { return Cg * nb_pad + 64 / int64_t(sizeof(T)); }
   int64_t m_stride() const { return mb * nb_pad + 64 / int64_t(sizeof(T)); }
   int64_t input_block_size() const { return A2 * v_stride(); }
@@ -171,44 +173,60 @@ struct FilterSource {
   int tap(int i) const { return rotated ? 8 - i : i; }
 };
 
+// stage[(cl * 9 + t) * lanes + l] = tap t (as stored, before any rotation) of filter
+// (k0 + l, c0 + cl), for l < valid and cl < cn: the filters of one panel chunk transposed so
+// that each tap of `lanes` filters is one vector load, by 16 x 16 block transposes.
+template <typename T>
+void stage_filters(const FilterSource<T>& src, int64_t gi, int64_t k0, int valid, int64_t c0,
+                   int cn, T* stage) {
+  constexpr int L = Vec<T>::lanes, B = kTransposeBlock;
+  const T* base = src.at(gi, k0, c0);
+  if (src.c == 9) {  // forward: the cn channels of one filter are 9 * cn contiguous values
+    const int64_t cols = 9 * int64_t(cn);
+    for (int64_t j = 0; j < cols; j += B)
+      transpose_block(base + j, src.k, stage + j * L, L, valid, int(min64(B, cols - j)));
+  } else {  // grad-input's swapped channels: the filters of one channel lie 9 apart
+    for (int cl = 0; cl < cn; ++cl)
+      transpose_block(base + cl * src.c, src.k, stage + cl * 9 * L, L, valid, 9);
+  }
+}
+
 // U_xi(k, c) = (G g_kc GT)[xi] for every group, into the packed layout; rows k >= Kg of the
-// last MR panel are zero. `w_at(group, k, c, r, s)` reads the (possibly rotated) filter.
-// Vectorised over the output channels of one MR-row panel (in chunks of `lanes`), whose
-// values for one (c, xi) are contiguous in the packed layout: each store is a short copy.
+// last MR panel are zero. Vectorised over the output channels of one MR-row panel (in chunks
+// of `lanes`), whose values for one (c, xi) are contiguous in the packed layout: each store
+// is a short copy. The taps are staged 16 input channels at a time by block transposes
+// rather than gathered lane by lane at stride C*9. Measured per call, 2 threads (noisy VM,
+// ranges over runs): gathers and unpadded U -> staged and padded: 512x512 F2 1.1-1.7 ->
+// 0.8-1.3 ms, 256x256 F2 0.47 -> 0.26-0.33, F4 1.14 -> 0.83; 512x512 F4 3.6-3.8 -> 3.4-3.9
+// ms: writing its 38 MB of U dominates (with no stores it takes 1.2-2.3 ms; contiguous
+// 16-128-channel runs per xi and non-temporal stores measured no better).
 template <typename T, int M>
 void transform_filters(const Plan<T, M>& p, const FilterSource<T>& src, T* u, int nthreads) {
   using P = Plan<T, M>;
   using V = Vec<T>;
-  constexpr int L = P::L, A2 = P::A2;
-  const int64_t per_group = A2 * p.Kpad * p.Cg, per_xi = p.Kpad * p.Cg;
+  constexpr int L = P::L, A2 = P::A2, CB = kTransposeBlock;
+  const int64_t per_group = A2 * p.u_stride(), per_xi = p.u_stride();
   const int64_t panels = p.Kpad / p.MR;
-  // The 9 taps of `lanes` filters are 9 gathers at a fixed stride: 512x512 filters, batch 1,
-  // 1.4 ms (F2) / 3.9 ms (F4) against 3.2 / 5.2 ms for a scalar fill of the lane buffer.
-  const bool can_gather = (L - 1) * src.k < (int64_t(1) << 31) - 9;
-  alignas(64) int32_t lane_idx[L];
-  for (int l = 0; l < L; ++l) lane_idx[l] = int32_t(can_gather && l < p.MR ? l * src.k : 0);
   parallel_for(p.G * panels, threads_for(p.G * p.Kpad * p.Cg * 100, nthreads), [&](int64_t job) {
     const int64_t gi = job / panels, k_panel = job % panels * p.MR;
     T* ug = u + gi * per_group;
+    alignas(64) T stage[CB * 9 * L];
     alignas(64) T buf[A2 * L];
     for (int64_t r0 = 0; r0 < p.MR; r0 += L) {  // rows of the panel, `lanes` at a time
       const int64_t k0 = k_panel + r0, rows = min64(L, p.MR - r0);
-      const int64_t valid = max64(0, min64(rows, p.Kg - k0));
-      for (int64_t c = 0; c < p.Cg; ++c) {
-        V g[9], out[A2];
-        if (valid == rows && can_gather) {  // lanes past `rows` read row k0 again, unused
-          const T* w0 = src.at(gi, k0, c);
-          for (int i = 0; i < 9; ++i) g[i] = gather(w0 + src.tap(i), lane_idx);
-        } else {
-          for (int i = 0; i < 9; ++i)
-            for (int l = 0; l < L; ++l)
-              buf[i * L + l] = l < valid ? src.at(gi, k0 + l, c)[src.tap(i)] : T(0);
-          for (int i = 0; i < 9; ++i) g[i] = V::load(buf + i * L);
+      const int valid = int(max64(0, min64(rows, p.Kg - k0)));
+      zero_n(stage, CB * 9 * L);  // lanes >= valid stay zero: the padding rows of U
+      for (int64_t c0 = 0; c0 < p.Cg; c0 += CB) {
+        const int cn = int(min64(CB, p.Cg - c0));
+        if (valid > 0) stage_filters(src, gi, k0, valid, c0, cn, stage);
+        for (int cl = 0; cl < cn; ++cl) {
+          V g[9], out[A2];
+          for (int i = 0; i < 9; ++i) g[i] = V::load(stage + (cl * 9 + src.tap(i)) * L);
+          sandwich<T, WinogradMatrices<M>::G>(g, out);
+          for (int xi = 0; xi < A2; ++xi) out[xi].store(buf + xi * L);
+          T* dst = ug + p.a_offset(k0, c0 + cl);
+          for (int xi = 0; xi < A2; ++xi) copy_n(dst + xi * per_xi, buf + xi * L, rows);
         }
-        sandwich<T, WinogradMatrices<M>::G>(g, out);
-        for (int xi = 0; xi < A2; ++xi) out[xi].store(buf + xi * L);
-        T* dst = ug + p.a_offset(k0, c);
-        for (int xi = 0; xi < A2; ++xi) copy_n(dst + xi * per_xi, buf + xi * L, rows);
       }
     }
   });
@@ -378,9 +396,9 @@ void winograd_conv(const ConvGeom& g, const T* x, int x_layout, const FilterSour
         ph[0] += seconds_since(t);
         t = Clock::now();
       }
-      const T* ug = u + gi * A2 * p.Kpad * p.Cg;
+      const T* ug = u + gi * A2 * p.u_stride();
       for (int xi = 0; xi < A2; ++xi) {
-        const T* uxi = ug + xi * p.Kpad * p.Cg;
+        const T* uxi = ug + xi * p.u_stride();
         const T* vxi = vblk + xi * p.v_stride();
         T* mxi = mblk + xi * p.m_stride();
         for (int64_t pc = 0; pc < p.Cg; pc += p.KCB) {
