@@ -328,6 +328,8 @@ constexpr TuningField kTuningFields[] = {
     {"direct_grad_weight_chunk_pixels", &Tuning::direct_grad_weight_chunk_pixels},
     {"winograd_tile_block", &Tuning::winograd_tile_block},
     {"winograd_channel_block", &Tuning::winograd_channel_block},
+    {"winograd_grad_weight_tile_block", &Tuning::winograd_grad_weight_tile_block},
+    {"winograd_grad_weight_channel_block", &Tuning::winograd_grad_weight_channel_block},
 };
 
 }  // namespace

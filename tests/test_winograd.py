@@ -121,6 +121,10 @@ def test_accuracy_bars_float32(algo, C, H):
     fastconv.conv2d(xr, w, padding=1, algo=algo).backward(gy)
     gx_exact = torch.nn.grad.conv2d_input(x.shape, w.double(), gy.double(), padding=1)
     assert _rel_l2(xr.grad, gx_exact) <= BARS[algo]
+    wr = w.clone().requires_grad_(True)
+    fastconv.conv2d(x, wr, padding=1, algo=algo).backward(gy)
+    gw_exact = torch.nn.grad.conv2d_weight(x.double(), w.shape, gy.double(), padding=1)
+    assert _rel_l2(wr.grad, gw_exact) <= BARS[algo]
 
 
 @pytest.mark.parametrize("algo", list(BARS))
@@ -158,6 +162,27 @@ def test_tiny_tile_blocks_and_channel_blocks(algo):
     with fastconv.backend.tuning(winograd_tile_block=1, winograd_channel_block=1):
         y = fastconv.conv2d(x, w, padding=(1, 2), algo=algo)
     torch.testing.assert_close(y, F.conv2d(x, w, padding=(1, 2)), atol=1e-11, rtol=1e-11)
+
+
+@pytest.mark.parametrize("algo", list(BARS))
+@pytest.mark.parametrize("tiles,channels,budget", [(1, 1, 1 << 30), (5, 13, 1 << 30),
+                                                   (64, 128, 1)])
+def test_grad_weight_blocks_shares_and_image_groups(algo, tiles, channels, budget):
+    # Grad-weight by the transposed transforms: tile blocks of 1 and 5 tiles, channel blocks
+    # of one GEMM tile (many items, partial panels), and one image per layout group (the sums
+    # carried across groups); groups and asymmetric padding; float64 to 1e-11.
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 20, 11, 13, dtype=torch.float64, generator=g)
+    gy = torch.randn(3, 30, 11, 14, dtype=torch.float64, generator=g)
+    for groups in (1, 2):
+        shape = (30, 20 // groups, 3, 3)
+        with fastconv.backend.tuning(winograd_grad_weight_tile_block=tiles,
+                                     winograd_grad_weight_channel_block=channels,
+                                     layout_budget_bytes=budget):
+            got = fastconv.ops.conv2d_grad_weight(gy, x, list(shape), [1, 1], [1, 1, 1, 2],
+                                                  [1, 1], groups, algo)
+        exact = torch.nn.grad.conv2d_weight(F.pad(x, (1, 2, 1, 1)), shape, gy, groups=groups)
+        torch.testing.assert_close(got, exact, atol=1e-11, rtol=1e-11)
 
 
 def test_training_with_the_family_name_to_double_backward():

@@ -33,6 +33,15 @@ struct Tuning {
   // GEMMs of each channel block on it. Sweep: see csrc/winograd/winograd_conv.cpp.
   int64_t winograd_tile_block = 64;
   int64_t winograd_channel_block = 96;
+  // Winograd grad-weight: tiles per block (the GEMMs' K) and the channel block (output x
+  // input channels, rounded to the GEMM tile) of the transform-domain sums one work item
+  // owns. Swept on ResNet-50's 3x3 layers at batch 8 (64 @56, 128 @28, 256 @14 F4, 512 @7
+  // F2; ms), tiles/channels: 64/32 6.7 5.7 8.2 11.8, 64/64 5.3 4.6 6.3 9.2, 64/128 5.3 4.4
+  // 6.2 7.9, 128/64 5.6 5.0 6.7 9.8, 128/128 5.6 5.0 6.2 8.3, 256/128 5.8 4.9 6.7 9.0;
+  // 32 tiles or 192-256 channels no better. Bigger channel blocks transform each tile fewer
+  // times; 64 tiles keep one item's panels in L2.
+  int64_t winograd_grad_weight_tile_block = 64;
+  int64_t winograd_grad_weight_channel_block = 128;
 };
 
 // The process-wide values; set only between calls (fastconv.backend.tuning).

@@ -18,6 +18,14 @@ struct ConstMatrix {
   }
 };
 
+template <int R, int C>
+constexpr ConstMatrix<C, R> transposed(const ConstMatrix<R, C>& m) {
+  ConstMatrix<C, R> t{};
+  for (int i = 0; i < R; ++i)
+    for (int j = 0; j < C; ++j) t.v[j][i] = m.v[i][j];
+  return t;
+}
+
 template <int M>
 struct WinogradMatrices;
 
@@ -72,6 +80,16 @@ struct WinogradMatrices<6> {  // points 0, +-1, +-2, +-1/2, inf (NNPACK's scalin
                                          {0, 1, -1, 8, -8, 4, -4, 0},
                                          {0, 1, 1, 16, 16, 2, 2, 0},
                                          {0, 1, -1, 32, -32, 1, -1, 1}}};
+};
+
+// The same algorithm run backwards for the weight gradient. Y = AT [(G g GT) . (BT d B)] A
+// is bilinear, so for one tile dL/dg = GT [(A dY AT) . (BT d B)] G: grad_y tiles are
+// transformed by A = AT^T (m x m -> a x a), inputs by BT as in the forward, and the
+// products summed over tiles go back to 3 x 3 through GT = G^T (a x a -> 3 x 3).
+template <int M>
+struct WinogradGradMatrices {
+  static constexpr auto A = transposed(WinogradMatrices<M>::AT);
+  static constexpr auto GT = transposed(WinogradMatrices<M>::G);
 };
 
 }  // namespace fastconv

@@ -24,10 +24,13 @@
 //     add/sub).
 //   * Grad-input is the same forward over grad_y, with the filters rotated by 180 degrees and
 //     their in/out channels swapped, and padding 2 - p (negative: cropped).
+//   * Grad-weight runs the algorithm backwards: dW = GT [sum over tiles (A dY A^T) . (BT d B)]
+//     G, a^2 GEMMs with K = tiles (see its section below).
 #include <chrono>
 #include <utility>
 #include <vector>
 
+#include "../common/layout.h"
 #include "../common/phase_times.h"
 #include "../common/simd.h"
 #include "../common/transpose.h"
@@ -38,8 +41,6 @@
 
 namespace fastconv {
 namespace FASTCONV_ISA {
-
-template <typename T> ConvKernels<T> direct_kernels();  // grad-weight (csrc/direct)
 
 namespace {
 
@@ -472,15 +473,194 @@ void grad_input(const ConvGeom& g, const T* gy, int gy_layout, const T* w, T* gx
                       gx_layout, nthreads);
 }
 
-template <typename T>
+// ---------------------------------------------------------------------------------------
+// Grad-weight: dW[k][c] = GT [sum over tiles (A dY_k A^T) . (BT d_c B)] G  (winograd.h)
+// ---------------------------------------------------------------------------------------
+//
+// Per tile block the a^2 transform-domain sums are GEMMs with K = tiles:
+//   S_xi[k][c] += sum_t Z_xi[k][t] * V_xi[t][c],  Z = A dY A^T (grad_y), V = BT d B (input).
+// Work items own a block of S (group, mb output x mb input channels, and a share of the tiles
+// when there are fewer blocks than threads); per tile block an item transforms its grad_y
+// channels into packed A panels and its input channels into packed B panels, vectorised over
+// channels of NHWC copies (padded with zeros to whole tiles), and runs the a^2 GEMMs on the
+// packed GEMM's macro-kernel. At the end GT S G gives the 3 x 3 filters.
+template <typename T, int M>
+struct GradWeightPlan {
+  static constexpr int A = M + 2, A2 = A * A, L = Vec<T>::lanes;
+  int64_t G, Cg, Kg, TH, TW, Hp, Wp;  // Hp x Wp: padded input per image (whole tiles)
+  int64_t MR, NR, mb_pad, cb_pad, KB, CB, splits, blocks, nb;
+  GradWeightPlan(const ConvGeom& g, int nthreads) {
+    const GemmBlocking b = gemm_blocking<T>();
+    G = g.groups, Cg = g.Cg(), Kg = g.Kg();
+    TH = ceil_div(g.OH, M), TW = ceil_div(g.OW, M), Hp = TH * M + 2, Wp = TW * M + 2;
+    MR = b.mr, NR = b.nr;
+    const int64_t block = tuning().winograd_grad_weight_channel_block;
+    mb_pad = min64(round_up(block, MR), round_up(Kg, MR));  // output channels: GEMM rows
+    cb_pad = min64(round_up(block, NR), round_up(Cg, NR));  // input channels: GEMM columns
+    KB = ceil_div(Kg, mb_pad), CB = ceil_div(Cg, cb_pad);
+    blocks = G * KB * CB;
+    splits = ceil_div(nthreads, blocks);  // tile shares, when blocks alone cannot fill the threads
+    nb = tuning().winograd_grad_weight_tile_block;
+  }
+  int64_t items() const { return blocks * splits; }
+  int64_t s_block() const { return A2 * mb_pad * cb_pad; }  // one item's sums [xi][k][c]
+  int64_t z_block() const { return A2 * mb_pad * nb; }      // packed A panels per xi
+  int64_t v_block() const { return A2 * nb * cb_pad; }      // packed B panels per xi
+};
+
+// Z_xi for output channels [k0, k0 + mk) of group gi and tiles [t0, t0 + nt) of the image
+// group, as packed A panels: zp[xi * mb_pad * nt + (k / MR) * nt * MR + t * MR + k % MR].
+template <typename T, int M>
+void transform_grad_output_block(const GradWeightPlan<T, M>& p, const T* gy, int64_t K,
+                                 int64_t gi, int64_t k0, int64_t mk, int64_t t0, int64_t nt,
+                                 T* zp) {
+  using V = Vec<T>;
+  using W = WinogradGradMatrices<M>;
+  constexpr int A2 = GradWeightPlan<T, M>::A2, L = V::lanes;
+  const int64_t per_xi = p.mb_pad * nt, rows_total = round_up(mk, p.MR);
+  alignas(64) T buf[A2 * L];
+  for (int64_t t = 0; t < nt; ++t) {
+    const int64_t tile = t0 + t, n = tile / (p.TH * p.TW), ty = tile / p.TW % p.TH,
+                  tx = tile % p.TW;
+    const T* base = gy + ((n * p.TH * M + ty * M) * p.TW * M + tx * M) * K + gi * p.Kg + k0;
+    for (int64_t r = 0; r < rows_total; r += L) {  // lanes = output channels
+      const int64_t rows = min64(L, rows_total - r);
+      V dy[M * M], z[A2];
+      for (int i = 0; i < M; ++i)
+        for (int j = 0; j < M; ++j) dy[i * M + j] = V::load(base + (i * p.TW * M + j) * K + r);
+      sandwich<T, W::A>(dy, z);
+      for (int xi = 0; xi < A2; ++xi) z[xi].store(buf + xi * L);
+      // Rows r .. r + rows of the block, split where they cross an MR panel.
+      for (int64_t k = r; k < r + rows;) {
+        const int64_t run = min64(r + rows, (k / p.MR + 1) * p.MR) - k;
+        T* dst = zp + (k / p.MR) * nt * p.MR + t * p.MR + k % p.MR;
+        for (int xi = 0; xi < A2; ++xi) copy_n(dst + xi * per_xi, buf + xi * L + (k - r), run);
+        k += run;
+      }
+    }
+  }
+}
+
+// V_xi for input channels [c0, c0 + cn) of group gi and tiles [t0, t0 + nt), as packed B
+// panels: vp[xi * nt * cb_pad + (c / NR) * nt * NR + t * NR + c % NR].
+template <typename T, int M>
+void transform_input_for_weights(const GradWeightPlan<T, M>& p, const T* x, int64_t C,
+                                 int64_t gi, int64_t c0, int64_t cn, int64_t t0, int64_t nt,
+                                 T* vp) {
+  using V = Vec<T>;
+  constexpr int A = M + 2, A2 = A * A, L = V::lanes;
+  const int64_t per_xi = nt * p.cb_pad, cols_total = round_up(cn, p.NR);
+  for (int64_t t = 0; t < nt; ++t) {
+    const int64_t tile = t0 + t, n = tile / (p.TH * p.TW), ty = tile / p.TW % p.TH,
+                  tx = tile % p.TW;
+    const T* base = x + ((n * p.Hp + ty * M) * p.Wp + tx * M) * C + gi * p.Cg + c0;
+    for (int64_t c = 0; c < cols_total; c += L) {  // lanes = input channels
+      V d[A2], v[A2];
+      for (int u = 0; u < A; ++u)
+        for (int w = 0; w < A; ++w) d[u * A + w] = V::load(base + (u * p.Wp + w) * C + c);
+      sandwich<T, WinogradMatrices<M>::BT>(d, v);
+      T* dst = vp + (c / p.NR) * nt * p.NR + t * p.NR + c % p.NR;
+      for (int xi = 0; xi < A2; ++xi) v[xi].store(dst + xi * per_xi);
+    }
+  }
+}
+
+template <typename T, int M>
+void winograd_grad_weight(const ConvGeom& g, const T* gy, int gy_layout, const T* x,
+                          int x_layout, T* gw, int nthreads) {
+  using P = GradWeightPlan<T, M>;
+  using V = Vec<T>;
+  constexpr int A2 = P::A2, L = P::L;
+  const int nt = threads_for(g.flops() / 4, nthreads);
+  const P p(g, nt);
+  // NHWC copies of a group of images at a time, zero-padded to whole tiles. Vectors of L
+  // channels start at any channel of a block, so each copy has L values of slack (zeroed).
+  const int64_t x_image = p.Hp * p.Wp * g.C, gy_image = p.TH * M * p.TW * M * g.K;
+  const int64_t images = min64(g.N, images_per_group((x_image + gy_image) * int64_t(sizeof(T))));
+  const int64_t slack = round_up(max64(p.mb_pad, p.cb_pad), L) + L;
+  T* xbuf = workspace_as<T>(kWsActivationNhwc, images * x_image + slack);
+  T* gybuf = workspace_as<T>(kWsGradOutputNhwc, images * gy_image + slack);
+  zero_n(xbuf + images * x_image, slack);
+  zero_n(gybuf + images * gy_image, slack);
+  T* sums = workspace_as<T>(kWsAccumulators, p.items() * p.s_block());
+  T* panels = workspace_as<T>(kWsWinogradInput, nt * (p.z_block() + p.v_block()));
+  std::vector<char> started(p.items(), 0);
+  const Epilogue<T> none;
+  for (int64_t n0 = 0; n0 < g.N; n0 += images) {
+    const int64_t in = min64(images, g.N - n0), tiles = in * p.TH * p.TW;
+    scatter_to_nhwc(x + n0 * g.C * g.H * g.W, x_layout, in, g.C, g.H, g.W, xbuf, p.Hp, p.Wp,
+                    g.pt, g.pl, 1, 1, nthreads);
+    scatter_to_nhwc(gy + n0 * g.K * g.OH * g.OW, gy_layout, in, g.K, g.OH, g.OW, gybuf,
+                    p.TH * M, p.TW * M, 0, 0, 1, 1, nthreads);
+    parallel(nt, [&](int tid, int nth) {
+      T* zp = panels + tid * (p.z_block() + p.v_block());
+      T* vp = zp + p.z_block();
+      int64_t i0, i1;
+      split_range(p.items(), nth, tid, &i0, &i1);
+      for (int64_t item = i0; item < i1; ++item) {
+        const int64_t split = item % p.splits, block = item / p.splits;
+        const int64_t cb = block % p.CB, kb = block / p.CB % p.KB, gi = block / (p.CB * p.KB);
+        const int64_t k0 = kb * p.mb_pad, mk = min64(p.mb_pad, p.Kg - k0);
+        const int64_t c0 = cb * p.cb_pad, cn = min64(p.cb_pad, p.Cg - c0);
+        int64_t s0, s1;
+        split_range(tiles, int(p.splits), int(split), &s0, &s1);
+        T* s = sums + item * p.s_block();
+        for (int64_t t0 = s0; t0 < s1; t0 += p.nb) {
+          const int64_t ntile = min64(p.nb, s1 - t0);
+          transform_grad_output_block<T, M>(p, gybuf, g.K, gi, k0, mk, t0, ntile, zp);
+          transform_input_for_weights<T, M>(p, xbuf, g.C, gi, c0, cn, t0, ntile, vp);
+          for (int xi = 0; xi < A2; ++xi)
+            gemm_macro_kernel<T>(mk, cn, ntile, zp + xi * p.mb_pad * ntile,
+                                 vp + xi * ntile * p.cb_pad, s + xi * p.mb_pad * p.cb_pad,
+                                 p.cb_pad, started[item] != 0, false, none, 0, 0);
+          started[item] = 1;
+        }
+      }
+    });
+  }
+  // dW = GT (sum of the tile shares) G, vectorised over input channels; [tap][lane] is
+  // transposed to OIHW's [c][tap] on the way out.
+  parallel_for(p.blocks, threads_for(p.blocks * p.s_block() * 8, nt), [&](int64_t block) {
+    const int64_t cb = block % p.CB, kb = block / p.CB % p.KB, gi = block / (p.CB * p.KB);
+    const int64_t k0 = kb * p.mb_pad, mk = min64(p.mb_pad, p.Kg - k0);
+    const int64_t c0 = cb * p.cb_pad, cn = min64(p.cb_pad, p.Cg - c0);
+    const int64_t per_xi = p.mb_pad * p.cb_pad;
+    alignas(64) T buf[9 * L];
+    for (int64_t k = 0; k < mk; ++k)
+      for (int64_t c = 0; c < cn; c += L) {
+        V sxi[A2], dw[9];
+        for (int xi = 0; xi < A2; ++xi) sxi[xi] = V::zero();
+        for (int64_t sp = 0; sp < p.splits; ++sp) {
+          const int64_t item = block * p.splits + sp;
+          if (!started[item]) continue;
+          const T* s = sums + item * p.s_block() + k * p.cb_pad + c;
+          for (int xi = 0; xi < A2; ++xi) sxi[xi] = add(sxi[xi], V::load(s + xi * per_xi));
+        }
+        sandwich<T, WinogradGradMatrices<M>::GT>(sxi, dw);
+        for (int i = 0; i < 9; ++i) dw[i].store(buf + i * L);
+        T* dst = gw + ((gi * p.Kg + k0 + k) * p.Cg + c0 + c) * 9;
+        transpose_block(buf, L, dst, 9, 9, int(min64(L, cn - c)));
+      }
+  });
+}
+
+template <typename T, int M>
 void grad_weight(const ConvGeom& g, const T* gy, int gy_layout, const T* x, int x_layout, T* gw,
                  int nthreads) {
-  direct_kernels<T>().grad_weight(g, gy, gy_layout, x, x_layout, gw, nthreads);
+  winograd_grad_weight<T, M>(g, gy, gy_layout, x, x_layout, gw, nthreads);
 }
 
 template <typename T, int M>
 int64_t workspace_bytes(const ConvGeom& g, Pass pass) {
-  if (pass == Pass::kGradWeight) return direct_kernels<T>().workspace_bytes(g, pass);
+  if (pass == Pass::kGradWeight) {
+    const int nt = threads_for(g.flops() / 4, omp_get_max_threads());
+    const GradWeightPlan<T, M> p(g, nt);
+    const int64_t x_image = p.Hp * p.Wp * g.C, gy_image = p.TH * M * p.TW * M * g.K;
+    const int64_t images = min64(g.N, images_per_group((x_image + gy_image) * int64_t(sizeof(T))));
+    const int64_t L = Vec<T>::lanes, slack = round_up(max64(p.mb_pad, p.cb_pad), L) + L;
+    return int64_t(sizeof(T)) * (images * (x_image + gy_image) + 2 * slack +
+                                 p.items() * p.s_block() + nt * (p.z_block() + p.v_block()));
+  }
   const ConvGeom d = pass == Pass::kGradInput ? grad_input_problem(g) : g;
   const Plan<T, M> p(d);
   const int nt = threads_for(d.flops() / 4, omp_get_max_threads());
@@ -490,7 +670,7 @@ int64_t workspace_bytes(const ConvGeom& g, Pass pass) {
 
 template <typename T, int M>
 ConvKernels<T> winograd_kernels() {
-  return ConvKernels<T>::all(&forward<T, M>, &grad_input<T, M>, &grad_weight<T>,
+  return ConvKernels<T>::all(&forward<T, M>, &grad_input<T, M>, &grad_weight<T, M>,
                              &workspace_bytes<T, M>)
       .with_packing(&weight_packing<T, M>, &transform_forward_filters<T, M>);
 }
