@@ -97,14 +97,14 @@ def tuning(**values: int):
         raise ValueError(f"unknown tuning fields {sorted(unknown)}; known: {sorted(previous)}")
     global tuning_generation
     try:
-        tuning_generation += 1
         for name, value in values.items():
             _C.set_tuning(name, int(value))
+        tuning_generation += 1  # after the values: a packing keyed by it used them
         yield dict(_C.get_tuning())
     finally:
-        tuning_generation += 1
         for name, value in previous.items():
             _C.set_tuning(name, value)
+        tuning_generation += 1
 
 
 class WeightPacking(NamedTuple):

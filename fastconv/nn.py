@@ -51,7 +51,9 @@ class Conv2d(torch.nn.Conv2d):
         parametrization computes afresh per call): calls without gradients then reuse its
         packings (fastconv.weight_cache). Never while torch.compile traces (the graph takes
         the tensor) or while the weight needs a gradient (training packs afresh)."""
-        if (weight is not self._parameters.get("weight") or torch.compiler.is_compiling()
+        if (weight is not self._parameters.get("weight")
+                or not isinstance(weight, torch.nn.Parameter)  # torch.func.functional_call
+                or torch.compiler.is_compiling()
                 or (weight.requires_grad and torch.is_grad_enabled())):
             return weight
         packed = self.__dict__.get("_packed")

@@ -16,22 +16,35 @@ grad) in eager mode: training, double backward and torch.compile always pack afr
 **Never stale.** A packing is reused only while the weight is unchanged as torch tracks it:
 same tensor, same storage (``data_ptr``), same version counter (``_version``: every in-place
 op, ``optimizer.step()``, ``load_state_dict``, ``nn.init``), same dtype, device, shape and
-strides, and the same ISA and tuning values. The one change torch itself cannot see is a
-write through ``weight.data`` (``weight.data.mul_(2)``: ``.data`` has its own version
-counter). After such a write call :meth:`PackedWeight.release` (or
-``Conv2d.release_weight_cache()``, or :func:`release_workspaces`); prefer in-place ops under
-``torch.no_grad()``, which torch tracks.
+strides, and the same ISA and tuning values. Weights whose memory other tensors can write
+without touching that counter are never cached: views into a larger storage (what
+``vector_to_parameters`` and ``w.data = flat[...]`` make) and shared-memory tensors
+(``share_memory()``). What remains unseen are writes that bypass the weight's own counter:
+through ``weight.data`` (``weight.data.mul_(2)``: ``.data`` has its own counter), through a
+NumPy view, or freeing and reallocating the storage in place (``untyped_storage().resize_``).
+After such a write call :meth:`PackedWeight.release` (or ``Conv2d.release_weight_cache()``,
+or :func:`release_workspaces`); prefer in-place ops under ``torch.no_grad()``, which torch
+tracks. Switching the ISA (``fastconv.set_isa``) while another thread runs convolutions is
+not supported (as before the cache); a packing made while the ISA changed is not kept.
 
 **Bounded memory.** All packings of the process share one budget, ``FASTCONV_WEIGHT_CACHE_MB``
 (read at import, default 1024 MiB; :func:`set_cache_limit` changes it): beyond it the least
-recently used packings are dropped, and a packing larger than the whole budget is not kept (the
-call packs into scratch memory, as without a cache). A packing takes about the weight's size
-(direct, im2col) or (m+2)^2/9 times it (Winograd F(m,3): 1.8x, 4x, 7.1x).
-:func:`release_workspaces` frees every packing; :func:`cache_info` reports the use.
+recently used packings are dropped, together with the weight storage each one keeps alive
+(counted in the budget). A weight is cached only if its largest packing (7.1x the weight,
+Winograd F(6,3)) fits the whole budget; otherwise its calls pack per call and ``auto``
+chooses as without a cache. A packing takes about the weight's size (direct, im2col) or
+(m+2)^2/9 times it (Winograd F(m,3): 1.8x, 4x, 7.1x). :func:`release_workspaces` frees every
+packing (and the calling thread's scratch buffers); :func:`cache_info` reports the use.
+
+**Which algorithm.** ``auto`` knows when the weights come from the cache (the filter transform
+is then free, so Winograd pays from 49 output pixels), so the same layer may run another
+algorithm, with its own rounding error, under ``torch.no_grad()`` than with gradients on;
+``fastconv.explain(..., prepacked=True)`` shows the inference choice.
 """
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import threading
 from collections import OrderedDict
@@ -76,7 +89,7 @@ class _Cache:
             return None
 
     def put(self, owner: int, key: tuple, entry: Packing) -> None:
-        size = entry.tensor.numel() * entry.tensor.element_size()
+        size = _bytes(entry)
         with self._lock:
             self._drop((owner, key))
             if size > self.limit:
@@ -87,10 +100,16 @@ class _Cache:
             self._lru[(owner, key)] = entry
             self.bytes += size
 
-    def drop_owner(self, owner: int) -> None:
+    def drop_owner(self, owner: int, keep_stamp: Optional[tuple] = None) -> None:
+        """Drop the owner's packings (those made from another state of the weight than
+        ``keep_stamp``, if given: they can never be used again)."""
         with self._lock:
-            for k in [k for k in self._lru if k[0] == owner]:
+            for k in [k for k, e in self._lru.items()
+                      if k[0] == owner and (keep_stamp is None or e.stamp != keep_stamp)]:
                 self._drop(k)
+
+    def _reset_after_fork(self) -> None:
+        self._lock = threading.Lock()  # a lock held by another thread at fork stays held
 
     def clear(self) -> None:
         with self._lock:
@@ -107,7 +126,7 @@ class _Cache:
     def _drop(self, k) -> None:  # lock held
         entry = self._lru.pop(k, None)
         if entry is not None:
-            self.bytes -= entry.tensor.numel() * entry.tensor.element_size()
+            self.bytes -= _bytes(entry)
 
     def info(self) -> dict:
         with self._lock:
@@ -115,19 +134,31 @@ class _Cache:
                     "hits": self.hits, "misses": self.misses, "evictions": self.evictions}
 
 
+def _bytes(entry: Packing) -> int:
+    """What an entry holds: its packing, and the weight storage it keeps alive."""
+    return (entry.tensor.numel() * entry.tensor.element_size()
+            + entry.source.untyped_storage().nbytes())
+
+
 def _limit_from_env() -> int:
     text = os.environ.get("FASTCONV_WEIGHT_CACHE_MB", "1024").strip()
     try:
         mib = float(text)
     except ValueError:
-        raise ValueError(f"FASTCONV_WEIGHT_CACHE_MB must be a number of MiB, got {text!r}") from None
-    if mib < 0:
-        raise ValueError(f"FASTCONV_WEIGHT_CACHE_MB must be >= 0, got {text!r}")
+        mib = float("nan")
+    if not (math.isfinite(mib) and mib >= 0):
+        raise ValueError(f"FASTCONV_WEIGHT_CACHE_MB must be a non-negative number of MiB, got "
+                         f"{text!r}")
     return int(mib * _MIB)
 
 
 _CACHE = _Cache(_limit_from_env())
 _tokens = itertools.count()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_CACHE._reset_after_fork)
+
+#: The most a packing takes, relative to its weight: Winograd F(6,3)'s 64/9, plus padding.
+_MAX_EXPANSION = 8
 
 
 class PackedWeight:
@@ -151,39 +182,36 @@ class PackedWeight:
         self._finalizer = _finalizer(self)
 
     def usable(self) -> bool:
-        """Whether calls can keep packings of this weight now (the cache is enabled and torch
-        tracks the weight's changes); ``auto`` then chooses knowing the weights are packed."""
-        return _CACHE.limit > 0 and self._stamp() is not None
+        """Whether calls can keep packings of this weight now: torch tracks its changes and
+        its largest packing fits the budget. ``auto`` then chooses knowing the weights are
+        packed."""
+        w = self.weight
+        return (_stamp(w) is not None
+                and _MAX_EXPANSION * w.numel() * w.element_size() <= _CACHE.limit)
 
     def packed_for(self, kernels, problem, x_layout: int, y_layout: int) -> Optional[Packing]:
         """The packing of ``kernels``' forward for this call, made now if missing or stale;
         None when the algorithm packs nothing here or the weight cannot be cached."""
         weight_packing = getattr(kernels, "weight_packing", None)
-        stamp = self._stamp()
+        w = self.weight.detach()  # one snapshot: stamp, packing and source from one storage
+        stamp = _stamp(w)
         if weight_packing is None or stamp is None:
             return None
-        packing = weight_packing(problem, self.weight.dtype, x_layout, y_layout)
+        packing = weight_packing(problem, w.dtype, x_layout, y_layout)
         if packing.elements == 0:
             return None
-        key = (kernels.index, backend.get_isa(), backend.tuning_generation, problem.K,
-               problem.C, problem.R, problem.S, problem.groups, packing)
+        isa = backend.get_isa()
+        key = (kernels.index, isa, backend.tuning_generation, problem.K, problem.C, problem.R,
+               problem.S, problem.groups, packing)
         entry = _CACHE.get(self._token, key, stamp)
         if entry is None:
-            w = self.weight.contiguous()
+            _CACHE.drop_owner(self._token, keep_stamp=stamp)  # older states: never used again
             out = torch.empty(packing.elements, dtype=w.dtype)
-            kernels.pack_weights(problem, x_layout, y_layout, w, out)
-            entry = Packing(out, packing, stamp, self.weight.detach())
-            _CACHE.put(self._token, key, entry)
+            kernels.pack_weights(problem, x_layout, y_layout, w.contiguous(), out)
+            entry = Packing(out, packing, stamp, w)
+            if backend.get_isa() == isa:  # not packed across a concurrent set_isa
+                _CACHE.put(self._token, key, entry)
         return entry
-
-    def _stamp(self) -> Optional[tuple]:
-        """The weight's state as torch tracks it, or None if it cannot be tracked (an
-        inference tensor has no version counter). The Packing keeps the storage alive, so no
-        other tensor can take its address while the stamp is in use."""
-        w = self.weight
-        if w.is_inference() or not w.is_cpu:
-            return None
-        return (w.data_ptr(), w._version, w.dtype, tuple(w.shape), w.stride())
 
     def release(self) -> None:
         """Drop this weight's packings (they are made again by the next call that needs them)."""
@@ -199,6 +227,18 @@ class PackedWeight:
     def __repr__(self) -> str:
         w = self.weight
         return f"PackedWeight(shape={tuple(w.shape)}, dtype={w.dtype}, device={w.device})"
+
+
+def _stamp(w: Tensor) -> Optional[tuple]:
+    """The weight's state as torch tracks it, or None if its changes cannot all be seen
+    through its own version counter: an inference tensor has none; a view into a larger
+    storage or a shared-memory tensor can be written through other tensors. The Packing keeps
+    the storage alive, so no other tensor can take its address while the stamp is in use."""
+    if w.is_inference() or not w.is_cpu or w.is_shared():
+        return None
+    if w.storage_offset() != 0 or w.untyped_storage().nbytes() != w.numel() * w.element_size():
+        return None
+    return (w.data_ptr(), w._version, w.dtype, tuple(w.shape), w.stride())
 
 
 def _finalizer(owner: PackedWeight):

@@ -86,8 +86,10 @@ def test_packing_is_made_once_and_sized_as_documented():
         info = fastconv.cache_info()
         assert info["entries"] == 1, name
         assert (info["misses"] - before["misses"], info["hits"] - before["hits"]) == (1, 2), name
-        # Within the rounding of the packed panels (direct: 16 channels; GEMM: its tile).
-        assert ratio * weight_bytes <= info["bytes"] <= 1.25 * ratio * weight_bytes, name
+        # Within the rounding of the packed panels (direct: 16 channels; GEMM: its tile); the
+        # entry also keeps the weight's storage alive, and counts it.
+        packed_bytes = info["bytes"] - weight_bytes
+        assert ratio * weight_bytes <= packed_bytes <= 1.25 * ratio * weight_bytes, name
 
 
 def _model(dtype=torch.float32):
@@ -253,24 +255,28 @@ def test_frozen_weights_use_the_cache_with_input_gradients_elsewhere():
 
 
 def test_memory_is_bounded_and_released():
-    ws = [torch.randn(64, 64, 3, 3) for _ in range(4)]  # 147456 bytes packed by direct
+    ws = [torch.randn(64, 64, 3, 3) for _ in range(8)]
+    weight_bytes = ws[0].numel() * 4
+    entry_bytes = 2 * weight_bytes  # direct's packing (64 channels: no padding) + the weight
     packed = [fastconv.prepack(w) for w in ws]
     x = torch.randn(1, 64, 7, 7)
-    fastconv.set_cache_limit(2 * 147456 + 1000)
+    # A weight is cached only if its largest packing (8x) fits: then 4 entries fit here.
+    fastconv.set_cache_limit(8 * weight_bytes + 1000)
     with torch.no_grad():
         for p in packed:
             fastconv.conv2d(x, p, padding=1, algo="direct")
     info = fastconv.cache_info()
-    assert info["entries"] == 2 and info["bytes"] <= info["limit_bytes"]
-    assert info["evictions"] == 2
-    # Least recently used goes first: the last two are kept.
+    assert info["entries"] == 4 and info["bytes"] == 4 * entry_bytes <= info["limit_bytes"]
+    assert info["evictions"] == 4
+    # Least recently used goes first: the last four are kept.
     with torch.no_grad():
         hits = info["hits"]
-        fastconv.conv2d(x, packed[3], padding=1, algo="direct")
+        fastconv.conv2d(x, packed[7], padding=1, algo="direct")
         assert fastconv.cache_info()["hits"] == hits + 1
-    # A packing larger than the whole budget is not kept; the call is still right.
-    fastconv.set_cache_limit(1000)
-    assert fastconv.cache_info()["entries"] == 0
+    # Below that, the weight is not cached at all, and auto chooses as without a cache.
+    fastconv.set_cache_limit(8 * weight_bytes - 1)
+    assert fastconv.cache_info()["entries"] == 3 and not packed[0].usable()
+    fastconv.release_workspaces()
     with torch.no_grad():
         got = fastconv.conv2d(x, packed[0], padding=1, algo="direct")
     assert_close(got, F.conv2d(x, ws[0], padding=1), **tolerances(torch.float32, 576, 24))
@@ -278,11 +284,51 @@ def test_memory_is_bounded_and_released():
     fastconv.set_cache_limit(1 << 30)
     with torch.no_grad():
         fastconv.conv2d(x, packed[0], padding=1, algo="direct")
-    assert fastconv.cache_info()["bytes"] > 0
+    assert fastconv.cache_info()["bytes"] == entry_bytes
     fastconv.release_workspaces()
     assert fastconv.cache_info()["bytes"] == fastconv.cache_info()["entries"] == 0
     with pytest.raises(ValueError, match="non-negative"):
         fastconv.set_cache_limit(-1)
+
+
+def test_a_changed_weight_drops_its_old_packings():
+    w, x = torch.randn(16, 8, 3, 3), torch.randn(1, 8, 6, 6)
+    packed = fastconv.prepack(w)
+    with torch.no_grad():
+        for _ in range(3):
+            fastconv.conv2d(x, packed, padding=1, algo="direct")
+            w.mul_(2)
+    assert fastconv.cache_info()["entries"] == 1
+
+
+def test_weights_writable_behind_their_version_counter_are_not_cached():
+    # vector_to_parameters makes each weight a view into one flat vector: writes to the
+    # vector never move the weight's version counter, so the weight must not be cached.
+    model, x = _model(), torch.randn(1, 16, 8, 8)
+    flat = torch.nn.utils.parameters_to_vector(model.parameters())
+    for step in range(3):
+        with torch.no_grad():
+            flat.copy_(torch.randn_like(flat) * 0.1)
+        torch.nn.utils.vector_to_parameters(flat, model.parameters())
+        _check(model, x, f"vector_to_parameters, step {step}")
+    assert fastconv.cache_info()["entries"] == 0
+    shared = _model().share_memory()
+    _check(shared, x, "shared memory")
+    assert fastconv.cache_info()["entries"] == 0
+
+
+def test_functional_call_does_not_churn_the_cache():
+    model, x = _model(), torch.randn(1, 16, 8, 8)
+    params = {k: v.detach().clone() * 2 for k, v in model.named_parameters()}
+    with torch.no_grad():
+        got = torch.func.functional_call(model, params, (x,))
+    twice = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in twice.parameters():
+            p.mul_(2)
+        expected = _expected(twice, x)
+    assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    assert fastconv.cache_info()["entries"] == 0
 
 
 def test_module_release_and_garbage_collection_free_the_packings():

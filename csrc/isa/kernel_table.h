@@ -24,7 +24,7 @@ struct WeightPacking {
 // Kernels of one algorithm for one element type. Pointers are dense tensors in the layout
 // named beside them (kNCHW or kNHWC); weights are always OIHW-contiguous.
 //
-// Weight prepacking (the inference weight cache, fastconv/prepack.py): forward packs its
+// Weight prepacking (the inference weight cache, fastconv/weight_cache.py): forward packs its
 // weights on every call unless handed `packed`, what pack_weights wrote for the same geometry
 // (N aside) and layouts; then it reads only `packed`, never w. The bindings check that
 // weight_packing agrees before passing it on.

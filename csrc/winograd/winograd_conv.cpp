@@ -1,5 +1,5 @@
 // Winograd F(m x m, 3 x 3) convolution, m = 2, 4, 6, for one ISA (compiled once per ISA, see
-// simd.h): forward and grad-input; grad-weight runs the direct kernel's.
+// simd.h): forward, grad-input and grad-weight.
 //
 // A 3x3 stride-1 convolution computes each m x m output tile from an a x a input tile
 // (a = m + 2) as  Y = AT [ (G g GT) . (BT d B) ] A,  '.' elementwise (Lavin & Gray 2015). Over
@@ -565,6 +565,12 @@ void transform_input_for_weights(const GradWeightPlan<T, M>& p, const T* x, int6
   }
 }
 
+// Padding lanes: Z rows [mk, round_up(mk, MR)) and V columns [cn, round_up(cn, NR)) are
+// loaded from whatever channels follow (the next block, group or pixel, or the zeroed slack
+// after the last pixel), and the final sums are read in whole vectors past cn. All of them
+// only reach rows and columns of S that are never written out: GEMM rows and columns are
+// independent, and dW's stores are masked to cn. The slack covers the furthest such load
+// (less than MR + L past a pixel's channels for grad_y, NR for the input).
 template <typename T, int M>
 void winograd_grad_weight(const ConvGeom& g, const T* gy, int gy_layout, const T* x,
                           int x_layout, T* gw, int nthreads) {
