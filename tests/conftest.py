@@ -5,6 +5,8 @@ Which problems an algorithm runs comes from its registry entry (``supported``), 
 per-algorithm lists in the tests: a case outside an algorithm's domain checks the error."""
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
@@ -154,3 +156,23 @@ def assert_nonfinite_like_torch(got: torch.Tensor, expected: torch.Tensor, algo:
     assert torch.equal(torch.isnan(got), torch.isnan(expected))
     assert torch.equal(torch.isposinf(got), torch.isposinf(expected))
     assert torch.equal(torch.isneginf(got), torch.isneginf(expected))
+
+
+def run_in_threads(body, count: int) -> None:
+    """body(i) for i < count, each in its own thread, all at once; re-raises the first
+    exception of any thread (pytest does not see failures inside threads)."""
+    errors = []
+
+    def run(i):
+        try:
+            body(i)
+        except Exception as e:  # noqa: BLE001 - re-raised below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]

@@ -4,14 +4,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import threading
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import fastconv
-from conftest import FORWARD, assert_close, outside_domain
+from conftest import FORWARD, assert_close, outside_domain, run_in_threads
 
 
 def _run(code: str, **env) -> subprocess.CompletedProcess:
@@ -59,23 +58,14 @@ def test_concurrent_calls_from_python_threads(algo):
                           lambda: fastconv.conv2d(x, w, b, **kw, algo=algo), **kw):
             return
         problems.append((x, w, b, F.conv2d(x, w, b, **kw)))
-    errors = []
 
     def worker(k):
-        try:
-            for _ in range(20):
-                x, w, b, expected = problems[k]
-                y = fastconv.conv2d(x, w, b, padding=k % 2, stride=1 + k % 2, algo=algo)
-                assert_close(y, expected, atol=1e-4, rtol=1e-4, what=f"thread {k}")
-        except Exception as e:  # noqa: BLE001 - reported below
-            errors.append(e)
+        for _ in range(20):
+            x, w, b, expected = problems[k]
+            y = fastconv.conv2d(x, w, b, padding=k % 2, stride=1 + k % 2, algo=algo)
+            assert_close(y, expected, atol=1e-4, rtol=1e-4, what=f"thread {k}")
 
-    threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors[0]
+    run_in_threads(worker, 4)
 
 
 def test_release_workspaces_then_reuse():

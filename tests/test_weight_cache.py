@@ -7,7 +7,6 @@ import copy
 import gc
 import io
 import pickle
-import threading
 
 import pytest
 import torch
@@ -17,7 +16,7 @@ import fastconv
 from fastconv import backend, dispatch, weight_cache
 from fastconv.backend import NCHW
 from cases import CASES, CASE_IDS
-from conftest import FORWARD, assert_close, supported, tolerances
+from conftest import FORWARD, assert_close, run_in_threads, supported, tolerances
 
 PACKING = [a for a in fastconv.registry.ALGORITHMS if "cpu" in a.kernels]
 
@@ -364,22 +363,13 @@ def test_concurrent_calls_share_one_module():
     xs = [torch.randn(1, 16, 12, 12) for _ in range(4)]
     with torch.no_grad():
         expected = [_expected(model, x) for x in xs]
-    errors = []
 
     def run(i):
-        try:
-            with torch.no_grad():
-                for _ in range(5):
-                    assert_close(model(xs[i]), expected[i], atol=1e-4, rtol=1e-4)
-        except Exception as e:  # reported below: pytest does not see thread failures
-            errors.append(e)
+        with torch.no_grad():
+            for _ in range(5):
+                assert_close(model(xs[i]), expected[i], atol=1e-4, rtol=1e-4)
 
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors[0]
+    run_in_threads(run, 4)
 
 
 def test_untrackable_weights_are_not_cached():

@@ -293,11 +293,8 @@ void pack_forward_weights(const ConvGeom& g, int, int, const T* w, T* wp, int nt
 template <typename T>
 void forward(const ConvGeom& g, const T* x, int x_layout, const T* w, const T* packed,
              const T* bias, T* y, int y_layout, int nthreads) {
-  if (!packed) {
-    T* wp = workspace_as<T>(kWsPackedWeights, weight_packing<T>(g, x_layout, y_layout).elements);
-    pack_forward_weights(g, x_layout, y_layout, w, wp, nthreads);
-    packed = wp;
-  }
+  packed = packed_or_pack_now(packed, g, x_layout, y_layout, w, kWsPackedWeights,
+                              &weight_packing<T>, &pack_forward_weights<T>, nthreads);
   NhwcOperands<T> op;
   op.x = x;
   op.wp = packed;

@@ -201,11 +201,8 @@ void forward_nchw_native(const ConvGeom& g, const T* x, const T* packed, const T
 template <typename T>
 void forward(const ConvGeom& g, const T* x, int x_layout, const T* w, const T* packed,
              const T* bias, T* y, int y_layout, int nthreads) {
-  if (!packed) {
-    T* buf = workspace_as<T>(kWsGemmWholeOperand, weight_packing<T>(g, x_layout, y_layout).elements);
-    pack_forward_weights(g, x_layout, y_layout, w, buf, nthreads);
-    packed = buf;
-  }
+  packed = packed_or_pack_now(packed, g, x_layout, y_layout, w, kWsGemmWholeOperand,
+                              &weight_packing<T>, &pack_forward_weights<T>, nthreads);
   if (forward_native(g, x_layout, y_layout))
     return forward_nchw_native(g, x, packed, bias, y, nthreads);
   const int64_t OHW = g.OH * g.OW;

@@ -8,6 +8,7 @@
 #include <cstdint>
 
 #include "../common/problem.h"
+#include "../common/workspace.h"
 #include "../gemm/gemm.h"
 
 namespace fastconv {
@@ -60,6 +61,20 @@ struct ConvKernels {
     return k;
   }
 };
+
+// What a forward convolves with: `packed` when the caller has its packed weights (the
+// weight cache), else w packed now by `pack` into the workspace slot `slot`.
+template <typename T>
+const T* packed_or_pack_now(const T* packed, const ConvGeom& g, int x_layout, int y_layout,
+                            const T* w, WorkspaceSlot slot,
+                            WeightPacking (*size)(const ConvGeom&, int, int),
+                            void (*pack)(const ConvGeom&, int, int, const T*, T*, int),
+                            int nthreads) {
+  if (packed) return packed;
+  T* buf = workspace_as<T>(slot, size(g, x_layout, y_layout).elements);
+  pack(g, x_layout, y_layout, w, buf, nthreads);
+  return buf;
+}
 
 struct AlgorithmEntry {
   const char* name;
