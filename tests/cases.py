@@ -3,7 +3,7 @@ test cases plus tails of fastconv's vector blocking. Parametrize tests by algo a
 than copying them."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
