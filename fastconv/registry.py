@@ -117,9 +117,9 @@ ALGORITHMS: tuple = (
                 "read the activation as the GEMM operand",
         kernels={"cpu": CppKernels("im2col")},
     ),
-    _winograd(2, "the most accurate tile; grad-weight by the direct kernel"),
-    _winograd(4, "grad-weight by the direct kernel"),
-    _winograd(6, "points 0, +-1, +-2, +-1/2, inf; grad-weight by the direct kernel"),
+    _winograd(2, "the most accurate tile; all three passes"),
+    _winograd(4, "all three passes"),
+    _winograd(6, "points 0, +-1, +-2, +-1/2, inf; all three passes"),
 )
 
 BY_NAME = {a.name: a for a in ALGORITHMS}
