@@ -104,6 +104,13 @@ def _winograd(m: int, note: str) -> "Algorithm":
     )
 
 
+def _depthwise(problem: Conv2dProblem) -> Optional[str]:
+    if problem.Cg != 1:
+        return (f"the depthwise kernel runs convolutions with one input channel per group "
+                f"(groups == in_channels); this one has {problem.Cg} per group")
+    return None
+
+
 ALGORITHMS: tuple = (
     Algorithm(
         name="direct",
@@ -120,6 +127,13 @@ ALGORITHMS: tuple = (
     _winograd(2, "the most accurate tile; all three passes"),
     _winograd(4, "all three passes"),
     _winograd(6, "points 0, +-1, +-2, +-1/2, inf; all three passes"),
+    Algorithm(
+        name="depthwise",
+        summary="depthwise (groups == in_channels, any multiplier): NCHW vectorised along the "
+                "width, channels_last across channels; backward by the direct kernel",
+        kernels={"cpu": CppKernels("depthwise")},
+        check=_depthwise,
+    ),
 )
 
 BY_NAME = {a.name: a for a in ALGORITHMS}

@@ -57,9 +57,11 @@ def test_winograd_family_picks_a_tile_or_says_why_not():
         fastconv.conv2d(x, w, stride=2, algo="winograd")
 
 
-def test_auto_never_picks_gemm_for_grouped_layers():
-    grouped = [l for l in ALL_LAYERS if l.groups > 1]
-    assert grouped and all(_choice(l) == "direct" for l in grouped)
+def test_auto_routes_depthwise_and_grouped_layers():
+    depthwise = [l for l in ALL_LAYERS if l.groups > 1 and l.C == l.groups]
+    grouped = [l for l in ALL_LAYERS if l.groups > 1 and l.C != l.groups]
+    assert depthwise and all(_choice(l) == "depthwise" for l in depthwise)
+    assert all(_choice(l) == "direct" for l in grouped)
 
 
 def test_auto_finds_nothing_for_dtypes_without_kernels():

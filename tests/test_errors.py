@@ -66,7 +66,7 @@ def test_bad_input_raises_with_autograd(name, kwargs, exc, fragment):
 
 def test_not_yet_built_algorithm_is_unknown():
     with pytest.raises(ValueError, match="valid choices"):
-        fastconv.conv2d(x4, w4, algo="depthwise")
+        fastconv.conv2d(x4, w4, algo="fused_conv_bn_relu")
 
 
 TORCH_LIKE = [b for b in BAD if b[0] != "unknown_algo"]  # 'algo' is fastconv's own argument

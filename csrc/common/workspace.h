@@ -4,6 +4,7 @@
 // region. Compiled once (not per ISA).
 #pragma once
 #include <cstdint>
+#include <vector>
 
 namespace fastconv {
 
@@ -36,6 +37,17 @@ const char* workspace_slot_name(WorkspaceSlot slot);
 template <typename T>
 T* workspace_as(WorkspaceSlot slot, int64_t count) {
   return static_cast<T*>(workspace(slot, count * int64_t(sizeof(T))));
+}
+
+// At least `count` values private to the calling thread, OpenMP workers included, and kept
+// between calls: small scratch inside parallel regions (too large for a worker's stack). One
+// buffer per type and thread: a caller must be done with it before calling anything that
+// may use it too.
+template <typename T>
+T* thread_scratch(int64_t count) {
+  thread_local std::vector<T> buf;
+  if (int64_t(buf.size()) < count) buf.resize(count);
+  return buf.data();
 }
 
 }  // namespace fastconv

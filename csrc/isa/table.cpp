@@ -10,7 +10,8 @@
   X(im2col)                    \
   X(winograd_f2)               \
   X(winograd_f4)               \
-  X(winograd_f6)
+  X(winograd_f6)                \
+  X(depthwise)
 
 namespace fastconv {
 namespace FASTCONV_ISA {

@@ -1,0 +1,283 @@
+// Depthwise convolution (groups == input channels; output channel k = c * m + j reads input
+// channel c = k / m, multiplier m), forward, for one ISA (compiled once per ISA, see simd.h).
+// The generic direct kernel fills its vectors with output channels of one group, which for
+// depthwise layers is m of them: mostly empty lanes. Here every lane does useful work:
+//
+//   * NCHW: vectors along the output width, one (image, channel) plane at a time. Per output
+//     row and tap row the input row is staged once into a zero-bordered row buffer (split into
+//     `stride` phases when strided), so every tap is one unaligned vector load and padding
+//     costs nothing inside the loops; the tap weights are broadcast.
+//   * channels_last: vectors along the channels (as XNNPACK and oneDNN do), one output row at
+//     a time, weights packed [tap][k]; taps outside the input are skipped per pixel. With a
+//     multiplier > 1 each vector of output channels gathers its input channels.
+//   * Grad-input and grad-weight run the direct kernel for now.
+#include <cstring>
+#include <vector>
+
+#include "../common/layout.h"
+#include "../common/simd.h"
+#include "../common/workspace.h"
+#include "../isa/kernel_table.h"
+
+namespace fastconv {
+namespace FASTCONV_ISA {
+
+template <typename T> ConvKernels<T> direct_kernels();  // the backward passes (csrc/direct)
+
+namespace {
+
+// Register tiles: NCHW, vectors along the row; NHWC, channel vectors x output pixels.
+constexpr int kRowVectors = 4;
+constexpr int kChannelVectors = 4;
+constexpr int kPixelsPerTile = 4;
+
+// ---------------------------------------------------------------------------------------
+// NCHW: vectors along the width
+// ---------------------------------------------------------------------------------------
+
+// Output row `oh` of plane (n, k): y[ow] = bias + sum_{r,s} w[r][s] * x[ih(r)][ow*sw - pl + s*dw].
+// `plane` holds the zero-padded input plane, each padded row split by stride phase: phase q
+// of padded row p at plane + (p * sw + q) * span, element i = input column i * sw + q - pl of
+// input row p - pt.
+template <typename T, int UV>
+void nchw_row(const ConvGeom& g, const T* plane, int64_t span, int64_t oh, const T* wk, T bias,
+              T* yrow) {
+  using V = Vec<T>;
+  constexpr int L = V::lanes;
+  alignas(64) T buf[UV * L];
+  for (int64_t ow0 = 0; ow0 < g.OW; ow0 += UV * L) {
+    V acc[UV];
+    for (int u = 0; u < UV; ++u) acc[u] = V::broadcast(&bias);
+    for (int64_t r = 0; r < g.R; ++r) {
+      const T* row = plane + (oh * g.sh + r * g.dh) * g.sw * span;
+      for (int64_t s = 0; s < g.S; ++s) {
+        const int64_t o = s * g.dw;
+        const T* src = row + (o % g.sw) * span + o / g.sw + ow0;
+        const V wv = V::broadcast(wk + r * g.S + s);
+        for (int u = 0; u < UV; ++u) acc[u] = fmadd(wv, V::load(src + u * L), acc[u]);
+      }
+    }
+    const int64_t n = min64(UV * L, g.OW - ow0);
+    if (n == UV * L) {
+      for (int u = 0; u < UV; ++u) acc[u].store(yrow + ow0 + u * L);
+    } else {
+      for (int u = 0; u < UV; ++u) acc[u].store(buf + u * L);
+      copy_n(yrow + ow0, buf, n);
+    }
+  }
+}
+
+template <typename T>
+void forward_nchw(const ConvGeom& g, const T* x, const T* w, const T* bias, T* y, int nthreads) {
+  constexpr int L = Vec<T>::lanes, UV = kRowVectors;
+  const int64_t m = g.Kg(), planes = g.N * g.K;
+  // Per phase: the columns one output row's taps read, plus a full register tile of slack.
+  const int64_t span = round_up(g.OW, UV * L) + ((g.S - 1) * g.dw) / g.sw + 1;
+  const int64_t row_elems = span * g.sw;  // one padded row, all phases
+  const int64_t rows = (g.OH - 1) * g.sh + (g.R - 1) * g.dh + 1;  // padded rows read
+  parallel_for(planes, threads_for(g.flops(), nthreads), [&](int64_t p) {
+    const int64_t n = p / g.K, k = p % g.K;
+    const T* xp = x + (n * g.C + k / m) * g.H * g.W;
+    T* scratch = thread_scratch<T>((rows + 1) * row_elems);
+    T* plane = scratch;                          // [padded row][phase][span]
+    T* padded = scratch + rows * row_elems;      // one row in padded column order
+    // Input columns [c0, c1) of a padded row hold x; the rest are zeros.
+    const int64_t c0 = min64(g.pl, row_elems), c1 = min64(g.pl + g.W, row_elems);
+    {
+      for (int64_t pr = 0; pr < rows; ++pr) {
+        const int64_t ih = pr - g.pt;
+        T* dst = g.sw == 1 ? plane + pr * row_elems : padded;
+        if (ih < 0 || ih >= g.H) {
+          zero_n(g.sw == 1 ? dst : plane + pr * row_elems, row_elems);
+          continue;
+        }
+        zero_n(dst, c0);
+        copy_n(dst + c0, xp + ih * g.W + (c0 - g.pl), c1 - c0);
+        zero_n(dst + c1, row_elems - c1);
+        for (int64_t q = 0; g.sw > 1 && q < g.sw; ++q)
+          copy_strided_n(plane + (pr * g.sw + q) * span, padded + q, span, g.sw);
+      }
+    }
+    const T* wk = w + k * g.R * g.S;
+    const T b = bias ? bias[k] : T(0);
+    for (int64_t oh = 0; oh < g.OH; ++oh) {
+      T* yrow = y + (p * g.OH + oh) * g.OW;
+      if (g.OW <= L)  // small maps: a narrower tile wastes fewer lanes
+        nchw_row<T, 1>(g, plane, span, oh, wk, b, yrow);
+      else if (g.OW <= 2 * L)
+        nchw_row<T, 2>(g, plane, span, oh, wk, b, yrow);
+      else
+        nchw_row<T, UV>(g, plane, span, oh, wk, b, yrow);
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------
+// NHWC: vectors across the channels
+// ---------------------------------------------------------------------------------------
+
+// wp[tap][k] = w[k][0][tap], K rounded up to whole register tiles (zeros).
+template <typename T>
+int64_t packed_channels(const ConvGeom& g) {
+  return round_up(g.K, int64_t(kChannelVectors) * Vec<T>::lanes);
+}
+
+template <typename T>
+WeightPacking weight_packing(const ConvGeom& g, int x_layout, int y_layout) {
+  if (x_layout == kNCHW && y_layout == kNCHW) return {};  // reads w as it is
+  return {g.R * g.S * packed_channels<T>(g), 0};
+}
+
+template <typename T>
+void pack_weights(const ConvGeom& g, int, int, const T* w, T* wp, int nthreads) {
+  const int64_t RS = g.R * g.S, Kp = packed_channels<T>(g);
+  parallel_for(RS, threads_for(RS * Kp * 4, nthreads), [&](int64_t t) {
+    for (int64_t k = 0; k < Kp; ++k) wp[t * Kp + k] = k < g.K ? w[k * RS + t] : T(0);
+  });
+}
+
+// The input vector of output channels [k0, k0 + L) at one pixel: contiguous for m = 1,
+// gathered (channel k / m) otherwise; lanes past K read channel 0 (their weights are zero).
+template <typename T>
+Vec<T> input_lanes(const T* pixel, int64_t k0, int64_t m, int64_t K) {
+  using V = Vec<T>;
+  constexpr int L = V::lanes;
+  if (m == 1 && k0 + L <= K) return V::load(pixel + k0);
+  alignas(64) int32_t idx[L];
+  for (int l = 0; l < L; ++l) idx[l] = int32_t(k0 + l < K ? (k0 + l) / m : 0);
+  return gather(pixel, idx);
+}
+
+// One output row, channels [k0, k0 + KV * L) of a plain layer (m = 1, whole vectors), PW
+// output pixels per register tile: each tap's KV weight vectors are loaded once per tile.
+template <typename T, int KV>
+void nhwc_row_plain(const ConvGeom& g, const T* ximg, int64_t oh, int64_t k0, const T* wp,
+                    int64_t Kp, const T* biasp, T* yrow) {
+  using V = Vec<T>;
+  constexpr int L = V::lanes, PW = kPixelsPerTile;
+  for (int64_t ow0 = 0; ow0 < g.OW; ow0 += PW) {
+    const int np = int(min64(PW, g.OW - ow0));
+    V acc[PW][KV];
+    for (int p = 0; p < PW; ++p)
+      for (int v = 0; v < KV; ++v) acc[p][v] = V::load(biasp + k0 + v * L);
+    for (int64_t r = 0; r < g.R; ++r) {
+      const int64_t ih = oh * g.sh - g.pt + r * g.dh;
+      if (ih < 0 || ih >= g.H) continue;
+      const T* xrow = ximg + ih * g.W * g.C + k0;
+      for (int64_t s = 0; s < g.S; ++s) {
+        const T* wt = wp + (r * g.S + s) * Kp + k0;
+        V wv[KV];
+        for (int v = 0; v < KV; ++v) wv[v] = V::load(wt + v * L);
+        for (int p = 0; p < PW; ++p) {
+          const int64_t iw = (ow0 + p) * g.sw - g.pl + s * g.dw;
+          if (p >= np || iw < 0 || iw >= g.W) continue;
+          for (int v = 0; v < KV; ++v)
+            acc[p][v] = fmadd(V::load(xrow + iw * g.C + v * L), wv[v], acc[p][v]);
+        }
+      }
+    }
+    for (int p = 0; p < np; ++p)
+      for (int v = 0; v < KV; ++v) acc[p][v].store(yrow + (ow0 + p) * g.K + k0 + v * L);
+  }
+}
+
+// One output row, channels [k0, K): a multiplier > 1 (each vector gathers its input
+// channels) or the channel tail, one pixel at a time.
+template <typename T>
+void nhwc_row_general(const ConvGeom& g, const T* ximg, int64_t oh, int64_t k0, const T* wp,
+                      int64_t Kp, const T* biasp, T* yrow) {
+  using V = Vec<T>;
+  constexpr int L = V::lanes, KV = kChannelVectors;
+  const int64_t m = g.Kg();
+  alignas(64) T buf[KV * L];
+  for (int64_t kb = k0; kb < g.K; kb += KV * L) {
+    const int nv = int(min64(KV, ceil_div(g.K - kb, L)));  // vectors holding channels
+    for (int64_t ow = 0; ow < g.OW; ++ow) {
+      V acc[KV];
+      for (int v = 0; v < KV; ++v) acc[v] = V::load(biasp + kb + v * L);
+      for (int64_t r = 0; r < g.R; ++r) {
+        const int64_t ih = oh * g.sh - g.pt + r * g.dh;
+        if (ih < 0 || ih >= g.H) continue;
+        for (int64_t s = 0; s < g.S; ++s) {
+          const int64_t iw = ow * g.sw - g.pl + s * g.dw;
+          if (iw < 0 || iw >= g.W) continue;
+          const T* pixel = ximg + (ih * g.W + iw) * g.C;
+          const T* wt = wp + (r * g.S + s) * Kp + kb;
+          for (int v = 0; v < nv; ++v)
+            acc[v] = fmadd(input_lanes(pixel, kb + v * L, m, g.K), V::load(wt + v * L), acc[v]);
+        }
+      }
+      for (int v = 0; v < KV; ++v) acc[v].store(buf + v * L);
+      copy_n(yrow + ow * g.K + kb, buf, min64(KV * L, g.K - kb));
+    }
+  }
+}
+
+template <typename T>
+void forward_nhwc(const ConvGeom& g, const T* x, const T* wp, const T* bias, T* y,
+                  int nthreads) {
+  constexpr int L = Vec<T>::lanes, KV = kChannelVectors;
+  const int64_t Kp = packed_channels<T>(g), rows = g.N * g.OH;
+  std::vector<T> bias_padded(Kp, T(0));  // whole vectors, zeros past K
+  if (bias) std::memcpy(bias_padded.data(), bias, sizeof(T) * g.K);
+  const T* biasp = bias_padded.data();
+  const int64_t plain = g.Kg() == 1 ? g.K / L * L : 0;  // channels in whole plain vectors
+  parallel_for(rows, threads_for(g.flops(), nthreads), [&](int64_t row) {
+    const int64_t n = row / g.OH, oh = row % g.OH;
+    const T* ximg = x + n * g.H * g.W * g.C;
+    T* yrow = y + row * g.OW * g.K;
+    int64_t k0 = 0;
+    for (; k0 + KV * L <= plain; k0 += KV * L)
+      nhwc_row_plain<T, KV>(g, ximg, oh, k0, wp, Kp, biasp, yrow);
+    for (; k0 + 2 * L <= plain; k0 += 2 * L)
+      nhwc_row_plain<T, 2>(g, ximg, oh, k0, wp, Kp, biasp, yrow);
+    for (; k0 + L <= plain; k0 += L)
+      nhwc_row_plain<T, 1>(g, ximg, oh, k0, wp, Kp, biasp, yrow);
+    if (k0 < g.K) nhwc_row_general(g, ximg, oh, k0, wp, Kp, biasp, yrow);
+  });
+}
+
+template <typename T>
+void forward(const ConvGeom& g, const T* x, int x_layout, const T* w, const T* packed,
+             const T* bias, T* y, int y_layout, int nthreads) {
+  if (x_layout == kNCHW && y_layout == kNCHW) return forward_nchw(g, x, w, bias, y, nthreads);
+  const T* wp = packed_or_pack_now(packed, g, x_layout, y_layout, w, kWsPackedWeights,
+                                   &weight_packing<T>, &pack_weights<T>, nthreads);
+  if (x_layout == kNHWC) return forward_nhwc(g, x, wp, bias, y, nthreads);
+  // NCHW input, channels_last output (a channels_last weight): transpose the input first, a
+  // group of images at a time.
+  const int64_t image = g.C * g.H * g.W, out_image = g.K * g.OH * g.OW;
+  const int64_t group = images_per_group(image * int64_t(sizeof(T)));
+  T* buf = workspace_as<T>(kWsActivationNhwc, min64(group, g.N) * image);
+  ConvGeom part = g;
+  for (int64_t n0 = 0; n0 < g.N; n0 += group) {
+    part.N = min64(g.N, n0 + group) - n0;
+    scatter_to_nhwc(x + n0 * image, kNCHW, part.N, g.C, g.H, g.W, buf, g.H, g.W, 0, 0, 1, 1,
+                    nthreads);
+    forward_nhwc(part, buf, wp, bias, y + n0 * out_image, nthreads);
+  }
+}
+
+// Mirrors the workspace_as calls above; the backward passes are the direct kernel's.
+template <typename T>
+int64_t workspace_bytes(const ConvGeom& g, Pass pass) {
+  if (pass != Pass::kForward) return direct_kernels<T>().workspace_bytes(g, pass);
+  const int64_t image = g.C * g.H * g.W;
+  return int64_t(sizeof(T)) * (weight_packing<T>(g, kNHWC, kNHWC).elements +
+                               min64(images_per_group(image * int64_t(sizeof(T))), g.N) * image);
+}
+
+}  // namespace
+
+template <typename T>
+ConvKernels<T> depthwise_kernels() {
+  const ConvKernels<T> direct = direct_kernels<T>();
+  return ConvKernels<T>::all(&forward<T>, direct.grad_input, direct.grad_weight,
+                             &workspace_bytes<T>)
+      .with_packing(&weight_packing<T>, &pack_weights<T>);
+}
+template ConvKernels<float> depthwise_kernels<float>();
+template ConvKernels<double> depthwise_kernels<double>();
+
+}  // namespace FASTCONV_ISA
+}  // namespace fastconv
