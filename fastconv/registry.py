@@ -130,7 +130,8 @@ ALGORITHMS: tuple = (
     Algorithm(
         name="depthwise",
         summary="depthwise (groups == in_channels, any multiplier): NCHW vectorised along the "
-                "width, channels_last across channels; backward by the direct kernel",
+                "width, channels_last across channels; grad-weight per channel, grad-input by "
+                "the direct kernel",
         kernels={"cpu": CppKernels("depthwise")},
         check=_depthwise,
     ),

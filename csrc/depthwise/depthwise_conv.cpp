@@ -10,7 +10,9 @@
 //   * channels_last: vectors along the channels (as XNNPACK and oneDNN do), one output row at
 //     a time, weights packed [tap][k]; taps outside the input are skipped per pixel. With a
 //     multiplier > 1 each vector of output channels gathers its input channels.
-//   * Grad-input and grad-weight run the direct kernel for now.
+//   * Grad-weight: one output channel per work item, its R*S sums vectorised along the output
+//     rows of the staged planes (no reduction across threads). Grad-input runs the direct
+//     kernel for now.
 #include <cstring>
 #include <vector>
 
@@ -67,49 +69,145 @@ void nchw_row(const ConvGeom& g, const T* plane, int64_t span, int64_t oh, const
   }
 }
 
+// How an input plane is staged for the NCHW kernels: `rows` zero-padded rows (the ones the
+// output rows' taps read), each split into `stride` phases of `span` values (nchw_row).
+struct PlaneStaging {
+  int64_t span, row_elems, rows;
+  PlaneStaging(const ConvGeom& g, int64_t lanes)
+      : span(round_up(g.OW, kRowVectors * lanes) + ((g.S - 1) * g.dw) / g.sw + 1),
+        row_elems(span * g.sw),
+        rows((g.OH - 1) * g.sh + (g.R - 1) * g.dh + 1) {}
+  int64_t scratch() const { return (rows + 1) * row_elems; }
+};
+
+// Stages input plane xp (H x W) into plane (PlaneStaging layout); `scratch` holds
+// PlaneStaging::scratch() values, the plane first.
+template <typename T>
+void stage_plane(const ConvGeom& g, const PlaneStaging& st, const T* xp, T* scratch) {
+  T* plane = scratch;                           // [padded row][phase][span]
+  T* padded = scratch + st.rows * st.row_elems;  // one row in padded column order
+  // Input columns [c0, c1) of a padded row hold x; the rest are zeros.
+  const int64_t c0 = min64(g.pl, st.row_elems), c1 = min64(g.pl + g.W, st.row_elems);
+  for (int64_t pr = 0; pr < st.rows; ++pr) {
+    const int64_t ih = pr - g.pt;
+    T* dst = g.sw == 1 ? plane + pr * st.row_elems : padded;
+    if (ih < 0 || ih >= g.H) {
+      zero_n(plane + pr * st.row_elems, st.row_elems);
+      continue;
+    }
+    zero_n(dst, c0);
+    copy_n(dst + c0, xp + ih * g.W + (c0 - g.pl), c1 - c0);
+    zero_n(dst + c1, st.row_elems - c1);
+    for (int64_t q = 0; g.sw > 1 && q < g.sw; ++q)
+      copy_strided_n(plane + (pr * g.sw + q) * st.span, padded + q, st.span, g.sw);
+  }
+}
+
 template <typename T>
 void forward_nchw(const ConvGeom& g, const T* x, const T* w, const T* bias, T* y, int nthreads) {
   constexpr int L = Vec<T>::lanes, UV = kRowVectors;
   const int64_t m = g.Kg(), planes = g.N * g.K;
-  // Per phase: the columns one output row's taps read, plus a full register tile of slack.
-  const int64_t span = round_up(g.OW, UV * L) + ((g.S - 1) * g.dw) / g.sw + 1;
-  const int64_t row_elems = span * g.sw;  // one padded row, all phases
-  const int64_t rows = (g.OH - 1) * g.sh + (g.R - 1) * g.dh + 1;  // padded rows read
+  const PlaneStaging st(g, L);
   parallel_for(planes, threads_for(g.flops(), nthreads), [&](int64_t p) {
     const int64_t n = p / g.K, k = p % g.K;
-    const T* xp = x + (n * g.C + k / m) * g.H * g.W;
-    T* scratch = thread_scratch<T>((rows + 1) * row_elems);
-    T* plane = scratch;                          // [padded row][phase][span]
-    T* padded = scratch + rows * row_elems;      // one row in padded column order
-    // Input columns [c0, c1) of a padded row hold x; the rest are zeros.
-    const int64_t c0 = min64(g.pl, row_elems), c1 = min64(g.pl + g.W, row_elems);
-    {
-      for (int64_t pr = 0; pr < rows; ++pr) {
-        const int64_t ih = pr - g.pt;
-        T* dst = g.sw == 1 ? plane + pr * row_elems : padded;
-        if (ih < 0 || ih >= g.H) {
-          zero_n(g.sw == 1 ? dst : plane + pr * row_elems, row_elems);
-          continue;
-        }
-        zero_n(dst, c0);
-        copy_n(dst + c0, xp + ih * g.W + (c0 - g.pl), c1 - c0);
-        zero_n(dst + c1, row_elems - c1);
-        for (int64_t q = 0; g.sw > 1 && q < g.sw; ++q)
-          copy_strided_n(plane + (pr * g.sw + q) * span, padded + q, span, g.sw);
-      }
-    }
+    T* plane = thread_scratch<T>(st.scratch());
+    stage_plane(g, st, x + (n * g.C + k / m) * g.H * g.W, plane);
     const T* wk = w + k * g.R * g.S;
     const T b = bias ? bias[k] : T(0);
     for (int64_t oh = 0; oh < g.OH; ++oh) {
       T* yrow = y + (p * g.OH + oh) * g.OW;
       if (g.OW <= L)  // small maps: a narrower tile wastes fewer lanes
-        nchw_row<T, 1>(g, plane, span, oh, wk, b, yrow);
+        nchw_row<T, 1>(g, plane, st.span, oh, wk, b, yrow);
       else if (g.OW <= 2 * L)
-        nchw_row<T, 2>(g, plane, span, oh, wk, b, yrow);
+        nchw_row<T, 2>(g, plane, st.span, oh, wk, b, yrow);
       else
-        nchw_row<T, UV>(g, plane, span, oh, wk, b, yrow);
+        nchw_row<T, UV>(g, plane, st.span, oh, wk, b, yrow);
     }
   });
+}
+
+// Grad-weight: dW[k][r][s] = sum over (n, oh, ow) of gy[n][k][oh][ow] * x[n][k/m][ih][iw], one
+// output channel per work item (so no reduction across threads), NCHW planes staged as in
+// the forward, vectors along the output rows; channels_last operands are transposed first.
+template <typename T>
+void grad_weight_nchw(const ConvGeom& g, const T* gy, const T* x, T* gw, int nthreads) {
+  using V = Vec<T>;
+  constexpr int L = V::lanes;
+  const int64_t m = g.Kg(), RS = g.R * g.S;
+  const PlaneStaging st(g, L);
+  parallel_for(g.K, threads_for(g.flops(), nthreads), [&](int64_t k) {
+    T* plane = thread_scratch<T>(st.scratch());
+    std::vector<V> acc(RS, V::zero());  // one vector of partial sums per tap (aligned new)
+    alignas(64) T gbuf[L], xbuf[L];
+    for (int64_t n = 0; n < g.N; ++n) {
+      stage_plane(g, st, x + (n * g.C + k / m) * g.H * g.W, plane);
+      for (int64_t oh = 0; oh < g.OH; ++oh) {
+        const T* gyrow = gy + ((n * g.K + k) * g.OH + oh) * g.OW;
+        for (int64_t ow0 = 0; ow0 < g.OW; ow0 += L) {
+          const int64_t valid = min64(L, g.OW - ow0);
+          // A partial vector zeroes its lanes past OW in both operands, so inputs outside
+          // the receptive field (an inf, say) never reach the sum.
+          V gv;
+          if (valid == L) {
+            gv = V::load(gyrow + ow0);
+          } else {
+            zero_n(gbuf, L);
+            copy_n(gbuf, gyrow + ow0, valid);
+            gv = V::load(gbuf);
+          }
+          for (int64_t r = 0; r < g.R; ++r) {
+            const T* row = plane + (oh * g.sh + r * g.dh) * g.sw * st.span;
+            for (int64_t s = 0; s < g.S; ++s) {
+              const int64_t o = s * g.dw;
+              const T* src = row + (o % g.sw) * st.span + o / g.sw + ow0;
+              V xv;
+              if (valid == L) {
+                xv = V::load(src);
+              } else {
+                zero_n(xbuf, L);
+                copy_n(xbuf, src, valid);
+                xv = V::load(xbuf);
+              }
+              acc[r * g.S + s] = fmadd(gv, xv, acc[r * g.S + s]);
+            }
+          }
+        }
+      }
+    }
+    for (int64_t t = 0; t < RS; ++t) {
+      acc[t].store(gbuf);
+      T sum = T(0);
+      for (int l = 0; l < L; ++l) sum += gbuf[l];
+      gw[k * RS + t] = sum;
+    }
+  });
+}
+
+template <typename T>
+void grad_weight(const ConvGeom& g, const T* gy, int gy_layout, const T* x, int x_layout, T* gw,
+                 int nthreads) {
+  // channels_last operands as NCHW copies, a group of images at a time.
+  const int64_t x_image = g.C * g.H * g.W, gy_image = g.K * g.OH * g.OW;
+  const bool x_copy = x_layout == kNHWC, gy_copy = gy_layout == kNHWC;
+  const int64_t group = !x_copy && !gy_copy ? g.N
+      : images_per_group(((x_copy ? x_image : 0) + (gy_copy ? gy_image : 0)) * int64_t(sizeof(T)));
+  T* xbuf = x_copy ? workspace_as<T>(kWsActivationNhwc, min64(group, g.N) * x_image) : nullptr;
+  T* gybuf = gy_copy ? workspace_as<T>(kWsGradOutputNhwc, min64(group, g.N) * gy_image) : nullptr;
+  T* part = g.N > group ? workspace_as<T>(kWsAccumulators, g.K * g.R * g.S) : nullptr;
+  ConvGeom sub = g;
+  for (int64_t n0 = 0; n0 < g.N; n0 += group) {
+    sub.N = min64(g.N, n0 + group) - n0;
+    const T* xs = x + n0 * x_image;
+    const T* gys = gy + n0 * gy_image;
+    if (x_copy) nhwc_to_nchw(xs, sub.N, g.C, g.H * g.W, xbuf, nthreads), xs = xbuf;
+    if (gy_copy) nhwc_to_nchw(gys, sub.N, g.K, g.OH * g.OW, gybuf, nthreads), gys = gybuf;
+    if (n0 == 0) {
+      grad_weight_nchw(sub, gys, xs, gw, nthreads);
+    } else {  // later image groups add to dW
+      grad_weight_nchw(sub, gys, xs, part, nthreads);
+      for (int64_t i = 0; i < g.K * g.R * g.S; ++i) gw[i] += part[i];
+    }
+  }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -194,7 +292,7 @@ void nhwc_row_general(const ConvGeom& g, const T* ximg, int64_t oh, int64_t k0, 
     const int nv = int(min64(KV, ceil_div(g.K - kb, L)));  // vectors holding channels
     for (int64_t ow = 0; ow < g.OW; ++ow) {
       V acc[KV];
-      for (int v = 0; v < KV; ++v) acc[v] = V::load(biasp + kb + v * L);
+      for (int v = 0; v < KV; ++v) acc[v] = v < nv ? V::load(biasp + kb + v * L) : V::zero();
       for (int64_t r = 0; r < g.R; ++r) {
         const int64_t ih = oh * g.sh - g.pt + r * g.dh;
         if (ih < 0 || ih >= g.H) continue;
@@ -258,10 +356,12 @@ void forward(const ConvGeom& g, const T* x, int x_layout, const T* w, const T* p
   }
 }
 
-// Mirrors the workspace_as calls above; the backward passes are the direct kernel's.
+// Mirrors the workspace_as calls above (NCHW tensors assumed); grad-input is the direct
+// kernel's.
 template <typename T>
 int64_t workspace_bytes(const ConvGeom& g, Pass pass) {
-  if (pass != Pass::kForward) return direct_kernels<T>().workspace_bytes(g, pass);
+  if (pass == Pass::kGradInput) return direct_kernels<T>().workspace_bytes(g, pass);
+  if (pass == Pass::kGradWeight) return 0;  // NCHW operands need no copies
   const int64_t image = g.C * g.H * g.W;
   return int64_t(sizeof(T)) * (weight_packing<T>(g, kNHWC, kNHWC).elements +
                                min64(images_per_group(image * int64_t(sizeof(T))), g.N) * image);
@@ -272,7 +372,7 @@ int64_t workspace_bytes(const ConvGeom& g, Pass pass) {
 template <typename T>
 ConvKernels<T> depthwise_kernels() {
   const ConvKernels<T> direct = direct_kernels<T>();
-  return ConvKernels<T>::all(&forward<T>, direct.grad_input, direct.grad_weight,
+  return ConvKernels<T>::all(&forward<T>, direct.grad_input, &grad_weight<T>,
                              &workspace_bytes<T>)
       .with_packing(&weight_packing<T>, &pack_weights<T>);
 }

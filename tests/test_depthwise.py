@@ -1,0 +1,74 @@
+"""The depthwise kernel's own paths (issue #8): channel counts that cross its register tiles
+(whole 4-, 2- and 1-vector tiles and a gathered tail), multipliers, kernels 1-7, strides 1-3,
+dilation and padding, both layouts, both dtypes, every ISA, forward and grad-weight (also
+across image groups), against torch in float64."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastconv
+from fastconv import backend, ops
+
+GEOMETRIES = [
+    # (channels, multiplier, kernel, stride, padding, dilation, H, W)
+    (72, 1, 3, 1, 1, 1, 9, 10),     # 64 channels in a 4-vector tile, then 8 in the tail
+    (40, 1, 3, 2, 1, 1, 11, 9),     # 2-vector tile + tail, stride 2
+    (17, 1, 5, 3, 2, 1, 13, 14),    # 1 vector + tail, stride 3
+    (6, 2, 3, 1, (0, 2), (2, 1), 10, 13),  # multiplier 2, asymmetric padding and dilation
+    (5, 3, 7, 2, 3, 1, 15, 12),     # multiplier 3, 7x7
+    (8, 1, 1, 1, 0, 1, 5, 6),       # 1x1
+]
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES, ids=lambda g: f"C{g[0]}m{g[1]}k{g[2]}s{g[3]}")
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_forward_and_grad_weight(geometry, channels_last, dtype, isa):
+    C, m, k, stride, padding, dilation, H, W = geometry
+    g = torch.Generator().manual_seed(C * k)
+    x = torch.randn(2, C, H, W, generator=g, dtype=dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    w = torch.randn(C * m, 1, k, k, generator=g, dtype=dtype)
+    b = torch.randn(C * m, generator=g, dtype=dtype)
+    kw = dict(stride=stride, padding=padding, dilation=dilation, groups=C)
+    y = fastconv.conv2d(x, w, b, **kw, algo="depthwise")
+    exact = F.conv2d(x.double(), w.double(), b.double(), **kw)
+    tol = 1e-4 if dtype == torch.float32 else 1e-11
+    torch.testing.assert_close(y.double(), exact, atol=tol, rtol=tol)
+    assert y.is_contiguous(memory_format=torch.channels_last) == channels_last
+    gy = torch.randn(exact.shape, generator=g, dtype=dtype)
+    if channels_last:
+        gy = gy.contiguous(memory_format=torch.channels_last)
+    pad = fastconv.explain(x.shape, w.shape, **kw).problem.padding
+    for budget in (1 << 30, 1):  # one layout group, and one image per group
+        with backend.tuning(layout_budget_bytes=budget):
+            gw = ops.conv2d_grad_weight(gy, x, list(w.shape), list(fastconv.functional.pair(
+                "stride", stride)), list(pad), list(fastconv.functional.pair("dilation",
+                                                                            dilation)), C,
+                                        "depthwise")
+        gw_exact = torch.nn.grad.conv2d_weight(x.double(), w.shape, gy.double(), **kw)
+        torch.testing.assert_close(gw.double(), gw_exact, atol=10 * tol, rtol=10 * tol)
+
+
+def test_auto_routes_depthwise_layers():
+    assert fastconv.explain((1, 32, 112, 112), (32, 1, 3, 3), padding=1, groups=32).choice \
+        == "depthwise"
+    assert fastconv.explain((1, 32, 56, 56), (32, 4, 3, 3), padding=1, groups=8).choice \
+        == "direct"
+
+
+def test_non_finite_inputs_outside_the_receptive_field_do_not_reach_grad_weight():
+    # Partial vectors zero their lanes past the output width in both operands.
+    x = torch.randn(1, 4, 9, 24)
+    x[..., -1] = float("inf")  # column 23: read by no output (stride 2, no padding)
+    w = torch.randn(4, 1, 3, 3)
+    y = F.conv2d(x, w, stride=2, groups=4)
+    gy = torch.randn_like(y)
+    gw = ops.conv2d_grad_weight(gy, x, [4, 1, 3, 3], [2, 2], [0, 0, 0, 0], [1, 1], 4,
+                                "depthwise")
+    exact = torch.nn.grad.conv2d_weight(x, w.shape, gy, stride=2, groups=4)
+    assert torch.isfinite(exact).all() and torch.isfinite(gw).all()
+    torch.testing.assert_close(gw, exact, atol=1e-4, rtol=1e-4)
