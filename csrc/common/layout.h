@@ -77,6 +77,23 @@ inline void scatter_to_nhwc(const T* src, int layout, int64_t N, int64_t C, int6
 }
 
 // dst (NCHW, N x C x HW) = src (NHWC, N x HW x C), in 16 x 16 blocks.
+// body(part, x_nhwc, n0) for each group of images of the NCHW input x of problem g, the group
+// first transposed to NHWC into the activation workspace (groups sized by the layout budget):
+// `part` is g with N = the group's images, n0 its first image.
+template <typename T, typename F>
+inline void over_nhwc_image_groups(const ConvGeom& g, const T* x, int nthreads, F body) {
+  const int64_t image = g.C * g.H * g.W;
+  const int64_t group = images_per_group(image * int64_t(sizeof(T)));
+  T* buf = workspace_as<T>(kWsActivationNhwc, min64(group, g.N) * image);
+  ConvGeom part = g;
+  for (int64_t n0 = 0; n0 < g.N; n0 += group) {
+    part.N = min64(g.N, n0 + group) - n0;
+    scatter_to_nhwc(x + n0 * image, kNCHW, part.N, g.C, g.H, g.W, buf, g.H, g.W, 0, 0, 1, 1,
+                    nthreads);
+    body(part, static_cast<const T*>(buf), n0);
+  }
+}
+
 template <typename T>
 inline void nhwc_to_nchw(const T* src, int64_t N, int64_t C, int64_t HW, T* dst, int nthreads) {
   const int64_t blocks = ceil_div(HW, kTransposeBlock);

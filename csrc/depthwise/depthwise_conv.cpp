@@ -37,13 +37,30 @@ constexpr int kPixelsPerTile = 4;
 // NCHW: vectors along the width
 // ---------------------------------------------------------------------------------------
 
-// Output row `oh` of plane (n, k): y[ow] = bias + sum_{r,s} w[r][s] * x[ih(r)][ow*sw - pl + s*dw].
-// `plane` holds the zero-padded input plane, each padded row split by stride phase: phase q
-// of padded row p at plane + (p * sw + q) * span, element i = input column i * sw + q - pl of
+// How an input plane is staged for the NCHW kernels: `rows` zero-padded rows (the ones the
+// output rows' taps read), each split into `stride` phases of `span` values: phase q of
+// padded row p at plane + (p * sw + q) * span, element i = input column i * sw + q - pl of
 // input row p - pt.
+struct PlaneStaging {
+  int64_t span, row_elems, rows;
+  PlaneStaging(const ConvGeom& g, int64_t lanes)
+      : span(round_up(g.OW, kRowVectors * lanes) + ((g.S - 1) * g.dw) / g.sw + 1),
+        row_elems(span * g.sw),
+        rows((g.OH - 1) * g.sh + (g.R - 1) * g.dh + 1) {}
+  int64_t scratch() const { return (rows + 1) * row_elems; }
+  // Where tap (r, s) of output row oh reads its inputs for output column 0.
+  template <typename T>
+  const T* tap(const ConvGeom& g, const T* plane, int64_t oh, int64_t r, int64_t s) const {
+    const int64_t o = s * g.dw;
+    return plane + ((oh * g.sh + r * g.dh) * g.sw + o % g.sw) * span + o / g.sw;
+  }
+};
+
+// Output row `oh` of plane (n, k): y[ow] = bias + sum_{r,s} w[r][s] * x[ih(r)][ow*sw - pl + s*dw],
+// from the staged plane (stage_plane).
 template <typename T, int UV>
-void nchw_row(const ConvGeom& g, const T* plane, int64_t span, int64_t oh, const T* wk, T bias,
-              T* yrow) {
+void nchw_row(const ConvGeom& g, const PlaneStaging& st, const T* plane, int64_t oh,
+              const T* wk, T bias, T* yrow) {
   using V = Vec<T>;
   constexpr int L = V::lanes;
   alignas(64) T buf[UV * L];
@@ -51,10 +68,8 @@ void nchw_row(const ConvGeom& g, const T* plane, int64_t span, int64_t oh, const
     V acc[UV];
     for (int u = 0; u < UV; ++u) acc[u] = V::broadcast(&bias);
     for (int64_t r = 0; r < g.R; ++r) {
-      const T* row = plane + (oh * g.sh + r * g.dh) * g.sw * span;
       for (int64_t s = 0; s < g.S; ++s) {
-        const int64_t o = s * g.dw;
-        const T* src = row + (o % g.sw) * span + o / g.sw + ow0;
+        const T* src = st.tap(g, plane, oh, r, s) + ow0;
         const V wv = V::broadcast(wk + r * g.S + s);
         for (int u = 0; u < UV; ++u) acc[u] = fmadd(wv, V::load(src + u * L), acc[u]);
       }
@@ -69,16 +84,6 @@ void nchw_row(const ConvGeom& g, const T* plane, int64_t span, int64_t oh, const
   }
 }
 
-// How an input plane is staged for the NCHW kernels: `rows` zero-padded rows (the ones the
-// output rows' taps read), each split into `stride` phases of `span` values (nchw_row).
-struct PlaneStaging {
-  int64_t span, row_elems, rows;
-  PlaneStaging(const ConvGeom& g, int64_t lanes)
-      : span(round_up(g.OW, kRowVectors * lanes) + ((g.S - 1) * g.dw) / g.sw + 1),
-        row_elems(span * g.sw),
-        rows((g.OH - 1) * g.sh + (g.R - 1) * g.dh + 1) {}
-  int64_t scratch() const { return (rows + 1) * row_elems; }
-};
 
 // Stages input plane xp (H x W) into plane (PlaneStaging layout); `scratch` holds
 // PlaneStaging::scratch() values, the plane first.
@@ -117,13 +122,22 @@ void forward_nchw(const ConvGeom& g, const T* x, const T* w, const T* bias, T* y
     for (int64_t oh = 0; oh < g.OH; ++oh) {
       T* yrow = y + (p * g.OH + oh) * g.OW;
       if (g.OW <= L)  // small maps: a narrower tile wastes fewer lanes
-        nchw_row<T, 1>(g, plane, st.span, oh, wk, b, yrow);
+        nchw_row<T, 1>(g, st, plane, oh, wk, b, yrow);
       else if (g.OW <= 2 * L)
-        nchw_row<T, 2>(g, plane, st.span, oh, wk, b, yrow);
+        nchw_row<T, 2>(g, st, plane, oh, wk, b, yrow);
       else
-        nchw_row<T, UV>(g, plane, st.span, oh, wk, b, yrow);
+        nchw_row<T, UV>(g, st, plane, oh, wk, b, yrow);
     }
   });
+}
+
+// The first `valid` values at p as a vector, zeros in the other lanes (`buf`: L values).
+template <typename T>
+Vec<T> load_first(const T* p, int64_t valid, T* buf) {
+  if (valid == Vec<T>::lanes) return Vec<T>::load(p);
+  zero_n(buf, Vec<T>::lanes);
+  copy_n(buf, p, valid);
+  return Vec<T>::load(buf);
 }
 
 // Grad-weight: dW[k][r][s] = sum over (n, oh, ow) of gy[n][k][oh][ow] * x[n][k/m][ih][iw], one
@@ -147,28 +161,11 @@ void grad_weight_nchw(const ConvGeom& g, const T* gy, const T* x, T* gw, int nth
           const int64_t valid = min64(L, g.OW - ow0);
           // A partial vector zeroes its lanes past OW in both operands, so inputs outside
           // the receptive field (an inf, say) never reach the sum.
-          V gv;
-          if (valid == L) {
-            gv = V::load(gyrow + ow0);
-          } else {
-            zero_n(gbuf, L);
-            copy_n(gbuf, gyrow + ow0, valid);
-            gv = V::load(gbuf);
-          }
+          const V gv = load_first(gyrow + ow0, valid, gbuf);
           for (int64_t r = 0; r < g.R; ++r) {
-            const T* row = plane + (oh * g.sh + r * g.dh) * g.sw * st.span;
             for (int64_t s = 0; s < g.S; ++s) {
-              const int64_t o = s * g.dw;
-              const T* src = row + (o % g.sw) * st.span + o / g.sw + ow0;
-              V xv;
-              if (valid == L) {
-                xv = V::load(src);
-              } else {
-                zero_n(xbuf, L);
-                copy_n(xbuf, src, valid);
-                xv = V::load(xbuf);
-              }
-              acc[r * g.S + s] = fmadd(gv, xv, acc[r * g.S + s]);
+              const T* src = st.tap(g, plane, oh, r, s) + ow0;
+              acc[r * g.S + s] = fmadd(gv, load_first(src, valid, xbuf), acc[r * g.S + s]);
             }
           }
         }
@@ -344,16 +341,10 @@ void forward(const ConvGeom& g, const T* x, int x_layout, const T* w, const T* p
   if (x_layout == kNHWC) return forward_nhwc(g, x, wp, bias, y, nthreads);
   // NCHW input, channels_last output (a channels_last weight): transpose the input first, a
   // group of images at a time.
-  const int64_t image = g.C * g.H * g.W, out_image = g.K * g.OH * g.OW;
-  const int64_t group = images_per_group(image * int64_t(sizeof(T)));
-  T* buf = workspace_as<T>(kWsActivationNhwc, min64(group, g.N) * image);
-  ConvGeom part = g;
-  for (int64_t n0 = 0; n0 < g.N; n0 += group) {
-    part.N = min64(g.N, n0 + group) - n0;
-    scatter_to_nhwc(x + n0 * image, kNCHW, part.N, g.C, g.H, g.W, buf, g.H, g.W, 0, 0, 1, 1,
-                    nthreads);
-    forward_nhwc(part, buf, wp, bias, y + n0 * out_image, nthreads);
-  }
+  const int64_t out_image = g.K * g.OH * g.OW;
+  over_nhwc_image_groups(g, x, nthreads, [&](const ConvGeom& part, const T* xn, int64_t n0) {
+    forward_nhwc(part, xn, wp, bias, y + n0 * out_image, nthreads);
+  });
 }
 
 // Mirrors the workspace_as calls above (NCHW tensors assumed); grad-input is the direct

@@ -303,19 +303,12 @@ void forward(const ConvGeom& g, const T* x, int x_layout, const T* w, const T* p
   op.y_layout = y_layout;
   if (x_layout == kNHWC) return forward_nhwc(g, op, nthreads);
   // NCHW input: transposed to NHWC a group of images at a time, the weights packed once.
-  const int64_t image = g.C * g.H * g.W, out_image = g.K * g.OH * g.OW;
-  const int64_t group = images_per_group(image * int64_t(sizeof(T)));
-  T* buf = workspace_as<T>(kWsActivationNhwc, min64(group, g.N) * image);
-  ConvGeom part = g;
-  for (int64_t n0 = 0; n0 < g.N; n0 += group) {
-    const int64_t n1 = min64(g.N, n0 + group);
-    scatter_to_nhwc(x + n0 * image, kNCHW, n1 - n0, g.C, g.H, g.W, buf, g.H, g.W, 0, 0, 1, 1,
-                    nthreads);
-    part.N = n1 - n0;
-    op.x = buf;
+  const int64_t out_image = g.K * g.OH * g.OW;
+  over_nhwc_image_groups(g, x, nthreads, [&](const ConvGeom& part, const T* xn, int64_t n0) {
+    op.x = xn;
     op.y = y + n0 * out_image;  // image n0's output starts here in either layout
     forward_nhwc(part, op, nthreads);
-  }
+  });
 }
 
 // grad_x is the adjoint of the forward: each grad_y pixel (oh, ow) spreads over the input
