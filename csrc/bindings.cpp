@@ -169,16 +169,21 @@ T* ptr(uintptr_t p) {
 bool empty_output(const ConvGeom& g) { return g.N * g.K * g.OH * g.OW == 0 || g.C == 0; }
 bool empty_reduction(const ConvGeom& g) { return g.Cg() * g.R * g.S == 0; }
 
-// y = bias broadcast (or zeros): the forward of a convolution with nothing to sum.
+// y = epi(bias broadcast, or zeros): the forward of a convolution with nothing to sum.
 template <typename T>
-void fill_with_bias(const ConvGeom& g, const T* bias, T* y, int y_layout) {
+void fill_with_bias(const ConvGeom& g, const Epilogue<T>& epi, T* y, int y_layout) {
   const int64_t OHW = g.OH * g.OW;
-  for (int64_t n = 0; n < g.N; ++n)
-    for (int64_t k = 0; k < g.K; ++k)
-      for (int64_t p = 0; p < OHW; ++p) {
-        const int64_t i = y_layout == kNHWC ? (n * OHW + p) * g.K + k : (n * g.K + k) * OHW + p;
-        y[i] = bias ? bias[k] : T(0);
-      }
+  for (int64_t k = 0; k < g.K; ++k) {
+    const T z = epi.shift ? epi.shift[k] : T(0);
+    const T v = activate(z, epi.act);
+    for (int64_t n = 0; n < g.N; ++n)
+      for (int64_t p = 0; p < OHW; ++p)
+        y[y_layout == kNHWC ? (n * OHW + p) * g.K + k : (n * g.K + k) * OHW + p] = v;
+    if (epi.stats.sum) {
+      epi.stats.sum[k] += double(z) * g.N * OHW;
+      epi.stats.sum[epi.stats.sq_offset + k] += double(z) * z * g.N * OHW;
+    }
+  }
 }
 
 template <typename T>
@@ -201,10 +206,17 @@ WeightPacking packing_of(int algo, const ConvGeom& g, int xl, int yl) {
 
 // `packed` (0: none) with `packed_elements` and `packed_variant` as weight_packing gave them
 // when it was made; checked again here, so a packing made for another geometry, layout or
-// algorithm is refused rather than read.
+// algorithm is refused rather than read. `act`: the fused activation (Activation). `stats`
+// (0: none): 2 K float64 values that receive each channel's sum of y, then its sum of y^2
+// (batch-norm's statistics, gathered in the same pass; not with an activation).
 void forward(int algo, int dtype, const ConvGeom& g, uintptr_t x, int xl, uintptr_t w,
              uintptr_t packed, int64_t packed_elements, int packed_variant, uintptr_t b,
-             uintptr_t y, int yl, int nt) {
+             uintptr_t y, int yl, int act, uintptr_t stats, int nt) {
+  if (act < kActNone || act > kActRelu6)
+    throw std::invalid_argument("fastconv: unknown activation code " + std::to_string(act));
+  if (act != kActNone && stats)
+    throw std::invalid_argument("fastconv: a forward gathers statistics or applies an "
+                                "activation, not both");
   by_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     auto fn = find_kernel<T>(algo, &ConvKernels<T>::forward, Pass::kForward);
@@ -217,11 +229,23 @@ void forward(int algo, int dtype, const ConvGeom& g, uintptr_t x, int xl, uintpt
             std::to_string(packed_variant) + "; expected " + std::to_string(want.elements) +
             ", variant " + std::to_string(want.variant) + ")");
     }
+    double* out_stats = ptr<double>(stats);
+    if (out_stats) std::fill(out_stats, out_stats + 2 * g.K, 0.0);
     if (empty_output(g)) return;
     py::gil_scoped_release nogil;
-    if (empty_reduction(g)) return fill_with_bias(g, ptr<const T>(b), ptr<T>(y), yl);
-    fn(g, ptr<const T>(x), xl, ptr<const T>(w), ptr<const T>(packed), ptr<const T>(b),
-       ptr<T>(y), yl, nt);
+    Epilogue<T> epi;
+    epi.shift = ptr<const T>(b);
+    epi.act = act;
+    if (empty_reduction(g)) {
+      epi.stats = {out_stats, g.K, 0, 1};
+      return fill_with_bias(g, epi, ptr<T>(y), yl);
+    }
+    // Per-thread sums (a kernel's threads are numbered below nt), added up afterwards.
+    const int slabs = std::max(nt, 1);
+    std::vector<double> per_thread(out_stats ? size_t(slabs) * 2 * g.K : 0, 0.0);
+    if (out_stats) epi.stats = {per_thread.data(), g.K, 2 * g.K, slabs};
+    fn(g, ptr<const T>(x), xl, ptr<const T>(w), ptr<const T>(packed), epi, ptr<T>(y), yl, nt);
+    for (size_t i = 0; i < per_thread.size(); ++i) out_stats[i % (2 * g.K)] += per_thread[i];
   });
 }
 
@@ -271,6 +295,40 @@ void grad_bias(int dtype, const ConvGeom& g, uintptr_t gy, int gyl, uintptr_t gb
   });
 }
 
+// Batch-norm + activation around a convolution's output z (csrc/batchnorm): y from z with
+// the batch statistics (mean, invstd: K values each), and the backward's grad_z and the
+// affine parameters' gradients (gamma, beta, grad_gamma: 0 when affine=False).
+void bn_act_forward(int dtype, const ConvGeom& g, int layout, uintptr_t z, uintptr_t mean,
+                    uintptr_t invstd, uintptr_t gamma, uintptr_t beta, int act, uintptr_t y,
+                    int nt) {
+  by_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    py::gil_scoped_release nogil;
+    if (g.N * g.K * g.OH * g.OW == 0) return;
+    shared_of<T>().bn_act_forward(g, layout, ptr<const T>(z), ptr<const T>(mean),
+                                  ptr<const T>(invstd), ptr<const T>(gamma),
+                                  ptr<const T>(beta), act, ptr<T>(y), nt);
+  });
+}
+
+void bn_act_backward(int dtype, const ConvGeom& g, int layout, uintptr_t gy, uintptr_t y,
+                     uintptr_t z, uintptr_t mean, uintptr_t invstd, uintptr_t gamma, int act,
+                     uintptr_t gz, uintptr_t grad_gamma, uintptr_t grad_beta, int nt) {
+  by_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    py::gil_scoped_release nogil;
+    if (g.N * g.OH * g.OW == 0) {  // nothing to sum: zero gradients
+      zero(ptr<T>(grad_gamma), grad_gamma ? g.K : 0);
+      zero(ptr<T>(grad_beta), grad_beta ? g.K : 0);
+      return;
+    }
+    shared_of<T>().bn_act_backward(g, layout, ptr<const T>(gy), ptr<const T>(y),
+                                   ptr<const T>(z), ptr<const T>(mean), ptr<const T>(invstd),
+                                   ptr<const T>(gamma), act, ptr<T>(gz), ptr<T>(grad_gamma),
+                                   ptr<T>(grad_beta), nt);
+  });
+}
+
 int64_t workspace_bytes(int algo, int dtype, const ConvGeom& g, int pass) {
   if (pass < 0 || pass > 2) throw std::invalid_argument("pass must be 0, 1 or 2");
   int64_t bytes = 0;
@@ -310,7 +368,7 @@ void run_gemm(const SharedKernels<T>& k, py::tuple shape, uintptr_t a, int64_t r
   g.epi.scale = ptr<T>(scale);
   g.epi.shift = ptr<T>(shift);
   g.epi.per_row = per_row;
-  g.epi.relu = relu;
+  g.epi.act = relu ? kActRelu : kActNone;
   py::gil_scoped_release nogil;
   k.gemm(g, nt);
 }
@@ -414,6 +472,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("grad_input", &grad_input);
   m.def("grad_weight", &grad_weight);
   m.def("grad_bias", &grad_bias);
+  m.def("bn_act_forward", &bn_act_forward);
+  m.def("bn_act_backward", &bn_act_backward);
   m.def("workspace_bytes", &workspace_bytes,
         "Estimated workspace bytes of one call (algo index, dtype code, geometry, pass 0/1/2)");
 

@@ -23,6 +23,9 @@ ISAS = ("avx512", "avx2", "scalar")
 #: dtype codes of the C++ entry points (csrc/bindings.cpp: DType).
 DTYPE_CODES = {torch.float32: 0, torch.float64: 1}
 NCHW, NHWC = 0, 1  # layout codes (csrc/common/problem.h: Layout)
+#: Activations fused into a forward's output epilogue (csrc/common/epilogue.h: Activation).
+ACT_NONE = 0
+ACTIVATIONS = {"none": ACT_NONE, "relu": 1, "relu6": 2}
 
 
 class Pass(enum.IntEnum):
@@ -151,15 +154,19 @@ class CppKernels:
                         y_layout, w.data_ptr(), out.data_ptr(), torch.get_num_threads())
 
     # The three passes. Tensors are dense, in the layout given by each *_layout code.
-    def forward(self, problem, x, x_layout, w, b, y, y_layout, packed=None) -> None:
+    def forward(self, problem, x, x_layout, w, b, y, y_layout, packed=None,
+                activation: int = ACT_NONE, stats=None) -> None:
         """``packed``: an object with ``tensor`` and ``packing`` made by pack_weights for
-        this call's geometry and layouts (checked), or None to pack w on the fly."""
+        this call's geometry and layouts (checked), or None to pack w on the fly.
+        ``activation``: an ACTIVATIONS code applied in the output's epilogue. ``stats``: None,
+        or a float64 tensor of 2 K values that receives each channel's sum of y, then its
+        sum of y^2, gathered in the same pass (not with an activation)."""
         pk_ptr, pk = (0, _NO_PACKING) if packed is None else (packed.tensor.data_ptr(),
                                                                 packed.packing)
         _C.forward(self.index, DTYPE_CODES[x.dtype], problem.kernel_geometry, x.data_ptr(),
                    x_layout, w.data_ptr(), pk_ptr, pk.elements, pk.variant,
-                   b.data_ptr() if b is not None else 0, y.data_ptr(), y_layout,
-                   torch.get_num_threads())
+                   b.data_ptr() if b is not None else 0, y.data_ptr(), y_layout, activation,
+                   stats.data_ptr() if stats is not None else 0, torch.get_num_threads())
 
     def grad_input(self, problem, gy, gy_layout, w, gx, gx_layout) -> None:
         _C.grad_input(self.index, DTYPE_CODES[gy.dtype], problem.kernel_geometry,

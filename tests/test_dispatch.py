@@ -125,4 +125,4 @@ def test_missing_kernel_is_an_error_not_a_crash():
     # the table lookup refuses an index past the table too.
     with pytest.raises(ValueError, match="unknown algorithm index"):
         _C.forward(99, 0, _problem(NETWORKS["resnet50"][1]).kernel_geometry, 0, 0, 0, 0, 0, 0,
-                   0, 0, 0, 1)
+                   0, 0, 0, 0, 0, 1)

@@ -31,9 +31,10 @@ namespace fastconv {
 namespace FASTCONV_ISA {
 
 // Vec<T>: `lanes` values of T. Operations: zero, load (unaligned), broadcast of one value
-// from memory, fused multiply-add, add, sub, mul, relu, store (unaligned), and
-// gather(base, int32 indices). Nothing else is needed by the kernels. Gathers cost ~5 cycles
-// per element here: they beat only scalar loops with per-lane branches (csrc/winograd).
+// from memory, fused multiply-add, add, sub, mul, relu, min_with, where_between, store
+// (unaligned), and gather(base, int32 indices). Nothing else is needed by the kernels.
+// Gathers cost ~5 cycles per element here: they beat only scalar loops with per-lane
+// branches (csrc/winograd).
 template <typename T>
 struct Vec;
 
@@ -80,6 +81,20 @@ inline Vec<double> mul(Vec<double> a, Vec<double> b) { return {_mm512_mul_pd(a.v
 // max(0, v) with NaN kept (maxps returns its second operand when either is NaN).
 inline Vec<float> relu(Vec<float> v) { return {_mm512_max_ps(_mm512_setzero_ps(), v.v)}; }
 inline Vec<double> relu(Vec<double> v) { return {_mm512_max_pd(_mm512_setzero_pd(), v.v)}; }
+// min(c, v) with NaN kept (minps likewise).
+inline Vec<float> min_with(float c, Vec<float> v) { return {_mm512_min_ps(_mm512_set1_ps(c), v.v)}; }
+inline Vec<double> min_with(double c, Vec<double> v) { return {_mm512_min_pd(_mm512_set1_pd(c), v.v)}; }
+// v where lo < a < hi, else 0 (a NaN: 0).
+inline Vec<float> where_between(Vec<float> a, float lo, float hi, Vec<float> v) {
+  const __mmask16 m = _mm512_cmp_ps_mask(a.v, _mm512_set1_ps(lo), _CMP_GT_OQ) &
+                      _mm512_cmp_ps_mask(a.v, _mm512_set1_ps(hi), _CMP_LT_OQ);
+  return {_mm512_maskz_mov_ps(m, v.v)};
+}
+inline Vec<double> where_between(Vec<double> a, double lo, double hi, Vec<double> v) {
+  const __mmask8 m = _mm512_cmp_pd_mask(a.v, _mm512_set1_pd(lo), _CMP_GT_OQ) &
+                     _mm512_cmp_pd_mask(a.v, _mm512_set1_pd(hi), _CMP_LT_OQ);
+  return {_mm512_maskz_mov_pd(m, v.v)};
+}
 
 #elif defined(FASTCONV_ISA_AVX2)
 
@@ -123,6 +138,18 @@ inline Vec<float> mul(Vec<float> a, Vec<float> b) { return {_mm256_mul_ps(a.v, b
 inline Vec<double> mul(Vec<double> a, Vec<double> b) { return {_mm256_mul_pd(a.v, b.v)}; }
 inline Vec<float> relu(Vec<float> v) { return {_mm256_max_ps(_mm256_setzero_ps(), v.v)}; }
 inline Vec<double> relu(Vec<double> v) { return {_mm256_max_pd(_mm256_setzero_pd(), v.v)}; }
+inline Vec<float> min_with(float c, Vec<float> v) { return {_mm256_min_ps(_mm256_set1_ps(c), v.v)}; }
+inline Vec<double> min_with(double c, Vec<double> v) { return {_mm256_min_pd(_mm256_set1_pd(c), v.v)}; }
+inline Vec<float> where_between(Vec<float> a, float lo, float hi, Vec<float> v) {
+  const __m256 m = _mm256_and_ps(_mm256_cmp_ps(a.v, _mm256_set1_ps(lo), _CMP_GT_OQ),
+                                 _mm256_cmp_ps(a.v, _mm256_set1_ps(hi), _CMP_LT_OQ));
+  return {_mm256_and_ps(m, v.v)};
+}
+inline Vec<double> where_between(Vec<double> a, double lo, double hi, Vec<double> v) {
+  const __m256d m = _mm256_and_pd(_mm256_cmp_pd(a.v, _mm256_set1_pd(lo), _CMP_GT_OQ),
+                                  _mm256_cmp_pd(a.v, _mm256_set1_pd(hi), _CMP_LT_OQ));
+  return {_mm256_and_pd(m, v.v)};
+}
 
 #else  // scalar: plain C++ on the baseline ISA; the compiler may still use SSE2.
 
@@ -185,6 +212,18 @@ template <typename T>
 inline Vec<T> relu(Vec<T> v) {
   Vec<T> r;
   for (int i = 0; i < Vec<T>::lanes; ++i) r.v[i] = v.v[i] < T(0) ? T(0) : v.v[i];  // NaN kept
+  return r;
+}
+template <typename T>
+inline Vec<T> min_with(T c, Vec<T> v) {
+  Vec<T> r;
+  for (int i = 0; i < Vec<T>::lanes; ++i) r.v[i] = v.v[i] > c ? c : v.v[i];  // NaN kept
+  return r;
+}
+template <typename T>
+inline Vec<T> where_between(Vec<T> a, T lo, T hi, Vec<T> v) {
+  Vec<T> r;
+  for (int i = 0; i < Vec<T>::lanes; ++i) r.v[i] = a.v[i] > lo && a.v[i] < hi ? v.v[i] : T(0);
   return r;
 }
 

@@ -56,14 +56,17 @@ struct PlaneStaging {
   }
 };
 
-// Output row `oh` of plane (n, k): y[ow] = bias + sum_{r,s} w[r][s] * x[ih(r)][ow*sw - pl + s*dw],
-// from the staged plane (stage_plane).
+// Output row `oh` of plane (n, k): y[ow] = bias + sum_{r,s} w[r][s] * x[ih(r)][ow*sw - pl +
+// s*dw], from the staged plane (stage_plane), then the epilogue's activation and statistics.
 template <typename T, int UV>
 void nchw_row(const ConvGeom& g, const PlaneStaging& st, const T* plane, int64_t oh,
-              const T* wk, T bias, T* yrow) {
+              const T* wk, const Epilogue<T>& epi, int64_t k, T* yrow) {
   using V = Vec<T>;
   constexpr int L = V::lanes;
   alignas(64) T buf[UV * L];
+  const T bias = epi.shift ? epi.shift[k] : T(0);
+  V row_s = V::zero(), row_q = V::zero();  // statistics of the row's whole tiles
+  double tail_s = 0, tail_q = 0;           // and of its partial one
   for (int64_t ow0 = 0; ow0 < g.OW; ow0 += UV * L) {
     V acc[UV];
     for (int u = 0; u < UV; ++u) acc[u] = V::broadcast(&bias);
@@ -74,14 +77,24 @@ void nchw_row(const ConvGeom& g, const PlaneStaging& st, const T* plane, int64_t
         for (int u = 0; u < UV; ++u) acc[u] = fmadd(wv, V::load(src + u * L), acc[u]);
       }
     }
+    for (int u = 0; u < UV; ++u) acc[u] = activate(acc[u], epi.act);
     const int64_t n = min64(UV * L, g.OW - ow0);
     if (n == UV * L) {
       for (int u = 0; u < UV; ++u) acc[u].store(yrow + ow0 + u * L);
+      for (int u = 0; epi.stats.sum && u < UV; ++u) {
+        row_s = add(row_s, acc[u]);
+        row_q = fmadd(acc[u], acc[u], row_q);
+      }
     } else {
       for (int u = 0; u < UV; ++u) acc[u].store(buf + u * L);
       copy_n(yrow + ow0, buf, n);
+      for (int64_t i = 0; epi.stats.sum && i < n; ++i) {
+        tail_s += buf[i];
+        tail_q += double(buf[i]) * buf[i];
+      }
     }
   }
+  if (epi.stats.sum) add_stats(epi.stats, k, hsum(row_s) + tail_s, hsum(row_q) + tail_q);
 }
 
 
@@ -109,7 +122,8 @@ void stage_plane(const ConvGeom& g, const PlaneStaging& st, const T* xp, T* scra
 }
 
 template <typename T>
-void forward_nchw(const ConvGeom& g, const T* x, const T* w, const T* bias, T* y, int nthreads) {
+void forward_nchw(const ConvGeom& g, const T* x, const T* w, const Epilogue<T>& epi, T* y,
+                  int nthreads) {
   constexpr int L = Vec<T>::lanes, UV = kRowVectors;
   const int64_t m = g.Kg(), planes = g.N * g.K;
   const PlaneStaging st(g, L);
@@ -118,15 +132,14 @@ void forward_nchw(const ConvGeom& g, const T* x, const T* w, const T* bias, T* y
     T* plane = thread_scratch<T>(st.scratch());
     stage_plane(g, st, x + (n * g.C + k / m) * g.H * g.W, plane);
     const T* wk = w + k * g.R * g.S;
-    const T b = bias ? bias[k] : T(0);
     for (int64_t oh = 0; oh < g.OH; ++oh) {
       T* yrow = y + (p * g.OH + oh) * g.OW;
       if (g.OW <= L)  // small maps: a narrower tile wastes fewer lanes
-        nchw_row<T, 1>(g, st, plane, oh, wk, b, yrow);
+        nchw_row<T, 1>(g, st, plane, oh, wk, epi, k, yrow);
       else if (g.OW <= 2 * L)
-        nchw_row<T, 2>(g, st, plane, oh, wk, b, yrow);
+        nchw_row<T, 2>(g, st, plane, oh, wk, epi, k, yrow);
       else
-        nchw_row<T, UV>(g, st, plane, oh, wk, b, yrow);
+        nchw_row<T, UV>(g, st, plane, oh, wk, epi, k, yrow);
     }
   });
 }
@@ -247,9 +260,13 @@ Vec<T> input_lanes(const T* pixel, int64_t k0, int64_t m, int64_t K) {
 // output pixels per register tile: each tap's KV weight vectors are loaded once per tile.
 template <typename T, int KV>
 void nhwc_row_plain(const ConvGeom& g, const T* ximg, int64_t oh, int64_t k0, const T* wp,
-                    int64_t Kp, const T* biasp, T* yrow) {
+                    int64_t Kp, const T* biasp, const Epilogue<T>& epi, T* yrow) {
   using V = Vec<T>;
   constexpr int L = V::lanes, PW = kPixelsPerTile;
+  // The row's statistics per channel vector (sums, then sums of squares), kept in memory:
+  // registers are the tile's.
+  alignas(64) T row_stats[2 * KV * L];
+  if (epi.stats.sum) zero_n(row_stats, 2 * KV * L);
   for (int64_t ow0 = 0; ow0 < g.OW; ow0 += PW) {
     const int np = int(min64(PW, g.OW - ow0));
     V acc[PW][KV];
@@ -272,15 +289,31 @@ void nhwc_row_plain(const ConvGeom& g, const T* ximg, int64_t oh, int64_t k0, co
       }
     }
     for (int p = 0; p < np; ++p)
-      for (int v = 0; v < KV; ++v) acc[p][v].store(yrow + (ow0 + p) * g.K + k0 + v * L);
+      for (int v = 0; v < KV; ++v) {
+        acc[p][v] = activate(acc[p][v], epi.act);
+        acc[p][v].store(yrow + (ow0 + p) * g.K + k0 + v * L);
+      }
+    if (!epi.stats.sum) continue;
+    for (int v = 0; v < KV; ++v) {
+      V s = V::load(row_stats + v * L), q = V::load(row_stats + (KV + v) * L);
+      for (int p = 0; p < np; ++p) {
+        s = add(s, acc[p][v]);
+        q = fmadd(acc[p][v], acc[p][v], q);
+      }
+      s.store(row_stats + v * L);
+      q.store(row_stats + (KV + v) * L);
+    }
   }
+  for (int v = 0; epi.stats.sum && v < KV; ++v)
+    add_stats(epi.stats, k0 + v * L, V::load(row_stats + v * L),
+              V::load(row_stats + (KV + v) * L), L);
 }
 
 // One output row, channels [k0, K): a multiplier > 1 (each vector gathers its input
 // channels) or the channel tail, one pixel at a time.
 template <typename T>
 void nhwc_row_general(const ConvGeom& g, const T* ximg, int64_t oh, int64_t k0, const T* wp,
-                      int64_t Kp, const T* biasp, T* yrow) {
+                      int64_t Kp, const T* biasp, const Epilogue<T>& epi, T* yrow) {
   using V = Vec<T>;
   constexpr int L = V::lanes, KV = kChannelVectors;
   const int64_t m = g.Kg();
@@ -302,19 +335,23 @@ void nhwc_row_general(const ConvGeom& g, const T* ximg, int64_t oh, int64_t k0, 
             acc[v] = fmadd(input_lanes(pixel, kb + v * L, m, g.K), V::load(wt + v * L), acc[v]);
         }
       }
-      for (int v = 0; v < KV; ++v) acc[v].store(buf + v * L);
+      for (int v = 0; v < KV; ++v) activate(acc[v], epi.act).store(buf + v * L);
       copy_n(yrow + ow * g.K + kb, buf, min64(KV * L, g.K - kb));
+      for (int v = 0; epi.stats.sum && v < nv; ++v) {
+        const V z = V::load(buf + v * L);
+        add_stats(epi.stats, kb + v * L, z, mul(z, z), min64(L, g.K - kb - v * L));
+      }
     }
   }
 }
 
 template <typename T>
-void forward_nhwc(const ConvGeom& g, const T* x, const T* wp, const T* bias, T* y,
+void forward_nhwc(const ConvGeom& g, const T* x, const T* wp, const Epilogue<T>& epi, T* y,
                   int nthreads) {
   constexpr int L = Vec<T>::lanes, KV = kChannelVectors;
   const int64_t Kp = packed_channels<T>(g), rows = g.N * g.OH;
   std::vector<T> bias_padded(Kp, T(0));  // whole vectors, zeros past K
-  if (bias) std::memcpy(bias_padded.data(), bias, sizeof(T) * g.K);
+  if (epi.shift) std::memcpy(bias_padded.data(), epi.shift, sizeof(T) * g.K);
   const T* biasp = bias_padded.data();
   const int64_t plain = g.Kg() == 1 ? g.K / L * L : 0;  // channels in whole plain vectors
   parallel_for(rows, threads_for(g.flops(), nthreads), [&](int64_t row) {
@@ -323,27 +360,27 @@ void forward_nhwc(const ConvGeom& g, const T* x, const T* wp, const T* bias, T* 
     T* yrow = y + row * g.OW * g.K;
     int64_t k0 = 0;
     for (; k0 + KV * L <= plain; k0 += KV * L)
-      nhwc_row_plain<T, KV>(g, ximg, oh, k0, wp, Kp, biasp, yrow);
+      nhwc_row_plain<T, KV>(g, ximg, oh, k0, wp, Kp, biasp, epi, yrow);
     for (; k0 + 2 * L <= plain; k0 += 2 * L)
-      nhwc_row_plain<T, 2>(g, ximg, oh, k0, wp, Kp, biasp, yrow);
+      nhwc_row_plain<T, 2>(g, ximg, oh, k0, wp, Kp, biasp, epi, yrow);
     for (; k0 + L <= plain; k0 += L)
-      nhwc_row_plain<T, 1>(g, ximg, oh, k0, wp, Kp, biasp, yrow);
-    if (k0 < g.K) nhwc_row_general(g, ximg, oh, k0, wp, Kp, biasp, yrow);
+      nhwc_row_plain<T, 1>(g, ximg, oh, k0, wp, Kp, biasp, epi, yrow);
+    if (k0 < g.K) nhwc_row_general(g, ximg, oh, k0, wp, Kp, biasp, epi, yrow);
   });
 }
 
 template <typename T>
 void forward(const ConvGeom& g, const T* x, int x_layout, const T* w, const T* packed,
-             const T* bias, T* y, int y_layout, int nthreads) {
-  if (x_layout == kNCHW && y_layout == kNCHW) return forward_nchw(g, x, w, bias, y, nthreads);
+             const Epilogue<T>& epi, T* y, int y_layout, int nthreads) {
+  if (x_layout == kNCHW && y_layout == kNCHW) return forward_nchw(g, x, w, epi, y, nthreads);
   const T* wp = packed_or_pack_now(packed, g, x_layout, y_layout, w, kWsPackedWeights,
                                    &weight_packing<T>, &pack_weights<T>, nthreads);
-  if (x_layout == kNHWC) return forward_nhwc(g, x, wp, bias, y, nthreads);
+  if (x_layout == kNHWC) return forward_nhwc(g, x, wp, epi, y, nthreads);
   // NCHW input, channels_last output (a channels_last weight): transpose the input first, a
   // group of images at a time.
   const int64_t out_image = g.K * g.OH * g.OW;
   over_nhwc_image_groups(g, x, nthreads, [&](const ConvGeom& part, const T* xn, int64_t n0) {
-    forward_nhwc(part, xn, wp, bias, y + n0 * out_image, nthreads);
+    forward_nhwc(part, xn, wp, epi, y + n0 * out_image, nthreads);
   });
 }
 

@@ -138,7 +138,7 @@ template <typename T>
 struct NhwcOperands {
   const T* x = nullptr;     // (n, h, w, c) at x[((n * H + h) * W + w) * C + c]
   const T* wp = nullptr;    // packed as in pack_weights with BK = kNbk * lanes
-  const T* bias = nullptr;  // K values or nullptr
+  Epilogue<T> epi;          // bias (epi.shift), activation, statistics
   T* y = nullptr;           // N x K x OH x OW in y_layout
   int y_layout = kNCHW;
 };
@@ -218,28 +218,22 @@ void forward_nhwc(const ConvGeom& p, const NhwcOperands<T>& op, int nthreads) {
           f_direct_tile<T, kUr, 1>(taps, RS, Cg, w, tile);
       }
       const int64_t bw = round_up(kv, L), kg0 = g * Kg + k0;
-      // Epilogue: bias, then store in the output's layout.
+      // Epilogue (bias, activation, statistics) on the tile's valid pixels, in L1, then
+      // stored in the output's layout.
+      for (int64_t j = 0; j < m; ++j) finish_pixel_run(op.epi, kg0, tile + j * bw, kv);
       if (op.y_layout == kNHWC) {
-        for (int64_t j = 0; j < m; ++j) {
-          const T* t = tile + j * bw;
-          T* yp = op.y + (first + j) * K + kg0;
-          for (int64_t k = 0; k < kv; ++k) yp[k] = t[k] + (op.bias ? op.bias[kg0 + k] : T(0));
-        }
+        for (int64_t j = 0; j < m; ++j) copy_n(op.y + (first + j) * K + kg0, tile + j * bw, kv);
       } else if (pn[0] == pn[m - 1]) {
         // NCHW, one image: each channel gets a contiguous run of m pixels; the tile is
-        // transposed in (pixels x 16 channels) register blocks after adding the bias.
+        // transposed in (pixels x 16 channels) register blocks.
         T* y0 = op.y + (pn[0] * K + kg0) * OHW + pq[0];
-        if (op.bias)
-          for (int64_t j = 0; j < m; ++j)
-            for (int64_t k = 0; k < kv; ++k) tile[j * bw + k] += op.bias[kg0 + k];
         for (int64_t k0 = 0; k0 < kv; k0 += kTransposeBlock)
           transpose_block(tile + k0, bw, y0 + k0 * OHW, OHW, int(m),
                           int(min64(kTransposeBlock, kv - k0)));
       } else {
         for (int64_t j = 0; j < m; ++j)
           for (int64_t k = 0; k < kv; ++k)
-            op.y[(pn[j] * K + kg0 + k) * OHW + pq[j]] =
-                tile[j * bw + k] + (op.bias ? op.bias[kg0 + k] : T(0));
+            op.y[(pn[j] * K + kg0 + k) * OHW + pq[j]] = tile[j * bw + k];
       }
     }
   });
@@ -292,13 +286,13 @@ void pack_forward_weights(const ConvGeom& g, int, int, const T* w, T* wp, int nt
 
 template <typename T>
 void forward(const ConvGeom& g, const T* x, int x_layout, const T* w, const T* packed,
-             const T* bias, T* y, int y_layout, int nthreads) {
+             const Epilogue<T>& epi, T* y, int y_layout, int nthreads) {
   packed = packed_or_pack_now(packed, g, x_layout, y_layout, w, kWsPackedWeights,
                               &weight_packing<T>, &pack_forward_weights<T>, nthreads);
   NhwcOperands<T> op;
   op.x = x;
   op.wp = packed;
-  op.bias = bias;
+  op.epi = epi;
   op.y = y;
   op.y_layout = y_layout;
   if (x_layout == kNHWC) return forward_nhwc(g, op, nthreads);

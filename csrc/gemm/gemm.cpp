@@ -165,8 +165,13 @@ inline void ukernel(int64_t kc, const T* __restrict ap, const T* __restrict bp, 
   }
   const bool epilogue = last && epi.active();
   if (m == MR && n == NR) {
+    // Statistics: per row (channel = row) or per column vector, summed in registers over
+    // the tile, then added to the thread's float64 sums once.
+    V col_s[NBV], col_q[NBV];
+    for (int b = 0; b < NBV; ++b) col_s[b] = col_q[b] = V::zero();
     for (int i = 0; i < MR; ++i) {
       T* ci = c + i * ldc;
+      V row_s = V::zero(), row_q = V::zero();
       for (int b = 0; b < NBV; ++b) {
         V v = acc[i][b];
         if (accumulate) v = add(v, V::load(ci + b * L));
@@ -177,28 +182,39 @@ inline void ukernel(int64_t kc, const T* __restrict ap, const T* __restrict bp, 
           if (epi.shift)
             v = add(v, epi.per_row ? V::broadcast(epi.shift + row0 + i)
                                    : V::load(epi.shift + col0 + b * L));
-          if (epi.relu) v = relu(v);
+          if (epi.stats.sum) {
+            if (epi.per_row) {
+              row_s = add(row_s, v);
+              row_q = fmadd(v, v, row_q);
+            } else {
+              col_s[b] = add(col_s[b], v);
+              col_q[b] = fmadd(v, v, col_q[b]);
+            }
+          }
+          v = activate(v, epi.act);
         }
         v.store(ci + b * L);
       }
+      if (epilogue && epi.stats.sum && epi.per_row)
+        add_stats(epi.stats, row0 + i, hsum(row_s), hsum(row_q));
     }
+    if (epilogue && epi.stats.sum && !epi.per_row)
+      for (int b = 0; b < NBV; ++b) add_stats(epi.stats, col0 + b * L, col_s[b], col_q[b], L);
     return;
   }
   // Edge tile: through a buffer, writing only the m x n valid values.
   alignas(64) T tile[MR * NR];
   for (int i = 0; i < MR; ++i)
     for (int b = 0; b < NBV; ++b) acc[i][b].store(tile + i * NR + b * L);
-  for (int64_t i = 0; i < m; ++i)
-    for (int64_t j = 0; j < n; ++j) {
-      T v = tile[i * NR + j] + (accumulate ? c[i * ldc + j] : T(0));
-      if (epilogue) {
-        const int64_t ch = epi.per_row ? row0 + i : col0 + j;
-        if (epi.scale) v *= epi.scale[ch];
-        if (epi.shift) v += epi.shift[ch];
-        if (epi.relu) v = v < T(0) ? T(0) : v;
-      }
-      c[i * ldc + j] = v;
-    }
+  for (int64_t i = 0; i < m; ++i) {
+    T* ci = c + i * ldc;
+    for (int64_t j = 0; j < n; ++j) ci[j] = tile[i * NR + j] + (accumulate ? ci[j] : T(0));
+    if (!epilogue) continue;
+    if (epi.per_row)
+      finish_channel_run(epi, row0 + i, ci, n);
+    else
+      finish_pixel_run(epi, col0, ci, n);
+  }
 }
 
 // One MR x NR tile of C, m x n of it valid: the full micro-kernel, or for edge tiles the
@@ -226,15 +242,15 @@ inline void tile(int64_t kc, const T* ap, const T* bp, T* c, int64_t ldc, int64_
 // C = epilogue(accumulate ? C : 0) for K == 0.
 template <typename T>
 void gemm_empty_k(const GemmArgs<T>& g) {
-  for (int64_t i = 0; i < g.M; ++i)
-    for (int64_t j = 0; j < g.N; ++j) {
-      T v = g.accumulate ? g.c[i * g.ldc + j] : T(0);
-      const int64_t ch = g.epi.per_row ? i : j;
-      if (g.epi.scale) v *= g.epi.scale[ch];
-      if (g.epi.shift) v += g.epi.shift[ch];
-      if (g.epi.relu) v = v < T(0) ? T(0) : v;
-      g.c[i * g.ldc + j] = v;
-    }
+  for (int64_t i = 0; i < g.M; ++i) {
+    T* ci = g.c + i * g.ldc;
+    for (int64_t j = 0; j < g.N; ++j) ci[j] = g.accumulate ? ci[j] : T(0);
+    if (!g.epi.active()) continue;
+    if (g.epi.per_row)
+      finish_channel_run(g.epi, i, ci, g.N);
+    else
+      finish_pixel_run(g.epi, 0, ci, g.N);
+  }
 }
 
 }  // namespace

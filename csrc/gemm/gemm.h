@@ -31,20 +31,12 @@
 #if defined(FASTCONV_ISA_AVX512) || defined(FASTCONV_ISA_AVX2) || defined(FASTCONV_ISA_SCALAR)
 #include "../common/simd.h"  // an ISA translation unit: FASTCONV_ISA names its namespace
 #endif
+#include "../common/epilogue.h"
 
 namespace fastconv {
 
-// Applied to each finished element C(i, j), channel = i (per_row) or j:
-//   C = max(0, C * scale[channel] + shift[channel])   (scale/shift null = 1/0, relu optional)
-template <typename T>
-struct Epilogue {
-  const T* scale = nullptr;
-  const T* shift = nullptr;
-  bool per_row = true;
-  bool relu = false;
-  bool active() const { return scale || shift || relu; }
-};
-
+// The epilogue (csrc/common/epilogue.h) is applied to each finished element C(i, j), its
+// channel being i (epi.per_row) or j.
 template <typename T>
 struct GemmArgs {
   int64_t M, N, K;

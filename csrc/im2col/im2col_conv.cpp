@@ -195,16 +195,16 @@ void pack_forward_weights(const ConvGeom& g, int x_layout, int y_layout, const T
 }
 
 template <typename T>
-void forward_nchw_native(const ConvGeom& g, const T* x, const T* packed, const T* bias, T* y,
-                         int nthreads);
+void forward_nchw_native(const ConvGeom& g, const T* x, const T* packed, const Epilogue<T>& epi,
+                         T* y, int nthreads);
 
 template <typename T>
 void forward(const ConvGeom& g, const T* x, int x_layout, const T* w, const T* packed,
-             const T* bias, T* y, int y_layout, int nthreads) {
+             const Epilogue<T>& epi, T* y, int y_layout, int nthreads) {
   packed = packed_or_pack_now(packed, g, x_layout, y_layout, w, kWsGemmWholeOperand,
                               &weight_packing<T>, &pack_forward_weights<T>, nthreads);
   if (forward_native(g, x_layout, y_layout))
-    return forward_nchw_native(g, x, packed, bias, y, nthreads);
+    return forward_nchw_native(g, x, packed, epi, y, nthreads);
   const int64_t OHW = g.OH * g.OW;
   const int64_t G = g.groups, Cg = g.Cg(), Kg = g.Kg(), RSC = g.R * g.S * Cg;
   const int64_t packed_group = gemm_packed_size_b<T>(RSC, Kg);
@@ -219,7 +219,7 @@ void forward(const ConvGeom& g, const T* x, int x_layout, const T* w, const T* p
       a.N = Kg;
       a.K = RSC;
       a.b_packed = packed + gi * packed_group;
-      a.epi.shift = bias ? bias + gi * Kg : nullptr;
+      a.epi = epi.from_channel(gi * Kg);
       a.epi.per_row = false;
       for (int64_t p0 = 0; p0 < P; p0 += rows) {
         a.M = min64(rows, P - p0);
@@ -313,8 +313,8 @@ void pack_implicit_cols(const void* ctx, int64_t k0, int64_t kc, int64_t j0, int
 }
 
 template <typename T>
-void forward_nchw_native(const ConvGeom& g, const T* x, const T* packed, const T* bias, T* y,
-                         int nthreads) {
+void forward_nchw_native(const ConvGeom& g, const T* x, const T* packed, const Epilogue<T>& epi,
+                         T* y, int nthreads) {
   const int64_t G = g.groups, Cg = g.Cg(), Kg = g.Kg(), RSC = Cg * g.R * g.S;
   const int64_t HW = g.H * g.W, OHW = g.OH * g.OW;
   const int64_t packed_group = gemm_packed_size_a<T>(Kg, RSC);
@@ -326,7 +326,7 @@ void forward_nchw_native(const ConvGeom& g, const T* x, const T* packed, const T
     a.K = RSC;
     a.a_packed = packed + gi * packed_group;  // the same for every image
     a.ldc = OHW;
-    a.epi.shift = bias ? bias + gi * Kg : nullptr;
+    a.epi = epi.from_channel(gi * Kg);
     a.epi.per_row = true;
     for (int64_t n = 0; n < g.N; ++n) {
       const T* xg = x + (n * g.C + gi * Cg) * HW;

@@ -7,6 +7,7 @@
 #pragma once
 #include <cstdint>
 
+#include "../common/epilogue.h"
 #include "../common/problem.h"
 #include "../common/workspace.h"
 #include "../gemm/gemm.h"
@@ -31,8 +32,11 @@ struct WeightPacking {
 // weight_packing agrees before passing it on.
 template <typename T>
 struct ConvKernels {
+  // y = epi(conv(x, w)): epi.shift is the bias; epi.act and epi.stats fuse an activation
+  // or batch-norm's statistics into the output's one pass (csrc/common/epilogue.h; never
+  // both; epi.scale and epi.per_row unused).
   void (*forward)(const ConvGeom&, const T* x, int x_layout, const T* w, const T* packed,
-                  const T* bias, T* y, int y_layout, int nthreads) = nullptr;
+                  const Epilogue<T>& epi, T* y, int y_layout, int nthreads) = nullptr;
   void (*grad_input)(const ConvGeom&, const T* gy, int gy_layout, const T* w, T* gx,
                      int gx_layout, int nthreads) = nullptr;
   void (*grad_weight)(const ConvGeom&, const T* gy, int gy_layout, const T* x, int x_layout,
@@ -88,6 +92,14 @@ struct SharedKernels {
   GemmBlocking gemm_blocking{};
   // Per-channel sums of grad_y (grad-bias), the same for every algorithm.
   void (*grad_bias)(const ConvGeom&, const T* gy, int gy_layout, T* gb, int nthreads) = nullptr;
+  // Batch-norm with batch statistics + activation around a convolution's output, forward and
+  // backward (csrc/batchnorm; the fused Conv-BN-activation op).
+  void (*bn_act_forward)(const ConvGeom&, int layout, const T* z, const T* mean,
+                         const T* invstd, const T* gamma, const T* beta, int act, T* y,
+                         int nthreads) = nullptr;
+  void (*bn_act_backward)(const ConvGeom&, int layout, const T* gy, const T* y, const T* z,
+                          const T* mean, const T* invstd, const T* gamma, int act, T* gz,
+                          T* grad_gamma, T* grad_beta, int nthreads) = nullptr;
   // Winograd F(m, 3)'s vectorised transforms applied to `count` tiles, for tests
   // (csrc/winograd: which = 0 input, 1 filter, 2 output).
   void (*winograd_transform)(int m, int which, const T* in, T* out, int64_t count) = nullptr;

@@ -27,12 +27,21 @@ template <typename T>
 void winograd_transform(int m, int which, const T* in, T* out, int64_t count);
 
 template <typename T>
+void bn_act_forward(const ConvGeom&, int, const T*, const T*, const T*, const T*, const T*, int,
+                    T*, int);
+template <typename T>
+void bn_act_backward(const ConvGeom&, int, const T*, const T*, const T*, const T*, const T*,
+                     const T*, int, T*, T*, T*, int);
+
+template <typename T>
 SharedKernels<T> shared_kernels() {
   SharedKernels<T> k;
   k.gemm = &gemm<T>;
   k.gemm_blocking = gemm_blocking<T>();
   k.grad_bias = &grad_bias<T>;
   k.winograd_transform = &winograd_transform<T>;
+  k.bn_act_forward = &bn_act_forward<T>;
+  k.bn_act_backward = &bn_act_backward<T>;
   return k;
 }
 

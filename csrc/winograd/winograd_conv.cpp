@@ -330,7 +330,7 @@ void transform_output_block(const Plan<T, M>& p, const ConvGeom& g, const T* mbl
         for (int i = 0; i < M2; ++i) {
           if (epi.scale) out[i] = mul(out[i], V::broadcast(epi.scale + ch));
           if (epi.shift) out[i] = add(out[i], V::broadcast(epi.shift + ch));
-          if (epi.relu) out[i] = relu(out[i]);
+          out[i] = activate(out[i], epi.act);
         }
       }
       for (int i = 0; i < M2; ++i) out[i].store(buf + i * L);
@@ -338,14 +338,22 @@ void transform_output_block(const Plan<T, M>& p, const ConvGeom& g, const T* mbl
       for (int i0 = 0; i0 < M2; i0 += kTransposeBlock)
         transpose_block(buf + i0 * L, L, tiles + i0, M2, int(min64(kTransposeBlock, M2 - i0)), L);
       T* yk = y + ch * ys.c;
+      double s = 0, q = 0;  // statistics of the values written (no activation with them)
       for (int l = 0; l < lt.count; ++l) {
         T* d = yk + lt.base[l];
         const T* src = tiles + l * M2;
         for (int i = 0; i < lt.row[l]; ++i) {
           if (ys.w == 1) copy_n(d + i * ys.h, src + i * M, lt.col[l]);
           else for (int j = 0; j < lt.col[l]; ++j) d[i * ys.h + j * ys.w] = src[i * M + j];
+          if (!epi.stats.sum) continue;
+          for (int j = 0; j < lt.col[l]; ++j) {
+            const T z = src[i * M + j];
+            s += z;
+            q += double(z) * z;
+          }
         }
       }
+      if (epi.stats.sum) add_stats(epi.stats, ch, s, q);
     }
   }
 }
@@ -447,9 +455,7 @@ void transform_forward_filters(const ConvGeom& g, int, int, const T* w, T* u, in
 
 template <typename T, int M>
 void forward(const ConvGeom& g, const T* x, int x_layout, const T* w, const T* packed,
-             const T* bias, T* y, int y_layout, int nthreads) {
-  Epilogue<T> epi;
-  epi.shift = bias;
+             const Epilogue<T>& epi, T* y, int y_layout, int nthreads) {
   winograd_conv<T, M>(g, x, x_layout, forward_filters(g, w), packed, epi, y, y_layout, nthreads);
 }
 
