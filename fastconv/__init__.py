@@ -4,11 +4,13 @@ Layers, from the bottom: ``fastconv._C`` (C++ kernels, one build per ISA, and th
 table), ``fastconv.registry`` (every algorithm declared once: devices, dtypes, eligibility,
 workspace, kernels), ``fastconv.ops`` (torch custom ops with fake and autograd registrations,
 dispatching through the registry), ``fastconv.functional.conv2d``
-(torch.nn.functional.conv2d's semantics), ``fastconv.nn.Conv2d`` and ``fastconv.convert``.
+(torch.nn.functional.conv2d's semantics, and the fused conv2d_bn), ``fastconv.nn.Conv2d``
+and ``ConvBNReLU2d``, ``fastconv.convert`` and ``fastconv.fuse``.
 """
 from . import backend, dispatch, errors, nn, ops, reference, registry
 from .backend import available_isas, get_isa, set_isa, use_isa
 from .convert import convert
+from .fuse import FuseWarning, fuse
 from .dispatch import Algo, explain
 from .errors import AlgorithmUnavailable, InvalidConvolution, UnsupportedTensor
 from .functional import conv2d
@@ -16,7 +18,7 @@ from .weight_cache import PackedWeight, cache_info, prepack, release_workspaces,
 from .problem import Conv2dProblem, conv2d_problem
 
 __version__ = "0.1.0"
-__all__ = ["conv2d", "convert", "explain", "nn", "ops", "reference", "registry", "Algo",
+__all__ = ["conv2d", "convert", "fuse", "FuseWarning", "explain", "nn", "ops", "reference", "registry", "Algo",
            "Conv2dProblem", "conv2d_problem", "AlgorithmUnavailable", "InvalidConvolution",
            "UnsupportedTensor", "available_isas", "get_isa", "set_isa", "use_isa",
            "release_workspaces", "backend", "dispatch", "errors", "prepack", "PackedWeight",

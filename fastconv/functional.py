@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import dispatch, ops, registry
+from . import backend, dispatch, ops, registry
 from .autograd import Conv2dFunction
 from .errors import InvalidConvolution
 from .weight_cache import PackedWeight
@@ -147,6 +147,26 @@ def conv2d(input: Tensor, weight: Union[Tensor, PackedWeight], bias: Optional[Te
         ``torch.ops.fastconv.conv2d``; eager calls record fastconv.autograd.Conv2dFunction
         around the same kernels, which costs less per call).
     """
+    return conv2d_activation(input, weight, bias, stride, padding, dilation, groups, algo=algo,
+                             activation="none")
+
+
+def _torch_activation(y: Tensor, activation: str) -> Tensor:
+    if activation == "relu":
+        return F.relu(y)
+    if activation == "relu6":
+        return F.relu6(y)
+    return y
+
+
+def conv2d_activation(input: Tensor, weight: Union[Tensor, PackedWeight],
+                      bias: Optional[Tensor] = None, stride: IntPair = 1,
+                      padding: Union[IntPair, str] = 0, dilation: IntPair = 1, groups: int = 1,
+                      *, algo: str = "auto", activation: str = "none") -> Tensor:
+    """:func:`conv2d` followed by ``activation`` ('none', 'relu' or 'relu6'), which the
+    kernels apply in their output epilogue: the same result as ``F.relu(F.conv2d(...))``
+    without a pass of its own over the output."""
+    ops._activation_code(activation)
     cache = None
     if isinstance(weight, PackedWeight):
         cache, weight = weight, weight.weight
@@ -156,7 +176,8 @@ def conv2d(input: Tensor, weight: Union[Tensor, PackedWeight], bias: Optional[Te
     if bias is not None and not isinstance(bias, Tensor):
         raise TypeError("fastconv: bias must be a tensor or None")
     if algo == "auto" and not _has_fastconv_kernels(input):
-        return F.conv2d(input, weight, bias, stride, padding, dilation, groups)
+        return _torch_activation(F.conv2d(input, weight, bias, stride, padding, dilation, groups),
+                                 activation)
     unbatched = input.dim() == 3
     if unbatched:
         input = input.unsqueeze(0)
@@ -165,12 +186,86 @@ def conv2d(input: Tensor, weight: Union[Tensor, PackedWeight], bias: Optional[Te
                          f"shape {tuple(input.shape)}")
     stride, pad, dilation, name = _normalized(weight.shape, stride, padding, dilation, groups,
                                               algo)
-    if not _plain_eager(input, weight, bias):
+    needs_grad = torch.is_grad_enabled() and (input.requires_grad or weight.requires_grad or
+                                              (bias is not None and bias.requires_grad))
+    if activation != "none" and (needs_grad or not _plain_eager(input, weight, bias)):
+        out = ops.conv2d_activation(input, weight, bias, stride, pad, dilation, groups, name,
+                                    activation)
+    elif not _plain_eager(input, weight, bias):
         out = ops.conv2d(input, weight, bias, stride, pad, dilation, groups, name)
-    elif torch.is_grad_enabled() and (input.requires_grad or weight.requires_grad or
-                                      (bias is not None and bias.requires_grad)):
+    elif needs_grad:
         out = Conv2dFunction.apply(input, weight, bias, stride, pad, dilation, groups, name)
     else:  # no gradient: the only calls that may use the weight cache
         out = ops.conv2d_forward(input, weight, bias, stride, pad, dilation, groups, name,
-                                 cache)
+                                 cache, activation=backend.ACTIVATIONS[activation])
     return out.squeeze(0) if unbatched else out
+
+
+def fold_batch_norm(weight: Tensor, bias: Optional[Tensor], running_mean: Tensor,
+                    running_var: Tensor, bn_weight: Optional[Tensor],
+                    bn_bias: Optional[Tensor], eps: float) -> tuple[Tensor, Tensor]:
+    """The weight and bias of one convolution equal to conv2d -> batch_norm with these
+    running statistics (eval mode): w * s and (b - mean) * s + beta per output channel,
+    s = gamma / sqrt(var + eps). Differentiable in every tensor."""
+    scale = torch.rsqrt(running_var + eps)
+    if bn_weight is not None:
+        scale = scale * bn_weight
+    folded_w = weight * scale.reshape(-1, 1, 1, 1).to(weight.dtype)
+    shift = -running_mean if bias is None else bias - running_mean
+    folded_b = shift * scale
+    if bn_bias is not None:
+        folded_b = folded_b + bn_bias
+    return folded_w, folded_b.to(weight.dtype)
+
+
+def conv2d_bn(input: Tensor, weight: Tensor, bias: Optional[Tensor],
+              running_mean: Optional[Tensor], running_var: Optional[Tensor],
+              bn_weight: Optional[Tensor] = None, bn_bias: Optional[Tensor] = None,
+              training: bool = False, momentum: float = 0.1, eps: float = 1e-5,
+              activation: str = "relu", stride: IntPair = 1, padding: Union[IntPair, str] = 0,
+              dilation: IntPair = 1, groups: int = 1, *, algo: str = "auto") -> Tensor:
+    """``activation(F.batch_norm(F.conv2d(input, weight, bias, stride, padding, dilation,
+    groups), running_mean, running_var, bn_weight, bn_bias, training, momentum, eps))`` with
+    torch's semantics, fused:
+
+    * training (or no running statistics): one convolution pass that also gathers each
+      channel's batch sum and sum of squares, then one normalise + activation pass; the
+      running statistics, when given, are updated in place as F.batch_norm does (unbiased
+      variance). Backward: input, weight, bias, bn_weight, bn_bias.
+    * eval: the running statistics folded into the weights and bias
+      (:func:`fold_batch_norm`), the activation applied in the convolution's epilogue.
+
+    ``activation``: 'relu', 'relu6' or 'none'. Calls without fastconv kernels (other dtypes
+    or devices, autocast) run torch's three functions.
+    """
+    ops._activation_code(activation)
+    if input.dim() != 4:
+        raise InvalidConvolution(f"fastconv: conv2d_bn expects a 4-D (N, C, H, W) input, got "
+                                 f"shape {tuple(input.shape)}")
+    batch_stats = training or running_mean is None or running_var is None
+    if algo == "auto" and not _has_fastconv_kernels(input):
+        z = F.conv2d(input, weight, bias, stride, padding, dilation, groups)
+        return _torch_activation(F.batch_norm(z, running_mean, running_var, bn_weight, bn_bias,
+                                              batch_stats, momentum, eps), activation)
+    if not batch_stats:
+        folded_w, folded_b = fold_batch_norm(weight, bias, running_mean, running_var,
+                                             bn_weight, bn_bias, eps)
+        return conv2d_activation(input, folded_w, folded_b, stride, padding, dilation, groups,
+                                 algo=algo, activation=activation)
+    stride, pad, dilation, name = _normalized(weight.shape, stride, padding, dilation, groups,
+                                              algo)
+    out_shape = ops._plan(backend.Pass.FORWARD, input.shape, weight.shape, stride, pad,
+                          dilation, groups, name, "meta", input.dtype).problem.output_shape
+    count = out_shape[0] * out_shape[2] * out_shape[3]
+    if count == 1:  # torch's rule (F.batch_norm)
+        raise ValueError("Expected more than 1 value per channel when training, got input "
+                         f"size {torch.Size(out_shape)}")
+    y, _, mean, invstd = ops.conv2d_bn(input, weight, bias, bn_weight, bn_bias, stride, pad,
+                                       dilation, groups, name, float(eps), activation)
+    if training and running_mean is not None and running_var is not None and count > 0:
+        with torch.no_grad():
+            # The unbiased variance, as F.batch_norm keeps in its running estimate.
+            var = (invstd.double().pow(-2) - eps) * (count / (count - 1))
+            running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
+            running_var.mul_(1 - momentum).add_(var.to(running_var.dtype), alpha=momentum)
+    return y

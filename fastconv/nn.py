@@ -7,9 +7,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import dispatch
-from .functional import conv2d
+from . import dispatch, ops
+from .functional import conv2d, conv2d_activation, conv2d_bn, fold_batch_norm
 from .weight_cache import PackedWeight
+
+#: Activation modules ConvBNReLU2d can absorb, by fastconv's activation name.
+ACTIVATION_MODULES = {"relu": torch.nn.ReLU, "relu6": torch.nn.ReLU6}
 
 
 class Conv2d(torch.nn.Conv2d):
@@ -87,3 +90,151 @@ class Conv2d(torch.nn.Conv2d):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", algo={self.algo!r}"
+
+
+class ConvBNReLU2d(torch.nn.Sequential):
+    """Conv2d -> BatchNorm2d -> activation in one fused operation, behaving exactly like
+    ``torch.nn.Sequential(Conv2d(...), BatchNorm2d(...), ReLU())`` in train and in eval.
+
+    Takes Conv2d's arguments, BatchNorm2d's (``eps``, ``momentum``, ``affine``,
+    ``track_running_stats``) and ``activation``: 'relu' (default), 'relu6' or None (Conv ->
+    BN alone). Its children are that sequence's modules (a fastconv.nn.Conv2d, a
+    torch.nn.BatchNorm2d and the activation module), so the parameters, the buffers
+    (running_mean, running_var, num_batches_tracked under "1.") and the state_dict keys are
+    those of the torch sequence, and state_dicts load either way.
+
+    * Training (and eval without running statistics): one convolution pass that also
+      gathers each channel's batch sum and sum of squares, then one normalise + activation
+      pass (fastconv.ops.conv2d_bn); running statistics are updated as BatchNorm2d does
+      (momentum, momentum=None for a cumulative average, num_batches_tracked).
+    * Eval: the running statistics folded into the convolution's weights and bias, the
+      activation applied in its output epilogue. Calls that need no gradient keep the folded,
+      packed weights until a parameter or statistic changes (fastconv.weight_cache).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
+                 dilation=1, groups: int = 1, bias: bool = True, padding_mode: str = "zeros",
+                 eps: float = 1e-5, momentum: Optional[float] = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, activation: Optional[str] = "relu", *,
+                 algo: str = "auto", device=None, dtype=None):
+        factory = {"device": device, "dtype": dtype}
+        conv = Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
+                      bias, padding_mode, algo=algo, **factory)
+        bn = torch.nn.BatchNorm2d(out_channels, eps, momentum, affine, track_running_stats,
+                                  **factory)
+        modules = [conv, bn]
+        if activation is not None:
+            modules.append(_activation_module(activation))
+        super().__init__(*modules)
+        self._folded = None
+
+    @classmethod
+    def from_modules(cls, conv: torch.nn.Conv2d, bn: torch.nn.BatchNorm2d,
+                     activation=None, algo: Optional[str] = None) -> "ConvBNReLU2d":
+        """One fused module from existing ones, sharing their parameters and buffers (no
+        copies). ``activation``: None, 'relu', 'relu6' or a torch.nn.ReLU / ReLU6 module. A
+        torch.nn.Conv2d becomes a fastconv.nn.Conv2d (``algo``, default 'auto'); a fastconv
+        one keeps its algo unless ``algo`` is given."""
+        if not isinstance(conv, torch.nn.Conv2d):
+            raise TypeError(f"expected a Conv2d, got {type(conv).__name__}")
+        if type(bn) is not torch.nn.BatchNorm2d:
+            raise TypeError(f"expected a torch.nn.BatchNorm2d, got {type(bn).__name__}")
+        if bn.num_features != conv.out_channels:
+            raise ValueError(f"BatchNorm2d has {bn.num_features} features but the Conv2d has "
+                             f"{conv.out_channels} output channels")
+        if not isinstance(conv, Conv2d):
+            conv = Conv2d.from_torch(conv, algo or "auto")
+        elif algo is not None:
+            conv = Conv2d.from_torch(conv, algo)
+        if isinstance(activation, torch.nn.Module):
+            name = next((n for n, t in ACTIVATION_MODULES.items() if type(activation) is t), None)
+            if name is None:
+                raise TypeError(f"cannot fuse activation {type(activation).__name__}; expected "
+                                "ReLU or ReLU6")
+            activation = name
+        new = cls.__new__(cls)
+        modules = [conv, bn] + ([_activation_module(activation)] if activation else [])
+        torch.nn.Sequential.__init__(new, *modules)
+        new._folded = None
+        return new
+
+    @property
+    def activation(self) -> str:
+        """'relu', 'relu6' or 'none'."""
+        if len(self) < 3:
+            return "none"
+        return next(n for n, t in ACTIVATION_MODULES.items() if type(self[2]) is t)
+
+    def _batch_norm_args(self):
+        """BatchNorm2d.forward's bookkeeping: (training with batch statistics, running
+        statistics to use or update, the update's momentum)."""
+        bn = self[1]
+        factor = 0.0 if bn.momentum is None else bn.momentum
+        if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+            bn.num_batches_tracked.add_(1)
+            factor = (1.0 / float(bn.num_batches_tracked) if bn.momentum is None
+                      else bn.momentum)
+        batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
+        use_running = not bn.training or bn.track_running_stats
+        return (batch_stats, bn.running_mean if use_running else None,
+                bn.running_var if use_running else None, factor)
+
+    def _folded_weights(self):
+        """The folded (weight, bias) as a PackedWeight and a tensor, kept while every
+        tensor they come from is unchanged (eval calls without gradients only)."""
+        conv, bn = self[0], self[1]
+        sources = (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+        try:
+            stamp = tuple((id(t), t._version) for t in sources if t is not None) + (bn.eps,)
+        except RuntimeError:  # inference tensors have no version counter: fold per call
+            stamp = None
+        if stamp is not None and self._folded is not None and self._folded[0] == stamp:
+            return self._folded[1], self._folded[2]
+        self.release_weight_cache()
+        w, b = fold_batch_norm(conv.weight, conv.bias, bn.running_mean, bn.running_var,
+                               bn.weight, bn.bias, bn.eps)
+        packed = PackedWeight(w)
+        if stamp is not None:
+            self._folded = (stamp, packed, b)
+        return packed, b
+
+    def release_weight_cache(self) -> None:
+        """Drop the folded, packed weights kept for inference (remade when needed)."""
+        folded = self.__dict__.get("_folded")
+        if folded is not None:
+            folded[1].release()
+        self._folded = None
+        self[0].release_weight_cache()
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self.release_weight_cache()
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def forward(self, input: Tensor) -> Tensor:
+        conv, bn = self[0], self[1]
+        batch_stats, running_mean, running_var, momentum = self._batch_norm_args()
+        if conv.padding_mode != "zeros":
+            input = F.pad(input, conv._reversed_padding_repeated_twice, mode=conv.padding_mode)
+            padding = 0
+        else:
+            padding = conv.padding
+        args = (conv.stride, padding, conv.dilation, conv.groups)
+        no_grad = not torch.is_grad_enabled() or not any(
+            p.requires_grad for p in (conv.weight, conv.bias, bn.weight, bn.bias)
+            if p is not None)
+        if (not batch_stats and no_grad and not torch.compiler.is_compiling()
+                and input.dim() == 4):
+            packed, b = self._folded_weights()
+            return conv2d_activation(input, packed, b, *args, algo=conv.algo,
+                                     activation=self.activation)
+        return conv2d_bn(input, conv.weight, conv.bias, running_mean, running_var, bn.weight,
+                         bn.bias, batch_stats, momentum, bn.eps, self.activation, *args,
+                         algo=conv.algo)
+
+
+def _activation_module(activation: str) -> torch.nn.Module:
+    ops._activation_code(activation)
+    if activation not in ACTIVATION_MODULES:
+        raise ValueError(f"fastconv: activation must be 'relu', 'relu6' or None, got "
+                         f"{activation!r}")
+    return ACTIVATION_MODULES[activation]()

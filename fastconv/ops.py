@@ -30,7 +30,7 @@ from torch import Tensor
 from torch._prims_common import suggest_memory_format
 
 from . import backend, dispatch
-from .backend import DTYPE_CODES, NCHW, NHWC, Pass
+from .backend import ACT_NONE, ACTIVATIONS, DTYPE_CODES, NCHW, NHWC, Pass
 from .errors import InvalidConvolution, UnsupportedTensor
 from .problem import Conv2dProblem, conv2d_problem
 
@@ -139,22 +139,28 @@ def _forward_plan(input, weight, bias, stride, padding, dilation, groups, algo,
 # --------------------------------------------------------------------------------------------
 
 def conv2d_forward(input: Tensor, weight: Tensor, bias: Optional[Tensor], stride, padding,
-                   dilation, groups: int, algo: str, cache=None) -> Tensor:
-    """The body of the conv2d op: checks, allocates the output and runs the kernel. Called by
-    the op, and directly by fastconv.conv2d in eager calls that need no autograd, which may
-    pass ``cache``, the fastconv.weight_cache.PackedWeight of ``weight``."""
+                   dilation, groups: int, algo: str, cache=None, activation: int = ACT_NONE,
+                   stats: Optional[Tensor] = None) -> Tensor:
+    """The body of the conv2d ops: checks, allocates the output and runs the kernel. Called by
+    the ops, and directly by fastconv.conv2d in eager calls that need no autograd, which may
+    pass ``cache``, the fastconv.weight_cache.PackedWeight of ``weight``. ``activation`` (an
+    ACTIVATIONS code) and ``stats`` (2 K float64 values: each channel's sum of y, then of y^2)
+    are fused into the kernel's output epilogue."""
     cached = cache is not None and cache.usable()
     problem, kernels = _forward_plan(input, weight, bias, stride, padding, dilation, groups,
                                      algo, cached)
     out_cl = _channels_last(input) or _channels_last(weight)
     y = _empty(problem.output_shape, input, out_cl)
     if y.numel() == 0:
+        if stats is not None:
+            stats.zero_()
         return y
     x, x_layout = _dense(input)
     y_layout = NHWC if out_cl else NCHW
     packed = cache.packed_for(kernels, problem, x_layout, y_layout) if cached else None
     kernels.forward(problem, x, x_layout, weight if packed is not None else weight.contiguous(),
-                    bias.contiguous() if bias is not None else None, y, y_layout, packed)
+                    bias.contiguous() if bias is not None else None, y, y_layout, packed,
+                    activation, stats)
     return y
 
 
@@ -182,7 +188,7 @@ def conv2d_backward(ctx, grad, differentiable: bool = True):
     """The gradients of conv2d (input, weight, bias) from its saved context: through the ops
     (differentiable: double backward works) or through their bodies (plain eager backward,
     no dispatcher; fastconv.autograd)."""
-    input, weight = ctx.saved_tensors
+    input, weight = ctx.saved_tensors[:2]
     conv = ctx.conv
     gx = gw = gb = None
     if ctx.needs_input_grad[0]:
@@ -386,6 +392,181 @@ def _grad_bias_backward(ctx, ggb):
 
 
 conv2d_grad_bias.register_autograd(_grad_bias_backward, setup_context=_grad_bias_setup)
+
+
+# --------------------------------------------------------------------------------------------
+# Fused activation and batch-norm (fastconv.nn.ConvBNReLU2d)
+# --------------------------------------------------------------------------------------------
+
+def _activation_code(activation: str) -> int:
+    code = ACTIVATIONS.get(activation)
+    if code is None:
+        raise ValueError(f"fastconv: unknown activation {activation!r}; expected one of "
+                         f"{', '.join(repr(a) for a in ACTIVATIONS)}")
+    return code
+
+
+def activation_grad(grad: Tensor, y: Tensor, activation: str) -> Tensor:
+    """grad through the activation whose output is y (torch's rule: relu passes where y > 0,
+    relu6 where 0 < y < 6)."""
+    if activation == "none":
+        return grad
+    keep = y > 0 if activation == "relu" else (y > 0) & (y < 6)
+    return torch.where(keep, grad, grad.new_zeros(()))
+
+
+@torch.library.custom_op("fastconv::conv2d_activation", mutates_args=())
+def conv2d_activation(input: Tensor, weight: Tensor, bias: Optional[Tensor],
+                      stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
+                      groups: int, algo: str, activation: str) -> Tensor:
+    """y = act(conv(input, weight) + bias), the activation ('none', 'relu', 'relu6') applied
+    in the kernel's output epilogue (no pass of its own). An eval-mode Conv-BN-activation
+    runs as this op on weights with the batch-norm folded in."""
+    return conv2d_forward(input, weight, bias, stride, padding, dilation, groups, algo,
+                          activation=_activation_code(activation))
+
+
+@conv2d_activation.register_fake
+def _(input, weight, bias, stride, padding, dilation, groups, algo, activation):
+    _activation_code(activation)
+    problem, _ = _forward_plan(input, weight, bias, stride, padding, dilation, groups, algo)
+    return _empty(problem.output_shape, input, _channels_last(input) or _channels_last(weight))
+
+
+def _conv2d_activation_setup(ctx, inputs, output):
+    *conv_inputs, activation = inputs
+    conv2d_setup(ctx, conv_inputs, output)
+    ctx.save_for_backward(conv_inputs[0], conv_inputs[1], output)
+    ctx.activation = activation
+
+
+def _conv2d_activation_backward(ctx, grad):
+    y = ctx.saved_tensors[2]
+    return (*conv2d_backward(ctx, activation_grad(grad, y, ctx.activation)), None)
+
+
+conv2d_activation.register_autograd(_conv2d_activation_backward,
+                                    setup_context=_conv2d_activation_setup)
+
+
+def _bn_geometry(z: Tensor):
+    N, K, OH, OW = z.shape
+    return _bias_problem(N, K, OH, OW).kernel_geometry
+
+
+def _check_bn_params(K: int, like: Tensor, **params: Optional[Tensor]) -> None:
+    for name, t in params.items():
+        if t is None:
+            continue
+        _check_operand(name, t, like, "input")
+        if tuple(t.shape) != (K,):
+            raise InvalidConvolution(f"fastconv: {name} must have shape ({K},), got "
+                                     f"{tuple(t.shape)}")
+
+
+def conv2d_bn_forward(input, weight, bias, bn_weight, bn_bias, stride, padding, dilation,
+                      groups, algo, eps, activation):
+    """The body of the conv2d_bn op."""
+    act = _activation_code(activation)
+    K = weight.shape[0]
+    _check_bn_params(K, input, bn_weight=bn_weight, bn_bias=bn_bias)
+    stats = torch.empty(2 * K, dtype=torch.float64)
+    z = conv2d_forward(input, weight, bias, stride, padding, dilation, groups, algo,
+                       stats=stats)
+    count = z.numel() // K if K else 0
+    mean64 = stats[:K] / max(count, 1)
+    var64 = (stats[K:] / max(count, 1) - mean64 * mean64).clamp_(min=0)
+    mean, invstd = mean64.to(z.dtype), (var64 + eps).rsqrt_().to(z.dtype)
+    y = torch.empty_like(z)
+    if y.numel():
+        backend._C.bn_act_forward(
+            DTYPE_CODES[z.dtype], _bn_geometry(z), NHWC if _channels_last(z) else NCHW,
+            z.data_ptr(), mean.data_ptr(), invstd.data_ptr(),
+            bn_weight.contiguous().data_ptr() if bn_weight is not None else 0,
+            bn_bias.contiguous().data_ptr() if bn_bias is not None else 0, act, y.data_ptr(),
+            torch.get_num_threads())
+    return y, z, mean, invstd
+
+
+@torch.library.custom_op("fastconv::conv2d_bn", mutates_args=())
+def conv2d_bn(input: Tensor, weight: Tensor, bias: Optional[Tensor],
+              bn_weight: Optional[Tensor], bn_bias: Optional[Tensor], stride: Sequence[int],
+              padding: Sequence[int], dilation: Sequence[int], groups: int, algo: str,
+              eps: float, activation: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Conv2d -> BatchNorm2d with batch statistics -> activation, as training runs it.
+
+    Returns (y, z, mean, invstd): the output, the convolution's output (saved for the
+    backward), and the batch's per-channel mean and 1 / sqrt(biased variance + eps). The
+    statistics are gathered by the convolution's output epilogue while it writes z (float64
+    sums), so z is then read once more, by the normalise + activation pass. Only y is
+    differentiable."""
+    return conv2d_bn_forward(input, weight, bias, bn_weight, bn_bias, stride, padding,
+                             dilation, groups, algo, eps, activation)
+
+
+@conv2d_bn.register_fake
+def _(input, weight, bias, bn_weight, bn_bias, stride, padding, dilation, groups, algo, eps,
+      activation):
+    _activation_code(activation)
+    problem, _ = _forward_plan(input, weight, bias, stride, padding, dilation, groups, algo)
+    _check_bn_params(problem.K, input, bn_weight=bn_weight, bn_bias=bn_bias)
+    z = _empty(problem.output_shape, input, _channels_last(input) or _channels_last(weight))
+    return torch.empty_like(z), z, input.new_empty((problem.K,)), input.new_empty((problem.K,))
+
+
+def _conv2d_bn_setup(ctx, inputs, output):
+    (input, weight, bias, bn_weight, bn_bias, stride, padding, dilation, groups, algo, eps,
+     activation) = inputs
+    y, z, mean, invstd = output
+    conv2d_setup(ctx, (input, weight, bias, stride, padding, dilation, groups, algo), None)
+    ctx.save_for_backward(input, weight, y, z, mean, invstd, bn_weight)
+    ctx.activation = activation
+    ctx.affine = bn_weight is not None, bn_bias is not None
+    ctx.mark_non_differentiable(z, mean, invstd)
+
+
+def _conv2d_bn_backward(ctx, grad_y, _grad_z, _grad_mean, _grad_invstd):
+    _, _, y, z, mean, invstd, bn_weight = ctx.saved_tensors
+    grad_z, grad_gamma, grad_beta = bn_act_backward(grad_y, y, z, mean, invstd, bn_weight,
+                                                    ctx.activation)
+    gx, gw, gb = conv2d_backward(ctx, grad_z)[:3]
+    return (gx, gw, gb, grad_gamma if ctx.affine[0] else None,
+            grad_beta if ctx.affine[1] else None, None, None, None, None, None, None, None)
+
+
+conv2d_bn.register_autograd(_conv2d_bn_backward, setup_context=_conv2d_bn_setup)
+
+
+@torch.library.custom_op("fastconv::bn_act_backward", mutates_args=())
+def bn_act_backward(grad_y: Tensor, y: Tensor, z: Tensor, mean: Tensor, invstd: Tensor,
+                    bn_weight: Optional[Tensor], activation: str
+                    ) -> tuple[Tensor, Tensor, Tensor]:
+    """The backward of conv2d_bn's normalise + activation: (grad_z, grad_gamma, grad_beta)
+    from the saved statistics, in two passes (per-channel sums, then grad_z). Not itself
+    differentiable: conv2d_bn has no double backward."""
+    act = _activation_code(activation)
+    K = z.shape[1]
+    z = z.contiguous(memory_format=torch.channels_last) if _channels_last(z) else z.contiguous()
+    layout = NHWC if _channels_last(z) else NCHW
+    fmt = torch.channels_last if layout == NHWC else torch.contiguous_format
+    grad_y, y = grad_y.contiguous(memory_format=fmt), y.contiguous(memory_format=fmt)
+    grad_z = torch.empty_like(z)
+    grad_gamma, grad_beta = z.new_zeros((K,)), z.new_zeros((K,))
+    if z.numel():
+        backend._C.bn_act_backward(
+            DTYPE_CODES[z.dtype], _bn_geometry(z), layout, grad_y.data_ptr(), y.data_ptr(),
+            z.data_ptr(), mean.contiguous().data_ptr(), invstd.contiguous().data_ptr(),
+            bn_weight.contiguous().data_ptr() if bn_weight is not None else 0, act,
+            grad_z.data_ptr(), grad_gamma.data_ptr(), grad_beta.data_ptr(),
+            torch.get_num_threads())
+    return grad_z, grad_gamma, grad_beta
+
+
+@bn_act_backward.register_fake
+def _(grad_y, y, z, mean, invstd, bn_weight, activation):
+    _activation_code(activation)
+    K = z.shape[1]
+    return torch.empty_like(z), z.new_empty((K,)), z.new_empty((K,))
 
 
 # --------------------------------------------------------------------------------------------
