@@ -1,7 +1,7 @@
 """The depthwise kernel's own paths (issue #8): channel counts that cross its register tiles
 (whole 4-, 2- and 1-vector tiles and a gathered tail), multipliers, kernels 1-7, strides 1-3,
-dilation and padding, both layouts, both dtypes, every ISA, forward and grad-weight (also
-across image groups), against torch in float64."""
+dilation and padding, both layouts, both dtypes, every ISA, forward, grad-input and
+grad-weight (also across image groups), against torch in float64."""
 from __future__ import annotations
 
 import pytest
@@ -51,6 +51,33 @@ def test_forward_and_grad_weight(geometry, channels_last, dtype, isa):
                                         "depthwise")
         gw_exact = torch.nn.grad.conv2d_weight(x.double(), w.shape, gy.double(), **kw)
         torch.testing.assert_close(gw.double(), gw_exact, atol=10 * tol, rtol=10 * tol)
+
+
+GRAD_INPUT_GEOMETRIES = GEOMETRIES + [
+    (20, 1, 5, 1, (1, 3), 2, 12, 11),  # stride 1: a forward with rotated filters, dilated
+    (8, 1, 3, 1, 3, 1, 6, 7),          # padding beyond the kernel's extent: direct
+]
+
+
+@pytest.mark.parametrize("geometry", GRAD_INPUT_GEOMETRIES,
+                         ids=lambda g: f"C{g[0]}m{g[1]}k{g[2]}s{g[3]}p{g[4]}")
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_grad_input(geometry, channels_last, dtype, isa):
+    C, m, k, stride, padding, dilation, H, W = geometry
+    g = torch.Generator().manual_seed(C + k)
+    w = torch.randn(C * m, 1, k, k, generator=g, dtype=dtype)
+    kw = dict(stride=stride, padding=padding, dilation=dilation, groups=C)
+    problem = fastconv.explain((2, C, H, W), w.shape, **kw).problem
+    gy = torch.randn(problem.output_shape, generator=g, dtype=dtype)
+    if channels_last:
+        gy = gy.contiguous(memory_format=torch.channels_last)
+    gx = ops.conv2d_grad_input(gy, w, [2, C, H, W], list(problem.stride),
+                               list(problem.padding), list(problem.dilation), C, "depthwise")
+    exact = torch.nn.grad.conv2d_input((2, C, H, W), w.double(), gy.double(), **kw)
+    tol = 1e-4 if dtype == torch.float32 else 1e-11
+    torch.testing.assert_close(gx.double(), exact, atol=tol * k, rtol=tol)
+    assert gx.is_contiguous(memory_format=torch.channels_last) == channels_last
 
 
 def test_auto_routes_depthwise_layers():

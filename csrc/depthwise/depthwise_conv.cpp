@@ -11,8 +11,9 @@
 //     a time, weights packed [tap][k]; taps outside the input are skipped per pixel. With a
 //     multiplier > 1 each vector of output channels gathers its input channels.
 //   * Grad-weight: one output channel per work item, its R*S sums vectorised along the output
-//     rows of the staged planes (no reduction across threads). Grad-input runs the direct
-//     kernel for now.
+//     rows of the staged planes (no reduction across threads).
+//   * Grad-input: stride-1, multiplier-1 layers as a forward with rotated filters; others by
+//     the direct kernel.
 #include <cstring>
 #include <vector>
 
@@ -24,7 +25,7 @@
 namespace fastconv {
 namespace FASTCONV_ISA {
 
-template <typename T> ConvKernels<T> direct_kernels();  // the backward passes (csrc/direct)
+template <typename T> ConvKernels<T> direct_kernels();  // grad-input outside our domain
 
 namespace {
 
@@ -384,11 +385,49 @@ void forward(const ConvGeom& g, const T* x, int x_layout, const T* w, const T* p
   });
 }
 
-// Mirrors the workspace_as calls above (NCHW tensors assumed); grad-input is the direct
-// kernel's.
+// ---------------------------------------------------------------------------------------
+// Grad-input
+// ---------------------------------------------------------------------------------------
+
+// A stride-1, multiplier-1 layer's grad-input is a depthwise forward too: grad_y correlated
+// with each channel's filter rotated by 180 degrees, padded by d(R-1) - p on each side (the
+// full correlation, cut back by the forward's padding). Other layers (strided, multipliers,
+// padding beyond the kernel's extent) run the direct kernel's grad-input.
+bool grad_input_as_forward(const ConvGeom& g) {
+  const int64_t eh = g.dh * (g.R - 1), ew = g.dw * (g.S - 1);
+  return g.Kg() == 1 && g.sh == 1 && g.sw == 1 && g.pt <= eh && g.pb <= eh && g.pl <= ew &&
+         g.pr <= ew;
+}
+
+ConvGeom grad_input_geometry(const ConvGeom& g) {
+  const int64_t eh = g.dh * (g.R - 1), ew = g.dw * (g.S - 1);
+  ConvGeom d = g;
+  d.H = g.OH, d.W = g.OW, d.OH = g.H, d.OW = g.W;
+  d.pt = eh - g.pt, d.pb = eh - g.pb, d.pl = ew - g.pl, d.pr = ew - g.pr;
+  return d;
+}
+
+template <typename T>
+void grad_input(const ConvGeom& g, const T* gy, int gy_layout, const T* w, T* gx, int gx_layout,
+                int nthreads) {
+  if (!grad_input_as_forward(g))
+    return direct_kernels<T>().grad_input(g, gy, gy_layout, w, gx, gx_layout, nthreads);
+  const int64_t RS = g.R * g.S;
+  T* rotated = workspace_as<T>(kWsWeightsTapMajor, g.K * RS);
+  for (int64_t k = 0; k < g.K; ++k)
+    for (int64_t t = 0; t < RS; ++t) rotated[k * RS + t] = w[k * RS + RS - 1 - t];
+  forward<T>(grad_input_geometry(g), gy, gy_layout, rotated, nullptr, Epilogue<T>(), gx,
+             gx_layout, nthreads);
+}
+
+// Mirrors the workspace_as calls above (NCHW tensors assumed).
 template <typename T>
 int64_t workspace_bytes(const ConvGeom& g, Pass pass) {
-  if (pass == Pass::kGradInput) return direct_kernels<T>().workspace_bytes(g, pass);
+  if (pass == Pass::kGradInput) {
+    if (!grad_input_as_forward(g)) return direct_kernels<T>().workspace_bytes(g, pass);
+    return int64_t(sizeof(T)) * g.K * g.R * g.S +
+           workspace_bytes<T>(grad_input_geometry(g), Pass::kForward);
+  }
   if (pass == Pass::kGradWeight) return 0;  // NCHW operands need no copies
   const int64_t image = g.C * g.H * g.W;
   return int64_t(sizeof(T)) * (weight_packing<T>(g, kNHWC, kNHWC).elements +
@@ -399,9 +438,7 @@ int64_t workspace_bytes(const ConvGeom& g, Pass pass) {
 
 template <typename T>
 ConvKernels<T> depthwise_kernels() {
-  const ConvKernels<T> direct = direct_kernels<T>();
-  return ConvKernels<T>::all(&forward<T>, direct.grad_input, &grad_weight<T>,
-                             &workspace_bytes<T>)
+  return ConvKernels<T>::all(&forward<T>, &grad_input<T>, &grad_weight<T>, &workspace_bytes<T>)
       .with_packing(&weight_packing<T>, &pack_weights<T>);
 }
 template ConvKernels<float> depthwise_kernels<float>();
