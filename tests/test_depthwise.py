@@ -1,5 +1,6 @@
 """The depthwise kernel's own paths (issue #8): channel counts that cross its register tiles
-(whole 4-, 2- and 1-vector tiles and a gathered tail), multipliers, kernels 1-7, strides 1-3,
+(whole 4-, 2- and 1-vector tiles and a gathered tail), NCHW maps run flat (narrow) and row
+by row (wide), multipliers, kernels 1-7, strides 1-3,
 dilation and padding, both layouts, both dtypes, every ISA, forward, grad-input and
 grad-weight (also across image groups), against torch in float64."""
 from __future__ import annotations
@@ -19,6 +20,9 @@ GEOMETRIES = [
     (6, 2, 3, 1, (0, 2), (2, 1), 10, 13),  # multiplier 2, asymmetric padding and dilation
     (5, 3, 7, 2, 3, 1, 15, 12),     # multiplier 3, 7x7
     (8, 1, 1, 1, 0, 1, 5, 6),       # 1x1
+    # NCHW maps 32+ wide run row by row (narrower ones flat).
+    (24, 1, 3, 1, 1, 1, 7, 40),     # rows of 40: two whole vectors and a partial one
+    (6, 2, 5, 2, (2, 1), (1, 2), 6, 75),  # strided, dilated rows of 35, multiplier 2
 ]
 
 
