@@ -20,6 +20,11 @@ GEOMETRIES = [
     (6, 2, 3, 1, (0, 2), (2, 1), 10, 13),  # multiplier 2, asymmetric padding and dilation
     (5, 3, 7, 2, 3, 1, 15, 12),     # multiplier 3, 7x7
     (8, 1, 1, 1, 0, 1, 5, 6),       # 1x1
+    # Whole blocks of 16 channels (8 in float64): NCHW narrow maps through NHWC tiles,
+    # grad-weight in blocks, strided grad-input by scatter.
+    (32, 1, 3, 2, 1, 1, 11, 12),
+    (16, 1, 5, 3, (2, 0), 2, 13, 9),
+    (48, 1, 3, 1, 1, 1, 14, 14),
     # NCHW maps 32+ wide run row by row (narrower ones flat).
     (24, 1, 3, 1, 1, 1, 7, 40),     # rows of 40: two whole vectors and a partial one
     (6, 2, 5, 2, (2, 1), (1, 2), 6, 75),  # strided, dilated rows of 35, multiplier 2
