@@ -87,6 +87,7 @@ CASES = [
     Case("nonsquare_kernel", (2, 3, 9, 11), (4, 3, 3, 5), padding=(1, 2)),
     Case("kernel_equals_input", (2, 3, 5, 7), (4, 3, 5, 7)),
     Case("pointwise", (2, 16, 7, 7), (24, 16, 1, 1)),
+    Case("pointwise_groups", (2, 8, 5, 6), (12, 4, 1, 1), groups=2),
     Case("stride_larger_than_kernel", (2, 3, 10, 11), (4, 3, 2, 2), stride=3),
     Case("single_channel", (3, 1, 8, 8), (2, 1, 3, 3), padding=1),
     Case("channel_tails", (2, 40, 7, 6), (40, 40, 3, 3), padding=1),

@@ -345,11 +345,66 @@ void forward_nchw_native(const ConvGeom& g, const T* x, const T* packed, const E
   }
 }
 
+// Pointwise backward on NCHW tensors, natively: one GEMM per image and group, as the forward
+// (converting grad_y and grad_x to NHWC and back cost more than the GEMMs: 1x1 64>256 @56,
+// batch 8, grad-input 15.5 ms through NHWC against torch's 7.0).
+//   grad-input:  gx[n] (Cg x P) = W^T (Cg x Kg) * gy[n] (Kg x P), W^T packed once
+//   grad-weight: gw (Kg x Cg) += gy[n] (Kg x P) * x[n]^T (P x Cg), summed over the images
+template <typename T>
+void grad_input_pointwise_nchw(const ConvGeom& g, const T* gy, const T* w, T* gx, int nthreads) {
+  const int64_t Cg = g.Cg(), Kg = g.Kg(), P = g.H * g.W;
+  T* packed = workspace_as<T>(kWsGemmWholeOperand, gemm_packed_size_a<T>(Cg, Kg));
+  for (int64_t gi = 0; gi < g.groups; ++gi) {
+    GemmArgs<T> a{};
+    a.M = Cg;
+    a.N = P;
+    a.K = Kg;
+    a.a = w + gi * Kg * Cg;  // A(c, k) = w[gi*Kg + k][c]
+    a.rs_a = 1;
+    a.cs_a = Cg;
+    gemm_pack_a(a, packed, nthreads);
+    a.a_packed = packed;
+    a.rs_b = P;
+    a.cs_b = 1;
+    a.ldc = P;
+    for (int64_t n = 0; n < g.N; ++n) {
+      a.b = gy + (n * g.K + gi * Kg) * P;
+      a.c = gx + (n * g.C + gi * Cg) * P;
+      gemm(a, nthreads);
+    }
+  }
+}
+
+template <typename T>
+void grad_weight_pointwise_nchw(const ConvGeom& g, const T* gy, const T* x, T* gw, int nthreads) {
+  const int64_t Cg = g.Cg(), Kg = g.Kg(), P = g.H * g.W;
+  for (int64_t gi = 0; gi < g.groups; ++gi) {
+    GemmArgs<T> a{};
+    a.M = Kg;
+    a.N = Cg;
+    a.K = P;
+    a.rs_a = P;
+    a.cs_a = 1;
+    a.rs_b = 1;  // B(p, c) = x[n][gi*Cg + c][p]
+    a.cs_b = P;
+    a.c = gw + gi * Kg * Cg;
+    a.ldc = Cg;
+    for (int64_t n = 0; n < g.N; ++n) {
+      a.a = gy + (n * g.K + gi * Kg) * P;
+      a.b = x + (n * g.C + gi * Cg) * P;
+      a.accumulate = n > 0;
+      gemm(a, nthreads);
+    }
+  }
+}
+
 template <typename T>
 void grad_input(const ConvGeom& g, const T* gy, int gy_layout, const T* w, T* gx, int gx_layout,
                 int nthreads) {
   const int64_t G = g.groups, Cg = g.Cg(), Kg = g.Kg(), RSC = g.R * g.S * Cg;
   const bool pointwise = is_pointwise(g);
+  if (pointwise && gy_layout == kNCHW && gx_layout == kNCHW)
+    return grad_input_pointwise_nchw(g, gy, w, gx, nthreads);
   const T* wt = permuted_weights(g, w, nthreads);
   over_image_groups<T>(g, gy, gy_layout, g.K, g.OH, g.OW, gx, gx_layout, g.C, g.H * g.W,
                        !pointwise, nthreads, [&](int64_t n0, int64_t n1, const T* gyn, T* gxn) {
@@ -393,6 +448,8 @@ void grad_weight(const ConvGeom& g, const T* gy, int gy_layout, const T* x, int 
                  int nthreads) {
   const int64_t G = g.groups, Cg = g.Cg(), Kg = g.Kg(), RSC = g.R * g.S * Cg;
   const bool pointwise = is_pointwise(g);
+  if (pointwise && gy_layout == kNCHW && x_layout == kNCHW)
+    return grad_weight_pointwise_nchw(g, gy, x, gw, nthreads);
   T* dwt = pointwise ? gw : workspace_as<T>(kWsWeightsTapMajor, g.K * RSC);
   std::memset(dwt, 0, sizeof(T) * g.K * RSC);
   // Both x and grad_y are read: convert grad_y here, x through the image-group helper.
@@ -455,6 +512,10 @@ int64_t workspace_bytes(const ConvGeom& g, Pass pass) {
   if (pass == Pass::kForward && runs_native(g))
     return tap_major + g.groups * gemm_packed_size_a<T>(Kg, RSC) * E +
            gemm_workspace_bytes<T>(Kg, OHW, RSC, true, false);
+  if (pass == Pass::kGradInput && pointwise)  // natively on NCHW tensors
+    return gemm_packed_size_a<T>(Cg, Kg) * E + gemm_workspace_bytes<T>(Cg, OHW, Kg, true, false);
+  if (pass == Pass::kGradWeight && pointwise)
+    return gemm_workspace_bytes<T>(Kg, Cg, OHW, false, false);
   // The NHWC passes convert a group of images (all of both tensors' images) at a time and
   // cut its pixels into column chunks.
   const int64_t images = min64(g.N, images_per_group((image_in + image_out) * E));
