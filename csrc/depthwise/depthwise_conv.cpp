@@ -33,7 +33,12 @@ namespace {
 // Register tiles: NCHW, vectors along the row; NHWC, channel vectors x output pixels.
 constexpr int kRowVectors = 4;
 constexpr int kChannelVectors = 4;
-constexpr int kPixelsPerTile = 4;
+// Output pixels per NHWC register tile of KV channel vectors: as many as the registers hold
+// beside the KV weights (at most 8). 32 channels @112 with 4 pixels: 0.82-0.94 ms, batch 8.
+constexpr int pixels_per_tile(int KV) {
+  const int fit = (kVectorRegisters - KV - 2) / KV;
+  return fit > 8 ? 8 : fit < 1 ? 1 : fit;
+}
 
 // ---------------------------------------------------------------------------------------
 // NCHW: vectors along the width
@@ -135,8 +140,14 @@ void forward_nchw_tiles(const ConvGeom& g, const T* x, const T* w, const Epilogu
     T* plane = thread_scratch<T>(st.scratch());
     stage_plane(g, st, x + (n * g.C + k / m) * g.H * g.W, plane);
     const T* wk = w + k * g.R * g.S;
-    for (int64_t oh = 0; oh < g.OH; ++oh)
+    // The next plane's input, a slice per output row (see prefetch_bytes).
+    const int64_t next = p + 1 < planes ? p + 1 : p, HW = g.H * g.W;
+    const T* next_x = x + (next / g.K * g.C + next % g.K / m) * HW;
+    const int64_t slice = ceil_div(HW, g.OH);
+    for (int64_t oh = 0; oh < g.OH; ++oh) {
+      prefetch_bytes(next_x + oh * slice, sizeof(T) * min64(slice, HW - oh * slice));
       nchw_row<T, UV>(g, st, plane, oh, wk, epi, k, y + (p * g.OH + oh) * g.OW);
+    }
   });
 }
 
@@ -507,11 +518,15 @@ template <typename T, int KV>
 void nhwc_row_plain(const ConvGeom& g, const T* ximg, int64_t oh, int64_t k0, const T* wp,
                     int64_t Kp, const T* biasp, const Epilogue<T>& epi, T* yrow) {
   using V = Vec<T>;
-  constexpr int L = V::lanes, PW = kPixelsPerTile;
+  constexpr int L = V::lanes, PW = pixels_per_tile(KV);
+  // Read once: stores through yrow may alias anything, so fields read in the loop would be
+  // reloaded after every store.
+  const int act = epi.act;
+  const bool stats = epi.stats.sum != nullptr;
   // The row's statistics per channel vector (sums, then sums of squares), kept in memory:
   // registers are the tile's.
   alignas(64) T row_stats[2 * KV * L];
-  if (epi.stats.sum) zero_n(row_stats, 2 * KV * L);
+  if (stats) zero_n(row_stats, 2 * KV * L);
   const int64_t RS = g.R * g.S, ih0 = oh * g.sh - g.pt;
   int64_t tap_offset[64];  // input offset of each tap from the tile's first pixel
   const bool few_taps = RS <= 64;
@@ -529,16 +544,18 @@ void nhwc_row_plain(const ConvGeom& g, const T* ximg, int64_t oh, int64_t k0, co
     const bool interior = interior_rows && np == PW && iw0 >= 0 &&
                           iw0 + (PW - 1) * g.sw + (g.S - 1) * g.dw < g.W;
     if (interior) {
-      const T* xt = ximg + (ih0 * g.W + iw0) * g.C + k0;
-      const int64_t ps = g.sw * g.C;
-      for (int64_t t = 0; t < RS; ++t) {
-        const T* xp = xt + tap_offset[t];
-        const T* wt = wp + t * Kp + k0;
+      // One base pointer per pixel and one offset per tap keep the loop's addressing in a
+      // few registers (computing p * stride per load spilled them: 2.5x slower).
+      const T* px[PW];
+      for (int p = 0; p < PW; ++p) px[p] = ximg + (ih0 * g.W + iw0 + p * g.sw) * g.C + k0;
+      const T* wt = wp + k0;
+      for (int64_t t = 0; t < RS; ++t, wt += Kp) {
+        const int64_t off = tap_offset[t];
         V wv[KV];
         for (int v = 0; v < KV; ++v) wv[v] = V::load(wt + v * L);
         for (int p = 0; p < PW; ++p)
           for (int v = 0; v < KV; ++v)
-            acc[p][v] = fmadd(V::load(xp + p * ps + v * L), wv[v], acc[p][v]);
+            acc[p][v] = fmadd(V::load(px[p] + off + v * L), wv[v], acc[p][v]);
       }
     }
     for (int64_t r = 0; !interior && r < g.R; ++r) {
@@ -559,10 +576,10 @@ void nhwc_row_plain(const ConvGeom& g, const T* ximg, int64_t oh, int64_t k0, co
     }
     for (int p = 0; p < np; ++p)
       for (int v = 0; v < KV; ++v) {
-        acc[p][v] = activate(acc[p][v], epi.act);
+        acc[p][v] = activate(acc[p][v], act);
         acc[p][v].store(yrow + (ow0 + p) * g.K + k0 + v * L);
       }
-    if (!epi.stats.sum) continue;
+    if (!stats) continue;
     for (int v = 0; v < KV; ++v) {
       V s = V::load(row_stats + v * L), q = V::load(row_stats + (KV + v) * L);
       for (int p = 0; p < np; ++p) {
@@ -573,7 +590,7 @@ void nhwc_row_plain(const ConvGeom& g, const T* ximg, int64_t oh, int64_t k0, co
       q.store(row_stats + (KV + v) * L);
     }
   }
-  for (int v = 0; epi.stats.sum && v < KV; ++v)
+  for (int v = 0; stats && v < KV; ++v)
     add_stats(epi.stats, k0 + v * L, V::load(row_stats + v * L),
               V::load(row_stats + (KV + v) * L), L);
 }
@@ -627,6 +644,11 @@ void forward_nhwc(const ConvGeom& g, const T* x, const T* wp, const Epilogue<T>&
     const int64_t n = row / g.OH, oh = row % g.OH;
     const T* ximg = x + n * g.H * g.W * g.C;
     T* yrow = y + row * g.OW * g.K;
+    // The input rows the next output row reads first (see prefetch_bytes).
+    const int64_t ih_next = (oh + 1) * g.sh - g.pt + (g.R - 1) * g.dh;
+    if (oh + 1 < g.OH && ih_next >= 0 && ih_next < g.H)
+      prefetch_bytes(ximg + (ih_next - min64(g.sh, ih_next + 1) + 1) * g.W * g.C,
+                     sizeof(T) * min64(g.sh, ih_next + 1) * g.W * g.C);
     int64_t k0 = 0;
     for (; k0 + KV * L <= plain; k0 += KV * L)
       nhwc_row_plain<T, KV>(g, ximg, oh, k0, wp, Kp, biasp, epi, yrow);
