@@ -527,12 +527,13 @@ void nhwc_row_plain(const ConvGeom& g, const T* ximg, int64_t oh, int64_t k0, co
   // registers are the tile's.
   alignas(64) T row_stats[2 * KV * L];
   if (stats) zero_n(row_stats, 2 * KV * L);
+  alignas(64) static const T zeros[KV * L] = {};  // what taps outside the input read
   const int64_t RS = g.R * g.S, ih0 = oh * g.sh - g.pt;
   int64_t tap_offset[64];  // input offset of each tap from the tile's first pixel
   const bool few_taps = RS <= 64;
   const bool interior_rows = few_taps && ih0 >= 0 && ih0 + (g.R - 1) * g.dh < g.H;
-  for (int64_t t = 0; few_taps && t < RS; ++t)
-    tap_offset[t] = ((t / g.S) * g.dh * g.W + (t % g.S) * g.dw) * g.C;
+  for (int64_t r = 0, t = 0; few_taps && r < g.R; ++r)
+    for (int64_t s = 0; s < g.S; ++s, ++t) tap_offset[t] = (r * g.dh * g.W + s * g.dw) * g.C;
   for (int64_t ow0 = 0; ow0 < g.OW; ow0 += PW) {
     const int np = int(min64(PW, g.OW - ow0));
     V acc[PW][KV];
@@ -566,12 +567,16 @@ void nhwc_row_plain(const ConvGeom& g, const T* ximg, int64_t oh, int64_t k0, co
         const T* wt = wp + (r * g.S + s) * Kp + k0;
         V wv[KV];
         for (int v = 0; v < KV; ++v) wv[v] = V::load(wt + v * L);
+        // Pixels whose tap falls outside the row (or past the row's end) read zeros: no
+        // branch in the FMA loop (a branch per pixel and tap cost 2.6x on 28-wide rows).
+        const T* px[PW];
         for (int p = 0; p < PW; ++p) {
           const int64_t iw = (ow0 + p) * g.sw - g.pl + s * g.dw;
-          if (p >= np || iw < 0 || iw >= g.W) continue;
-          for (int v = 0; v < KV; ++v)
-            acc[p][v] = fmadd(V::load(xrow + iw * g.C + v * L), wv[v], acc[p][v]);
+          px[p] = p < np && iw >= 0 && iw < g.W ? xrow + iw * g.C : zeros;
         }
+        for (int p = 0; p < PW; ++p)
+          for (int v = 0; v < KV; ++v)
+            acc[p][v] = fmadd(V::load(px[p] + v * L), wv[v], acc[p][v]);
       }
     }
     for (int p = 0; p < np; ++p)
