@@ -13,6 +13,7 @@ from .weight_cache import PackedWeight
 
 #: Activation modules ConvBNReLU2d can absorb, by fastconv's activation name.
 ACTIVATION_MODULES = {"relu": torch.nn.ReLU, "relu6": torch.nn.ReLU6}
+_ACTIVATION_NAMES = {t: n for n, t in ACTIVATION_MODULES.items()}
 
 
 class Conv2d(torch.nn.Conv2d):
@@ -160,15 +161,14 @@ class ConvBNReLU2d(torch.nn.Sequential):
 
     @property
     def activation(self) -> str:
-        """'relu', 'relu6' or 'none'."""
-        if len(self) < 3:
-            return "none"
-        return next(n for n, t in ACTIVATION_MODULES.items() if type(self[2]) is t)
+        """'relu', 'relu6' or 'none' (from the third child, so swapping it is noticed)."""
+        act = self._modules.get("2")
+        return "none" if act is None else _ACTIVATION_NAMES[type(act)]
 
     def _batch_norm_args(self):
         """BatchNorm2d.forward's bookkeeping: (training with batch statistics, running
         statistics to use or update, the update's momentum)."""
-        bn = self[1]
+        bn = self._modules["1"]
         factor = 0.0 if bn.momentum is None else bn.momentum
         if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
             bn.num_batches_tracked.add_(1)
@@ -182,7 +182,7 @@ class ConvBNReLU2d(torch.nn.Sequential):
     def _folded_weights(self):
         """The folded (weight, bias) as a PackedWeight and a tensor, kept while every
         tensor they come from is unchanged (eval calls without gradients only)."""
-        conv, bn = self[0], self[1]
+        conv, bn = self._modules["0"], self._modules["1"]
         sources = (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
         try:
             stamp = tuple((id(t), t._version) for t in sources if t is not None) + (bn.eps,)
@@ -211,7 +211,7 @@ class ConvBNReLU2d(torch.nn.Sequential):
         super()._load_from_state_dict(*args, **kwargs)
 
     def forward(self, input: Tensor) -> Tensor:
-        conv, bn = self[0], self[1]
+        conv, bn = self._modules["0"], self._modules["1"]
         batch_stats, running_mean, running_var, momentum = self._batch_norm_args()
         if conv.padding_mode != "zeros":
             input = F.pad(input, conv._reversed_padding_repeated_twice, mode=conv.padding_mode)
