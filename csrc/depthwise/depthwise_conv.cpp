@@ -239,9 +239,21 @@ void forward_nchw_flat(const ConvGeom& g, const T* x, const T* w, const Epilogue
   });
 }
 
-template <typename T, int KV>
+template <typename T, int KV, int PW>
 void nhwc_row_plain(const ConvGeom& g, const T* ximg, int64_t oh, int64_t k0, const T* wp,
                     int64_t Kp, const T* biasp, const Epilogue<T>& epi, T* yrow);
+
+// nhwc_row_plain with the widest pixel tile that pays: wide tiles on narrow rows leave no
+// interior tiles (a 14-wide row in 8-pixel tiles has none).
+template <typename T, int KV>
+void nhwc_row(const ConvGeom& g, const T* ximg, int64_t oh, int64_t k0, const T* wp, int64_t Kp,
+              const T* biasp, const Epilogue<T>& epi, T* yrow) {
+  constexpr int wide = pixels_per_tile(KV), narrow = wide < 4 ? wide : 4;
+  if (g.OW >= 4 * wide)
+    nhwc_row_plain<T, KV, wide>(g, ximg, oh, k0, wp, Kp, biasp, epi, yrow);
+  else
+    nhwc_row_plain<T, KV, narrow>(g, ximg, oh, k0, wp, Kp, biasp, epi, yrow);
+}
 
 // Small maps, multiplier 1: one block of `lanes` channels of one image at a time, transposed
 // into an NHWC tile in L1 (16 x 16 register transposes), convolved there by the
@@ -268,7 +280,7 @@ void forward_nchw_channel_blocks(const ConvGeom& g, const T* x, const T* w,
       for (int l = 0; l < L; ++l) wp[t * L + l] = w[(k0 + l) * RS + t];
     const Epilogue<T> e = epi.from_channel(k0);
     for (int64_t oh = 0; oh < g.OH; ++oh)
-      nhwc_row_plain<T, 1>(blk, xt, oh, 0, wp, L, bias.data() + k0, e, yt + oh * g.OW * L);
+      nhwc_row<T, 1>(blk, xt, oh, 0, wp, L, bias.data() + k0, e, yt + oh * g.OW * L);
     T* ys = y + (n * g.K + k0) * OHW;
     for (int64_t p0 = 0; p0 < OHW; p0 += B)
       transpose_block(yt + p0 * L, L, ys + p0, OHW, int(min64(B, OHW - p0)), L);
@@ -514,11 +526,11 @@ Vec<T> input_lanes(const T* pixel, int64_t k0, int64_t m, int64_t K) {
 
 // One output row, channels [k0, k0 + KV * L) of a plain layer (m = 1, whole vectors), PW
 // output pixels per register tile: each tap's KV weight vectors are loaded once per tile.
-template <typename T, int KV>
+template <typename T, int KV, int PW>
 void nhwc_row_plain(const ConvGeom& g, const T* ximg, int64_t oh, int64_t k0, const T* wp,
                     int64_t Kp, const T* biasp, const Epilogue<T>& epi, T* yrow) {
   using V = Vec<T>;
-  constexpr int L = V::lanes, PW = pixels_per_tile(KV);
+  constexpr int L = V::lanes;
   // Read once: stores through yrow may alias anything, so fields read in the loop would be
   // reloaded after every store.
   const int act = epi.act;
@@ -656,11 +668,11 @@ void forward_nhwc(const ConvGeom& g, const T* x, const T* wp, const Epilogue<T>&
                      sizeof(T) * min64(g.sh, ih_next + 1) * g.W * g.C);
     int64_t k0 = 0;
     for (; k0 + KV * L <= plain; k0 += KV * L)
-      nhwc_row_plain<T, KV>(g, ximg, oh, k0, wp, Kp, biasp, epi, yrow);
+      nhwc_row<T, KV>(g, ximg, oh, k0, wp, Kp, biasp, epi, yrow);
     for (; k0 + 2 * L <= plain; k0 += 2 * L)
-      nhwc_row_plain<T, 2>(g, ximg, oh, k0, wp, Kp, biasp, epi, yrow);
+      nhwc_row<T, 2>(g, ximg, oh, k0, wp, Kp, biasp, epi, yrow);
     for (; k0 + L <= plain; k0 += L)
-      nhwc_row_plain<T, 1>(g, ximg, oh, k0, wp, Kp, biasp, epi, yrow);
+      nhwc_row<T, 1>(g, ximg, oh, k0, wp, Kp, biasp, epi, yrow);
     if (k0 < g.K) nhwc_row_general(g, ximg, oh, k0, wp, Kp, biasp, epi, yrow);
   });
 }
