@@ -20,13 +20,13 @@ def _choice(layer, batch=1):
     return dispatch.choose(_problem(layer, batch)).name
 
 
-def test_auto_picks_gemm_for_1x1_winograd_for_3x3_and_direct_otherwise():
+def test_auto_picks_gemm_for_1x1_and_stems_winograd_for_3x3_and_direct_otherwise():
     by_name = {l.name: l for l in NETWORKS["resnet50"]}
     assert _choice(by_name["1x1 256>64 @56"]) == "im2col"
     assert _choice(by_name["1x1 1024>256 @14"]) == "im2col"
     assert _choice(by_name["1x1/2 downsample 256>512 @56"]) == "im2col"
     assert _choice(by_name["1x1 2048>512 @7"]) == "im2col"
-    assert _choice(by_name["conv1 7x7/2 3>64 @224"]) == "direct"
+    assert _choice(by_name["conv1 7x7/2 3>64 @224"]) == "im2col"  # a stem: 3 input channels
     assert _choice(by_name["3x3/2 128 @56"]) == "direct"
     # Winograd where the batch has enough pixels; F6 only on large maps with <= 128 channels,
     # F2 on few pixels.
@@ -42,7 +42,7 @@ def test_auto_picks_gemm_for_1x1_winograd_for_3x3_and_direct_otherwise():
     assert _choice(vgg["3x3 512>512 @28"]) == "winograd_f4"
     assert _choice(vgg["3x3 512>512 @14"]) == "direct"
     assert _choice(vgg["3x3 256>256 @56"]) == "winograd_f4"
-    assert _choice(vgg["3x3 3>64 @224"]) == "direct"          # 3 input channels
+    assert _choice(vgg["3x3 3>64 @224"]) == "im2col"          # 3 input channels: a stem
 
 
 def test_winograd_family_picks_a_tile_or_says_why_not():
