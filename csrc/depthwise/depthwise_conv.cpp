@@ -294,9 +294,10 @@ void forward_nchw(const ConvGeom& g, const T* x, const T* w, const Epilogue<T>& 
   if (g.OW >= 2 * L) return forward_nchw_tiles<T, kRowVectors>(g, x, w, epi, y, nthreads);
   // Maps narrower than two vectors (a 7-wide map filled 7 of 16 lanes per row): whole blocks
   // of channels through NHWC tiles, the rest (multipliers, channel tails) flat.
-  // Blocks whose NHWC tiles outgrow L1 (48 KiB here) lose to the flat path: 192 channels
-  // @28, batch 8: 0.72 ms blocked, 0.46 flat; @14 and @7 blocked wins 3.4x and 2.2x.
-  const bool fits_l1 = (g.H * g.W + g.OH * g.OW) * L * int64_t(sizeof(T)) <= (48 << 10);
+  // Blocks whose NHWC tiles are well past L1 (48 KiB here) lose to the flat path: 192
+  // channels @28, batch 8 (100 KiB of tiles): 0.72 ms blocked, 0.46 flat; stride 2 (62 KiB)
+  // 0.26 blocked, 0.65 flat; @14 and @7 blocked wins 3.4x and 2.2x.
+  const bool fits_l1 = (g.H * g.W + g.OH * g.OW) * L * int64_t(sizeof(T)) <= (64 << 10);
   const int64_t blocked = g.Kg() == 1 && fits_l1 ? g.K / L * L : 0;
   if (blocked) forward_nchw_channel_blocks(g, x, w, epi, y, nthreads);
   if (blocked < g.K) forward_nchw_flat(g, x, w, epi, y, blocked, nthreads);
