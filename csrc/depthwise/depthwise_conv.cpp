@@ -239,20 +239,27 @@ void forward_nchw_flat(const ConvGeom& g, const T* x, const T* w, const Epilogue
   });
 }
 
+// `ahead` (or null): `ahead_bytes` of input the next row will read, prefetched a slice per
+// tile so the misses spread over the row (all at once, most were dropped).
+struct Ahead {
+  const char* p = nullptr;
+  int64_t bytes = 0;
+};
+
 template <typename T, int KV, int PW>
 void nhwc_row_plain(const ConvGeom& g, const T* ximg, int64_t oh, int64_t k0, const T* wp,
-                    int64_t Kp, const T* biasp, const Epilogue<T>& epi, T* yrow);
+                    int64_t Kp, const T* biasp, const Epilogue<T>& epi, T* yrow, Ahead ahead);
 
 // nhwc_row_plain with the widest pixel tile that pays: wide tiles on narrow rows leave no
 // interior tiles (a 14-wide row in 8-pixel tiles has none).
 template <typename T, int KV>
 void nhwc_row(const ConvGeom& g, const T* ximg, int64_t oh, int64_t k0, const T* wp, int64_t Kp,
-              const T* biasp, const Epilogue<T>& epi, T* yrow) {
+              const T* biasp, const Epilogue<T>& epi, T* yrow, Ahead ahead = {}) {
   constexpr int wide = pixels_per_tile(KV), narrow = wide < 4 ? wide : 4;
   if (g.OW >= 4 * wide)
-    nhwc_row_plain<T, KV, wide>(g, ximg, oh, k0, wp, Kp, biasp, epi, yrow);
+    nhwc_row_plain<T, KV, wide>(g, ximg, oh, k0, wp, Kp, biasp, epi, yrow, ahead);
   else
-    nhwc_row_plain<T, KV, narrow>(g, ximg, oh, k0, wp, Kp, biasp, epi, yrow);
+    nhwc_row_plain<T, KV, narrow>(g, ximg, oh, k0, wp, Kp, biasp, epi, yrow, ahead);
 }
 
 // Small maps, multiplier 1: one block of `lanes` channels of one image at a time, transposed
@@ -529,7 +536,7 @@ Vec<T> input_lanes(const T* pixel, int64_t k0, int64_t m, int64_t K) {
 // output pixels per register tile: each tap's KV weight vectors are loaded once per tile.
 template <typename T, int KV, int PW>
 void nhwc_row_plain(const ConvGeom& g, const T* ximg, int64_t oh, int64_t k0, const T* wp,
-                    int64_t Kp, const T* biasp, const Epilogue<T>& epi, T* yrow) {
+                    int64_t Kp, const T* biasp, const Epilogue<T>& epi, T* yrow, Ahead ahead) {
   using V = Vec<T>;
   constexpr int L = V::lanes;
   // Read once: stores through yrow may alias anything, so fields read in the loop would be
@@ -547,8 +554,13 @@ void nhwc_row_plain(const ConvGeom& g, const T* ximg, int64_t oh, int64_t k0, co
   const bool interior_rows = few_taps && ih0 >= 0 && ih0 + (g.R - 1) * g.dh < g.H;
   for (int64_t r = 0, t = 0; few_taps && r < g.R; ++r)
     for (int64_t s = 0; s < g.S; ++s, ++t) tap_offset[t] = (r * g.dh * g.W + s * g.dw) * g.C;
+  const int64_t slice = round_up(ceil_div(ahead.bytes, ceil_div(g.OW, PW)), 64);
   for (int64_t ow0 = 0; ow0 < g.OW; ow0 += PW) {
     const int np = int(min64(PW, g.OW - ow0));
+    if (ahead.p) {
+      const int64_t at = ow0 / PW * slice;
+      prefetch_bytes(ahead.p + at, min64(slice, ahead.bytes - at));
+    }
     V acc[PW][KV];
     for (int p = 0; p < PW; ++p)
       for (int v = 0; v < KV; ++v) acc[p][v] = V::load(biasp + k0 + v * L);
@@ -662,18 +674,22 @@ void forward_nhwc(const ConvGeom& g, const T* x, const T* wp, const Epilogue<T>&
     const int64_t n = row / g.OH, oh = row % g.OH;
     const T* ximg = x + n * g.H * g.W * g.C;
     T* yrow = y + row * g.OW * g.K;
-    // The input rows the next output row reads first (see prefetch_bytes).
+    // The input rows the next output row reads first (see prefetch_bytes), fetched while
+    // the first channel chunk of this row computes.
     const int64_t ih_next = (oh + 1) * g.sh - g.pt + (g.R - 1) * g.dh;
-    if (oh + 1 < g.OH && ih_next >= 0 && ih_next < g.H)
-      prefetch_bytes(ximg + (ih_next - min64(g.sh, ih_next + 1) + 1) * g.W * g.C,
-                     sizeof(T) * min64(g.sh, ih_next + 1) * g.W * g.C);
+    Ahead ahead;
+    if (oh + 1 < g.OH && ih_next >= 0 && ih_next < g.H) {
+      const int64_t rows = min64(g.sh, ih_next + 1);
+      ahead.p = reinterpret_cast<const char*>(ximg + (ih_next - rows + 1) * g.W * g.C);
+      ahead.bytes = int64_t(sizeof(T)) * rows * g.W * g.C;
+    }
     int64_t k0 = 0;
-    for (; k0 + KV * L <= plain; k0 += KV * L)
-      nhwc_row<T, KV>(g, ximg, oh, k0, wp, Kp, biasp, epi, yrow);
-    for (; k0 + 2 * L <= plain; k0 += 2 * L)
-      nhwc_row<T, 2>(g, ximg, oh, k0, wp, Kp, biasp, epi, yrow);
-    for (; k0 + L <= plain; k0 += L)
-      nhwc_row<T, 1>(g, ximg, oh, k0, wp, Kp, biasp, epi, yrow);
+    for (; k0 + KV * L <= plain; k0 += KV * L, ahead = {})
+      nhwc_row<T, KV>(g, ximg, oh, k0, wp, Kp, biasp, epi, yrow, ahead);
+    for (; k0 + 2 * L <= plain; k0 += 2 * L, ahead = {})
+      nhwc_row<T, 2>(g, ximg, oh, k0, wp, Kp, biasp, epi, yrow, ahead);
+    for (; k0 + L <= plain; k0 += L, ahead = {})
+      nhwc_row<T, 1>(g, ximg, oh, k0, wp, Kp, biasp, epi, yrow, ahead);
     if (k0 < g.K) nhwc_row_general(g, ximg, oh, k0, wp, Kp, biasp, epi, yrow);
   });
 }
