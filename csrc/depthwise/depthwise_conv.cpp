@@ -342,6 +342,20 @@ ChannelBlock<T> block_of(const T* t, int layout, int64_t n, int64_t k0, int64_t 
   return {scratch, L};
 }
 
+// f(output pixel, input pixel) for every output pixel whose tap (r, s) lands inside the
+// input (flat indices oh * OW + ow and ih * W + iw).
+template <typename F>
+void for_tap_pixels(const ConvGeom& g, int64_t r, int64_t s, F&& f) {
+  for (int64_t oh = 0; oh < g.OH; ++oh) {
+    const int64_t ih = oh * g.sh - g.pt + r * g.dh;
+    if (ih < 0 || ih >= g.H) continue;
+    for (int64_t ow = 0; ow < g.OW; ++ow) {
+      const int64_t iw = ow * g.sw - g.pl + s * g.dw;
+      if (iw >= 0 && iw < g.W) f(oh * g.OW + ow, ih * g.W + iw);
+    }
+  }
+}
+
 bool channel_blocks_apply(const ConvGeom& g, int lanes) {
   return g.Kg() == 1 && g.K % lanes == 0;
 }
@@ -365,19 +379,13 @@ void grad_input_scatter(const ConvGeom& g, const T* gy, int gy_layout, const T* 
     T* dx = gx_layout == kNHWC ? gx + n * HW * g.C + k0 : scratch + OHW * L;
     const int64_t dxs = gx_layout == kNHWC ? g.C : L;
     for (int64_t p = 0; p < HW; ++p) V::zero().store(dx + p * dxs);
-    for (int64_t oh = 0; oh < g.OH; ++oh) {
-      for (int64_t ow = 0; ow < g.OW; ++ow) {
-        const V gv = V::load(dy.data + (oh * g.OW + ow) * dy.stride);
-        for (int64_t r = 0; r < g.R; ++r) {
-          const int64_t ih = oh * g.sh - g.pt + r * g.dh;
-          if (ih < 0 || ih >= g.H) continue;
-          for (int64_t s = 0; s < g.S; ++s) {
-            const int64_t iw = ow * g.sw - g.pl + s * g.dw;
-            if (iw < 0 || iw >= g.W) continue;
-            T* px = dx + (ih * g.W + iw) * dxs;
-            fmadd(gv, V::load(wp + (r * g.S + s) * L), V::load(px)).store(px);
-          }
-        }
+    for (int64_t r = 0; r < g.R; ++r) {
+      for (int64_t s = 0; s < g.S; ++s) {
+        const V wv = V::load(wp + (r * g.S + s) * L);
+        for_tap_pixels(g, r, s, [&](int64_t out, int64_t in) {
+          T* px = dx + in * dxs;
+          fmadd(V::load(dy.data + out * dy.stride), wv, V::load(px)).store(px);
+        });
       }
     }
     if (gx_layout == kNCHW) {
@@ -408,16 +416,10 @@ void grad_weight_blocks(const ConvGeom& g, const T* gy, int gy_layout, const T* 
       for (int64_t r = 0; r < g.R; ++r) {
         for (int64_t s = 0; s < g.S; ++s) {
           V sum = V::load(acc + (r * g.S + s) * L);
-          for (int64_t oh = 0; oh < g.OH; ++oh) {
-            const int64_t ih = oh * g.sh - g.pt + r * g.dh;
-            if (ih < 0 || ih >= g.H) continue;
-            for (int64_t ow = 0; ow < g.OW; ++ow) {
-              const int64_t iw = ow * g.sw - g.pl + s * g.dw;
-              if (iw < 0 || iw >= g.W) continue;
-              sum = fmadd(V::load(dy.data + (oh * g.OW + ow) * dy.stride),
-                          V::load(xb.data + (ih * g.W + iw) * xb.stride), sum);
-            }
-          }
+          for_tap_pixels(g, r, s, [&](int64_t out, int64_t in) {
+            sum = fmadd(V::load(dy.data + out * dy.stride), V::load(xb.data + in * xb.stride),
+                        sum);
+          });
           sum.store(acc + (r * g.S + s) * L);
         }
       }
