@@ -108,3 +108,17 @@ def test_non_finite_inputs_outside_the_receptive_field_do_not_reach_grad_weight(
     exact = torch.nn.grad.conv2d_weight(x, w.shape, gy, stride=2, groups=4)
     assert torch.isfinite(exact).all() and torch.isfinite(gw).all()
     torch.testing.assert_close(gw, exact, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_outputs_larger_than_the_caches(dtype, isa):
+    # channels_last outputs over 8 MiB are written with non-temporal stores (AVX-512).
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 64, 128, 130, generator=g, dtype=dtype).contiguous(
+        memory_format=torch.channels_last)
+    w = torch.randn(64, 1, 3, 3, generator=g, dtype=dtype)
+    b = torch.randn(64, generator=g, dtype=dtype)
+    y = fastconv.conv2d(x, w, b, padding=1, groups=64, algo="depthwise")
+    exact = F.conv2d(x.double(), w.double(), b.double(), padding=1, groups=64)
+    tol = 1e-4 if dtype == torch.float32 else 1e-11
+    torch.testing.assert_close(y.double(), exact, atol=tol, rtol=tol)
