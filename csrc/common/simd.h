@@ -32,7 +32,8 @@ namespace FASTCONV_ISA {
 
 // Vec<T>: `lanes` values of T. Operations: zero, load (unaligned), broadcast of one value
 // from memory, fused multiply-add, add, sub, mul, relu, min_with, where_between, store
-// (unaligned), and gather(base, int32 indices). Nothing else is needed by the kernels.
+// (unaligned), stream (a non-temporal store to a vector-aligned address, past the caches;
+// stream_fence after), and gather(base, int32 indices). Nothing else is needed by the kernels.
 // Gathers cost ~5 cycles per element here: they beat only scalar loops with per-lane
 // branches (csrc/winograd).
 template <typename T>
@@ -50,6 +51,7 @@ struct Vec<float> {
   static Vec load(const float* p) { return {_mm512_loadu_ps(p)}; }
   static Vec broadcast(const float* p) { return {_mm512_set1_ps(*p)}; }
   void store(float* p) const { _mm512_storeu_ps(p, v); }
+  void stream(float* p) const { _mm512_stream_ps(p, v); }
 };
 template <>
 struct Vec<double> {
@@ -59,6 +61,7 @@ struct Vec<double> {
   static Vec load(const double* p) { return {_mm512_loadu_pd(p)}; }
   static Vec broadcast(const double* p) { return {_mm512_set1_pd(*p)}; }
   void store(double* p) const { _mm512_storeu_pd(p, v); }
+  void stream(double* p) const { _mm512_stream_pd(p, v); }
 };
 inline Vec<float> fmadd(Vec<float> a, Vec<float> b, Vec<float> c) {
   return {_mm512_fmadd_ps(a.v, b.v, c.v)};
@@ -108,6 +111,7 @@ struct Vec<float> {
   static Vec load(const float* p) { return {_mm256_loadu_ps(p)}; }
   static Vec broadcast(const float* p) { return {_mm256_broadcast_ss(p)}; }
   void store(float* p) const { _mm256_storeu_ps(p, v); }
+  void stream(float* p) const { _mm256_stream_ps(p, v); }
 };
 template <>
 struct Vec<double> {
@@ -117,6 +121,7 @@ struct Vec<double> {
   static Vec load(const double* p) { return {_mm256_loadu_pd(p)}; }
   static Vec broadcast(const double* p) { return {_mm256_broadcast_sd(p)}; }
   void store(double* p) const { _mm256_storeu_pd(p, v); }
+  void stream(double* p) const { _mm256_stream_pd(p, v); }
 };
 inline Vec<float> fmadd(Vec<float> a, Vec<float> b, Vec<float> c) {
   return {_mm256_fmadd_ps(a.v, b.v, c.v)};
@@ -177,6 +182,7 @@ struct Vec {
   void store(T* p) const {
     for (int i = 0; i < lanes; ++i) p[i] = v[i];
   }
+  void stream(T* p) const { store(p); }
 };
 template <typename T>
 inline Vec<T> fmadd(Vec<T> a, Vec<T> b, Vec<T> c) {
@@ -304,6 +310,13 @@ inline void zero_n<float>(float* dst, int64_t n) {
 inline void prefetch_bytes(const void* p, int64_t bytes) {
   const char* c = static_cast<const char*>(p);
   for (int64_t i = 0; i < bytes; i += 64) __builtin_prefetch(c + i, 0, 3);
+}
+
+// Orders the stream() stores before what follows (they are weakly ordered).
+inline void stream_fence() {
+#if defined(FASTCONV_ISA_AVX512) || defined(FASTCONV_ISA_AVX2)
+  _mm_sfence();
+#endif
 }
 
 // Runs body(thread_index, thread_count) on nthreads OpenMP threads, or inline when one is

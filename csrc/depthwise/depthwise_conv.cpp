@@ -1,21 +1,23 @@
 // Depthwise convolution (groups == input channels; output channel k = c * m + j reads input
-// channel c = k / m, multiplier m), forward, for one ISA (compiled once per ISA, see simd.h).
-// The generic direct kernel fills its vectors with output channels of one group, which for
+// channel c = k / m, multiplier m), for one ISA (compiled once per ISA, see simd.h). The
+// generic direct kernel fills its vectors with output channels of one group, which for
 // depthwise layers is m of them: mostly empty lanes. Here every lane does useful work:
 //
-//   * NCHW: vectors along the output width, one (image, channel) plane at a time. Per output
-//     row and tap row the input row is staged once into a zero-bordered row buffer (split into
-//     `stride` phases when strided), so every tap is one unaligned vector load and padding
-//     costs nothing inside the loops; the tap weights are broadcast.
+//   * NCHW, rows of 2+ vectors: vectors along the output width, one (image, channel) plane at
+//     a time, staged once into zero-bordered rows split into `stride` phases, so every tap is
+//     one unaligned vector load; the tap weights are broadcast.
+//   * NCHW, narrower maps: blocks of `lanes` channels transposed into NHWC tiles in L1 and
+//     run by the channels_last row kernel; multipliers, channel tails and tiles too large for
+//     L1 run flat (the whole plane as one run of vectors over stride-phase sub-planes).
 //   * channels_last: vectors along the channels (as XNNPACK and oneDNN do), one output row at
-//     a time, weights packed [tap][k]; taps outside the input are skipped per pixel. With a
+//     a time, weights packed [tap][k]; taps outside the input read a zero vector. With a
 //     multiplier > 1 each vector of output channels gathers its input channels.
-//   * Grad-weight: one output channel per work item, its R*S sums vectorised along the output
-//     rows of the staged planes (no reduction across threads).
-//   * Grad-input: stride-1, multiplier-1 layers as a forward with rotated filters; others by
-//     the direct kernel.
+//   * Grad-input: stride-1, multiplier-1 layers as a forward with rotated filters; strided
+//     ones by scatter in channel blocks; the rest by the direct kernel.
+//   * Grad-weight: narrow maps in channel blocks, others one output channel per work item
+//     with its R*S sums vectorised along the staged planes' rows (no reduction across
+//     threads).
 #include <cstring>
-#include <type_traits>
 #include <vector>
 
 #include "../common/layout.h"
@@ -39,6 +41,49 @@ constexpr int kChannelVectors = 4;
 constexpr int pixels_per_tile(int KV) {
   const int fit = (kVectorRegisters - KV - 2) / KV;
   return fit > 8 ? 8 : fit < 1 ? 1 : fit;
+}
+
+// ---------------------------------------------------------------------------------------
+// Packed weights
+// ---------------------------------------------------------------------------------------
+
+// wp[tap][k] = w[k][0][tap], K rounded up to whole register tiles (zeros).
+template <typename T>
+int64_t packed_channels(const ConvGeom& g) {
+  return round_up(g.K, int64_t(kChannelVectors) * Vec<T>::lanes);
+}
+
+// The packing the weight cache keeps: none for NCHW tensors (the row kernels broadcast
+// w's taps; the channel-block paths pack per call, see packed_for_blocks).
+template <typename T>
+WeightPacking weight_packing(const ConvGeom& g, int x_layout, int y_layout) {
+  if (x_layout == kNCHW && y_layout == kNCHW) return {};  // reads w as it is
+  return {g.R * g.S * packed_channels<T>(g), 0};
+}
+
+template <typename T>
+void pack_weights(const ConvGeom& g, int, int, const T* w, T* wp, int nthreads) {
+  const int64_t RS = g.R * g.S, Kp = packed_channels<T>(g);
+  parallel_for(RS, threads_for(RS * Kp * 4, nthreads), [&](int64_t t) {
+    for (int64_t k = 0; k < Kp; ++k) wp[t * Kp + k] = k < g.K ? w[k * RS + t] : T(0);
+  });
+}
+
+// w packed as above into the workspace, for the NCHW channel-block paths (once per call, not
+// once per image and block).
+template <typename T>
+const T* packed_for_blocks(const ConvGeom& g, const T* w, int nthreads) {
+  T* wp = workspace_as<T>(kWsPackedWeights, g.R * g.S * packed_channels<T>(g));
+  pack_weights(g, kNCHW, kNCHW, w, wp, nthreads);
+  return wp;
+}
+
+// The bias as whole vectors of Kp values (zeros past K, or everywhere without a bias).
+template <typename T>
+std::vector<T> padded_bias(const Epilogue<T>& epi, int64_t K, int64_t Kp) {
+  std::vector<T> bias(Kp, T(0));
+  if (epi.shift) std::memcpy(bias.data(), epi.shift, sizeof(T) * K);
+  return bias;
 }
 
 // ---------------------------------------------------------------------------------------
@@ -131,9 +176,10 @@ void stage_plane(const ConvGeom& g, const PlaneStaging& st, const T* xp, T* scra
   }
 }
 
-template <typename T, int UV>
+template <typename T>
 void forward_nchw_tiles(const ConvGeom& g, const T* x, const T* w, const Epilogue<T>& epi, T* y,
                         int nthreads) {
+  constexpr int UV = kRowVectors;
   const int64_t m = g.Kg(), planes = g.N * g.K;
   const PlaneStaging st(g, UV * Vec<T>::lanes);
   parallel_for(planes, threads_for(g.flops(), nthreads), [&](int64_t p) {
@@ -271,24 +317,21 @@ template <typename T>
 void forward_nchw_channel_blocks(const ConvGeom& g, const T* x, const T* w,
                                  const Epilogue<T>& epi, T* y, int nthreads) {
   constexpr int L = Vec<T>::lanes, B = kTransposeBlock;
-  const int64_t HW = g.H * g.W, OHW = g.OH * g.OW, RS = g.R * g.S, KB = g.K / L;
+  const int64_t HW = g.H * g.W, OHW = g.OH * g.OW, KB = g.K / L, Kp = packed_channels<T>(g);
   ConvGeom blk = g;  // one image's block: L channels, channels_last
   blk.N = 1, blk.C = blk.K = blk.groups = L;
-  std::vector<T> bias(g.K, T(0));
-  if (epi.shift) std::memcpy(bias.data(), epi.shift, sizeof(T) * g.K);
+  const T* wp = packed_for_blocks(g, w, nthreads);
+  const std::vector<T> bias = padded_bias(epi, g.K, Kp);
   parallel_for(g.N * KB, threads_for(g.flops() / g.K * KB * L, nthreads), [&](int64_t item) {
     const int64_t n = item / KB, k0 = item % KB * L;
-    T* xt = thread_scratch<T>((HW + OHW + RS) * L);
+    T* xt = thread_scratch<T>((HW + OHW) * L);
     T* yt = xt + HW * L;
-    T* wp = yt + OHW * L;  // [tap][channel]
     const T* xs = x + (n * g.K + k0) * HW;
     for (int64_t p0 = 0; p0 < HW; p0 += B)
       transpose_block(xs + p0, HW, xt + p0 * L, L, L, int(min64(B, HW - p0)));
-    for (int64_t t = 0; t < RS; ++t)
-      for (int l = 0; l < L; ++l) wp[t * L + l] = w[(k0 + l) * RS + t];
     const Epilogue<T> e = epi.from_channel(k0);
     for (int64_t oh = 0; oh < g.OH; ++oh)
-      nhwc_row<T, 1>(blk, xt, oh, 0, wp, L, bias.data() + k0, e, yt + oh * g.OW * L);
+      nhwc_row<T, 1>(blk, xt, oh, 0, wp + k0, Kp, bias.data() + k0, e, yt + oh * g.OW * L);
     T* ys = y + (n * g.K + k0) * OHW;
     for (int64_t p0 = 0; p0 < OHW; p0 += B)
       transpose_block(yt + p0 * L, L, ys + p0, OHW, int(min64(B, OHW - p0)), L);
@@ -299,7 +342,7 @@ template <typename T>
 void forward_nchw(const ConvGeom& g, const T* x, const T* w, const Epilogue<T>& epi, T* y,
                   int nthreads) {
   constexpr int L = Vec<T>::lanes;
-  if (g.OW >= 2 * L) return forward_nchw_tiles<T, kRowVectors>(g, x, w, epi, y, nthreads);
+  if (g.OW >= 2 * L) return forward_nchw_tiles(g, x, w, epi, y, nthreads);
   // Maps narrower than two vectors (a 7-wide map filled 7 of 16 lanes per row): whole blocks
   // of channels through NHWC tiles, the rest (multipliers, channel tails) flat.
   // Blocks whose NHWC tiles are well past L1 (48 KiB here) lose to the flat path: 192
@@ -369,20 +412,18 @@ void grad_input_scatter(const ConvGeom& g, const T* gy, int gy_layout, const T* 
                         int gx_layout, int nthreads) {
   using V = Vec<T>;
   constexpr int L = V::lanes, B = kTransposeBlock;
-  const int64_t HW = g.H * g.W, OHW = g.OH * g.OW, RS = g.R * g.S, KB = g.K / L;
+  const int64_t HW = g.H * g.W, OHW = g.OH * g.OW, KB = g.K / L, Kp = packed_channels<T>(g);
+  const T* wp = packed_for_blocks(g, w, nthreads);
   parallel_for(g.N * KB, threads_for(g.flops(), nthreads), [&](int64_t item) {
     const int64_t n = item / KB, k0 = item % KB * L;
-    T* scratch = thread_scratch<T>((OHW + HW + RS) * L);
-    T* wp = scratch + (OHW + HW) * L;  // [tap][channel]
-    for (int64_t t = 0; t < RS; ++t)
-      for (int l = 0; l < L; ++l) wp[t * L + l] = w[(k0 + l) * RS + t];
+    T* scratch = thread_scratch<T>((OHW + HW) * L);
     const ChannelBlock<T> dy = block_of(gy, gy_layout, n, k0, g.K, OHW, scratch);
     T* dx = gx_layout == kNHWC ? gx + n * HW * g.C + k0 : scratch + OHW * L;
     const int64_t dxs = gx_layout == kNHWC ? g.C : L;
     for (int64_t p = 0; p < HW; ++p) V::zero().store(dx + p * dxs);
     for (int64_t r = 0; r < g.R; ++r) {
       for (int64_t s = 0; s < g.S; ++s) {
-        const V wv = V::load(wp + (r * g.S + s) * L);
+        const V wv = V::load(wp + (r * g.S + s) * Kp + k0);
         for_tap_pixels(g, r, s, [&](int64_t out, int64_t in) {
           T* px = dx + in * dxs;
           fmadd(V::load(dy.data + out * dy.stride), wv, V::load(px)).store(px);
@@ -461,12 +502,7 @@ void grad_weight_nchw(const ConvGeom& g, const T* gy, const T* x, T* gw, int nth
         }
       }
     }
-    for (int64_t t = 0; t < RS; ++t) {
-      acc[t].store(gbuf);
-      T sum = T(0);
-      for (int l = 0; l < L; ++l) sum += gbuf[l];
-      gw[k * RS + t] = sum;
-    }
+    for (int64_t t = 0; t < RS; ++t) gw[k * RS + t] = hsum(acc[t]);
   });
 }
 
@@ -503,26 +539,6 @@ void grad_weight(const ConvGeom& g, const T* gy, int gy_layout, const T* x, int 
 // NHWC: vectors across the channels
 // ---------------------------------------------------------------------------------------
 
-// wp[tap][k] = w[k][0][tap], K rounded up to whole register tiles (zeros).
-template <typename T>
-int64_t packed_channels(const ConvGeom& g) {
-  return round_up(g.K, int64_t(kChannelVectors) * Vec<T>::lanes);
-}
-
-template <typename T>
-WeightPacking weight_packing(const ConvGeom& g, int x_layout, int y_layout) {
-  if (x_layout == kNCHW && y_layout == kNCHW) return {};  // reads w as it is
-  return {g.R * g.S * packed_channels<T>(g), 0};
-}
-
-template <typename T>
-void pack_weights(const ConvGeom& g, int, int, const T* w, T* wp, int nthreads) {
-  const int64_t RS = g.R * g.S, Kp = packed_channels<T>(g);
-  parallel_for(RS, threads_for(RS * Kp * 4, nthreads), [&](int64_t t) {
-    for (int64_t k = 0; k < Kp; ++k) wp[t * Kp + k] = k < g.K ? w[k * RS + t] : T(0);
-  });
-}
-
 // The input vector of output channels [k0, k0 + L) at one pixel: contiguous for m = 1,
 // gathered (channel k / m) otherwise; lanes past K read channel 0 (their weights are zero).
 template <typename T>
@@ -546,12 +562,13 @@ void nhwc_row_plain(const ConvGeom& g, const T* ximg, int64_t oh, int64_t k0, co
   // reloaded after every store.
   const int act = epi.act;
   const bool stats = epi.stats.sum != nullptr;
-  // Outputs far larger than the caches go around them (non-temporal stores; AVX-512 only):
-  // no read-for-ownership of lines that are only written. Batch 8, same process, 3 rounds:
-  // 32 channels @112 1.09-1.15 ms streamed vs 1.63-1.76 ms not; 144 @56 1.48-2.11 vs
-  // 2.63-3.01; 96 @112 stride 2 3.42-3.61 vs 3.88-4.33.
+  // Outputs far larger than the caches go around them (non-temporal stores, on vector-
+  // aligned rows): no read-for-ownership of lines that are only written. Batch 8, AVX-512,
+  // same process, 3 rounds: 32 channels @112 1.09-1.15 ms streamed vs 1.63-1.76 ms not;
+  // 144 @56 1.48-2.11 vs 2.63-3.01; 96 @112 stride 2 3.42-3.61 vs 3.88-4.33.
   const bool stream_out = g.N * g.OH * g.OW * g.K * int64_t(sizeof(T)) > (int64_t(8) << 20) &&
-                          reinterpret_cast<uintptr_t>(yrow) % 64 == 0 && g.K % L == 0;
+                          reinterpret_cast<uintptr_t>(yrow) % (L * sizeof(T)) == 0 &&
+                          g.K % L == 0;
   // The row's statistics per channel vector (sums, then sums of squares), kept in memory:
   // registers are the tile's.
   alignas(64) T row_stats[2 * KV * L];
@@ -616,16 +633,11 @@ void nhwc_row_plain(const ConvGeom& g, const T* ximg, int64_t oh, int64_t k0, co
     for (int p = 0; p < np; ++p)
       for (int v = 0; v < KV; ++v) {
         acc[p][v] = activate(acc[p][v], act);
-#if defined(FASTCONV_ISA_AVX512)
-        if (stream_out) {
-          if constexpr (std::is_same_v<T, float>)
-            _mm512_stream_ps(yrow + (ow0 + p) * g.K + k0 + v * L, acc[p][v].v);
-          else
-            _mm512_stream_pd(yrow + (ow0 + p) * g.K + k0 + v * L, acc[p][v].v);
-          continue;
-        }
-#endif
-        acc[p][v].store(yrow + (ow0 + p) * g.K + k0 + v * L);
+        T* out = yrow + (ow0 + p) * g.K + k0 + v * L;
+        if (stream_out)
+          acc[p][v].stream(out);
+        else
+          acc[p][v].store(out);
       }
     if (!stats) continue;
     for (int v = 0; v < KV; ++v) {
@@ -638,9 +650,7 @@ void nhwc_row_plain(const ConvGeom& g, const T* ximg, int64_t oh, int64_t k0, co
       q.store(row_stats + (KV + v) * L);
     }
   }
-#if defined(FASTCONV_ISA_AVX512)
-  if (stream_out) _mm_sfence();  // streaming stores are weakly ordered
-#endif
+  if (stream_out) stream_fence();
   for (int v = 0; stats && v < KV; ++v)
     add_stats(epi.stats, k0 + v * L, V::load(row_stats + v * L),
               V::load(row_stats + (KV + v) * L), L);
@@ -687,9 +697,8 @@ void forward_nhwc(const ConvGeom& g, const T* x, const T* wp, const Epilogue<T>&
                   int nthreads) {
   constexpr int L = Vec<T>::lanes, KV = kChannelVectors;
   const int64_t Kp = packed_channels<T>(g), rows = g.N * g.OH;
-  std::vector<T> bias_padded(Kp, T(0));  // whole vectors, zeros past K
-  if (epi.shift) std::memcpy(bias_padded.data(), epi.shift, sizeof(T) * g.K);
-  const T* biasp = bias_padded.data();
+  const std::vector<T> bias = padded_bias(epi, g.K, Kp);
+  const T* biasp = bias.data();
   const int64_t plain = g.Kg() == 1 ? g.K / L * L : 0;  // channels in whole plain vectors
   parallel_for(rows, threads_for(g.flops(), nthreads), [&](int64_t row) {
     const int64_t n = row / g.OH, oh = row % g.OH;
@@ -772,9 +781,10 @@ void grad_input(const ConvGeom& g, const T* gy, int gy_layout, const T* w, T* gx
 template <typename T>
 int64_t workspace_bytes(const ConvGeom& g, Pass pass) {
   if (pass == Pass::kGradInput) {
-    if (!grad_input_as_forward(g))  // the scatter needs per-thread scratch only
-      return channel_blocks_apply(g, Vec<T>::lanes) ? 0
-                                                    : direct_kernels<T>().workspace_bytes(g, pass);
+    if (!grad_input_as_forward(g))  // the scatter: packed weights (and per-thread scratch)
+      return channel_blocks_apply(g, Vec<T>::lanes)
+                 ? int64_t(sizeof(T)) * weight_packing<T>(g, kNHWC, kNHWC).elements
+                 : direct_kernels<T>().workspace_bytes(g, pass);
     return int64_t(sizeof(T)) * g.K * g.R * g.S +
            workspace_bytes<T>(grad_input_geometry(g), Pass::kForward);
   }
