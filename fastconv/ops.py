@@ -177,9 +177,11 @@ def _(input, weight, bias, stride, padding, dilation, groups, algo):
     return _empty(problem.output_shape, input, _channels_last(input) or _channels_last(weight))
 
 
-def conv2d_setup(ctx, inputs, output):
+def conv2d_setup(ctx, inputs, output, saved=()):
+    """The context conv2d_backward reads: input and weight saved first, then ``saved`` (what
+    a fused op's own backward needs besides)."""
     input, weight, bias, stride, padding, dilation, groups, algo = inputs
-    ctx.save_for_backward(input, weight)
+    ctx.save_for_backward(input, weight, *saved)
     ctx.conv = (list(stride), list(padding), list(dilation), groups, algo)
     ctx.bias_size = None if bias is None else bias.shape[0]
 
@@ -435,8 +437,7 @@ def _(input, weight, bias, stride, padding, dilation, groups, algo, activation):
 
 def _conv2d_activation_setup(ctx, inputs, output):
     *conv_inputs, activation = inputs
-    conv2d_setup(ctx, conv_inputs, output)
-    ctx.save_for_backward(conv_inputs[0], conv_inputs[1], output)
+    conv2d_setup(ctx, conv_inputs, output, saved=(output,))
     ctx.activation = activation
 
 
@@ -518,8 +519,8 @@ def _conv2d_bn_setup(ctx, inputs, output):
     (input, weight, bias, bn_weight, bn_bias, stride, padding, dilation, groups, algo, eps,
      activation) = inputs
     y, z, mean, invstd = output
-    conv2d_setup(ctx, (input, weight, bias, stride, padding, dilation, groups, algo), None)
-    ctx.save_for_backward(input, weight, y, z, mean, invstd, bn_weight)
+    conv2d_setup(ctx, (input, weight, bias, stride, padding, dilation, groups, algo), None,
+                 saved=(y, z, mean, invstd, bn_weight))
     ctx.activation = activation
     ctx.affine = bn_weight is not None, bn_bias is not None
     ctx.mark_non_differentiable(z, mean, invstd)
