@@ -11,8 +11,9 @@ import glob
 import os
 import platform
 
+from Cython.Build import cythonize
 from pybind11.setup_helpers import Pybind11Extension
-from setuptools import setup
+from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 # The x86 ISA variants are built only on x86-64; elsewhere (or with FASTCONV_PORTABLE=1, which
@@ -48,6 +49,8 @@ class BuildPerIsa(build_ext):
     """Compiles KERNEL_SOURCES once per ISA and links the objects into the extension."""
 
     def build_extension(self, ext):
+        if ext.name != "fastconv._C":
+            return super().build_extension(ext)
         objects = []
         for isa, flags in ISA_FLAGS.items():
             objects += self.compiler.compile(
@@ -75,4 +78,11 @@ ext = Pybind11Extension(
     depends=sorted(glob.glob("csrc/**/*.h", recursive=True)) + KERNEL_SOURCES,
 )
 
-setup(ext_modules=[ext], cmdclass={"build_ext": BuildPerIsa})
+# The `naive` strategy (fastconv/_naive.pyx): the definition's plain loops, the benchmarks'
+# baseline. Built for the baseline ISA only: it has no vector code of its own to pick.
+naive = Extension("fastconv._naive", ["fastconv/_naive.pyx"],
+                  extra_compile_args=[a for a in COMPILE_ARGS if not a.startswith("-std=")],
+                  extra_link_args=LINK_ARGS)
+
+setup(ext_modules=[ext] + cythonize([naive], quiet=True),
+      cmdclass={"build_ext": BuildPerIsa})

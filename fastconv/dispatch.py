@@ -111,8 +111,8 @@ def choose(problem: Conv2dProblem, device_type: str = "cpu",
         return BY_NAME["depthwise"]
     if runs("direct"):
         return BY_NAME["direct"]
-    return next((a for a in ALGORITHMS if a.unsupported(problem, device_type, dtype) is None),
-                None)
+    return next((a for a in ALGORITHMS
+                 if a.in_auto and a.unsupported(problem, device_type, dtype) is None), None)
 
 
 #: Family name -> the function that picks its member for a problem, called as

@@ -12,6 +12,9 @@ Adding an algorithm:
   2. one line ``X(<name>)`` in FASTCONV_ALGORITHMS, csrc/isa/table.cpp;
   3. one :class:`Algorithm` entry in ``ALGORITHMS`` below.
 
+(``naive`` is the exception: its plain loops are Cython, fastconv/_naive.pyx, behind
+backend.NaiveKernels, the same calls as the C++ table's.)
+
 A *family* (``winograd``) names algorithms that differ in one parameter (the tile size);
 asking for the family lets fastconv.dispatch pick the member.
 """
@@ -22,7 +25,7 @@ from typing import Callable, Mapping, Optional
 
 import torch
 
-from .backend import CppKernels, Pass
+from .backend import CppKernels, NaiveKernels, Pass
 from .errors import AlgorithmUnavailable
 from .problem import Conv2dProblem
 
@@ -45,6 +48,8 @@ class Algorithm:
     check: Callable[[Conv2dProblem], Optional[str]] = _runs_everything
     #: The family this algorithm belongs to ("winograd"), if any.
     family: Optional[str] = None
+    #: Whether ``auto`` (and autotune) may pick it: False for baselines kept for comparison.
+    in_auto: bool = True
 
     @property
     def devices(self) -> tuple:
@@ -134,6 +139,14 @@ ALGORITHMS: tuple = (
                 "the direct kernel",
         kernels={"cpu": CppKernels("depthwise")},
         check=_depthwise,
+    ),
+    Algorithm(
+        name="naive",
+        summary="the definition's plain loops in Cython (threads over output channels, no "
+                "blocking or packing): the baseline every optimisation is measured against; "
+                "never picked by auto",
+        kernels={"cpu": NaiveKernels()},
+        in_auto=False,
     ),
 )
 
