@@ -174,12 +174,14 @@ class Explanation:
 
 def explain(input_shape, weight_shape, stride=1, padding=0, dilation=1, groups: int = 1, *,
             dtype: torch.dtype = torch.float32, device: str = "cpu",
-            prepacked: bool = False) -> Explanation:
-    """Which algorithm ``auto`` picks for this convolution and why, with its FLOPs and each
-    algorithm's eligibility and workspace. Arguments as torch.nn.functional.conv2d's
-    (shapes instead of tensors); ``prepacked``: weights from the weight cache (an inference
-    call of fastconv.nn.Conv2d or of a fastconv.prepack weight). ``print()`` the result for
-    a readable summary."""
+            prepacked: bool = False, channels_last: bool = False) -> Explanation:
+    """Which algorithm ``auto`` picks for this convolution's forward and why, with its FLOPs
+    and each algorithm's eligibility and workspace. Arguments as
+    torch.nn.functional.conv2d's (shapes instead of tensors); ``prepacked``: weights from the
+    weight cache (an inference call of fastconv.nn.Conv2d or of a fastconv.prepack weight);
+    ``channels_last``: the input's layout. Under autotune (fastconv.autotune) the tuned
+    winner is reported with every candidate's time, once a call has timed them.
+    ``print()`` the result for a readable summary."""
     from .functional import explicit_padding, pair
     stride, dilation = pair("stride", stride), pair("dilation", dilation)
     pad = explicit_padding(padding, tuple(weight_shape[2:]), stride, dilation)
@@ -207,4 +209,18 @@ def explain(input_shape, weight_shape, stride=1, padding=0, dilation=1, groups: 
         why = "spatial, strided or grouped kernel: the direct kernel wins there"
     else:
         why = "the first registered algorithm that can run it"
-    return Explanation(problem, chosen.name if chosen else None, why, tuple(candidates))
+    choice = chosen.name if chosen else None
+    from . import autotune
+    if autotune.is_enabled() and choice is not None:
+        entry = autotune.lookup(autotune.make_key(problem, Pass.FORWARD, dtype,
+                                                  "nhwc" if channels_last else "nchw",
+                                                  device_type, prepacked))
+        if entry is None:
+            why = ("autotune is on but has not timed this convolution yet (its first call "
+                   f"will); until then the heuristic: {why}")
+        else:
+            times = ", ".join(f"{n} {t:.3f} ms" for n, t in sorted(entry.times_ms.items(),
+                                                                     key=lambda i: i[1]))
+            why = f"autotune measured it fastest ({times or 'the only candidate'})"
+            choice = entry.algo
+    return Explanation(problem, choice, why, tuple(candidates))

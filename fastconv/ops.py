@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 from torch._prims_common import suggest_memory_format
 
-from . import backend, dispatch
+from . import autotune, backend, dispatch
 from .backend import ACT_NONE, ACTIVATIONS, DTYPE_CODES, NCHW, NHWC, Pass
 from .errors import InvalidConvolution, UnsupportedTensor
 from .problem import Conv2dProblem, conv2d_problem
@@ -47,13 +47,20 @@ _PLANS: dict = {}
 
 
 def _plan(pass_: Pass, input_shape, weight_shape, stride, padding, dilation, groups: int,
-          algo: str, device: str, dtype: torch.dtype, prepacked: bool = False):
+          algo: str, device: str, dtype: torch.dtype, prepacked: bool = False,
+          layout: Optional[str] = None, tune: bool = False):
     """The Plan of one call: the validated problem and the kernels of the algorithm that runs
     it (None on the meta device, where only shapes are computed; ``prepacked``: a forward
     whose weights come from the weight cache). Memoised: a network calls the same few shapes
-    over and over, and the checks cost microseconds."""
+    over and over, and the checks cost microseconds.
+
+    Under autotune (fastconv.autotune), ``auto`` runs the tuned winner for the call's
+    ``layout`` ('nchw' or 'nhwc'); ``tune``: time the candidates now if the key is new (real
+    kernels only: a fake kernel inside torch.compile's tracing must not time anything)."""
+    tuned = algo == "auto" and layout is not None and autotune.is_enabled()
     key = (pass_, input_shape, weight_shape, tuple(stride), tuple(padding), tuple(dilation),
-           groups, algo, device, dtype, prepacked)
+           groups, algo, device, dtype, prepacked,
+           (layout, tune, autotune.generation()) if tuned else None)
     try:
         plan = _PLANS.get(key)
     except TypeError:  # symbolic sizes (torch.compile with dynamic shapes) do not hash
@@ -62,7 +69,11 @@ def _plan(pass_: Pass, input_shape, weight_shape, stride, padding, dilation, gro
         problem = conv2d_problem(input_shape, weight_shape, stride, padding, dilation, groups)
         kernels = None
         if device != "meta":
-            _, kernels = dispatch.resolve(algo, problem, device, dtype, pass_, prepacked)
+            name = algo
+            if tuned:
+                name = autotune.pick(problem, pass_, dtype, layout, device, prepacked,
+                                     tune) or algo
+            _, kernels = dispatch.resolve(name, problem, device, dtype, pass_, prepacked)
         plan = Plan(problem, kernels)
         if key is not None:
             if len(_PLANS) > 4096:
@@ -125,11 +136,17 @@ def _empty(shape, like: Tensor, channels_last: bool) -> Tensor:
     return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=fmt)
 
 
+def _layout_name(*tensors: Tensor) -> str:
+    """The layout a call runs in (autotune's key): 'nhwc' when its output is channels_last."""
+    return "nhwc" if any(_channels_last(t) for t in tensors) else "nchw"
+
+
 def _forward_plan(input, weight, bias, stride, padding, dilation, groups, algo,
-                  prepacked=False):
+                  prepacked=False, tune=False):
     _check_operand("weight", weight, input, "input")
     plan = _plan(Pass.FORWARD, input.shape, weight.shape, stride, padding, dilation, groups,
-                 algo, device_type(input), input.dtype, prepacked)
+                 algo, device_type(input), input.dtype, prepacked,
+                 _layout_name(input, weight) if algo == "auto" else None, tune)
     _check_bias(bias, input, plan.problem)
     return plan
 
@@ -148,7 +165,7 @@ def conv2d_forward(input: Tensor, weight: Tensor, bias: Optional[Tensor], stride
     are fused into the kernel's output epilogue."""
     cached = cache is not None and cache.usable()
     problem, kernels = _forward_plan(input, weight, bias, stride, padding, dilation, groups,
-                                     algo, cached)
+                                     algo, cached, tune=True)
     out_cl = _channels_last(input) or _channels_last(weight)
     y = _empty(problem.output_shape, input, out_cl)
     if y.numel() == 0:
@@ -218,10 +235,12 @@ conv2d.register_autograd(_conv2d_backward, setup_context=conv2d_setup)
 # conv2d_grad_input
 # --------------------------------------------------------------------------------------------
 
-def _grad_input_plan(grad_output, weight, input_size, stride, padding, dilation, groups, algo):
+def _grad_input_plan(grad_output, weight, input_size, stride, padding, dilation, groups, algo,
+                     tune=False):
     _check_operand("weight", weight, grad_output, "grad_output")
     plan = _plan(Pass.GRAD_INPUT, tuple(input_size), weight.shape, stride, padding, dilation,
-                 groups, algo, device_type(grad_output), grad_output.dtype)
+                 groups, algo, device_type(grad_output), grad_output.dtype, False,
+                 _layout_name(grad_output, weight) if algo == "auto" else None, tune)
     _check_grad_output(grad_output, plan.problem)
     return plan
 
@@ -230,7 +249,7 @@ def grad_input_forward(grad_output: Tensor, weight: Tensor, input_size, stride, 
                        dilation, groups: int, algo: str) -> Tensor:
     """The body of the conv2d_grad_input op (also called directly by fastconv.autograd)."""
     problem, kernels = _grad_input_plan(grad_output, weight, input_size, stride, padding,
-                                        dilation, groups, algo)
+                                        dilation, groups, algo, tune=True)
     out_cl = _channels_last(grad_output) or _channels_last(weight)
     gx = _empty(problem.input_shape, grad_output, out_cl)
     if gx.numel() == 0:
@@ -281,10 +300,12 @@ conv2d_grad_input.register_autograd(_grad_input_backward, setup_context=_grad_in
 # conv2d_grad_weight
 # --------------------------------------------------------------------------------------------
 
-def _grad_weight_plan(grad_output, input, weight_size, stride, padding, dilation, groups, algo):
+def _grad_weight_plan(grad_output, input, weight_size, stride, padding, dilation, groups, algo,
+                      tune=False):
     _check_operand("input", input, grad_output, "grad_output")
     plan = _plan(Pass.GRAD_WEIGHT, input.shape, tuple(weight_size), stride, padding, dilation,
-                 groups, algo, device_type(grad_output), grad_output.dtype)
+                 groups, algo, device_type(grad_output), grad_output.dtype, False,
+                 _layout_name(input) if algo == "auto" else None, tune)
     _check_grad_output(grad_output, plan.problem)
     return plan
 
@@ -293,7 +314,7 @@ def grad_weight_forward(grad_output: Tensor, input: Tensor, weight_size, stride,
                         dilation, groups: int, algo: str) -> Tensor:
     """The body of the conv2d_grad_weight op (also called directly by fastconv.autograd)."""
     problem, kernels = _grad_weight_plan(grad_output, input, weight_size, stride, padding,
-                                         dilation, groups, algo)
+                                         dilation, groups, algo, tune=True)
     gw = input.new_empty(problem.weight_shape)
     if gw.numel() == 0:
         return gw
