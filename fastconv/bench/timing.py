@@ -24,6 +24,7 @@ class Timing:
     q1: float
     q3: float
     calls: int
+    samples: tuple = ()  # seconds per call of each sample
 
     def gflops(self, flops: float) -> float:
         return flops / self.median / 1e9
@@ -44,7 +45,7 @@ def measure(fn: Callable[[], object], *, min_time: float = 0.3, min_reps: int = 
             fn()
         samples.append((time.perf_counter() - t0) / inner)
     q = statistics.quantiles(samples, n=4) if len(samples) > 1 else samples * 3
-    return Timing(statistics.median(samples), q[0], q[2], len(samples) * inner)
+    return Timing(statistics.median(samples), q[0], q[2], len(samples) * inner, tuple(samples))
 
 
 def geomean(values) -> float:
