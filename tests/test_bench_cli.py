@@ -106,6 +106,7 @@ def test_first_layer_computes_no_input_gradient():
     (["--batch", "0"], "positive"),
     (["--threads", "0"], "positive"),
     (["--compare", "/nonexistent.json"], "cannot read"),
+    (["--weight-cache", "--pass", "bwd"], "--pass fwd"),
 ])
 def test_bad_arguments_exit_with_a_message(capsys, args, message):
     with pytest.raises(SystemExit) as e:
@@ -145,3 +146,13 @@ def test_whole_model_runner():
     for r in results:
         assert r.torch_ms > 0 and r.fastconv_ms > 0 and r.speedup > 0
         assert r.max_abs_diff < 1e-4
+
+
+def test_weight_cache_forward(tmp_path, capsys):
+    js = tmp_path / "r.json"
+    out = _run(capsys, *SHAPES, *FAST, "--algos", "direct,winograd_f2,auto,autotune",
+               "--weight-cache", "--json", str(js))
+    assert "weight cache" in out
+    data = json.loads(js.read_text())
+    assert data["meta"]["weight_cache"] is True
+    assert all(r["max_rel_err"] < 1e-4 for r in data["results"])

@@ -71,6 +71,10 @@ def _parser() -> argparse.ArgumentParser:
     how.add_argument("--min-time", type=float, default=0.05,
                      help="seconds of samples per strategy and round (default 0.05; at "
                           "least 3 calls after 1 warm-up call)")
+    how.add_argument("--weight-cache", action="store_true",
+                     help="forward: fastconv runs on fastconv.prepack(weight), packed or "
+                          "transformed once outside the timing, as fastconv.nn.Conv2d does "
+                          "in inference (no_grad); auto then knows the weights are packed")
     how.add_argument("--isa", choices=backend.ISAS, default=None,
                      help="run fastconv's kernels of this ISA (default: the fastest this "
                           "CPU has)")
@@ -124,12 +128,13 @@ def _header(args, peak: float) -> dict:
                 fastconv=__version__, torch=torch.__version__, isa=backend.get_isa(),
                 threads=torch.get_num_threads(), dtype=args.dtype, layout=args.layout,
                 pass_=args.pass_, batch=args.batch, rounds=args.rounds,
+                weight_cache=args.weight_cache,
                 peak_gflops=round(peak, 1), fma_peak_gflops=None)
     from .timing import peak_gflops
     meta["fma_peak_gflops"] = peak_gflops() * (1 if args.dtype == "float32" else 0.5)
     print(f"fastconv {__version__} · torch {meta['torch']} · isa {meta['isa']} · "
           f"{meta['threads']} threads · {args.dtype} · {args.layout} · pass {args.pass_} · "
-          f"{args.rounds} rounds\npeak {peak:.0f} GFLOP/s (measured now: fastconv's GEMM, "
+          f"{args.rounds} rounds{' · weight cache' if args.weight_cache else ''}\npeak {peak:.0f} GFLOP/s (measured now: fastconv's GEMM, "
           f"1536^3; nominal FMA peak {meta['fma_peak_gflops']:.0f})")
     return meta
 
@@ -172,6 +177,8 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     if args.batch <= 0 or args.rounds <= 0 or args.min_time <= 0:
         p.error("--batch, --rounds and --min-time must be positive")
+    if args.weight_cache and args.pass_ != "fwd":
+        p.error("--weight-cache is for --pass fwd (training packs the weights every step)")
     if args.isa is not None:
         try:
             backend.set_isa(args.isa)
@@ -196,7 +203,8 @@ def main(argv=None) -> int:
     peak = runner.measure_peak(dtype)
     meta = _header(args, peak)
     cfg = Config(batch=args.batch, dtype=dtype, layout=args.layout, pass_=args.pass_,
-                 rounds=args.rounds, min_time=args.min_time, phases=args.phases)
+                 rounds=args.rounds, min_time=args.min_time, phases=args.phases,
+                 weight_cache=args.weight_cache)
     runs = []
     with _progress(len(layers) * len(names) * args.rounds, not args.no_progress,
                    "layers") as bar:

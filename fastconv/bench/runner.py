@@ -68,6 +68,9 @@ class Config:
     rounds: int = 3
     min_time: float = 0.05          # seconds of samples per strategy and round
     phases: bool = False
+    #: Forward only: fastconv runs on fastconv.prepack(weight), packed once outside the
+    #: timing, as fastconv.nn.Conv2d does under no_grad (the inference weight cache).
+    weight_cache: bool = False
 
 
 @dataclass
@@ -162,10 +165,12 @@ def _runs(name: str, layer: ConvLayer, cfg: Config) -> str:
     picks = {}
     for p in PASSES[cfg.pass_]:
         if name == "autotune":
-            entry = autotune.lookup(autotune.make_key(problem, p, cfg.dtype, cfg.layout))
+            entry = autotune.lookup(autotune.make_key(problem, p, cfg.dtype, cfg.layout,
+                                                      prepacked=cfg.weight_cache))
             picks[p] = entry.algo if entry else "auto"
         else:
-            picks[p] = dispatch.resolve(name, problem, "cpu", cfg.dtype, p)[0].name
+            picks[p] = dispatch.resolve(name, problem, "cpu", cfg.dtype, p,
+                                        prepacked=cfg.weight_cache)[0].name
     if len(set(picks.values())) == 1:
         return next(iter(picks.values()))
     short = {Pass.FORWARD: "fwd", Pass.GRAD_INPUT: "gi", Pass.GRAD_WEIGHT: "gw"}
@@ -245,10 +250,14 @@ class _Operands:
         return err
 
 
-def _conv_of(name: str) -> Callable:
+def _conv_of(name: str, packed=None) -> Callable:
+    """The strategy's convolution; ``packed``: a fastconv.prepack of the weight that
+    fastconv's strategies use in its place (the inference weight cache)."""
     if name == "torch":
         return F.conv2d
     algo = "auto" if name == "autotune" else name
+    if packed is not None:
+        return lambda x, w, b, **kw: fastconv_conv2d(x, packed, b, **kw, algo=algo)
     return lambda x, w, b, **kw: fastconv_conv2d(x, w, b, **kw, algo=algo)
 
 
@@ -276,7 +285,11 @@ def run_layer(layer: ConvLayer, names: Iterable[str], cfg: Config,
     skipped = {n: r for n in names if (r := why_not(n, layer, cfg)) is not None}
     running = [n for n in names if n not in skipped]
     ops = _Operands(layer, cfg)
-    runs = {n: ops.runner(_conv_of(n)) for n in running}
+    packed = None
+    if cfg.weight_cache and cfg.pass_ == "fwd":
+        from ..weight_cache import prepack
+        packed = prepack(ops.w)
+    runs = {n: ops.runner(_conv_of(n, packed)) for n in running}
     errors, picks, phases = {}, {}, {}
     for n in running:
         with _context(n):
