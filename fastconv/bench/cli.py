@@ -224,7 +224,8 @@ def main(argv=None) -> int:
         report.to_csv(args.csv, runs)
     if args.plot:
         from .plots import plot
-        plot(runs, peak, f"fastconv {args.suite or 'custom'} N={args.batch} {args.dtype} "
+        suite = args.suite or ("custom" if args.shape else "resnet50")
+        plot(runs, peak, f"fastconv-bench {suite} N={args.batch} {args.dtype} "
                          f"{args.layout} {args.pass_}, {torch.get_num_threads()} threads, "
                          f"{backend.get_isa()}", args.plot)
         print(f"plot written to {args.plot}")

@@ -14,7 +14,9 @@ def plot(runs: list, peak: float, title: str, path: str) -> None:
     import matplotlib.pyplot as plt
 
     layers = [run.layer.name for run in runs]
-    names = list(dict.fromkeys(r.strategy for run in runs for r in run.results))
+    from .runner import strategies
+    ran = {r.strategy for run in runs for r in run.results}
+    names = [n for n in strategies() if n in ran]       # the CLI's order, colours stable
     width = 0.8 / max(1, len(names))
     size = (max(9.0, 0.25 * len(layers) * len(names) ** 0.5 + 3), 9)
     fig, (top, bottom) = plt.subplots(2, 1, figsize=size, sharex=True)
