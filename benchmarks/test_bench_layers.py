@@ -35,19 +35,20 @@ def test_layer_forward(benchmark, layer, strategy):
     why = runner.why_not(strategy, layer, cfg)
     if why is not None:
         pytest.skip(f"{strategy} cannot run {layer.id}: {why}")
-    operands = runner._Operands(layer, cfg)
-    run = operands.runner(runner._conv_of(strategy))
+    operands = runner.Operands(layer, cfg)
+    run = operands.runner(runner.conv_of(strategy))
     assert operands.max_rel_err(run()) < 1e-4
     benchmark.group = f"{layer.id} N={BATCH}"
     benchmark.extra_info["flops"] = layer.flops(BATCH)
     benchmark.pedantic(run, rounds=7, iterations=1, warmup_rounds=2)
-    benchmark.extra_info["gflops"] = layer.flops(BATCH) / benchmark.stats.stats.median / 1e9
+    if benchmark.stats:   # None under --benchmark-disable
+        benchmark.extra_info["gflops"] = layer.flops(BATCH) / benchmark.stats.stats.median / 1e9
 
 
 @pytest.mark.parametrize("strategy", ["torch", "auto"])
 def test_tiny_conv_overhead(benchmark, strategy):
     x, w, b = torch.randn(1, 8, 8, 8), torch.randn(8, 8, 3, 3), torch.randn(8)
-    conv = runner._conv_of(strategy)
+    conv = runner.conv_of(strategy)
     benchmark.group = "per-call overhead 1x8x8x8 * 8x8x3x3"
     benchmark(lambda: conv(x, w, b, padding=1))
 
@@ -57,8 +58,8 @@ def test_interleaved_with_torch_ops(benchmark, strategy):
     """Conv (ours or torch's) then torch's batch_norm and relu, as a model runs them: shows
     any fight between OpenMP thread pools."""
     layers = [l for l in RESNET50_DIRECT_TARGETS if l.C == l.K and l.stride == 1]
-    operands = [runner._Operands(l, Config(batch=4)) for l in layers]
-    conv = runner._conv_of(strategy)
+    operands = [runner.Operands(l, Config(batch=4)) for l in layers]
+    conv = runner.conv_of(strategy)
 
     def run():
         for layer, o in zip(layers, operands):

@@ -177,7 +177,7 @@ def _runs(name: str, layer: ConvLayer, cfg: Config) -> str:
     return " ".join(f"{short[p]}:{a}" for p, a in picks.items())
 
 
-class _Operands:
+class Operands:
     """The layer's tensors (seeded), their float64 reference results, and callables that run
     the configured pass with a given convolution."""
 
@@ -250,7 +250,7 @@ class _Operands:
         return err
 
 
-def _conv_of(name: str, packed=None) -> Callable:
+def conv_of(name: str, packed=None) -> Callable:
     """The strategy's convolution; ``packed``: a fastconv.prepack of the weight that
     fastconv's strategies use in its place (the inference weight cache)."""
     if name == "torch":
@@ -284,16 +284,16 @@ def run_layer(layer: ConvLayer, names: Iterable[str], cfg: Config,
     names = list(names)
     skipped = {n: r for n in names if (r := why_not(n, layer, cfg)) is not None}
     running = [n for n in names if n not in skipped]
-    ops = _Operands(layer, cfg)
+    operands = Operands(layer, cfg)
     packed = None
     if cfg.weight_cache and cfg.pass_ == "fwd":
         from ..weight_cache import prepack
-        packed = prepack(ops.w)
-    runs = {n: ops.runner(_conv_of(n, packed)) for n in running}
+        packed = prepack(operands.w)
+    runs = {n: operands.runner(conv_of(n, packed)) for n in running}
     errors, picks, phases = {}, {}, {}
     for n in running:
         with _context(n):
-            errors[n] = ops.max_rel_err(runs[n]())   # also autotune's one-off timing
+            errors[n] = operands.max_rel_err(runs[n]())   # also autotune's one-off timing
             picks[n] = _runs(n, layer, cfg)
         phases[n] = _phases(n, picks[n], runs[n], cfg)
     samples = {n: [] for n in running}
@@ -305,7 +305,7 @@ def run_layer(layer: ConvLayer, names: Iterable[str], cfg: Config,
             samples[n] += t.samples
             medians[n].append(t.median)
             tick(n)
-    passes = (cfg.pass_ != "bwd") + (cfg.pass_ != "fwd") * (1 + ops.input_grad)
+    passes = (cfg.pass_ != "bwd") + (cfg.pass_ != "fwd") * (1 + operands.input_grad)
     flops = layer.flops(cfg.batch) * passes
     results = []
     for n in running:
