@@ -113,10 +113,34 @@ def _mobilenet_v2() -> list:
     return _dedupe("mobilenet_v2", layers)
 
 
+def _efficientnet_b0() -> list:
+    layers = [("stem 3x3/2 3>32 @224", 3, 224, 32, 3, 2, 1, 1)]
+    C, H = 32, 112
+    # (expansion, kernel, first stride, output channels, repeats), from the EfficientNet paper.
+    for t, k, s, c, n in [(1, 3, 1, 16, 1), (6, 3, 2, 24, 2), (6, 5, 2, 40, 2), (6, 3, 2, 80, 3),
+                          (6, 5, 1, 112, 3), (6, 5, 2, 192, 4), (6, 3, 1, 320, 1)]:
+        for i in range(n):
+            stride = s if i == 0 else 1
+            hidden, squeezed = C * t, max(1, C // 4)  # SE squeezes to 1/4 of the block's input
+            if t != 1:
+                layers.append((f"expand 1x1 {C}>{hidden} @{H}", C, H, hidden, 1, 1, 0, 1))
+            layers.append((f"dw {k}x{k}{'/2' if stride == 2 else ''} {hidden} @{H}",
+                           hidden, H, hidden, k, stride, (k - 1) // 2, hidden))
+            H //= stride
+            # Squeeze-excitation: two 1x1 convs (with bias) on the globally pooled 1x1 map.
+            layers.append((f"se 1x1 {hidden}>{squeezed} @1", hidden, 1, squeezed, 1, 1, 0, 1))
+            layers.append((f"se 1x1 {squeezed}>{hidden} @1", squeezed, 1, hidden, 1, 1, 0, 1))
+            layers.append((f"project 1x1 {hidden}>{c} @{H}", hidden, H, c, 1, 1, 0, 1))
+            C = c
+    layers.append((f"head 1x1 {C}>{4 * C} @{H}", C, H, 4 * C, 1, 1, 0, 1))
+    return _dedupe("efficientnet_b0", layers)
+
+
 NETWORKS = {
     "resnet50": _resnet50(),
     "vgg16": _vgg16(),
     "mobilenet_v2": _mobilenet_v2(),
+    "efficientnet_b0": _efficientnet_b0(),
 }
 ALL_LAYERS = [layer for layers in NETWORKS.values() for layer in layers]
 
