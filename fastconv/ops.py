@@ -540,8 +540,10 @@ def _conv2d_bn_setup(ctx, inputs, output):
     (input, weight, bias, bn_weight, bn_bias, stride, padding, dilation, groups, algo, eps,
      activation) = inputs
     y, z, mean, invstd = output
+    # Without an activation the backward needs no y: z stands in for it, so that y may be
+    # changed in place afterwards (an inplace SiLU after Conv -> BN), as torch's BN allows.
     conv2d_setup(ctx, (input, weight, bias, stride, padding, dilation, groups, algo), None,
-                 saved=(y, z, mean, invstd, bn_weight))
+                 saved=(y if activation != "none" else z, z, mean, invstd, bn_weight))
     ctx.activation = activation
     ctx.affine = bn_weight is not None, bn_bias is not None
     ctx.mark_non_differentiable(z, mean, invstd)

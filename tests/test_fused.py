@@ -395,3 +395,21 @@ def test_fuse_leaves_models_without_chains_alone():
     assert fastconv.fuse(model) is model and type(model[0]) is nn.Conv2d
     with pytest.raises(TypeError, match="torch.nn.Module"):
         fastconv.fuse(lambda x: x)
+
+
+def test_output_changed_in_place_after_conv_bn_trains_like_torch():
+    """Conv -> BN (no activation) -> an in-place activation, as EfficientNet's SiLU(inplace)
+    does: the backward needs no BN output, so changing it in place is allowed (as in torch)."""
+    torch.manual_seed(0)
+    ref = torch.nn.Sequential(torch.nn.Conv2d(4, 6, 3, padding=1), torch.nn.BatchNorm2d(6),
+                              torch.nn.SiLU(inplace=True))
+    ours = fastconv.fuse(fastconv.convert(copy.deepcopy(ref)))
+    assert isinstance(ours[0], fastconv.nn.ConvBNReLU2d)
+    x = torch.randn(2, 4, 8, 8)
+    grads = []
+    for m in (ref, ours):
+        m.train()
+        m(x).square().sum().backward()
+        grads.append([p.grad for p in m.parameters()])
+    for g_ref, g_ours in zip(*grads):
+        assert_close(g_ours, g_ref, atol=1e-4, rtol=1e-4, what="gradient")

@@ -1,4 +1,4 @@
-"""One test per real network layer (ResNet-50, VGG-16, MobileNetV2), batch 1, float32,
+"""One test per real network layer (ResNet-50, VGG-16, MobileNetV2, EfficientNet-B0), batch 1, float32,
 against torch's float64 convolution: the NNPACK-style layer tester."""
 from __future__ import annotations
 

@@ -156,10 +156,13 @@ def _run_model(args, p) -> int:
                             channels_last=args.layout == "nhwc", dtype=dtype,
                             tick=lambda _: bar.update())
     print(f"\n{'model':18s} {'mode':13s} {'N':>3s} {'torch ms':>10s} {'fastconv ms':>11s} "
-          f"{'speedup':>8s} {'max diff':>9s}")
+          f"{'speedup':>8s} {'max diff':>9s} {'of':>8s}")
     for r in results:
         print(f"{r.model:18s} {r.mode:13s} {r.batch:3d} {r.torch_ms:10.1f} "
-              f"{r.fastconv_ms:11.1f} {r.speedup:7.2f}x {r.max_abs_diff:9.1e}  ({r.detail})")
+              f"{r.fastconv_ms:11.1f} {r.speedup:7.2f}x {r.max_abs_diff:9.1e} "
+              f"{r.reference_scale:8.2g}  ({r.detail})")
+    print("(speedup: median of the per-round ratios; 'of': the size of what is compared, "
+          "max |torch's output| or torch's first loss)")
     if args.json:
         import json
         with open(args.json, "w") as f:

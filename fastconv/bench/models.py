@@ -253,4 +253,22 @@ def build(name: str, **kwargs) -> nn.Module:
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; valid names: {', '.join(MODELS)}, or "
                          f"'{_TORCHVISION}<name>' for a torchvision model")
-    return MODELS[name](**kwargs)
+    return init_like_torchvision(MODELS[name](**kwargs))
+
+
+def init_like_torchvision(model: nn.Module) -> nn.Module:
+    """The initialisation torchvision gives these networks (He-normal convolutions by fan-out,
+    BatchNorm scale 1 and shift 0, small normal Linear weights, zero biases). With PyTorch's
+    default initialisation instead, the deep features of ResNet-50 or EfficientNet-B0 shrink
+    to nearly nothing and their outputs to the classifier's bias, so a comparison of two
+    implementations' outputs would check little."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+        elif isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, 0, 0.01)
+        if isinstance(m, (nn.Conv2d, nn.BatchNorm2d, nn.Linear)) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+    return model

@@ -24,6 +24,7 @@ class ModelResult:
     fastconv_ms: float
     speedup: float          # median of the per-round ratios
     max_abs_diff: float     # eval: outputs; train: first step's losses
+    reference_scale: float  # eval: max |torch's output|; train: torch's first loss
     detail: str
 
 
@@ -40,11 +41,11 @@ def _interleaved(fns: dict, rounds: int, min_time: float, tick: Callable) -> dic
     return medians
 
 
-def _result(name, mode, batch, medians, diff, detail) -> ModelResult:
+def _result(name, mode, batch, medians, diff, scale, detail) -> ModelResult:
     t, f = medians["torch"], medians["fastconv"]
     return ModelResult(name, mode, batch, statistics.median(t) * 1e3,
                        statistics.median(f) * 1e3,
-                       statistics.median(a / b for a, b in zip(t, f)), diff, detail)
+                       statistics.median(a / b for a, b in zip(t, f)), diff, scale, detail)
 
 
 def run_model(name: str, model: torch.nn.Module, batch: int, rounds: int = 3,
@@ -63,11 +64,13 @@ def run_model(name: str, model: torch.nn.Module, batch: int, rounds: int = 3,
     ref = copy.deepcopy(model).eval()
     ours = _fastconv_copy(ref).eval()
     with torch.no_grad():
-        diff = (ref(x) - ours(x)).abs().max().item()
+        expected = ref(x)
+        diff = (expected - ours(x)).abs().max().item()
+        scale = expected.abs().max().item()
         medians = _interleaved({"torch": lambda: ref(x), "fastconv": lambda: ours(x)}, rounds,
                                min_time, tick)
-    results.append(_result(name, "eval forward", batch, medians, diff,
-                           "convert + fuse, max |output difference|"))
+    results.append(_result(name, "eval forward", batch, medians, diff, scale,
+                           "convert + fuse; max |output difference|"))
     if not train:
         return results
 
@@ -78,6 +81,8 @@ def run_model(name: str, model: torch.nn.Module, batch: int, rounds: int = 3,
 
     def step(m, opt, key):
         def run():
+            if key not in first:
+                torch.manual_seed(1)   # same random draws (dropout, stochastic depth)
             opt.zero_grad(set_to_none=True)
             loss = F.cross_entropy(m(x), labels)
             loss.backward()
@@ -90,6 +95,6 @@ def run_model(name: str, model: torch.nn.Module, batch: int, rounds: int = 3,
            "fastconv": step(ours, torch.optim.SGD(ours.parameters(), lr=0.0), "fastconv")}
     medians = _interleaved(fns, rounds, min_time, tick)
     results.append(_result(name, "train step", batch, medians,
-                           abs(first["torch"] - first["fastconv"]),
-                           "forward + backward + SGD step, |loss difference| of the first step"))
+                           abs(first["torch"] - first["fastconv"]), abs(first["torch"]),
+                           "forward + backward + SGD step; |loss difference| of the first step"))
     return results
