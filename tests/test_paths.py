@@ -134,9 +134,20 @@ def test_workspace_estimate_bounds_what_a_call_takes(case, algo):
 
 @pytest.mark.parametrize("groups", [1, 2])
 @pytest.mark.parametrize("batch", [1, 3])
-def test_pointwise_backward_native_nchw_split_over_images(groups, batch, isa):
-    # im2col's NCHW pointwise grad-weight gives each thread its own images and partial sums
-    # (large enough here for two threads); grad-input runs one GEMM per image.
+@pytest.mark.parametrize("threads", [2, 3])
+def test_pointwise_backward_native_nchw_split_over_images(groups, batch, threads, isa):
+    # im2col's NCHW pointwise grad-weight gives each thread its own share of the batch's
+    # pixels (whole images, or parts of one: batch 1, and 3 images over 2 threads) and partial
+    # sums; grad-input runs one GEMM per image.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _check_pointwise_backward(groups, batch)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _check_pointwise_backward(groups, batch):
     g = torch.Generator().manual_seed(batch)
     x = torch.randn(batch, 32, 20, 21, generator=g, dtype=torch.float64)
     w = torch.randn(48, 32 // groups, 1, 1, generator=g, dtype=torch.float64)
