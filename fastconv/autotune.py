@@ -276,7 +276,7 @@ def _tune(key: TuneKey) -> Optional[Entry]:
                         warmup=1).median * 1e3
             best[name] = min(best.get(name, t), t)
     winner = min(best, key=best.get)
-    heuristic = choose(p, key.device, dtype, key.prepacked)
+    heuristic = choose(p, key.device, dtype, key.prepacked, pass_)
     if (heuristic is not None and heuristic.name in best
             and best[heuristic.name] <= best[winner] * (1 + KEEP_HEURISTIC_WITHIN)):
         winner = heuristic.name

@@ -35,12 +35,17 @@ def _runs(name: str, problem: Conv2dProblem, device_type: str, dtype: torch.dtyp
 
 
 def winograd_tile(problem: Conv2dProblem, device_type: str = "cpu",
-                  dtype: torch.dtype = torch.float32,
-                  prepacked: bool = False) -> Optional[Algorithm]:
+                  dtype: torch.dtype = torch.float32, prepacked: bool = False,
+                  pass_: Pass = Pass.FORWARD) -> Optional[Algorithm]:
     """``winograd``: the tile size for one convolution (None when no Winograd runs it).
 
     F(6x6, 3x3) on maps of 56+ with at most 128 channels, F(2x2, 3x3) when the batch has
     fewer than 784 output pixels (196 with ``prepacked`` filters), F(4x4, 3x3) otherwise.
+    Grad-weight: F4 from 1024 pixels where its 4x4 tiles cover the map with at most 15 %
+    padding, else F2; never F6. Measured, ms F2 / F4: 512 @28 batch 2 (1568 pixels) 24.2 /
+    19.0, batch 1 (784) 14.9 / 15.1; 256 @56 batch 1 12.0 / 9.4; 256 @14 batch 8 (1568
+    pixels, but 14 = 3.5 tiles of 4: 31 % padding) 8.1 / 9.0, batch 4 2.9 / 3.7; 512 @7
+    batch 8 8.3 / 9.3. F6: 64 @56 batch 1 1.16 vs F4 0.94, 256 @14 batch 8 8.7 vs 7.1.
 
     Prepacked (the weight cache: filters transformed once), speedups over torch of
     F2 / F4 / F6: batch 1: 512 @7 (49 pixels) 1.25 / 0.50 / 0.28, 256 @14 (196) 0.91 / 1.39
@@ -61,6 +66,11 @@ def winograd_tile(problem: Conv2dProblem, device_type: str = "cpu",
         return _runs(name, problem, device_type, dtype)
 
     p = problem
+    if pass_ == Pass.GRAD_WEIGHT:
+        padded = (-(-p.OH // 4) * 4) * (-(-p.OW // 4) * 4)
+        f4 = p.N * p.OH * p.OW >= 1024 and padded <= 1.15 * p.OH * p.OW
+        order = ("winograd_f4", "winograd_f2") if f4 else ("winograd_f2", "winograd_f4")
+        return next((BY_NAME[n] for n in order + ("winograd_f6",) if runs(n)), None)
     if p.OH * p.OW >= 56 * 56 and max(p.Cg, p.Kg) <= 128 and runs("winograd_f6"):
         return BY_NAME["winograd_f6"]
     f2_below = 196 if prepacked else 784
@@ -70,11 +80,12 @@ def winograd_tile(problem: Conv2dProblem, device_type: str = "cpu",
 
 
 def choose(problem: Conv2dProblem, device_type: str = "cpu",
-           dtype: torch.dtype = torch.float32, prepacked: bool = False) -> Optional[Algorithm]:
-    """``auto``: the algorithm for one convolution, or None when no registered algorithm can
-    run it (callers then use torch's own convolution, or report the reasons). ``prepacked``:
-    the call's weights come from the weight cache (fastconv.weight_cache), so packing and
-    filter transforms cost nothing.
+           dtype: torch.dtype = torch.float32, prepacked: bool = False,
+           pass_: Pass = Pass.FORWARD) -> Optional[Algorithm]:
+    """``auto``: the algorithm for one pass of one convolution, or None when no registered
+    algorithm can run it (callers then use torch's own convolution, or report the reasons).
+    ``prepacked``: the call's weights come from the weight cache (fastconv.weight_cache), so
+    packing and filter transforms cost nothing.
 
     * 1x1 without groups: the packed GEMM (1.0-1.35x torch at batch 1, against 0.44-1.0x for
       direct, whose register tile wastes lanes on 7x7 maps).
@@ -95,16 +106,33 @@ def choose(problem: Conv2dProblem, device_type: str = "cpu",
       1.67x; channels_last 0.23-1.32x).
     * Everything else (spatial kernels, strided and grouped layers): direct
       (3x3: 0.8-1.4x torch vs 0.55-0.95x for im2col; each group's GEMM is tiny).
+
+    Grad-weight differs (benchmarks: fastconv-bench --pass fwdbwd with autotune, then each
+    pass timed alone; ResNet-50, ms):
+
+    * stems: direct, whose register tile sums a tap row's strips of few channels
+      (7x7/2 3>64 @224: batch 8 20.8 vs im2col 39.5; batch 1 2.24 vs 7.55);
+    * strided spatial kernels: im2col, a GEMM with the pixels as its long reduction
+      (3x3/2 128 @56, 256 @28, 512 @14: batch 8 12.9 / 13.3 / 15.4 vs direct 14.4 / 15.0 /
+      19.3; batch 1 1.37 / 2.45 / 4.36 vs 1.61 / 3.24 / 6.98);
+    * Winograd from 49 pixels: it transforms no filters, only its dW, once per call
+      (batch 1: 3x3 256 @14 F2 1.15 vs direct 2.75, 512 @7 2.10 vs 5.23).
     """
     def runs(name: str) -> bool:
         return _runs(name, problem, device_type, dtype)
 
     p = problem
+    grad_weight = pass_ == Pass.GRAD_WEIGHT
+    stem = p.groups == 1 and p.C <= 4 and (p.R, p.S) != (1, 1)
+    if grad_weight and stem and runs("direct"):
+        return BY_NAME["direct"]
     if p.groups == 1 and (p.R == p.S == 1 or p.C <= 4) and runs("im2col"):
         return BY_NAME["im2col"]
-    min_pixels = 49 if prepacked else 392
+    if grad_weight and p.groups == 1 and p.stride != (1, 1) and runs("im2col"):
+        return BY_NAME["im2col"]
+    min_pixels = 49 if prepacked or grad_weight else 392
     if p.groups == 1 and min(p.Cg, p.Kg) >= 16 and p.N * p.OH * p.OW >= min_pixels:
-        tile = winograd_tile(p, device_type, dtype, prepacked)
+        tile = winograd_tile(p, device_type, dtype, prepacked, pass_)
         if tile is not None:
             return tile
     if p.Cg == 1 and p.groups > 1 and runs("depthwise"):
@@ -116,7 +144,7 @@ def choose(problem: Conv2dProblem, device_type: str = "cpu",
 
 
 #: Family name -> the function that picks its member for a problem, called as
-#: (problem, device_type, dtype, prepacked) (None: none can run it).
+#: (problem, device_type, dtype, prepacked, pass_) (None: none can run it).
 FAMILY_CHOICE = {"winograd": winograd_tile}
 assert set(FAMILY_CHOICE) == set(FAMILIES), "every registry family needs a chooser here"
 
@@ -126,7 +154,7 @@ def resolve(algo: str, problem: Conv2dProblem, device_type: str, dtype: torch.dt
     """(algorithm, its kernels for the device) for a call (``prepacked``: its weights come
     from the weight cache), or AlgorithmUnavailable saying why: the named algorithm's reason, or every algorithm's reason when ``auto`` finds none."""
     if algo == "auto":
-        chosen = choose(problem, device_type, dtype, prepacked)
+        chosen = choose(problem, device_type, dtype, prepacked, pass_)
         if chosen is None:
             reasons = "; ".join(f"{a.name}: {a.unsupported(problem, device_type, dtype)}"
                                 for a in ALGORITHMS)
@@ -135,7 +163,7 @@ def resolve(algo: str, problem: Conv2dProblem, device_type: str, dtype: torch.dt
         return chosen, chosen.require(problem, device_type, dtype, pass_)
     name = check_algo(algo)
     if name in FAMILIES:
-        chosen = FAMILY_CHOICE[name](problem, device_type, dtype, prepacked)
+        chosen = FAMILY_CHOICE[name](problem, device_type, dtype, prepacked, pass_)
         if chosen is None:  # every member fails for the same reason: report the first's
             reason = FAMILIES[name][0].unsupported(problem, device_type, dtype, pass_)
             raise AlgorithmUnavailable(f"fastconv: algo={name!r} cannot run this convolution: "
@@ -155,9 +183,11 @@ class Candidate:
 @dataclass(frozen=True)
 class Explanation:
     problem: Conv2dProblem
-    choice: Optional[str]       # what auto picks (None: torch's own convolution)
+    choice: Optional[str]       # what auto picks for the forward (None: torch's own)
     why: str
     candidates: tuple
+    grad_input_choice: Optional[str] = None    # auto's heuristic for the backward passes
+    grad_weight_choice: Optional[str] = None
 
     def __str__(self) -> str:
         p = self.problem
@@ -165,6 +195,9 @@ class Explanation:
                  f"{p.padding}, dilation {p.dilation}, groups {p.groups} -> {p.output_shape}: "
                  f"{p.flops / 1e9:.3f} GFLOP",
                  f"auto picks {self.choice or 'torch'}: {self.why}"]
+        if self.grad_weight_choice is not None:
+            lines.append(f"backward: grad-input {self.grad_input_choice}, grad-weight "
+                         f"{self.grad_weight_choice}")
         for c in self.candidates:
             state = (f"can run, workspace {c.workspace_bytes / 2**20:.2f} MiB"
                      if c.reason is None else f"cannot run: {c.reason}")
@@ -199,6 +232,9 @@ def explain(input_shape, weight_shape, stride=1, padding=0, dilation=1, groups: 
         why = "no fastconv algorithm can run it, so fastconv.conv2d calls torch's convolution"
     elif chosen.name == "im2col" and problem.R == problem.S == 1:
         why = "1x1 without groups: the packed GEMM beats the direct kernel on every such layer"
+    elif chosen.name == "im2col" and problem.C <= 4:
+        why = ("a stem (4 or fewer input channels): the packed GEMM's columns hold every tap, "
+               "where the direct kernel's reduction is only C deep per tap")
     elif chosen.family == "winograd":
         why = (f"3x3 stride-1 layer with enough channels and pixels: Winograd "
                f"{chosen.name[-2:].upper()} does {chosen.name[-1]}x{chosen.name[-1]} outputs "
@@ -223,4 +259,7 @@ def explain(input_shape, weight_shape, stride=1, padding=0, dilation=1, groups: 
                                                                      key=lambda i: i[1]))
             why = f"autotune measured it fastest ({times or 'the only candidate'})"
             choice = entry.algo
-    return Explanation(problem, choice, why, tuple(candidates))
+    backward = [choose(problem, device_type, dtype, False, p)
+                for p in (Pass.GRAD_INPUT, Pass.GRAD_WEIGHT)]
+    return Explanation(problem, choice, why, tuple(candidates),
+                       *(a.name if a is not None else None for a in backward))

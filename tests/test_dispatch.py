@@ -21,6 +21,25 @@ def _choice(layer, batch=1):
     return dispatch.choose(_problem(layer, batch)).name
 
 
+@pytest.mark.parametrize("layer, batch, forward, grad_input, grad_weight", [
+    ("conv1 7x7/2 3>64 @224", 8, "im2col", "im2col", "direct"),       # stem
+    ("3x3/2 128 @56", 8, "direct", "direct", "im2col"),               # strided spatial
+    ("3x3/2 512 @14", 1, "direct", "direct", "im2col"),
+    ("1x1/2 downsample 256>512 @56", 1, "im2col", "im2col", "im2col"),
+    ("3x3 512 @7", 1, "direct", "direct", "winograd_f2"),             # 49 pixels
+    ("3x3 256 @14", 8, "winograd_f4", "winograd_f4", "winograd_f2"),  # 1568 pixels
+    ("3x3 64 @56", 8, "winograd_f6", "winograd_f6", "winograd_f4"),   # no F6 for dW
+])
+def test_auto_per_pass(layer, batch, forward, grad_input, grad_weight):
+    problem = _problem({l.name: l for l in NETWORKS["resnet50"]}[layer], batch)
+    picks = [dispatch.choose(problem, pass_=p).name for p in Pass]
+    assert picks == [forward, grad_input, grad_weight]
+    e = fastconv.explain(problem.input_shape, problem.weight_shape, problem.stride,
+                         problem.padding[::2], groups=problem.groups)
+    assert (e.choice, e.grad_input_choice, e.grad_weight_choice) == tuple(picks)
+    assert f"grad-weight {grad_weight}" in str(e)
+
+
 def test_auto_picks_gemm_for_1x1_and_stems_winograd_for_3x3_and_direct_otherwise():
     by_name = {l.name: l for l in NETWORKS["resnet50"]}
     assert _choice(by_name["1x1 256>64 @56"]) == "im2col"
