@@ -160,3 +160,30 @@ def _check_pointwise_backward(groups, batch):
                  atol=1e-10, rtol=1e-10, what="grad weight")
     assert_close(gx, torch.nn.grad.conv2d_input(x.shape, w, gy, groups=groups),
                  atol=1e-10, rtol=1e-10, what="grad input")
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_direct_backward_memory_does_not_grow_with_the_batch(stride, channels_last):
+    """Direct grad-input and grad-weight convert their operands a group of images at a time
+    under the layout budget: their scratch memory is the same for 8 images and for 32."""
+    used = {}
+    for batch in (8, 32):
+        x = torch.randn(batch, 16, 12, 12)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        w = torch.randn(24, 16, 3, 3)
+        conv = ([stride] * 2, [1] * 4, [1, 1], 1, "direct")
+        gy = torch.randn(batch, 24, 12 // stride, 12 // stride)
+        for name, call in (("grad_input", lambda: ops.conv2d_grad_input(gy, w, list(x.shape), *conv)),
+                           ("grad_weight", lambda: ops.conv2d_grad_weight(gy, x, list(w.shape), *conv))):
+            with tuning(layout_budget_bytes=20_000):   # 1-3 images per group here
+                fastconv.release_workspaces()
+                got = call()
+                used[name, batch] = sum(workspace_high_water().values())
+            ref = (torch.nn.grad.conv2d_input(x.shape, w, gy, stride=stride, padding=1)
+                   if name == "grad_input" else
+                   torch.nn.grad.conv2d_weight(x, w.shape, gy, stride=stride, padding=1))
+            assert_close(got, ref, atol=1e-3, rtol=1e-4, what=f"{name} batch {batch}")
+    for name in ("grad_input", "grad_weight"):
+        assert used[name, 32] == used[name, 8], (name, used)

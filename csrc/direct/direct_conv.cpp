@@ -18,6 +18,7 @@
 //   * Grad-weight holds a URC x NBK tile of dW (URC input channels of one tap, NBK vectors of
 //     output channels) in registers and sweeps a chunk of output pixels.
 #include <cstring>
+#include <vector>
 
 #include "../common/layout.h"
 #include "../common/simd.h"
@@ -345,97 +346,135 @@ inline PhaseTaps phase_taps(int64_t R, int64_t d, int64_t stride, int64_t a) {
   return p;
 }
 
+// One output phase (a, b) of grad_x that some tap reaches: its rows ih = a - pt + sh*q for q
+// in [q0, q1), its columns likewise, its taps, and where its packed weights start.
+struct GradInputPhase {
+  int64_t a, b, q0, q1, u0, u1;
+  PhaseTaps th, tw;
+  int64_t packed_offset;
+};
+
+template <typename T>
+std::vector<GradInputPhase> grad_input_phases(const ConvGeom& g, int64_t* packed_total) {
+  std::vector<GradInputPhase> phases;
+  *packed_total = 0;
+  for (int64_t a = 0; a < g.sh; ++a)
+    for (int64_t b = 0; b < g.sw; ++b) {
+      const int64_t q0 = -floor_div(a - g.pt, g.sh), q1 = floor_div(g.H - 1 + g.pt - a, g.sh) + 1;
+      const int64_t u0 = -floor_div(b - g.pl, g.sw), u1 = floor_div(g.W - 1 + g.pl - b, g.sw) + 1;
+      const PhaseTaps th = phase_taps(g.R, g.dh, g.sh, a), tw = phase_taps(g.S, g.dw, g.sw, b);
+      if (q1 <= q0 || u1 <= u0 || th.count == 0 || tw.count == 0) continue;
+      phases.push_back({a, b, q0, q1, u0, u1, th, tw, *packed_total});
+      *packed_total += packed_weight_count<T>(g.groups, g.Cg(), g.Kg(), th.count * tw.count);
+    }
+  return phases;
+}
+
+// Images per group of the grad-input: its grad_y (as NHWC) and, strided, its phase outputs
+// stay under the layout budget, so the extra memory of a call does not grow with the batch.
+template <typename T>
+int64_t grad_input_group(const ConvGeom& g, bool gy_copy) {
+  const bool strided = g.sh != 1 || g.sw != 1;
+  const int64_t image = (gy_copy ? g.OH * g.OW * g.K : 0) +
+                        (strided ? ceil_div(g.H, g.sh) * ceil_div(g.W, g.sw) * g.C : 0);
+  return min64(g.N, images_per_group(image * int64_t(sizeof(T))));
+}
+
 template <typename T>
 void grad_input(const ConvGeom& g, const T* gy, int gy_layout, const T* w, T* gx, int gx_layout,
                 int nthreads) {
   constexpr int L = Vec<T>::lanes, BK = kNbk * L;
-  const int64_t Cg = g.Cg(), Kg = g.Kg(), RS = g.R * g.S, HW = g.H * g.W;
-  // grad_y as NHWC (no zeros inserted).
-  const T* src = gy;
-  if (gy_layout != kNHWC) {
-    T* buf = workspace_as<T>(kWsActivationNhwc, g.N * g.OH * g.OW * g.K);
-    scatter_to_nhwc(gy, gy_layout, g.N, g.K, g.OH, g.OW, buf, g.OH, g.OW, 0, 0, 1, 1, nthreads);
-    src = buf;
+  const int64_t Cg = g.Cg(), Kg = g.Kg(), R = g.R, S = g.S, HW = g.H * g.W;
+  const bool strided = g.sh != 1 || g.sw != 1, gy_copy = gy_layout != kNHWC;
+  // Every phase's flipped, sub-sampled filter, packed once for all image groups.
+  int64_t packed_total = 0;
+  const std::vector<GradInputPhase> phases = grad_input_phases<T>(g, &packed_total);
+  T* wp = workspace_as<T>(kWsPackedWeights, packed_total);
+  for (const GradInputPhase& ph : phases) {
+    const int64_t Sp = ph.tw.count;
+    pack_weights<T>(
+        g.groups, Cg, Kg, ph.th.count * Sp, BK, L,
+        [&](int64_t gi, int64_t c, int64_t k, int64_t t) {
+          const int64_t r = ph.th.r_first - (t / Sp) * ph.th.r_step;
+          const int64_t s = ph.tw.r_first - (t % Sp) * ph.tw.r_step;
+          return w[((gi * Kg + k) * Cg + c) * R * S + r * S + s];
+        },
+        wp + ph.packed_offset, nthreads);
   }
-  const bool strided = g.sh != 1 || g.sw != 1;
-  T* wp = workspace_as<T>(kWsPackedWeights, packed_weight_count<T>(g.groups, Cg, Kg, RS));
-  // A strided problem writes each phase densely here (in grad_x's layout), then copies it
-  // into grad_x with the strides.
-  T* phase_out = strided ? workspace_as<T>(kWsOutputNhwc, g.N * ceil_div(g.H, g.sh) *
-                                                             ceil_div(g.W, g.sw) * g.C)
-                         : nullptr;
   // Pixels of a phase that no tap reaches (a kernel smaller than the stride) get zero: a
   // phase is unreached when its row residue or its column residue has no tap.
   bool unreached = false;
   for (int64_t a = 0; a < g.sh; ++a) unreached |= phase_taps(g.R, g.dh, g.sh, a).count == 0;
   for (int64_t b = 0; b < g.sw; ++b) unreached |= phase_taps(g.S, g.dw, g.sw, b).count == 0;
   if (unreached) std::memset(gx, 0, sizeof(T) * g.N * g.C * HW);
-  for (int64_t a = 0; a < g.sh; ++a)
-    for (int64_t b = 0; b < g.sw; ++b) {
-      // The phase's rows ih = a - pt + sh*q for q in [q0, q1), likewise its columns.
-      const int64_t q0 = -floor_div(a - g.pt, g.sh), q1 = floor_div(g.H - 1 + g.pt - a, g.sh) + 1;
-      const int64_t u0 = -floor_div(b - g.pl, g.sw), u1 = floor_div(g.W - 1 + g.pl - b, g.sw) + 1;
-      const PhaseTaps th = phase_taps(g.R, g.dh, g.sh, a), tw = phase_taps(g.S, g.dw, g.sw, b);
-      if (q1 <= q0 || u1 <= u0 || th.count == 0 || tw.count == 0) continue;
-      const int64_t Rp = th.count, Sp = tw.count, R = g.R, S = g.S;
-      pack_weights<T>(
-          g.groups, Cg, Kg, Rp * Sp, BK, L,
-          [&](int64_t gi, int64_t c, int64_t k, int64_t t) {
-            const int64_t r = th.r_first - (t / Sp) * th.r_step;
-            const int64_t s = tw.r_first - (t % Sp) * tw.r_step;
-            return w[((gi * Kg + k) * Cg + c) * R * S + r * S + s];
-          },
-          wp, nthreads);
+  // grad_y as NHWC (no zeros inserted) and, strided, each phase written densely in grad_x's
+  // layout then copied into grad_x with the strides: a group of images at a time.
+  const int64_t group = grad_input_group<T>(g, gy_copy);
+  T* buf = gy_copy ? workspace_as<T>(kWsActivationNhwc, group * g.OH * g.OW * g.K) : nullptr;
+  T* phase_out = strided ? workspace_as<T>(kWsOutputNhwc, group * ceil_div(g.H, g.sh) *
+                                                             ceil_div(g.W, g.sw) * g.C)
+                         : nullptr;
+  for (int64_t n0 = 0; n0 < g.N; n0 += group) {
+    const int64_t images = min64(group, g.N - n0);
+    const T* src = gy + n0 * g.K * g.OH * g.OW;  // image n0 starts here in either layout
+    if (gy_copy) {
+      scatter_to_nhwc(src, gy_layout, images, g.K, g.OH, g.OW, buf, g.OH, g.OW, 0, 0, 1, 1,
+                      nthreads);
+      src = buf;
+    }
+    T* gxn = gx + n0 * g.C * HW;
+    for (const GradInputPhase& ph : phases) {
       // Output index j = q - q0 reads grad_y row q - e_i, e_i = e_first - i*e_step: a
       // stride-1 convolution with dilation e_step and top padding e_first - q0.
       ConvGeom t = g;
+      t.N = images;
       t.H = g.OH;
       t.W = g.OW;
       t.C = g.K;
       t.K = g.C;
-      t.R = Rp;
-      t.S = Sp;
-      t.OH = q1 - q0;
-      t.OW = u1 - u0;
+      t.R = ph.th.count;
+      t.S = ph.tw.count;
+      t.OH = ph.q1 - ph.q0;
+      t.OW = ph.u1 - ph.u0;
       t.sh = t.sw = 1;
-      t.dh = th.e_step;
-      t.dw = tw.e_step;
-      t.pt = th.e_first - q0;
-      t.pl = tw.e_first - u0;
+      t.dh = ph.th.e_step;
+      t.dw = ph.tw.e_step;
+      t.pt = ph.th.e_first - ph.q0;
+      t.pl = ph.tw.e_first - ph.u0;
       t.pb = t.pr = 0;  // not read by forward_nhwc
       NhwcOperands<T> op;
       op.x = src;
-      op.wp = wp;
+      op.wp = wp + ph.packed_offset;
+      op.y_layout = gx_layout;
       if (!strided) {
-        op.y = gx;
-        op.y_layout = gx_layout;
+        op.y = gxn;
         forward_nhwc(t, op, nthreads);
         continue;
       }
       // The phase in grad_x's layout, then copied into grad_x with its strides: pixel (j, v)
       // goes to (a - pt + sh*(q0 + j), b - pl + sw*(u0 + v)).
       op.y = phase_out;
-      op.y_layout = gx_layout;
       forward_nhwc(t, op, nthreads);
-      const int64_t ih0 = a - g.pt + g.sh * q0, iw0 = b - g.pl + g.sw * u0;
+      const int64_t ih0 = ph.a - g.pt + g.sh * ph.q0, iw0 = ph.b - g.pl + g.sw * ph.u0;
       if (gx_layout == kNHWC) {
-        const int64_t rows = g.N * t.OH;
+        const int64_t rows = images * t.OH;
         parallel_for(rows, threads_for(rows * t.OW * g.C * 4, nthreads), [&](int64_t row) {
           const int64_t n = row / t.OH, ih = ih0 + g.sh * (row % t.OH);
           for (int64_t v = 0; v < t.OW; ++v)
-            std::memcpy(gx + ((n * g.H + ih) * g.W + iw0 + g.sw * v) * g.C,
+            std::memcpy(gxn + ((n * g.H + ih) * g.W + iw0 + g.sw * v) * g.C,
                         phase_out + (row * t.OW + v) * g.C, sizeof(T) * g.C);
         });
       } else {
-        const int64_t rows = g.N * g.C * t.OH;  // (n, c, j): one output row of one channel
+        const int64_t rows = images * g.C * t.OH;  // (n, c, j): one output row of one channel
         parallel_for(rows, threads_for(rows * t.OW * 4, nthreads), [&](int64_t row) {
           const int64_t nc = row / t.OH, ih = ih0 + g.sh * (row % t.OH);
           const T* sp = phase_out + row * t.OW;
-          T* d = gx + nc * HW + ih * g.W + iw0;
+          T* d = gxn + nc * HW + ih * g.W + iw0;
           for (int64_t v = 0; v < t.OW; ++v) d[v * g.sw] = sp[v];
         });
       }
     }
+  }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -632,9 +671,11 @@ int64_t workspace_bytes(const ConvGeom& g, Pass pass) {
     }
     case Pass::kGradInput: {
       const bool strided = g.sh != 1 || g.sw != 1;
-      const int64_t phase = strided ? g.N * ceil_div(g.H, g.sh) * ceil_div(g.W, g.sw) * g.C : 0;
-      return E * (g.N * g.OH * g.OW * g.K + packed_weight_count<T>(G, Cg, Kg, RS) + phase) +
-             tap_tables(g.K);
+      int64_t packed = 0;
+      grad_input_phases<T>(g, &packed);
+      const int64_t group = grad_input_group<T>(g, true);
+      const int64_t phase = strided ? ceil_div(g.H, g.sh) * ceil_div(g.W, g.sw) * g.C : 0;
+      return E * (group * (g.OH * g.OW * g.K + phase) + packed) + tap_tables(g.K);
     }
     case Pass::kGradWeight: {
       const int64_t Hp = g.H + g.pt + g.pb, Wp = g.W + g.pl + g.pr;
