@@ -148,13 +148,19 @@ def test_pointwise_backward_native_nchw_split_over_images(groups, batch, threads
 
 
 def _check_pointwise_backward(groups, batch):
+    # 624 pixels per image: several threads' worth (64+ pixels each) even at batch 1.
     g = torch.Generator().manual_seed(batch)
-    x = torch.randn(batch, 32, 20, 21, generator=g, dtype=torch.float64)
+    x = torch.randn(batch, 32, 24, 26, generator=g, dtype=torch.float64)
     w = torch.randn(48, 32 // groups, 1, 1, generator=g, dtype=torch.float64)
-    gy = torch.randn(batch, 48, 20, 21, generator=g, dtype=torch.float64)
+    gy = torch.randn(batch, 48, 24, 26, generator=g, dtype=torch.float64)
     conv = ([1, 1], [0, 0, 0, 0], [1, 1], groups, "im2col")
     with torch.no_grad():
+        fastconv.release_workspaces()
         gw = ops.conv2d_grad_weight(gy, x, list(w.shape), *conv)
+        used = sum(workspace_high_water().values())
+        problem = fastconv.explain(x.shape, w.shape, groups=groups, dtype=x.dtype).problem
+        estimate = registry.get("im2col").workspace_bytes(problem, Pass.GRAD_WEIGHT, x.dtype)
+        assert 0 < used <= estimate, (used, estimate)   # the other threads' partial sums
         gx = ops.conv2d_grad_input(gy, w, list(x.shape), *conv)
     assert_close(gw, torch.nn.grad.conv2d_weight(x, w.shape, gy, groups=groups),
                  atol=1e-10, rtol=1e-10, what="grad weight")

@@ -381,13 +381,23 @@ void grad_input_pointwise_nchw(const ConvGeom& g, const T* gy, const T* w, T* gx
 // and packing (both operands transposed) dominates. 1x1 64>256 @56, batch 8: 11.7 ms with the
 // threads inside each GEMM, 5.1 this way (torch 6.0). Each thread packs whole operands into
 // its own scratch, so the GEMMs need no workspace inside the parallel region.
+// Threads of the pointwise NCHW grad-weight: at least 64 pixels each. A thread's GEMMs do 2 x
+// pixels multiply-adds per dW element and adding its partial dW costs one memory-bound add
+// per element, worth ~20 pixels of GEMM here: with 64+ the additions stay a small share.
+inline int pointwise_grad_weight_threads(const ConvGeom& g, int nthreads) {
+  const int64_t pixels = g.N * g.H * g.W;
+  return int(min64(threads_for(pixels * g.K * g.Cg() * 2, nthreads), max64(1, pixels / 64)));
+}
+
 template <typename T>
 void grad_weight_pointwise_nchw(const ConvGeom& g, const T* gy, const T* x, T* gw, int nthreads) {
   const int64_t Cg = g.Cg(), Kg = g.Kg(), P = g.H * g.W, KC = g.K * Cg, pixels = g.N * P;
   const int64_t size_a = gemm_packed_size_a<T>(Kg, P), size_b = gemm_packed_size_b<T>(P, Cg);
-  const int nt = int(min64(threads_for(pixels * KC * 2, nthreads), pixels));
+  const int nt = pointwise_grad_weight_threads(g, nthreads);
   T* part = nt > 1 ? workspace_as<T>(kWsAccumulators, (nt - 1) * KC) : nullptr;
+  int ran = 1;  // threads OpenMP gave the region (fewer than nt when nested or limited)
   parallel(nt, [&](int tid, int nth) {
+    if (tid == 0) ran = nth;
     int64_t q0, q1;  // this thread's pixels, numbered n * P + p over the batch
     split_range(pixels, nth, tid, &q0, &q1);
     T* dst = tid == 0 ? gw : part + (tid - 1) * KC;
@@ -419,8 +429,10 @@ void grad_weight_pointwise_nchw(const ConvGeom& g, const T* gy, const T* x, T* g
       }
     }
   });
-  for (int t = 1; t < nt; ++t)
-    for (int64_t i = 0; i < KC; ++i) gw[i] += part[(t - 1) * KC + i];
+  if (ran > 1)
+    parallel_for(KC, nt, [&](int64_t i) {
+      for (int t = 1; t < ran; ++t) gw[i] += part[(t - 1) * KC + i];
+    });
 }
 
 template <typename T>
@@ -540,8 +552,7 @@ int64_t workspace_bytes(const ConvGeom& g, Pass pass) {
   if (pass == Pass::kGradInput && pointwise)  // natively on NCHW tensors
     return gemm_packed_size_a<T>(Cg, Kg) * E + gemm_workspace_bytes<T>(Cg, OHW, Kg, true, false);
   if (pass == Pass::kGradWeight && pointwise)  // the other threads' partial sums
-    return min64(omp_get_max_threads(), g.N) > 1
-               ? (min64(omp_get_max_threads(), g.N) - 1) * g.K * Cg * E : 0;
+    return (pointwise_grad_weight_threads(g, omp_get_max_threads()) - 1) * g.K * Cg * E;
   // The NHWC passes convert a group of images (all of both tensors' images) at a time and
   // cut its pixels into column chunks.
   const int64_t images = min64(g.N, images_per_group((image_in + image_out) * E));
