@@ -150,16 +150,16 @@ cdef void grad_weight_loops(real* gy, int gyl, real* x, int xl, real* gw, int64_
                     gw[((k * Cg + c) * R + r) * S + s] = <real>acc
 
 
-# Python entry points. `geom`: (N, C, H, W, K, R, S, OH, OW, sh, sw, dh, dw, pt, pb, pl, pr,
-# groups), as fastconv.Conv2dProblem's fields; `double` picks float64 over float32.
+# Python entry points. `problem`: a fastconv.Conv2dProblem, read by field name; `f64` picks
+# float64 over float32.
 
-def forward(bint double, geom, uintptr_t x, int xl, uintptr_t w, uintptr_t b, uintptr_t y,
+def forward(problem, bint f64, uintptr_t x, int xl, uintptr_t w, uintptr_t b, uintptr_t y,
             int yl, int act, uintptr_t stats, int nt):
-    cdef int64_t[:] g = _geometry(geom)
+    cdef int64_t[:] g = _geometry(problem)
     if stats:
         _zero_stats(<double*>stats, g[4])
     with nogil:
-        if double:
+        if f64:
             forward_loops[double](<double*>x, xl, <double*>w, <double*>b, <double*>y, yl, act,
                                   <double*>stats, g, nt)
         else:
@@ -167,36 +167,35 @@ def forward(bint double, geom, uintptr_t x, int xl, uintptr_t w, uintptr_t b, ui
                                  <double*>stats, g, nt)
 
 
-def grad_input(bint double, geom, uintptr_t gy, int gyl, uintptr_t w, uintptr_t gx, int gxl,
+def grad_input(problem, bint f64, uintptr_t gy, int gyl, uintptr_t w, uintptr_t gx, int gxl,
                int nt):
-    cdef int64_t[:] g = _geometry(geom)
+    cdef int64_t[:] g = _geometry(problem)
     with nogil:
-        if double:
+        if f64:
             grad_input_loops[double](<double*>gy, gyl, <double*>w, <double*>gx, gxl, g, nt)
         else:
             grad_input_loops[float](<float*>gy, gyl, <float*>w, <float*>gx, gxl, g, nt)
 
 
-def grad_weight(bint double, geom, uintptr_t gy, int gyl, uintptr_t x, int xl, uintptr_t gw,
+def grad_weight(problem, bint f64, uintptr_t gy, int gyl, uintptr_t x, int xl, uintptr_t gw,
                 int nt):
-    cdef int64_t[:] g = _geometry(geom)
+    cdef int64_t[:] g = _geometry(problem)
     with nogil:
-        if double:
+        if f64:
             grad_weight_loops[double](<double*>gy, gyl, <double*>x, xl, <double*>gw, g, nt)
         else:
             grad_weight_loops[float](<float*>gy, gyl, <float*>x, xl, <float*>gw, g, nt)
 
 
-cdef int64_t[:] _geometry(geom):
-    if len(geom) != 18:
-        raise ValueError(f"fastconv naive: expected 18 geometry values, got {len(geom)}")
-    cdef int64_t[:] g = _array_of(geom)
-    return g
+#: The problem's fields in the order the loops index them (g[0] = N, ..., g[17] = groups).
+GEOMETRY = ("N", "C", "H", "W", "K", "R", "S", "OH", "OW", "sh", "sw", "dh", "dw", "pt", "pb",
+            "pl", "pr", "groups")
 
 
-cdef _array_of(values):
+cdef int64_t[:] _geometry(problem):
     from array import array
-    return array("q", [int(v) for v in values])
+    cdef int64_t[:] g = array("q", [int(getattr(problem, name)) for name in GEOMETRY])
+    return g
 
 
 cdef void _zero_stats(double* stats, int64_t K) noexcept:

@@ -6,18 +6,22 @@ fastest (as ``torch.backends.cudnn.benchmark`` does for cuDNN).
 
 A winner is kept per *tuning key*: the problem's shapes, strides, padding, dilation and
 groups, the pass (forward, grad-input and grad-weight are tuned separately: a layer's fastest
-backward need not be its fastest forward), dtype, layout, thread count, ISA, device, and
-whether the weights come from the weight cache. The first ``auto`` call of a new key times
-each candidate on random tensors of the same shapes (two interleaved rounds, about 0.05 s in
-all per candidate, each keeping its best round), and keeps the fastest, unless auto's own
-choice is within 5 % of it; later calls look the winner up. Candidates are the registry's algorithms that
-``auto`` may pick (``naive`` is left out) and that can run the pass.
+backward need not be its fastest forward), dtype, the layouts of the tensors the kernel reads
+and writes, thread count, ISA, device, and whether the weights come from the weight cache.
+The first ``auto`` call of a new key times each candidate on random tensors of the same
+shapes: two interleaved rounds of about 0.025 s each (at least a warm-up and two calls per
+round, so a 100 ms layer costs ~0.6 s per candidate), each keeping its best round. The
+fastest wins, unless auto's own choice is within 5 % of it; later calls look the winner up.
+Candidates are the registry's algorithms that ``auto`` may pick (``naive`` is left out) and
+that can run the pass.
 
-Winners live in memory; with a cache file they are also written there after each new key,
-and read back by the next process. The file is versioned JSON. A file that cannot be read,
-is not an autotune file, has another format version or comes from another fastconv version or
-build (whose kernels, and so timings, differ: :func:`build_id`) is ignored with an
-:class:`AutotuneWarning`, and rewritten at the next new key.
+Winners live in memory; with a cache file they are also written there after each new key
+(atomically; processes sharing a file each write their own winners: the last writer's file
+stands), and read back by the next process. The file is versioned JSON. A file that cannot
+be read, is not an autotune file, has another format version or comes from another fastconv
+version or build (whose kernels, and so timings, differ: :func:`build_id`) is ignored with an
+:class:`AutotuneWarning`, and rewritten at the next new key; a file that cannot be written is
+a warning too.
 """
 from __future__ import annotations
 
@@ -38,7 +42,15 @@ from .problem import Conv2dProblem
 #: Bumped when the file's structure changes; files of another version are ignored.
 FORMAT_VERSION = 1
 FORMAT_NAME = "fastconv-autotune"
-LAYOUTS = {"nchw": NCHW, "nhwc": NHWC}
+_CODES = {"nchw": NCHW, "nhwc": NHWC}
+#: A key's layout: the layout of the tensor the kernel reads as its input (x; grad_y for
+#: grad-input), then, where it differs, that of its other tensor (y, grad_x, grad_y).
+LAYOUTS = ("nchw", "nhwc", "nchw>nhwc", "nhwc>nchw")
+
+
+def _layout_codes(layout: str) -> tuple:
+    first, _, second = layout.partition(">")
+    return _CODES[first], _CODES[second or first]
 
 
 class AutotuneWarning(UserWarning):
@@ -51,7 +63,7 @@ class TuneKey:
     problem: Conv2dProblem
     pass_: str          # "forward", "grad_input", "grad_weight"
     dtype: str          # "float32", "float64"
-    layout: str         # "nchw", "nhwc"
+    layout: str         # one of LAYOUTS
     threads: int
     isa: str
     device: str
@@ -98,7 +110,9 @@ class _State:
         self.path: Optional[str] = None
         self.entries: dict = {}            # TuneKey -> Entry
         self.generation = 0                # bumped on every change (ops' plan memo keys it)
-        self.lock = threading.RLock()
+        self.lock = threading.RLock()          # guards the state above
+        self.tuning = threading.Lock()         # one timing run at a time (they would disturb
+                                               # each other); lookups never wait for it
 
 
 _STATE = _State()
@@ -147,7 +161,9 @@ def entries() -> list:
 
 @contextlib.contextmanager
 def autotuning(cache_file: Optional[str] = None):
-    """Context manager: ``auto`` is tuned inside the block (see the module docstring)."""
+    """Context manager: ``auto`` is tuned inside the block (see the module docstring). The
+    setting is process-wide, like torch.backends.cudnn.benchmark: the block's exit restores
+    what was set before it, in every thread."""
     previous = (_STATE.enabled, _STATE.path)
     enable(cache_file)
     try:
@@ -155,6 +171,22 @@ def autotuning(cache_file: Optional[str] = None):
     finally:
         with _STATE.lock:
             _STATE.enabled, _STATE.path = previous
+            _STATE.generation += 1
+
+
+@contextlib.contextmanager
+def suspended():
+    """Context manager: ``auto`` runs its heuristic inside the block, even where autotune is
+    on (benchmarks comparing auto with autotune)."""
+    with _STATE.lock:
+        previous = _STATE.enabled
+        _STATE.enabled = False
+        _STATE.generation += 1
+    try:
+        yield
+    finally:
+        with _STATE.lock:
+            _STATE.enabled = previous
             _STATE.generation += 1
 
 
@@ -166,8 +198,7 @@ def make_key(problem: Conv2dProblem, pass_: Pass, dtype: torch.dtype, layout: st
 
 
 def lookup(key: TuneKey) -> Optional[Entry]:
-    with _STATE.lock:
-        return _STATE.entries.get(key)
+    return _STATE.entries.get(key)   # one dict read: atomic, needs no lock
 
 
 def pick(problem: Conv2dProblem, pass_: Pass, dtype: torch.dtype, layout: str,
@@ -178,16 +209,18 @@ def pick(problem: Conv2dProblem, pass_: Pass, dtype: torch.dtype, layout: str,
     entry = lookup(key)
     if entry is not None or not tune:
         return entry.algo if entry is not None else None
-    with _STATE.lock:   # one tuning at a time: concurrent timings would disturb each other
-        entry = _STATE.entries.get(key)
+    with _STATE.tuning:
+        entry = _STATE.entries.get(key)   # tuned by another thread meanwhile?
         if entry is None:
             entry = _tune(key)
             if entry is None:
                 return None
-            _STATE.entries[key] = entry
-            _STATE.generation += 1
-            if _STATE.path is not None:
-                _save(_STATE.path)
+            with _STATE.lock:
+                _STATE.entries[key] = entry
+                _STATE.generation += 1
+                path = _STATE.path
+            if path is not None:
+                _save(path)
     return entry.algo
 
 
@@ -200,28 +233,35 @@ def candidates(problem: Conv2dProblem, pass_: Pass, dtype: torch.dtype,
 
 
 class _Operands:
-    """Random tensors of one key's shapes, in its layout, shared by every candidate."""
+    """Random tensors of one key's shapes and layouts, shared by every candidate. Drawn from
+    a private generator: tuning leaves the caller's random stream alone."""
 
     def __init__(self, problem: Conv2dProblem, dtype: torch.dtype, layout: str):
-        self.problem, self.code = problem, LAYOUTS[layout]
-        fmt = torch.channels_last if self.code == NHWC else torch.contiguous_format
-        self.x = torch.randn(problem.input_shape, dtype=dtype).contiguous(memory_format=fmt)
-        self.y = torch.randn(problem.output_shape, dtype=dtype).contiguous(memory_format=fmt)
-        self.w = torch.randn(problem.weight_shape, dtype=dtype)
-        self.b = torch.randn(problem.K, dtype=dtype)
+        self.problem, self.dtype = problem, dtype
+        self.first, self.second = _layout_codes(layout)
+        self.generator = torch.Generator().manual_seed(0)
+        self.w = self._randn(problem.weight_shape, NCHW)
+        self.b = self._randn((problem.K,), NCHW)
         self.gw = torch.empty(problem.weight_shape, dtype=dtype)
+
+    def _randn(self, shape, code):
+        t = torch.randn(shape, dtype=self.dtype, generator=self.generator)
+        return t.contiguous(memory_format=torch.channels_last) if code == NHWC else t
 
     def call(self, algorithm, pass_: Pass, device: str = "cpu", prepacked: bool = False):
         """A no-argument callable running ``algorithm``'s kernel for this pass (prepacked:
         weights packed first, outside the call, as the weight cache does)."""
-        k, p, c = algorithm.kernels[device], self.problem, self.code
-        x, y, w, b = self.x, self.y, self.w, self.b
-        if pass_ == Pass.FORWARD:
-            packed = _packed(k, p, w, c) if prepacked else None
-            return lambda: k.forward(p, x, c, w, b, y, c, packed)
-        if pass_ == Pass.GRAD_INPUT:
-            return lambda: k.grad_input(p, y, c, w, x, c)
-        return lambda: k.grad_weight(p, y, c, x, c, self.gw)
+        k, p, a, c = algorithm.kernels[device], self.problem, self.first, self.second
+        w, b = self.w, self.b
+        if pass_ == Pass.FORWARD:   # reads x (a), writes y (c)
+            x, y = self._randn(p.input_shape, a), self._randn(p.output_shape, c)
+            packed = _packed(k, p, w, a, c) if prepacked else None
+            return lambda: k.forward(p, x, a, w, b, y, c, packed)
+        if pass_ == Pass.GRAD_INPUT:   # reads grad_y (a), writes grad_x (c)
+            gy, gx = self._randn(p.output_shape, a), self._randn(p.input_shape, c)
+            return lambda: k.grad_input(p, gy, a, w, gx, c)
+        x, gy = self._randn(p.input_shape, a), self._randn(p.output_shape, c)  # grad-weight
+        return lambda: k.grad_weight(p, gy, c, x, a, self.gw)
 
 
 def time_algorithm(algorithm, problem: Conv2dProblem, pass_: Pass, dtype: torch.dtype,
@@ -234,17 +274,23 @@ def time_algorithm(algorithm, problem: Conv2dProblem, pass_: Pass, dtype: torch.
                    min_reps=3, max_reps=50, warmup=1).median
 
 
-def _packed(kernels, problem, w, code):
+@dataclass(frozen=True)
+class _Packed:
+    """What CppKernels.forward takes as ``packed``."""
+    tensor: torch.Tensor
+    packing: backend.WeightPacking
+
+
+def _packed(kernels, problem, w, x_code: int, y_code: int) -> Optional[_Packed]:
     weight_packing = getattr(kernels, "weight_packing", None)
     if weight_packing is None:
         return None
-    packing = weight_packing(problem, w.dtype, code, code)
+    packing = weight_packing(problem, w.dtype, x_code, y_code)
     if packing.elements == 0:
         return None
     out = torch.empty(packing.elements, dtype=w.dtype)
-    kernels.pack_weights(problem, code, code, w, out)
-    from types import SimpleNamespace
-    return SimpleNamespace(tensor=out, packing=packing)
+    kernels.pack_weights(problem, x_code, y_code, w, out)
+    return _Packed(out, packing)
 
 
 #: Candidates are timed in this many interleaved rounds and keep their best round: a short
@@ -306,8 +352,20 @@ def _entry_from_json(d: dict) -> Entry:
 
 
 def _save(path: str) -> None:
+    """Writes every winner to ``path``; a failure is a warning, never an error of the
+    convolution that found the winner."""
+    try:
+        _write(path)
+    except OSError as e:
+        warnings.warn(f"fastconv autotune: cannot write cache file {path!r} ({e}); winners "
+                      f"stay in memory", AutotuneWarning, stacklevel=5)
+
+
+def _write(path: str) -> None:
+    with _STATE.lock:
+        entries = list(_STATE.entries.values())
     data = dict(format=FORMAT_NAME, version=FORMAT_VERSION, fastconv=_version(), build=build_id(),
-                entries=[_entry_json(e) for e in _STATE.entries.values()])
+                entries=[_entry_json(e) for e in entries])
     tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "w") as f:
         json.dump(data, f, indent=1)

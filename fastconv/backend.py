@@ -194,12 +194,6 @@ class NaiveKernels:
     def workspace_bytes(self, problem, pass_: Pass, dtype: torch.dtype) -> int:
         return 0
 
-    @staticmethod
-    def _geometry(problem) -> tuple:
-        return (problem.N, problem.C, problem.H, problem.W, problem.K, problem.R, problem.S,
-                problem.OH, problem.OW, problem.sh, problem.sw, problem.dh, problem.dw,
-                problem.pt, problem.pb, problem.pl, problem.pr, problem.groups)
-
     def forward(self, problem, x, x_layout, w, b, y, y_layout, packed=None,
                 activation: int = ACT_NONE, stats=None) -> None:
         if packed is not None:
@@ -209,21 +203,19 @@ class NaiveKernels:
         if activation != ACT_NONE and stats is not None:
             raise ValueError("fastconv: a forward gathers statistics or applies an "
                              "activation, not both")
-        self._naive.forward(x.dtype == torch.float64, self._geometry(problem), x.data_ptr(),
-                            x_layout, w.data_ptr(), b.data_ptr() if b is not None else 0,
+        self._naive.forward(problem, x.dtype == torch.float64, x.data_ptr(), x_layout,
+                            w.data_ptr(), b.data_ptr() if b is not None else 0,
                             y.data_ptr(), y_layout, activation,
                             stats.data_ptr() if stats is not None else 0,
                             torch.get_num_threads())
 
     def grad_input(self, problem, gy, gy_layout, w, gx, gx_layout) -> None:
-        self._naive.grad_input(gy.dtype == torch.float64, self._geometry(problem),
-                               gy.data_ptr(), gy_layout, w.data_ptr(), gx.data_ptr(),
-                               gx_layout, torch.get_num_threads())
+        self._naive.grad_input(problem, gy.dtype == torch.float64, gy.data_ptr(), gy_layout,
+                               w.data_ptr(), gx.data_ptr(), gx_layout, torch.get_num_threads())
 
     def grad_weight(self, problem, gy, gy_layout, x, x_layout, gw) -> None:
-        self._naive.grad_weight(gy.dtype == torch.float64, self._geometry(problem),
-                                gy.data_ptr(), gy_layout, x.data_ptr(), x_layout, gw.data_ptr(),
-                                torch.get_num_threads())
+        self._naive.grad_weight(problem, gy.dtype == torch.float64, gy.data_ptr(), gy_layout,
+                                x.data_ptr(), x_layout, gw.data_ptr(), torch.get_num_threads())
 
 
 def grad_bias(problem, gy, gy_layout, gb) -> None:

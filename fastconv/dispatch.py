@@ -29,9 +29,10 @@ def check_algo(algo) -> str:
                          f"{', '.join(VALID)}") from None
 
 
-def _runs(name: str, problem: Conv2dProblem, device_type: str, dtype: torch.dtype) -> bool:
+def _runs(name: str, problem: Conv2dProblem, device_type: str, dtype: torch.dtype,
+          pass_: Pass = Pass.FORWARD) -> bool:
     a = BY_NAME.get(name)
-    return a is not None and a.unsupported(problem, device_type, dtype) is None
+    return a is not None and a.unsupported(problem, device_type, dtype, pass_) is None
 
 
 def winograd_tile(problem: Conv2dProblem, device_type: str = "cpu",
@@ -42,7 +43,7 @@ def winograd_tile(problem: Conv2dProblem, device_type: str = "cpu",
     F(6x6, 3x3) on maps of 56+ with at most 128 channels, F(2x2, 3x3) when the batch has
     fewer than 784 output pixels (196 with ``prepacked`` filters), F(4x4, 3x3) otherwise.
     Grad-weight: F4 from 1024 pixels where its 4x4 tiles cover the map with at most 15 %
-    padding, else F2; never F6. Measured, ms F2 / F4: 512 @28 batch 2 (1568 pixels) 24.2 /
+    padding, else F2; F6 only if neither can run. Measured, ms F2 / F4: 512 @28 batch 2 (1568 pixels) 24.2 /
     19.0, batch 1 (784) 14.9 / 15.1; 256 @56 batch 1 12.0 / 9.4; 256 @14 batch 8 (1568
     pixels, but 14 = 3.5 tiles of 4: 31 % padding) 8.1 / 9.0, batch 4 2.9 / 3.7; 512 @7
     batch 8 8.3 / 9.3. F6: 64 @56 batch 1 1.16 vs F4 0.94, 256 @14 batch 8 8.7 vs 7.1.
@@ -63,7 +64,7 @@ def winograd_tile(problem: Conv2dProblem, device_type: str = "cpu",
     filters, rebuilt every call) beat F4's 36.
     """
     def runs(name: str) -> bool:
-        return _runs(name, problem, device_type, dtype)
+        return _runs(name, problem, device_type, dtype, pass_)
 
     p = problem
     if pass_ == Pass.GRAD_WEIGHT:
@@ -119,7 +120,7 @@ def choose(problem: Conv2dProblem, device_type: str = "cpu",
       (batch 1: 3x3 256 @14 F2 1.15 vs direct 2.75, 512 @7 2.10 vs 5.23).
     """
     def runs(name: str) -> bool:
-        return _runs(name, problem, device_type, dtype)
+        return _runs(name, problem, device_type, dtype, pass_)
 
     p = problem
     grad_weight = pass_ == Pass.GRAD_WEIGHT
@@ -140,7 +141,8 @@ def choose(problem: Conv2dProblem, device_type: str = "cpu",
     if runs("direct"):
         return BY_NAME["direct"]
     return next((a for a in ALGORITHMS
-                 if a.in_auto and a.unsupported(problem, device_type, dtype) is None), None)
+                 if a.in_auto and a.unsupported(problem, device_type, dtype, pass_) is None),
+                None)
 
 
 #: Family name -> the function that picks its member for a problem, called as
@@ -156,8 +158,8 @@ def resolve(algo: str, problem: Conv2dProblem, device_type: str, dtype: torch.dt
     if algo == "auto":
         chosen = choose(problem, device_type, dtype, prepacked, pass_)
         if chosen is None:
-            reasons = "; ".join(f"{a.name}: {a.unsupported(problem, device_type, dtype)}"
-                                for a in ALGORITHMS)
+            reasons = "; ".join(f"{a.name}: {a.unsupported(problem, device_type, dtype, pass_)}"
+                                for a in ALGORITHMS if a.in_auto)
             raise AlgorithmUnavailable(f"fastconv: no algorithm can run this convolution "
                                        f"({reasons})")
         return chosen, chosen.require(problem, device_type, dtype, pass_)
@@ -259,7 +261,8 @@ def explain(input_shape, weight_shape, stride=1, padding=0, dilation=1, groups: 
                                                                      key=lambda i: i[1]))
             why = f"autotune measured it fastest ({times or 'the only candidate'})"
             choice = entry.algo
-    backward = [choose(problem, device_type, dtype, False, p)
-                for p in (Pass.GRAD_INPUT, Pass.GRAD_WEIGHT)]
-    return Explanation(problem, choice, why, tuple(candidates),
-                       *(a.name if a is not None else None for a in backward))
+    grad_input, grad_weight = (choose(problem, device_type, dtype, False, p)
+                               for p in (Pass.GRAD_INPUT, Pass.GRAD_WEIGHT))
+    return Explanation(problem=problem, choice=choice, why=why, candidates=tuple(candidates),
+                       grad_input_choice=grad_input.name if grad_input else None,
+                       grad_weight_choice=grad_weight.name if grad_weight else None)

@@ -55,7 +55,7 @@ def _plan(pass_: Pass, input_shape, weight_shape, stride, padding, dilation, gro
     over and over, and the checks cost microseconds.
 
     Under autotune (fastconv.autotune), ``auto`` runs the tuned winner for the call's
-    ``layout`` ('nchw' or 'nhwc'); ``tune``: time the candidates now if the key is new (real
+    ``layout`` (:func:`_layout_key`); ``tune``: time the candidates now if the key is new (real
     kernels only: a fake kernel inside torch.compile's tracing must not time anything)."""
     tuned = algo == "auto" and layout is not None and autotune.is_enabled()
     key = (pass_, input_shape, weight_shape, tuple(stride), tuple(padding), tuple(dilation),
@@ -63,8 +63,9 @@ def _plan(pass_: Pass, input_shape, weight_shape, stride, padding, dilation, gro
            (layout, tune, autotune.generation()) if tuned else None)
     try:
         plan = _PLANS.get(key)
-    except TypeError:  # symbolic sizes (torch.compile with dynamic shapes) do not hash
-        key = plan = None
+    except TypeError:  # symbolic sizes (torch.compile with dynamic shapes) do not hash,
+        key = plan = None  # and nothing can be tuned for them
+        tuned = False
     if plan is None:
         problem = conv2d_problem(input_shape, weight_shape, stride, padding, dilation, groups)
         kernels = None
@@ -136,9 +137,11 @@ def _empty(shape, like: Tensor, channels_last: bool) -> Tensor:
     return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=fmt)
 
 
-def _layout_name(*tensors: Tensor) -> str:
-    """The layout a call runs in (autotune's key): 'nhwc' when its output is channels_last."""
-    return "nhwc" if any(_channels_last(t) for t in tensors) else "nchw"
+def _layout_key(reads_cl: bool, writes_cl: bool) -> str:
+    """Autotune's layout of a call: that of the tensor its kernel reads as input (x; grad_y
+    for grad-input), then, if different, that of its other tensor (y, grad_x, grad_y)."""
+    a, b = ("nhwc" if reads_cl else "nchw"), ("nhwc" if writes_cl else "nchw")
+    return a if a == b else f"{a}>{b}"
 
 
 def _forward_plan(input, weight, bias, stride, padding, dilation, groups, algo,
@@ -146,7 +149,8 @@ def _forward_plan(input, weight, bias, stride, padding, dilation, groups, algo,
     _check_operand("weight", weight, input, "input")
     plan = _plan(Pass.FORWARD, input.shape, weight.shape, stride, padding, dilation, groups,
                  algo, device_type(input), input.dtype, prepacked,
-                 _layout_name(input, weight) if algo == "auto" else None, tune)
+                 _layout_key(_channels_last(input), _channels_last(input) or
+                             _channels_last(weight)) if algo == "auto" else None, tune)
     _check_bias(bias, input, plan.problem)
     return plan
 
@@ -240,7 +244,8 @@ def _grad_input_plan(grad_output, weight, input_size, stride, padding, dilation,
     _check_operand("weight", weight, grad_output, "grad_output")
     plan = _plan(Pass.GRAD_INPUT, tuple(input_size), weight.shape, stride, padding, dilation,
                  groups, algo, device_type(grad_output), grad_output.dtype, False,
-                 _layout_name(grad_output, weight) if algo == "auto" else None, tune)
+                 _layout_key(_channels_last(grad_output), _channels_last(grad_output) or
+                             _channels_last(weight)) if algo == "auto" else None, tune)
     _check_grad_output(grad_output, plan.problem)
     return plan
 
@@ -305,7 +310,8 @@ def _grad_weight_plan(grad_output, input, weight_size, stride, padding, dilation
     _check_operand("input", input, grad_output, "grad_output")
     plan = _plan(Pass.GRAD_WEIGHT, input.shape, tuple(weight_size), stride, padding, dilation,
                  groups, algo, device_type(grad_output), grad_output.dtype, False,
-                 _layout_name(input) if algo == "auto" else None, tune)
+                 _layout_key(_channels_last(input), _channels_last(grad_output))
+                 if algo == "auto" else None, tune)
     _check_grad_output(grad_output, plan.problem)
     return plan
 

@@ -210,3 +210,40 @@ def test_environment_variable_enables(tmp_path):
     env = dict(__import__("os").environ, FASTCONV_AUTOTUNE="1", FASTCONV_AUTOTUNE_FILE=str(path))
     subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
     assert len(json.loads(path.read_text())["entries"]) == 1
+
+
+def test_tuning_leaves_the_random_stream_alone():
+    x, w = _tensors()
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    with fastconv.autotuning():
+        fastconv.conv2d(x, w, padding=1)
+    assert len(autotune.entries()) == 1
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_unwritable_cache_file_is_a_warning(tmp_path):
+    x, w = _tensors()
+    path = tmp_path / "missing_folder" / "tune.json"
+    with pytest.warns(fastconv.AutotuneWarning, match="cannot write"):
+        with fastconv.autotuning(path):
+            y = fastconv.conv2d(x, w, padding=1)
+    assert y.shape == (2, 16, 12, 12) and len(autotune.entries()) == 1
+
+
+def test_mixed_layouts_are_their_own_key():
+    x, w = _tensors()
+    with fastconv.autotuning():
+        fastconv.conv2d(x, w.contiguous(memory_format=torch.channels_last), padding=1)
+    assert [e.key.layout for e in autotune.entries()] == ["nchw>nhwc"]
+
+
+def test_dynamic_shapes_compile_under_autotune():
+    x, w = _tensors()
+    compiled = torch.compile(lambda a, b: fastconv.conv2d(a, b, padding=1), dynamic=True)
+    with fastconv.autotuning():
+        for n in (1, 2, 3):
+            y = compiled(x[:1].expand(n, -1, -1, -1).contiguous(), w)
+            assert_close(y, F.conv2d(x[:1].expand(n, -1, -1, -1).double(), w.double(),
+                                     padding=1), atol=1e-4, rtol=1e-4)

@@ -107,6 +107,8 @@ def test_first_layer_computes_no_input_gradient():
     (["--threads", "0"], "positive"),
     (["--compare", "/nonexistent.json"], "cannot read"),
     (["--weight-cache", "--pass", "bwd"], "--pass fwd"),
+    (["--model", "resnet50", "--plot", "x.png"], "does not take --plot"),
+    (["--model", "resnet50", "--pass", "bwd"], "does not take --pass"),
 ])
 def test_bad_arguments_exit_with_a_message(capsys, args, message):
     with pytest.raises(SystemExit) as e:
@@ -156,3 +158,23 @@ def test_weight_cache_forward(tmp_path, capsys):
     data = json.loads(js.read_text())
     assert data["meta"]["weight_cache"] is True
     assert all(r["max_rel_err"] < 1e-4 for r in data["results"])
+
+
+def test_auto_is_the_heuristic_even_under_fastconv_autotune():
+    from fastconv import autotune
+    layer = runner.parse_shape("2,16,12,12,16,3,3").layer
+    autotune.clear()     # winners of earlier tests' autotune runs
+    autotune.enable()
+    try:
+        run = runner.run_layer(layer, ["torch", "auto"], Config(rounds=1, min_time=0.001))
+        assert autotune.entries() == [] and autotune.is_enabled()
+    finally:
+        autotune.disable()
+        autotune.clear()
+    assert run.results[1].runs == fastconv_choice(layer)
+
+
+def fastconv_choice(layer):
+    import fastconv
+    return fastconv.explain(layer.input_shape(1), layer.weight_shape(),
+                            **layer.conv_args()).choice

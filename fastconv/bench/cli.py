@@ -68,9 +68,10 @@ def _parser() -> argparse.ArgumentParser:
     how.add_argument("--rounds", type=int, default=3,
                      help="interleaved rounds per layer (default 3): each strategy is "
                           "timed once per round, the ratio to torch taken per round")
-    how.add_argument("--min-time", type=float, default=0.05,
-                     help="seconds of samples per strategy and round (default 0.05; at "
-                          "least 3 calls after 1 warm-up call)")
+    how.add_argument("--min-time", type=float, default=None,
+                     help="seconds of samples per strategy and round (default 0.05, with "
+                          "--model 0.5; at least 3 calls after 1 warm-up call, 2 with "
+                          "--model)")
     how.add_argument("--weight-cache", action="store_true",
                      help="forward: fastconv runs on fastconv.prepack(weight), packed or "
                           "transformed once outside the timing, as fastconv.nn.Conv2d does "
@@ -139,9 +140,19 @@ def _header(args, peak: float) -> dict:
     return meta
 
 
+#: Options of the layer runs that a --model run has no use for (refused, not ignored).
+LAYER_ONLY = ("suite", "shape", "algos", "phases", "csv", "plot", "compare", "weight_cache")
+
+
 def _run_model(args, p) -> int:
     from .models import build
     from .wholemodel import run_model
+    given = [o for o in LAYER_ONLY if getattr(args, o) not in (None, False, [])]
+    if given or args.pass_ != "fwd":
+        p.error(f"--model times a whole network (eval forward and a training step); it "
+                f"does not take " + ", ".join("--" + o.replace("_", "-")
+                                              for o in given + (["pass"] if args.pass_ != "fwd"
+                                                                else [])))
     try:
         model = build(args.model)
     except ValueError as e:
@@ -152,7 +163,7 @@ def _run_model(args, p) -> int:
           f"{torch.get_num_threads()} threads · {args.dtype} · {args.layout} · batch "
           f"{args.batch} · {rounds} rounds")
     with _progress(4 * rounds, not args.no_progress, args.model) as bar:
-        results = run_model(args.model, model, args.batch, rounds,
+        results = run_model(args.model, model, args.batch, rounds, min_time=args.min_time,
                             channels_last=args.layout == "nhwc", dtype=dtype,
                             tick=lambda _: bar.update())
     print(f"\n{'model':18s} {'mode':13s} {'N':>3s} {'torch ms':>10s} {'fastconv ms':>11s} "
@@ -178,6 +189,8 @@ def main(argv=None) -> int:
         if args.threads <= 0:
             p.error("--threads must be positive")
         torch.set_num_threads(args.threads)
+    if args.min_time is None:
+        args.min_time = 0.5 if args.model else 0.05
     if args.batch <= 0 or args.rounds <= 0 or args.min_time <= 0:
         p.error("--batch, --rounds and --min-time must be positive")
     if args.weight_cache and args.pass_ != "fwd":
@@ -192,14 +205,14 @@ def main(argv=None) -> int:
             import matplotlib  # noqa: F401 - fail before the run, not after it
         except ImportError:
             p.error("--plot needs matplotlib: pip install 'fastconv[plot]'")
+    if args.model:
+        return _run_model(args, p)
     old = None
     if args.compare:
         try:
             old = report.load(args.compare)
         except ValueError as e:
             p.error(str(e))
-    if args.model:
-        return _run_model(args, p)
     names = _strategies(args.algos, p)
     layers = _layers(args, p)
     dtype = getattr(torch, args.dtype)

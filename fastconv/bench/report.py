@@ -67,16 +67,17 @@ def summary(runs: list, out: TextIO) -> dict:
     rows = {}
     for n in names:
         mine = [(run, r) for run in runs for r in run.results if r.strategy == n]
-        torch_ms = {run.layer.id: r.ms for run in runs for r in run.results
+        torch_ms = {(run.layer.id, r.batch): r.ms for run in runs for r in run.results
                     if r.strategy == "torch"}
         total = sum(r.ms * run.layer.count for run, r in mine)
-        torch_total = sum(torch_ms[run.layer.id] * run.layer.count for run, _ in mine
-                          if run.layer.id in torch_ms)
+        torch_total = sum(torch_ms[run.layer.id, r.batch] * run.layer.count for run, r in mine
+                          if (run.layer.id, r.batch) in torch_ms)
         rows[n] = dict(
             layers=len(mine), total_ms=total,
             geomean_speedup=geomean(r.speedup for _, r in mine if r.speedup is not None),
             total_vs_torch=(total / torch_total
-                            if torch_total and all(run.layer.id in torch_ms for run, _ in mine)
+                            if torch_total and all((run.layer.id, r.batch) in torch_ms
+                                                   for run, r in mine)
                             else None),
             max_rel_err=max((r.max_rel_err for _, r in mine), default=0.0))
     print(f"\n{'strategy':12s} {'layers':>6s} {'geomean speedup':>15s} {'total ms':>10s} "

@@ -164,13 +164,15 @@ def _runs(name: str, layer: ConvLayer, cfg: Config) -> str:
     problem = _problem(layer, cfg.batch)
     picks = {}
     for p in PASSES[cfg.pass_]:
+        if p == Pass.GRAD_INPUT and not Operands.needs_input_grad(layer):
+            continue
+        entry = None
         if name == "autotune":
             entry = autotune.lookup(autotune.make_key(problem, p, cfg.dtype, cfg.layout,
                                                       prepacked=cfg.weight_cache))
-            picks[p] = entry.algo if entry else "auto"
-        else:
-            picks[p] = dispatch.resolve(name, problem, "cpu", cfg.dtype, p,
-                                        prepacked=cfg.weight_cache)[0].name
+        picks[p] = entry.algo if entry else dispatch.resolve(
+            "auto" if name == "autotune" else name, problem, "cpu", cfg.dtype, p,
+            prepacked=cfg.weight_cache)[0].name
     if len(set(picks.values())) == 1:
         return next(iter(picks.values()))
     short = {Pass.FORWARD: "fwd", Pass.GRAD_INPUT: "gi", Pass.GRAD_WEIGHT: "gw"}
@@ -191,8 +193,7 @@ class Operands:
         self.w = torch.randn(layer.weight_shape(), generator=g, dtype=cfg.dtype) / fan_in ** 0.5
         self.b = torch.randn(layer.K, generator=g, dtype=cfg.dtype)
         self.pass_ = cfg.pass_
-        # A network's first layer (3 input channels) needs no input gradient.
-        self.input_grad = layer.C > 4 and cfg.pass_ != "fwd"
+        self.input_grad = self.needs_input_grad(layer) and cfg.pass_ != "fwd"
         if cfg.pass_ != "fwd":
             self.x.requires_grad_(self.input_grad)
             self.w.requires_grad_(True)
@@ -202,6 +203,11 @@ class Operands:
         if cfg.layout == "nhwc":
             self.gy = self.gy.contiguous(memory_format=torch.channels_last)
         self._reference = None
+
+    @staticmethod
+    def needs_input_grad(layer: ConvLayer) -> bool:
+        """A network's first layer (3 input channels) needs no input gradient."""
+        return layer.C > 4
 
     @property
     def inputs(self) -> tuple:
@@ -262,7 +268,11 @@ def conv_of(name: str, packed=None) -> Callable:
 
 
 def _context(name: str):
-    return autotune.autotuning() if name == "autotune" else contextlib.nullcontext()
+    """autotune runs under autotuning(); every other strategy with autotune off (which
+    FASTCONV_AUTOTUNE=1 would otherwise turn on for auto too)."""
+    if name == "autotune":
+        return autotune.autotuning()
+    return autotune.suspended() if autotune.is_enabled() else contextlib.nullcontext()
 
 
 def _phases(name: str, runs: str, run: Callable, cfg: Config) -> dict:
@@ -313,10 +323,11 @@ def run_layer(layer: ConvLayer, names: Iterable[str], cfg: Config,
         med = statistics.median(samples[n])
         speedup = (statistics.median(t / m for t, m in zip(medians["torch"], medians[n]))
                    if "torch" in medians else None)
-        results.append(Result(layer.id, n, cfg.batch, cfg.pass_,
-                              str(cfg.dtype).replace("torch.", ""), cfg.layout, flops,
-                              med * 1e3, q[0] * 1e3, q[2] * 1e3, flops / med / 1e9, speedup,
-                              errors[n], picks[n], phases[n]))
+        results.append(Result(layer=layer.id, strategy=n, batch=cfg.batch, pass_=cfg.pass_,
+                              dtype=str(cfg.dtype).replace("torch.", ""), layout=cfg.layout,
+                              flops=flops, ms=med * 1e3, ms_q1=q[0] * 1e3, ms_q3=q[2] * 1e3,
+                              gflops=flops / med / 1e9, speedup=speedup,
+                              max_rel_err=errors[n], runs=picks[n], phases=phases[n]))
     return LayerRun(layer, results, skipped)
 
 

@@ -43,9 +43,11 @@ def _interleaved(fns: dict, rounds: int, min_time: float, tick: Callable) -> dic
 
 def _result(name, mode, batch, medians, diff, scale, detail) -> ModelResult:
     t, f = medians["torch"], medians["fastconv"]
-    return ModelResult(name, mode, batch, statistics.median(t) * 1e3,
-                       statistics.median(f) * 1e3,
-                       statistics.median(a / b for a, b in zip(t, f)), diff, scale, detail)
+    return ModelResult(model=name, mode=mode, batch=batch,
+                       torch_ms=statistics.median(t) * 1e3,
+                       fastconv_ms=statistics.median(f) * 1e3,
+                       speedup=statistics.median(a / b for a, b in zip(t, f)),
+                       max_abs_diff=diff, reference_scale=scale, detail=detail)
 
 
 def run_model(name: str, model: torch.nn.Module, batch: int, rounds: int = 3,
