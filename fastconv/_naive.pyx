@@ -27,6 +27,11 @@ cdef enum:
     ACT_RELU6 = 2
 
 
+cdef struct Geom:
+    # The problem (fastconv.Conv2dProblem's fields), per group counts added.
+    int64_t N, C, H, W, K, R, S, OH, OW, sh, sw, dh, dw, pt, pl, groups, Cg, Kg
+
+
 cdef struct Strides:
     # Element strides of a dense (N, C, H, W) tensor in its layout.
     int64_t n, c, h, w
@@ -53,101 +58,89 @@ cdef inline real activate(real v, int act) noexcept nogil:
 
 
 cdef void forward_loops(real* x, int xl, real* w, real* b, real* y, int yl, int act,
-                        double* stats, int64_t[:] g, int nt) noexcept nogil:
-    cdef int64_t N = g[0], C = g[1], H = g[2], W = g[3], K = g[4], R = g[5], S = g[6]
-    cdef int64_t OH = g[7], OW = g[8], sh = g[9], sw = g[10], dh = g[11], dw = g[12]
-    cdef int64_t pt = g[13], pl = g[15], groups = g[17]
-    cdef int64_t Cg = C // groups, Kg = K // groups
-    cdef Strides xs = strides_of(xl, C, H, W), ys = strides_of(yl, K, OH, OW)
+                        double* stats, Geom g, int nt) noexcept nogil:
+    cdef Strides xs = strides_of(xl, g.C, g.H, g.W), ys = strides_of(yl, g.K, g.OH, g.OW)
     cdef int64_t k, n, oh, ow, c, r, s, ih, iw, c0
     cdef double acc
     cdef real v
-    for k in prange(K, nogil=True, num_threads=nt, schedule="dynamic"):
-        c0 = (k // Kg) * Cg
-        for n in range(N):
-            for oh in range(OH):
-                for ow in range(OW):
+    for k in prange(g.K, nogil=True, num_threads=nt, schedule="dynamic"):
+        c0 = (k // g.Kg) * g.Cg
+        for n in range(g.N):
+            for oh in range(g.OH):
+                for ow in range(g.OW):
                     acc = 0
-                    for c in range(Cg):
-                        for r in range(R):
-                            ih = oh * sh - pt + r * dh
-                            for s in range(S):
-                                iw = ow * sw - pl + s * dw
-                                if ih < 0 or ih >= H or iw < 0 or iw >= W:
+                    for c in range(g.Cg):
+                        for r in range(g.R):
+                            ih = oh * g.sh - g.pt + r * g.dh
+                            for s in range(g.S):
+                                iw = ow * g.sw - g.pl + s * g.dw
+                                if ih < 0 or ih >= g.H or iw < 0 or iw >= g.W:
                                     v = 0  # padding: a zero times the tap (NaN * 0 is NaN)
                                 else:
                                     v = x[n * xs.n + (c0 + c) * xs.c + ih * xs.h + iw * xs.w]
-                                acc = acc + <double>v * w[((k * Cg + c) * R + r) * S + s]
+                                acc = acc + <double>v * w[((k * g.Cg + c) * g.R + r) * g.S + s]
                     if b != NULL:
                         acc = acc + b[k]
                     v = <real>acc
                     if stats != NULL:  # one thread owns channel k: no race
                         stats[k] += v
-                        stats[K + k] += <double>v * v
+                        stats[g.K + k] += <double>v * v
                     y[n * ys.n + k * ys.c + oh * ys.h + ow * ys.w] = activate(v, act)
 
 
-cdef void grad_input_loops(real* gy, int gyl, real* w, real* gx, int gxl, int64_t[:] g,
+cdef void grad_input_loops(real* gy, int gyl, real* w, real* gx, int gxl, Geom g,
                            int nt) noexcept nogil:
     # gx[n, c, ih, iw] = sum over (k, r, s) of the outputs (oh, ow) that read it.
-    cdef int64_t N = g[0], C = g[1], H = g[2], W = g[3], K = g[4], R = g[5], S = g[6]
-    cdef int64_t OH = g[7], OW = g[8], sh = g[9], sw = g[10], dh = g[11], dw = g[12]
-    cdef int64_t pt = g[13], pl = g[15], groups = g[17]
-    cdef int64_t Cg = C // groups, Kg = K // groups
-    cdef Strides xs = strides_of(gxl, C, H, W), ys = strides_of(gyl, K, OH, OW)
+    cdef Strides xs = strides_of(gxl, g.C, g.H, g.W), ys = strides_of(gyl, g.K, g.OH, g.OW)
     cdef int64_t nc, n, c, k, k0, ih, iw, r, s, th, tw, oh, ow
     cdef double acc
-    for nc in prange(N * C, nogil=True, num_threads=nt, schedule="dynamic"):
-        n = nc // C
-        c = nc % C
-        k0 = (c // Cg) * Kg
-        for ih in range(H):
-            for iw in range(W):
+    for nc in prange(g.N * g.C, nogil=True, num_threads=nt, schedule="dynamic"):
+        n = nc // g.C
+        c = nc % g.C
+        k0 = (c // g.Cg) * g.Kg
+        for ih in range(g.H):
+            for iw in range(g.W):
                 acc = 0
-                for k in range(k0, k0 + Kg):
-                    for r in range(R):
-                        th = ih + pt - r * dh
-                        if th < 0 or th % sh != 0 or th // sh >= OH:
+                for k in range(k0, k0 + g.Kg):
+                    for r in range(g.R):
+                        th = ih + g.pt - r * g.dh
+                        if th < 0 or th % g.sh != 0 or th // g.sh >= g.OH:
                             continue
-                        oh = th // sh
-                        for s in range(S):
-                            tw = iw + pl - s * dw
-                            if tw < 0 or tw % sw != 0 or tw // sw >= OW:
+                        oh = th // g.sh
+                        for s in range(g.S):
+                            tw = iw + g.pl - s * g.dw
+                            if tw < 0 or tw % g.sw != 0 or tw // g.sw >= g.OW:
                                 continue
-                            ow = tw // sw
+                            ow = tw // g.sw
                             acc = acc + (<double>gy[n * ys.n + k * ys.c + oh * ys.h + ow * ys.w]
-                                         * w[((k * Cg + c % Cg) * R + r) * S + s])
+                                         * w[((k * g.Cg + c % g.Cg) * g.R + r) * g.S + s])
                 gx[n * xs.n + c * xs.c + ih * xs.h + iw * xs.w] = <real>acc
 
 
-cdef void grad_weight_loops(real* gy, int gyl, real* x, int xl, real* gw, int64_t[:] g,
+cdef void grad_weight_loops(real* gy, int gyl, real* x, int xl, real* gw, Geom g,
                             int nt) noexcept nogil:
-    cdef int64_t N = g[0], C = g[1], H = g[2], W = g[3], K = g[4], R = g[5], S = g[6]
-    cdef int64_t OH = g[7], OW = g[8], sh = g[9], sw = g[10], dh = g[11], dw = g[12]
-    cdef int64_t pt = g[13], pl = g[15], groups = g[17]
-    cdef int64_t Cg = C // groups, Kg = K // groups
-    cdef Strides xs = strides_of(xl, C, H, W), ys = strides_of(gyl, K, OH, OW)
+    cdef Strides xs = strides_of(xl, g.C, g.H, g.W), ys = strides_of(gyl, g.K, g.OH, g.OW)
     cdef int64_t k, c, c0, r, s, n, oh, ow, ih, iw
     cdef double acc
-    for k in prange(K, nogil=True, num_threads=nt, schedule="dynamic"):
-        c0 = (k // Kg) * Cg
-        for c in range(Cg):
-            for r in range(R):
-                for s in range(S):
+    for k in prange(g.K, nogil=True, num_threads=nt, schedule="dynamic"):
+        c0 = (k // g.Kg) * g.Cg
+        for c in range(g.Cg):
+            for r in range(g.R):
+                for s in range(g.S):
                     acc = 0
-                    for n in range(N):
-                        for oh in range(OH):
-                            ih = oh * sh - pt + r * dh
-                            if ih < 0 or ih >= H:
+                    for n in range(g.N):
+                        for oh in range(g.OH):
+                            ih = oh * g.sh - g.pt + r * g.dh
+                            if ih < 0 or ih >= g.H:
                                 continue
-                            for ow in range(OW):
-                                iw = ow * sw - pl + s * dw
-                                if iw < 0 or iw >= W:
+                            for ow in range(g.OW):
+                                iw = ow * g.sw - g.pl + s * g.dw
+                                if iw < 0 or iw >= g.W:
                                     continue
                                 acc = acc + (<double>gy[n * ys.n + k * ys.c + oh * ys.h + ow * ys.w]
                                              * x[n * xs.n + (c0 + c) * xs.c + ih * xs.h
                                                  + iw * xs.w])
-                    gw[((k * Cg + c) * R + r) * S + s] = <real>acc
+                    gw[((k * g.Cg + c) * g.R + r) * g.S + s] = <real>acc
 
 
 # Python entry points. `problem`: a fastconv.Conv2dProblem, read by field name; `f64` picks
@@ -155,9 +148,9 @@ cdef void grad_weight_loops(real* gy, int gyl, real* x, int xl, real* gw, int64_
 
 def forward(problem, bint f64, uintptr_t x, int xl, uintptr_t w, uintptr_t b, uintptr_t y,
             int yl, int act, uintptr_t stats, int nt):
-    cdef int64_t[:] g = _geometry(problem)
+    cdef Geom g = _geometry(problem)
     if stats:
-        _zero_stats(<double*>stats, g[4])
+        _zero_stats(<double*>stats, g.K)
     with nogil:
         if f64:
             forward_loops[double](<double*>x, xl, <double*>w, <double*>b, <double*>y, yl, act,
@@ -169,7 +162,7 @@ def forward(problem, bint f64, uintptr_t x, int xl, uintptr_t w, uintptr_t b, ui
 
 def grad_input(problem, bint f64, uintptr_t gy, int gyl, uintptr_t w, uintptr_t gx, int gxl,
                int nt):
-    cdef int64_t[:] g = _geometry(problem)
+    cdef Geom g = _geometry(problem)
     with nogil:
         if f64:
             grad_input_loops[double](<double*>gy, gyl, <double*>w, <double*>gx, gxl, g, nt)
@@ -179,7 +172,7 @@ def grad_input(problem, bint f64, uintptr_t gy, int gyl, uintptr_t w, uintptr_t 
 
 def grad_weight(problem, bint f64, uintptr_t gy, int gyl, uintptr_t x, int xl, uintptr_t gw,
                 int nt):
-    cdef int64_t[:] g = _geometry(problem)
+    cdef Geom g = _geometry(problem)
     with nogil:
         if f64:
             grad_weight_loops[double](<double*>gy, gyl, <double*>x, xl, <double*>gw, g, nt)
@@ -187,14 +180,13 @@ def grad_weight(problem, bint f64, uintptr_t gy, int gyl, uintptr_t x, int xl, u
             grad_weight_loops[float](<float*>gy, gyl, <float*>x, xl, <float*>gw, g, nt)
 
 
-#: The problem's fields in the order the loops index them (g[0] = N, ..., g[17] = groups).
-GEOMETRY = ("N", "C", "H", "W", "K", "R", "S", "OH", "OW", "sh", "sw", "dh", "dw", "pt", "pb",
-            "pl", "pr", "groups")
-
-
-cdef int64_t[:] _geometry(problem):
-    from array import array
-    cdef int64_t[:] g = array("q", [int(getattr(problem, name)) for name in GEOMETRY])
+cdef Geom _geometry(problem) except *:
+    cdef Geom g
+    g.N, g.C, g.H, g.W = problem.N, problem.C, problem.H, problem.W
+    g.K, g.R, g.S, g.OH, g.OW = problem.K, problem.R, problem.S, problem.OH, problem.OW
+    g.sh, g.sw, g.dh, g.dw = problem.sh, problem.sw, problem.dh, problem.dw
+    g.pt, g.pl, g.groups = problem.pt, problem.pl, problem.groups
+    g.Cg, g.Kg = g.C // g.groups, g.K // g.groups
     return g
 
 

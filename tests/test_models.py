@@ -15,7 +15,7 @@ from torch import nn
 import fastconv
 from fastconv.bench.models import MODELS, build
 from fastconv.shapes import NETWORKS
-from conftest import assert_close
+from conftest import assert_close, conv_calls
 
 #: torchvision's counts (sum of parameter numels, weights=None, 1000 classes).
 TORCHVISION_PARAMS = {"resnet50": 25_557_032, "vgg16": 138_357_544,
@@ -103,22 +103,11 @@ def _conv_signatures(model: nn.Module, x: torch.Tensor) -> Counter:
     """(C, H, K, R, stride, padding, groups) of every Conv2d call of model(x), as in
     fastconv.shapes.ConvLayer; square maps, kernels, strides and paddings only."""
     calls = Counter()
-
-    def record(m, inputs):
-        _, C, H, W = inputs[0].shape
-        (R, S), stride, padding = m.kernel_size, m.stride, m.padding
-        assert (H, R, stride[0], padding[0]) == (W, S, stride[1], padding[1]), m
-        assert m.dilation == (1, 1) and m.padding_mode == "zeros", m
-        calls[(C, H, m.out_channels, R, stride[0], padding[0], m.groups)] += 1
-
-    handles = [m.register_forward_pre_hook(record) for m in model.modules()
-               if isinstance(m, nn.Conv2d)]
-    try:
-        with torch.no_grad():
-            model(x)
-    finally:
-        for h in handles:
-            h.remove()
+    for (_, C, H, W), (K, _, R, S), kw, _ in conv_calls(model, x):
+        stride, padding = kw["stride"], kw["padding"]
+        assert (H, R, stride[0], padding[0]) == (W, S, stride[1], padding[1]), kw
+        assert kw["dilation"] == (1, 1), kw
+        calls[(C, H, K, R, stride[0], padding[0], kw["groups"])] += 1
     return calls
 
 
