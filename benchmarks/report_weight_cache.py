@@ -23,19 +23,14 @@ import fastconv
 from fastconv import dispatch
 from fastconv.bench import geomean, measure
 from fastconv.errors import AlgorithmUnavailable
-from fastconv.functional import explicit_padding, pair
 from fastconv.shapes import NETWORKS, WEIGHT_CACHE_TARGETS, WINOGRAD_TARGETS
 
 LAYER_SETS = dict(NETWORKS, cache=WEIGHT_CACHE_TARGETS, winograd=WINOGRAD_TARGETS)
 
 
 def _pick(algo, layer, batch, prepacked):
-    kw = layer.conv_args()
-    stride = pair("stride", kw["stride"])
-    pad = explicit_padding(kw["padding"], (layer.R, layer.S), stride, (1, 1))
-    problem = fastconv.conv2d_problem(layer.input_shape(batch), layer.weight_shape(), stride,
-                                      pad, (1, 1), layer.groups)
-    return dispatch.resolve(algo, problem, "cpu", torch.float32, prepacked=prepacked)[0].name
+    return dispatch.resolve(algo, layer.problem(batch), "cpu", torch.float32,
+                            prepacked=prepacked)[0].name
 
 
 def rows(layers, batch, algos, rounds):

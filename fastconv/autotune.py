@@ -264,16 +264,6 @@ class _Operands:
         return lambda: k.grad_weight(p, gy, c, x, a, self.gw)
 
 
-def time_algorithm(algorithm, problem: Conv2dProblem, pass_: Pass, dtype: torch.dtype,
-                   layout: str, device: str = "cpu", prepacked: bool = False,
-                   min_time: Optional[float] = None) -> float:
-    """Median seconds of one call of ``algorithm``'s kernel for this pass, on random tensors."""
-    from .bench.timing import measure
-    fn = _Operands(problem, dtype, layout).call(algorithm, pass_, device, prepacked)
-    return measure(fn, min_time=TIME_PER_CANDIDATE if min_time is None else min_time,
-                   min_reps=3, max_reps=50, warmup=1).median
-
-
 @dataclass(frozen=True)
 class _Packed:
     """What CppKernels.forward takes as ``packed``."""

@@ -137,10 +137,15 @@ def _empty(shape, like: Tensor, channels_last: bool) -> Tensor:
     return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=fmt)
 
 
-def _layout_key(reads_cl: bool, writes_cl: bool) -> str:
-    """Autotune's layout of a call: that of the tensor its kernel reads as input (x; grad_y
-    for grad-input), then, if different, that of its other tensor (y, grad_x, grad_y)."""
-    a, b = ("nhwc" if reads_cl else "nchw"), ("nhwc" if writes_cl else "nchw")
+def _layout_key(algo: str, reads: Tensor, *writes: Tensor) -> Optional[str]:
+    """Autotune's layout of an ``auto`` call (None otherwise, and while autotune is off: no
+    per-call work then): that of the tensor its kernel reads as input (x; grad_y for
+    grad-input), then, if different, that of its other tensor (channels_last if any of
+    ``writes`` is: y, grad_x, grad_y)."""
+    if algo != "auto" or not autotune.is_enabled():
+        return None
+    a = "nhwc" if _channels_last(reads) else "nchw"
+    b = "nhwc" if any(_channels_last(t) for t in writes) else "nchw"
     return a if a == b else f"{a}>{b}"
 
 
@@ -149,8 +154,7 @@ def _forward_plan(input, weight, bias, stride, padding, dilation, groups, algo,
     _check_operand("weight", weight, input, "input")
     plan = _plan(Pass.FORWARD, input.shape, weight.shape, stride, padding, dilation, groups,
                  algo, device_type(input), input.dtype, prepacked,
-                 _layout_key(_channels_last(input), _channels_last(input) or
-                             _channels_last(weight)) if algo == "auto" else None, tune)
+                 _layout_key(algo, input, input, weight), tune)
     _check_bias(bias, input, plan.problem)
     return plan
 
@@ -244,8 +248,7 @@ def _grad_input_plan(grad_output, weight, input_size, stride, padding, dilation,
     _check_operand("weight", weight, grad_output, "grad_output")
     plan = _plan(Pass.GRAD_INPUT, tuple(input_size), weight.shape, stride, padding, dilation,
                  groups, algo, device_type(grad_output), grad_output.dtype, False,
-                 _layout_key(_channels_last(grad_output), _channels_last(grad_output) or
-                             _channels_last(weight)) if algo == "auto" else None, tune)
+                 _layout_key(algo, grad_output, grad_output, weight), tune)
     _check_grad_output(grad_output, plan.problem)
     return plan
 
@@ -310,8 +313,7 @@ def _grad_weight_plan(grad_output, input, weight_size, stride, padding, dilation
     _check_operand("input", input, grad_output, "grad_output")
     plan = _plan(Pass.GRAD_WEIGHT, input.shape, tuple(weight_size), stride, padding, dilation,
                  groups, algo, device_type(grad_output), grad_output.dtype, False,
-                 _layout_key(_channels_last(input), _channels_last(grad_output))
-                 if algo == "auto" else None, tune)
+                 _layout_key(algo, input, grad_output), tune)
     _check_grad_output(grad_output, plan.problem)
     return plan
 

@@ -44,6 +44,12 @@ class ConvLayer:
     def conv_args(self) -> dict:
         return dict(stride=self.stride, padding=self.padding, groups=self.groups)
 
+    def problem(self, batch: int = 1):
+        """The layer as a validated fastconv.Conv2dProblem for this batch."""
+        from .problem import conv2d_problem
+        return conv2d_problem(self.input_shape(batch), self.weight_shape(), (self.stride,) * 2,
+                              (self.padding,) * 4, (1, 1), self.groups)
+
     @property
     def id(self) -> str:
         return f"{self.net}:{self.name}"

@@ -12,9 +12,7 @@ from fastconv.shapes import ALL_LAYERS, NETWORKS
 
 
 def _problem(layer, batch=1):
-    return fastconv.conv2d_problem(layer.input_shape(batch), layer.weight_shape(),
-                                   (layer.stride,) * 2, (layer.padding,) * 4, (1, 1),
-                                   layer.groups)
+    return layer.problem(batch)
 
 
 def _choice(layer, batch=1):

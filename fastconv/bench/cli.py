@@ -21,6 +21,7 @@ from .. import __version__, backend
 from ..shapes import NETWORKS
 from . import report, runner
 from .runner import Config
+from .timing import peak_gflops
 
 SUITES = tuple(NETWORKS) + ("all",)
 
@@ -130,9 +131,8 @@ def _header(args, peak: float) -> dict:
                 threads=torch.get_num_threads(), dtype=args.dtype, layout=args.layout,
                 pass_=args.pass_, batch=args.batch, rounds=args.rounds,
                 weight_cache=args.weight_cache,
-                peak_gflops=round(peak, 1), fma_peak_gflops=None)
-    from .timing import peak_gflops
-    meta["fma_peak_gflops"] = peak_gflops() * (1 if args.dtype == "float32" else 0.5)
+                peak_gflops=round(peak, 1),
+                fma_peak_gflops=peak_gflops() * (1 if args.dtype == "float32" else 0.5))
     print(f"fastconv {__version__} · torch {meta['torch']} · isa {meta['isa']} · "
           f"{meta['threads']} threads · {args.dtype} · {args.layout} · pass {args.pass_} · "
           f"{args.rounds} rounds{' · weight cache' if args.weight_cache else ''}\npeak {peak:.0f} GFLOP/s (measured now: fastconv's GEMM, "
@@ -149,8 +149,8 @@ def _run_model(args, p) -> int:
     from .wholemodel import run_model
     given = [o for o in LAYER_ONLY if getattr(args, o) not in (None, False, [])]
     if given or args.pass_ != "fwd":
-        p.error(f"--model times a whole network (eval forward and a training step); it "
-                f"does not take " + ", ".join("--" + o.replace("_", "-")
+        p.error("--model times a whole network (eval forward and a training step); it "
+                "does not take " + ", ".join("--" + o.replace("_", "-")
                                               for o in given + (["pass"] if args.pass_ != "fwd"
                                                                 else [])))
     try:

@@ -8,7 +8,7 @@ import math
 from dataclasses import asdict, fields
 from typing import Optional, TextIO
 
-from .runner import LayerRun, Result
+from .runner import Result
 from .timing import geomean
 
 #: A strategy whose samples spread more than this (half the interquartile range over the

@@ -138,16 +138,11 @@ def parse_shape(text: str) -> CustomShape:
     return CustomShape(ConvLayer("custom", name, C, H, K, R, stride, pad, groups), N)
 
 
-def _problem(layer: ConvLayer, batch: int):
-    return dispatch.explain(layer.input_shape(batch), layer.weight_shape(),
-                            **layer.conv_args()).problem
-
-
 def why_not(name: str, layer: ConvLayer, cfg: Config) -> Optional[str]:
     """Why strategy ``name`` cannot run this layer's passes, or None."""
     if name in ("torch", "auto", "autotune"):
         return None
-    problem = _problem(layer, cfg.batch)
+    problem = layer.problem(cfg.batch)
     for p in PASSES[cfg.pass_] if cfg.pass_ != "bwd" else (Pass.FORWARD,) + PASSES["bwd"]:
         try:
             dispatch.resolve(name, problem, "cpu", cfg.dtype, p)
@@ -161,7 +156,7 @@ def _runs(name: str, layer: ConvLayer, cfg: Config) -> str:
     differ)."""
     if name == "torch":
         return "torch"
-    problem = _problem(layer, cfg.batch)
+    problem = layer.problem(cfg.batch)
     picks = {}
     for p in PASSES[cfg.pass_]:
         if p == Pass.GRAD_INPUT and not Operands.needs_input_grad(layer):
@@ -187,6 +182,7 @@ class Operands:
         g = torch.Generator().manual_seed(0)
         fan_in = layer.C // layer.groups * layer.R * layer.S
         self.kw = layer.conv_args()
+        self.problem = layer.problem(cfg.batch)
         self.x = torch.randn(layer.input_shape(cfg.batch), generator=g, dtype=cfg.dtype)
         if cfg.layout == "nhwc":
             self.x = self.x.contiguous(memory_format=torch.channels_last)
@@ -236,8 +232,8 @@ class Operands:
         """The float64 results the pass must produce, in runner()'s order."""
         if self._reference is None:
             x, w, b = (t.detach().double() for t in (self.x, self.w, self.b))
-            pad = dispatch.explain(x.shape, w.shape, **self.kw).problem
-            conv = (pad.stride, pad.padding, pad.dilation, pad.groups)
+            p = self.problem
+            conv = (p.stride, p.padding, p.dilation, p.groups)
             if self.pass_ == "fwd":
                 self._reference = (reference.conv2d(x, w, b, *conv),)
             else:
