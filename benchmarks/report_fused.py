@@ -23,22 +23,15 @@ import argparse
 import copy
 import json
 import statistics
-import sys
 
 import torch
 from torch import nn
 
 import fastconv
-from fastconv.bench import geomean, measure
+from fastconv.bench import geomean, measure, progress
 from fastconv.bench.models import MobileNetV2
 from fastconv.nn import ConvBNReLU2d
 from fastconv.shapes import NETWORKS
-
-
-def _progress(i, n, text):
-    bar = "#" * (20 * i // n)
-    print(f"\r[{bar:20s}] {i}/{n} {text[:50]:50s}", end="" if i < n else "\n", file=sys.stderr,
-          flush=True)
 
 
 def _interleaved(fns: dict, rounds: int, min_time: float = 0.2) -> dict:
@@ -58,7 +51,7 @@ def conv_bn_rows(rounds: int) -> list:
     layers = [layer for layer in NETWORKS["resnet50"] if layer.R in (1, 3)]
     rows = []
     for i, layer in enumerate(layers):
-        _progress(i, len(layers), layer.name)
+        progress(i, len(layers), layer.name)
         torch.manual_seed(0)
         fused = ConvBNReLU2d(layer.C, layer.K, layer.R, stride=layer.stride,
                              padding=layer.padding, bias=False)
@@ -88,7 +81,7 @@ def conv_bn_rows(rounds: int) -> list:
         row.update(train_torch_ms=1e3 * statistics.median(t["torch"]),
                    train_ms=1e3 * statistics.median(t["fastconv"]), train_speedup=_ratio(t))
         rows.append(row)
-    _progress(len(layers), len(layers), "done")
+    progress(len(layers), len(layers), "done")
     return rows
 
 
@@ -110,7 +103,7 @@ def depthwise_rows(rounds: int) -> tuple:
         w = torch.randn(layer.weight_shape(), generator=g) / 3
         kw = dict(stride=layer.stride, padding=layer.padding, groups=layer.groups)
         for batch, cl in cases:
-            _progress(i, n, f"{layer.name} N={batch}")
+            progress(i, n, f"{layer.name} N={batch}")
             i += 1
             x = torch.randn(layer.input_shape(batch), generator=g)
             if cl:
@@ -128,7 +121,7 @@ def depthwise_rows(rounds: int) -> tuple:
                              torch_ms=1e3 * statistics.median(t["torch"]),
                              speedup=_ratio(t), gflops=layer.flops(batch) / ms / 1e9,
                              gbps=nbytes / ms / 1e9, err=err))
-        _progress(i, n, f"{layer.name} train N=8")
+        progress(i, n, f"{layer.name} train N=8")
         i += 1
         x = torch.randn(layer.input_shape(8), generator=g, requires_grad=True)
         wg = w.clone().requires_grad_(True)
@@ -141,7 +134,7 @@ def depthwise_rows(rounds: int) -> tuple:
                          torch_ms=1e3 * statistics.median(t["torch"]), speedup=_ratio(t),
                          gflops=3 * layer.flops(8) / statistics.median(t["fastconv"]) / 1e9,
                          gbps=float("nan"), err=float("nan")))
-    _progress(n, n, "done")
+    progress(n, n, "done")
     return rows, bandwidth
 
 
@@ -155,7 +148,7 @@ def mobilenet_rows(rounds: int) -> list:
     fused = fastconv.fuse(fastconv.convert(copy.deepcopy(ref))).eval()
     rows = []
     for batch in (1, 8):
-        _progress(batch // 8, 2, f"MobileNetV2 N={batch}")
+        progress(batch // 8, 2, f"MobileNetV2 N={batch}")
         x = torch.randn(batch, 3, 224, 224)
         with torch.no_grad():
             err = (fused(x) - ref(x)).abs().max().item()
@@ -165,7 +158,7 @@ def mobilenet_rows(rounds: int) -> list:
                          ms=1e3 * statistics.median(t["fastconv"]), speedup=_ratio(t),
                          err=err, torch_runs_ms=[1e3 * v for v in t["torch"]],
                          runs_ms=[1e3 * v for v in t["fastconv"]]))
-    _progress(2, 2, "done")
+    progress(2, 2, "done")
     return rows
 
 

@@ -19,13 +19,12 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 
 import torch
 import torch.nn.functional as F
 
 import fastconv
-from fastconv.bench import geomean, measure, peak_gflops
+from fastconv.bench import geomean, measure, peak_gflops, progress
 from fastconv.registry import ALGORITHMS
 from fastconv.backend import _C
 from fastconv.errors import AlgorithmUnavailable
@@ -46,12 +45,6 @@ def _problem(layer, batch, channels_last):
     return x, w, torch.randn(layer.K, generator=g)
 
 
-def _progress(i, n, text):
-    bar = "#" * (20 * i // n)
-    print(f"\r[{bar:20s}] {i}/{n} {text[:50]:50s}", end="" if i < n else "\n", file=sys.stderr,
-          flush=True)
-
-
 def _picks(algo, x, w, kw, prepacked=False):
     """The algorithm 'auto' or a family name runs for this layer."""
     from fastconv import dispatch
@@ -66,7 +59,7 @@ def _picks(algo, x, w, kw, prepacked=False):
 def layer_rows(layers, batch, algos, rounds, channels_last, phases=False, weight_cache=False):
     rows = []
     for i, layer in enumerate(layers):
-        _progress(i, len(layers), layer.id)
+        progress(i, len(layers), layer.id)
         x, w, b = _problem(layer, batch, channels_last)
         wf = fastconv.prepack(w) if weight_cache else w
         kw = layer.conv_args()
@@ -105,7 +98,7 @@ def layer_rows(layers, batch, algos, rounds, channels_last, phases=False, weight
             row[f"{a}_speedup"] = statistics.median(
                 tt / ta for tt, ta in zip(times["torch"], times[a]))
         rows.append(row)
-    _progress(len(layers), len(layers), "done")
+    progress(len(layers), len(layers), "done")
     return rows
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import sys
 import statistics
 import time
 from dataclasses import dataclass
@@ -51,3 +52,10 @@ def measure(fn: Callable[[], object], *, min_time: float = 0.3, min_reps: int = 
 def geomean(values) -> float:
     values = list(values)
     return math.exp(sum(math.log(v) for v in values) / len(values)) if values else float("nan")
+
+
+def progress(i: int, n: int, text: str) -> None:
+    """A report script's progress on stderr: step i of n (i == n ends the line)."""
+    bar = "#" * (20 * i // max(n, 1))
+    print(f"\r[{bar:20s}] {i}/{n} {text[:50]:50s}", end="" if i < n else "\n", file=sys.stderr,
+          flush=True)
