@@ -273,14 +273,28 @@ void grad_input(int algo, int dtype, const ConvGeom& g, uintptr_t gy, int gyl, u
   });
 }
 
+// gb (0: not wanted): grad-bias too, from grad-weight's own sweep where the algorithm has
+// one (ConvKernels::grad_weight_bias), else from the shared pass after grad-weight.
 void grad_weight(int algo, int dtype, const ConvGeom& g, uintptr_t gy, int gyl, uintptr_t x,
-                 int xl, uintptr_t gw, int nt) {
+                 int xl, uintptr_t gw, uintptr_t gb, int nt) {
   by_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     auto fn = find_kernel<T>(algo, &ConvKernels<T>::grad_weight, Pass::kGradWeight);
+    const auto fused = kernels_of<T>(algorithm(algo)).grad_weight_bias;
+    const auto bias_pass = shared_of<T>().grad_bias;
+    if (gb && !fused && !bias_pass)
+      throw std::runtime_error("fastconv: no grad_bias kernel on " + std::string(active().isa));
     py::gil_scoped_release nogil;
-    if (empty_output(g) || empty_reduction(g)) return zero(ptr<T>(gw), g.K * g.Cg() * g.R * g.S);
+    if (empty_output(g) || empty_reduction(g)) {
+      zero(ptr<T>(gw), g.K * g.Cg() * g.R * g.S);
+      if (!gb) return;
+      if (g.N * g.OH * g.OW == 0) return zero(ptr<T>(gb), g.K);
+      return bias_pass(g, ptr<const T>(gy), gyl, ptr<T>(gb), nt);
+    }
+    if (gb && fused)
+      return fused(g, ptr<const T>(gy), gyl, ptr<const T>(x), xl, ptr<T>(gw), ptr<T>(gb), nt);
     fn(g, ptr<const T>(gy), gyl, ptr<const T>(x), xl, ptr<T>(gw), nt);
+    if (gb) bias_pass(g, ptr<const T>(gy), gyl, ptr<T>(gb), nt);
   });
 }
 
@@ -350,7 +364,8 @@ py::dict named(std::initializer_list<std::pair<const char*, py::object>> items) 
 template <typename T>
 void run_gemm(const SharedKernels<T>& k, py::tuple shape, uintptr_t a, int64_t rs_a,
               int64_t cs_a, uintptr_t b, int64_t rs_b, int64_t cs_b, uintptr_t c, int64_t ldc,
-              bool accumulate, uintptr_t scale, uintptr_t shift, bool per_row, bool relu, int nt) {
+              bool accumulate, uintptr_t scale, uintptr_t shift, bool per_row, bool relu,
+              py::tuple segments, int nt) {
   if (!k.gemm) throw std::runtime_error("fastconv: no GEMM on this ISA");
   GemmArgs<T> g{};
   g.M = shape[0].cast<int64_t>();
@@ -369,6 +384,13 @@ void run_gemm(const SharedKernels<T>& k, py::tuple shape, uintptr_t a, int64_t r
   g.epi.shift = ptr<T>(shift);
   g.epi.per_row = per_row;
   g.epi.act = relu ? kActRelu : kActNone;
+  // K segments (gemm.h): (k_seg, k_seg_first, seg_stride_a, seg_stride_b), or empty.
+  if (segments.size() == 4) {
+    g.k_seg = segments[0].cast<int64_t>();
+    g.k_seg_first = segments[1].cast<int64_t>();
+    g.seg_stride_a = segments[2].cast<int64_t>();
+    g.seg_stride_b = segments[3].cast<int64_t>();
+  }
   py::gil_scoped_release nogil;
   k.gemm(g, nt);
 }
@@ -383,6 +405,8 @@ constexpr TuningField kTuningFields[] = {
     {"im2col_column_budget_bytes", &Tuning::im2col_column_budget_bytes},
     {"im2col_native_min_pixels_pointwise", &Tuning::im2col_native_min_pixels_pointwise},
     {"im2col_native_min_pixels_spatial", &Tuning::im2col_native_min_pixels_spatial},
+    {"im2col_native_min_pixels_strided_1x1", &Tuning::im2col_native_min_pixels_strided_1x1},
+    {"pointwise_grad_weight_dw_per_pixel", &Tuning::pointwise_grad_weight_dw_per_pixel},
     {"direct_grad_weight_chunk_pixels", &Tuning::direct_grad_weight_chunk_pixels},
     {"winograd_tile_block", &Tuning::winograd_tile_block},
     {"winograd_channel_block", &Tuning::winograd_channel_block},
@@ -481,10 +505,10 @@ PYBIND11_MODULE(_C, m) {
   m.def("gemm", [](int dtype, py::tuple shape, uintptr_t a, int64_t rs_a, int64_t cs_a,
                    uintptr_t b, int64_t rs_b, int64_t cs_b, uintptr_t c, int64_t ldc,
                    bool accumulate, uintptr_t scale, uintptr_t shift, bool per_row, bool relu,
-                   int nt) {
+                   py::tuple segments, int nt) {
     by_dtype(dtype, [&](auto tag) {
       run_gemm(shared_of<decltype(tag)>(), shape, a, rs_a, cs_a, b, rs_b, cs_b, c, ldc,
-               accumulate, scale, shift, per_row, relu, nt);
+               accumulate, scale, shift, per_row, relu, segments, nt);
     });
   });
   m.def("winograd_transform", [](int dtype, int m, int which, uintptr_t in, uintptr_t out,

@@ -173,10 +173,12 @@ class CppKernels:
                       gy.data_ptr(), gy_layout, w.data_ptr(), gx.data_ptr(), gx_layout,
                       torch.get_num_threads())
 
-    def grad_weight(self, problem, gy, gy_layout, x, x_layout, gw) -> None:
+    def grad_weight(self, problem, gy, gy_layout, x, x_layout, gw, gb=None) -> None:
+        """gw = the weight gradient; with ``gb`` (K values) also the bias gradient, from
+        grad-weight's own sweep over gy where the algorithm has one."""
         _C.grad_weight(self.index, DTYPE_CODES[gy.dtype], problem.kernel_geometry,
                        gy.data_ptr(), gy_layout, x.data_ptr(), x_layout, gw.data_ptr(),
-                       torch.get_num_threads())
+                       gb.data_ptr() if gb is not None else 0, torch.get_num_threads())
 
 
 class NaiveKernels:
@@ -213,9 +215,11 @@ class NaiveKernels:
         self._naive.grad_input(problem, gy.dtype == torch.float64, gy.data_ptr(), gy_layout,
                                w.data_ptr(), gx.data_ptr(), gx_layout, torch.get_num_threads())
 
-    def grad_weight(self, problem, gy, gy_layout, x, x_layout, gw) -> None:
+    def grad_weight(self, problem, gy, gy_layout, x, x_layout, gw, gb=None) -> None:
         self._naive.grad_weight(problem, gy.dtype == torch.float64, gy.data_ptr(), gy_layout,
                                 x.data_ptr(), x_layout, gw.data_ptr(), torch.get_num_threads())
+        if gb is not None:
+            grad_bias(problem, gy, gy_layout, gb)
 
 
 def grad_bias(problem, gy, gy_layout, gb) -> None:

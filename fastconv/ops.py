@@ -221,6 +221,11 @@ def conv2d_backward(ctx, grad, differentiable: bool = True):
     if ctx.needs_input_grad[0]:
         f = conv2d_grad_input if differentiable else grad_input_forward
         gx = f(grad, weight, list(input.shape), *conv)
+    wants_bias = ctx.bias_size is not None and ctx.needs_input_grad[2]
+    if (not differentiable and ctx.needs_input_grad[1] and wants_bias
+            and grad.shape[1] == ctx.bias_size):
+        gw, gb = grad_weight_bias_forward(grad, input, list(weight.shape), *conv)
+        return gx, gw, gb, None, None, None, None, None
     if ctx.needs_input_grad[1]:
         f = conv2d_grad_weight if differentiable else grad_weight_forward
         gw = f(grad, input, list(weight.shape), *conv)
@@ -321,15 +326,32 @@ def _grad_weight_plan(grad_output, input, weight_size, stride, padding, dilation
 def grad_weight_forward(grad_output: Tensor, input: Tensor, weight_size, stride, padding,
                         dilation, groups: int, algo: str) -> Tensor:
     """The body of the conv2d_grad_weight op (also called directly by fastconv.autograd)."""
+    return _grad_weight_body(grad_output, input, weight_size, stride, padding, dilation,
+                             groups, algo, False)[0]
+
+
+def grad_weight_bias_forward(grad_output: Tensor, input: Tensor, weight_size, stride, padding,
+                             dilation, groups: int, algo: str):
+    """(grad-weight, grad-bias) in one kernel call: algorithms whose grad-weight sweeps
+    grad_output in a cache-friendly order sum the bias gradient in that sweep instead of a
+    second pass over grad_output (the eager backward, fastconv.autograd, when both are
+    needed; the ops stay separate for double backward and torch.compile)."""
+    return _grad_weight_body(grad_output, input, weight_size, stride, padding, dilation,
+                             groups, algo, True)
+
+
+def _grad_weight_body(grad_output, input, weight_size, stride, padding, dilation, groups, algo,
+                      with_bias: bool):
     problem, kernels = _grad_weight_plan(grad_output, input, weight_size, stride, padding,
                                          dilation, groups, algo, tune=True)
     gw = input.new_empty(problem.weight_shape)
-    if gw.numel() == 0:
-        return gw
+    gb = grad_output.new_empty((problem.K,)) if with_bias else None
+    if gw.numel() == 0 and (gb is None or gb.numel() == 0):
+        return gw, gb
     gy, gy_layout = _dense(grad_output)
     x, x_layout = _dense(input)
-    kernels.grad_weight(problem, gy, gy_layout, x, x_layout, gw)
-    return gw
+    kernels.grad_weight(problem, gy, gy_layout, x, x_layout, gw, gb)
+    return gw, gb
 
 
 @torch.library.custom_op("fastconv::conv2d_grad_weight", mutates_args=())
@@ -633,11 +655,40 @@ def gemm(a: Tensor, b: Tensor, c: Optional[Tensor] = None, *, accumulate: bool =
                               or v.stride(0) != 1 or not v.is_cpu):
             raise ValueError(f"gemm: {name} must be a contiguous CPU vector of {channels} "
                              "values")
-    backend._C.gemm(DTYPE_CODES[a.dtype], (M, N, K), a.data_ptr(), a.stride(0), a.stride(1),
-                    b.data_ptr(), b.stride(0), b.stride(1), c.data_ptr(), c.stride(0),
-                    accumulate, scale.data_ptr() if scale is not None else 0,
-                    shift.data_ptr() if shift is not None else 0, per_row, relu,
+    _run_gemm(a, b, c, (M, N, K), (a.stride(0), a.stride(1)), (b.stride(0), b.stride(1)), (),
+              accumulate, scale, shift, per_row, relu)
+    return c
+
+
+def _run_gemm(a, b, c, shape, a_strides, b_strides, segments, accumulate=False, scale=None,
+              shift=None, per_row=True, relu=False) -> None:
+    backend._C.gemm(DTYPE_CODES[a.dtype], shape, a.data_ptr(), *a_strides, b.data_ptr(),
+                    *b_strides, c.data_ptr(), c.stride(0), accumulate,
+                    scale.data_ptr() if scale is not None else 0,
+                    shift.data_ptr() if shift is not None else 0, per_row, relu, segments,
                     torch.get_num_threads())
+
+
+def gemm_segmented(a: Tensor, b: Tensor, first: int = 0, count: Optional[int] = None,
+                   c: Optional[Tensor] = None, *, accumulate: bool = False) -> Tensor:
+    """C = sum over k in [first, first + count) of A(:, k) B(k, :), where K runs over S
+    segments: a is S x M x L and b is S x L x N (any strides), and k = s * L + l. The GEMM's
+    K-segment packing (csrc/gemm/gemm.h), with which one GEMM sums over several images'
+    pixels; for testing the kernel."""
+    if a.dim() != 3 or b.dim() != 3 or a.shape[0] != b.shape[0] or a.shape[2] != b.shape[1]:
+        raise ValueError(f"gemm_segmented: shapes {tuple(a.shape)} and {tuple(b.shape)} are "
+                         "not S x M x L and S x L x N")
+    _check_operand("b", b, a, "a")
+    S, M, L = a.shape
+    N = b.shape[2]
+    count = S * L - first if count is None else count
+    if not (0 <= first and 0 <= count and first + count <= S * L) or L == 0:
+        raise ValueError(f"gemm_segmented: range [{first}, {first + count}) outside "
+                         f"{S} segments of {L}")
+    if c is None:
+        c = a.new_empty((M, N))
+    _run_gemm(a, b, c, (M, N, count), (a.stride(1), a.stride(2)), (b.stride(1), b.stride(2)),
+              (L, first, a.stride(0), b.stride(0)), accumulate)
     return c
 
 

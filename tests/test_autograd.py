@@ -11,7 +11,7 @@ from torch.utils.checkpoint import checkpoint
 import fastconv
 from fastconv import ops
 from cases import CASE_IDS, CASES
-from conftest import ALL_PASSES, assert_close, supported
+from conftest import ALL_PASSES, assert_close, supported, tolerances
 
 CASES_HERE = [CASES[CASE_IDS.index(n)] for n in
               ("basic", "strided_asym", "groups_strided", "no_bias", "channels_last",
@@ -30,8 +30,15 @@ def test_eager_path_gives_the_ops_gradients_exactly(case, algo):
     assert torch.equal(y, y_op)
     gy = torch.randn_like(y)
     params = [t for t in (x, w, b) if t is not None]
-    for got, ref in zip(torch.autograd.grad(y, params, gy), torch.autograd.grad(y_op, params, gy)):
-        assert torch.equal(got, ref)
+    got = torch.autograd.grad(y, params, gy)
+    ref = torch.autograd.grad(y_op, params, gy)
+    assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+    if b is not None:
+        # The eager path takes the bias gradient from grad-weight's sweep where the algorithm
+        # has one (ops.grad_weight_bias_forward), summed in another order than the
+        # conv2d_grad_bias op (float32 partial sums of a few hundred pixels, totals in
+        # float64 in both), so the two agree to float32 summation error, not to the bit.
+        torch.testing.assert_close(got[2], ref[2], rtol=1e-5, atol=1e-5)
 
 
 def test_double_backward_through_the_eager_path():
@@ -63,3 +70,24 @@ def test_checkpointing_recomputes_through_the_eager_path():
     model(x).sum().backward()
     for a, e in zip(grads, [p.grad for p in model.parameters()] + [x.grad]):
         assert_close(a, e, atol=1e-6, rtol=1e-6, what="checkpointed gradient")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_grad_weight_bias_body_gives_both_gradients(case, dtype, algo, isa):
+    # ops.grad_weight_bias_forward: one kernel call for the weight and the bias gradients
+    # (direct sums the bias in its grad-weight sweep; the others run the shared pass after).
+    if not supported(algo, case, dtype, ALL_PASSES):
+        return
+    x, w, _ = case.make(dtype)
+    stride, pad, dilation = case.explicit()
+    conv = (list(stride), list(pad), list(dilation), case.groups, algo)
+    y = ops.conv2d(x, w, None, *conv)
+    gy = torch.randn(y.shape, dtype=dtype, generator=torch.Generator().manual_seed(2))
+    if case.channels_last:
+        gy = gy.contiguous(memory_format=torch.channels_last)
+    gw, gb = ops.grad_weight_bias_forward(gy, x, list(w.shape), *conv)
+    assert torch.equal(gw, ops.grad_weight_forward(gy, x, list(w.shape), *conv))
+    pixels = max(1, gy.shape[0] * gy.shape[2] * gy.shape[3])
+    assert_close(gb, gy.double().sum((0, 2, 3)), **tolerances(dtype, pixels, pixels ** .5),
+                 what=f"{case.name} grad bias")

@@ -139,3 +139,29 @@ def test_gemm_rejects_bad_shapes():
         ops.gemm(torch.randn(3, 4), torch.randn(4, 6), torch.randn(6, 3).t())
     with pytest.raises(TypeError, match="dtype"):
         ops.gemm(torch.randn(3, 4), torch.randn(4, 6, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_k_segments(dtype, isa):
+    # One GEMM summing over several segments of K (a batch's images: pixels of image s are
+    # K indices s * L + l), starting part-way into the first segment; segment lengths below,
+    # at and above the K block and ranges whose blocks straddle segment boundaries.
+    kc = ops.gemm_blocking(dtype)["kc"]
+    for S, L, first, count, transposed in [(3, 5, 0, None, False), (4, 49, 17, 150, True),
+                                           (3, kc, 0, None, False), (2, kc + 7, 3, None, True),
+                                           (5, 2 * kc // 3, kc // 2, 2 * kc, False)]:
+        M, N = 29, 45
+        a = _rand(S, M, L, dtype=dtype, seed=S)
+        b = _rand(S, N, L, dtype=dtype, seed=L).transpose(1, 2) if transposed else \
+            _rand(S, L, N, dtype=dtype, seed=L)
+        count_ = S * L - first if count is None else count
+        flat_a = a.permute(1, 0, 2).reshape(M, S * L)[:, first:first + count_]
+        flat_b = b.reshape(S * L, N)[first:first + count_]
+        c0 = _rand(M, N, dtype=dtype, seed=1)
+        for accumulate in (False, True):
+            out = ops.gemm_segmented(a, b, first, count, c0.clone(), accumulate=accumulate)
+            ref = flat_a.double() @ flat_b.double() + (c0.double() if accumulate else 0)
+            eps = torch.finfo(dtype).eps
+            assert_close(out, ref, atol=64 * eps * count_ ** 0.5, rtol=32 * eps,
+                         what=f"segments S={S} L={L} first={first} count={count_} "
+                              f"transposed={transposed} accumulate={accumulate}")

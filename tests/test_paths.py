@@ -22,21 +22,25 @@ from conftest import assert_close, supported, tolerances
 
 PATH_CASES = [CASES[CASE_IDS.index(n)] for n in (
     "dilated_asym_padded", "groups_strided", "depthwise_multiplier", "same_even_dilated",
-    "pointwise", "stem_like", "channel_tails", "large_map_dilated_strided",
+    "pointwise", "pointwise_strided", "pointwise_strided_groups", "stem_like",
+    "channel_tails", "large_map_dilated_strided",
     "channels_last_strided_groups", "noncontiguous")]
 
 HUGE = 1 << 40
+NATIVE_THRESHOLDS = ("im2col_native_min_pixels_pointwise", "im2col_native_min_pixels_spatial",
+                     "im2col_native_min_pixels_strided_1x1")
 SETTINGS = {
-    # im2col NCHW forward: one GEMM per image with implicit im2col (or the input as B).
-    "im2col_native": dict(im2col_native_min_pixels_pointwise=1, im2col_native_min_pixels_spatial=1),
-    # im2col NCHW forward through the NHWC GEMM, whatever the map size.
-    "im2col_nhwc": dict(im2col_native_min_pixels_pointwise=HUGE,
-                        im2col_native_min_pixels_spatial=HUGE),
+    # im2col NCHW forward (and pointwise grad-input): one GEMM per image with implicit im2col
+    # (or the input as B); 1x1 NCHW grad-weight with the threads inside one GEMM (dW split).
+    "im2col_native": dict({t: 1 for t in NATIVE_THRESHOLDS}, pointwise_grad_weight_dw_per_pixel=1),
+    # im2col NCHW forward through the NHWC GEMM, whatever the map size; 1x1 NCHW grad-weight
+    # with the pixels split over threads.
+    "im2col_nhwc": dict({t: HUGE for t in NATIVE_THRESHOLDS},
+                        pointwise_grad_weight_dw_per_pixel=HUGE),
     # One image per layout group, a few pixels per column chunk and per grad-weight chunk:
     # every loop over groups and chunks runs several times, with ragged last pieces.
-    "tiny_budgets": dict(layout_budget_bytes=1, im2col_column_budget_bytes=1000,
-                         direct_grad_weight_chunk_pixels=5, im2col_native_min_pixels_spatial=HUGE,
-                         im2col_native_min_pixels_pointwise=HUGE),
+    "tiny_budgets": dict({t: HUGE for t in NATIVE_THRESHOLDS}, layout_budget_bytes=1,
+                         im2col_column_budget_bytes=1000, direct_grad_weight_chunk_pixels=5),
 }
 
 
@@ -103,7 +107,8 @@ def test_tuning_restores_and_rejects_unknown_fields():
 
 
 ESTIMATE_CASES = [CASES[CASE_IDS.index(n)] for n in (
-    "basic", "strided_asym", "dilated_asym_padded", "groups_strided", "pointwise", "stem_like",
+    "basic", "strided_asym", "dilated_asym_padded", "groups_strided", "pointwise",
+    "pointwise_strided", "stem_like",
     "channel_tails", "many_channels", "large_map_dilated_strided", "large_map_groups")]
 
 
@@ -135,37 +140,71 @@ def test_workspace_estimate_bounds_what_a_call_takes(case, algo):
 @pytest.mark.parametrize("groups", [1, 2])
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("threads", [2, 3])
-def test_pointwise_backward_native_nchw_split_over_images(groups, batch, threads, isa):
-    # im2col's NCHW pointwise grad-weight gives each thread its own share of the batch's
-    # pixels (whole images, or parts of one: batch 1, and 3 images over 2 threads) and partial
-    # sums; grad-input runs one GEMM per image.
+@pytest.mark.parametrize("split", ["pixels", "dw"])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_pointwise_backward_native_nchw(groups, batch, threads, split, stride, isa):
+    # im2col's NCHW 1x1 grad-weight: one GEMM whose K runs over several images' pixels,
+    # with the threads splitting the pixels (whole images or parts of one: batch 1, and 3
+    # images over 2 threads; partial sums added) or dW (inside the GEMM); a strided one reads
+    # its input subsampled. Grad-input runs one GEMM per image.
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        _check_pointwise_backward(groups, batch)
+        per_pixel = HUGE if split == "pixels" else 1
+        with tuning(pointwise_grad_weight_dw_per_pixel=per_pixel):
+            _check_pointwise_backward(groups, batch, stride, split)
     finally:
         torch.set_num_threads(previous)
 
 
-def _check_pointwise_backward(groups, batch):
-    # 624 pixels per image: several threads' worth (64+ pixels each) even at batch 1.
+def _check_pointwise_backward(groups, batch, stride, split):
+    # 156 output pixels per image at stride 1: two threads' worth (64+ pixels each) even at
+    # batch 1, and fewer pixels than dW has elements (768+) for the dW split; at stride 2,
+    # 6 x 7 (ragged: 11 x 13 input).
     g = torch.Generator().manual_seed(batch)
-    x = torch.randn(batch, 32, 24, 26, generator=g, dtype=torch.float64)
+    x = torch.randn(batch, 32, 12 - stride + 1, 13, generator=g, dtype=torch.float64)
     w = torch.randn(48, 32 // groups, 1, 1, generator=g, dtype=torch.float64)
-    gy = torch.randn(batch, 48, 24, 26, generator=g, dtype=torch.float64)
-    conv = ([1, 1], [0, 0, 0, 0], [1, 1], groups, "im2col")
+    OH, OW = (x.shape[2] - 1) // stride + 1, (x.shape[3] - 1) // stride + 1
+    gy = torch.randn(batch, 48, OH, OW, generator=g, dtype=torch.float64)
+    conv = ([stride, stride], [0, 0, 0, 0], [1, 1], groups, "im2col")
     with torch.no_grad():
         fastconv.release_workspaces()
         gw = ops.conv2d_grad_weight(gy, x, list(w.shape), *conv)
-        used = sum(workspace_high_water().values())
-        problem = fastconv.explain(x.shape, w.shape, groups=groups, dtype=x.dtype).problem
+        used = workspace_high_water()
+        problem = fastconv.explain(x.shape, w.shape, stride=stride, groups=groups,
+                                   dtype=x.dtype).problem
         estimate = registry.get("im2col").workspace_bytes(problem, Pass.GRAD_WEIGHT, x.dtype)
-        assert 0 < used <= estimate, (used, estimate)   # the other threads' partial sums
+        assert 0 < sum(used.values()) <= estimate, (used, estimate)
+        if split == "dw":  # the GEMM's own panels, no partial sums
+            assert used["accumulators"] == 0 and used["gemm_panels_b"] > 0, used
+        elif (batch * OH * OW >= 2 * 64 and torch.get_num_threads() > 1
+              and batch * OH * OW * w.numel() * 2 >= 1 << 18):   # simd.h: kSerialWork
+            assert used["accumulators"] > 0, used         # the other threads' partial sums
+        if stride > 1:   # the subsampled images
+            assert used["activation_nhwc"] == batch * 32 * OH * OW * 8, used
         gx = ops.conv2d_grad_input(gy, w, list(x.shape), *conv)
-    assert_close(gw, torch.nn.grad.conv2d_weight(x, w.shape, gy, groups=groups),
+    assert_close(gw, torch.nn.grad.conv2d_weight(x, w.shape, gy, stride=stride, groups=groups),
                  atol=1e-10, rtol=1e-10, what="grad weight")
-    assert_close(gx, torch.nn.grad.conv2d_input(x.shape, w, gy, groups=groups),
+    assert_close(gx, torch.nn.grad.conv2d_input(x.shape, w, gy, stride=stride, groups=groups),
                  atol=1e-10, rtol=1e-10, what="grad input")
+
+
+def test_strided_pointwise_grad_weight_in_image_groups():
+    # Under a small layout budget the subsampled input is made one image at a time and dW
+    # summed over the groups.
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 8, 13, 12, generator=g, dtype=torch.float64)
+    w = torch.randn(10, 8, 1, 1, generator=g, dtype=torch.float64)
+    gy = torch.randn(3, 10, 7, 4, generator=g, dtype=torch.float64)
+    conv = ([2, 3], [0, 0, 0, 0], [1, 1], 1, "im2col")
+    for per_pixel in (1, HUGE):
+        with tuning(layout_budget_bytes=1, pointwise_grad_weight_dw_per_pixel=per_pixel), \
+                torch.no_grad():
+            fastconv.release_workspaces()
+            gw = ops.conv2d_grad_weight(gy, x, list(w.shape), *conv)
+            assert workspace_high_water()["activation_nhwc"] == 8 * 7 * 4 * 8  # one image
+        assert_close(gw, torch.nn.grad.conv2d_weight(x, w.shape, gy, stride=(2, 3)),
+                     atol=1e-11, rtol=1e-11, what=f"grad weight per_pixel={per_pixel}")
 
 
 @pytest.mark.parametrize("stride", [1, 2])

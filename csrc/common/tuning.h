@@ -25,6 +25,14 @@ struct Tuning {
   // implicit packing unless the map is large enough that the transposes dominate.
   int64_t im2col_native_min_pixels_pointwise = 128;
   int64_t im2col_native_min_pixels_spatial = 2048;
+  // Strided 1x1 (ResNet's downsample layers) packs its subsampled input straight from NCHW
+  // at 784 output pixels (batch 8, ms, native vs NHWC: 256>512 @56 10.3 vs 12.6, torch
+  // 11.7), but not at 196 (512>1024 @28: 10.4 vs 9.4) or 49.
+  int64_t im2col_native_min_pixels_strided_1x1 = 512;
+  // im2col pointwise NCHW grad-weight: the threads split dW (inside one GEMM) rather than
+  // the pixels (partial dW copies added at the end) when dW has more than this many
+  // elements per pixel of the batch. Measured: see im2col_conv.cpp.
+  int64_t pointwise_grad_weight_dw_per_pixel = 256;
   // direct grad-weight: output pixels per chunk that every dW tile sweeps (x and grad_y of a
   // chunk stay in L2).
   int64_t direct_grad_weight_chunk_pixels = 512;

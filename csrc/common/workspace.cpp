@@ -56,8 +56,8 @@ const char* workspace_slot_name(WorkspaceSlot slot) {
   static const char* const names[kWsSlots] = {
       "activation_nhwc", "grad_output_nhwc", "output_nhwc",    "staging",
       "packed_weights",  "weights_tap_major", "columns",       "accumulators",
-      "tap_tables",      "gemm_whole_operand", "gemm_panels_a", "gemm_panels_b",
-      "winograd_input",  "winograd_output"};
+      "grad_bias_sums",  "tap_tables",        "gemm_whole_operand", "gemm_panels_a",
+      "gemm_panels_b",   "winograd_input",    "winograd_output"};
   return names[slot];
 }
 

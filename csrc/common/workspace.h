@@ -17,6 +17,7 @@ enum WorkspaceSlot : int {
   kWsWeightsTapMajor,   // weights permuted to [k][tap][c], or grad-weight in that order
   kWsColumns,           // an im2col column matrix chunk
   kWsAccumulators,      // partial sums: direct grad-weight tiles, grad-bias per thread
+  kWsGradBiasSums,      // grad-bias summed inside a grad-weight sweep (float64)
   kWsTapTables,         // direct's per-tap offset tables and its row of zeros
   kWsGemmWholeOperand,  // one GEMM operand packed whole, reused across GEMM calls
   kWsGemmPanelsA,       // the GEMM's packed A block (MC x KC)

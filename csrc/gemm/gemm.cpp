@@ -62,6 +62,45 @@ int64_t k_block(int64_t K) {
   return ceil_div(K, blocks);
 }
 
+// Calls run(offset, length, base) for the pieces of K range [p0, p0 + kc) that lie in one
+// segment (GemmArgs::k_seg): the piece's first column inside the range, its length, and the
+// element offset of its first column from the operand's origin (seg_stride between segments,
+// cs within one). Without segments the range is one piece.
+template <typename F>
+inline void for_each_k_run(int64_t k_seg, int64_t k_seg_first, int64_t seg_stride, int64_t cs,
+                           int64_t p0, int64_t kc, F run) {
+  if (k_seg <= 0) return run(int64_t(0), kc, p0 * cs);
+  for (int64_t off = 0; off < kc;) {
+    const int64_t k = p0 + off + k_seg_first, seg = k / k_seg, pos = k % k_seg;
+    const int64_t len = min64(k_seg - pos, kc - off);
+    run(off, len, seg * seg_stride + pos * cs);
+    off += len;
+  }
+}
+
+// One run of kc columns of an A micro-panel: d[k * MR + i] = a[i * rs + k * cs] for
+// i < rows, zeros for rows <= i < MR.
+template <typename T, int MR>
+void pack_a_run(const T* a, int64_t rs, int64_t cs, int64_t rows, int64_t kc, T* d) {
+  if (rows == MR && rs == 1) {  // column-major A: each k is MR contiguous values
+    for (int64_t k = 0; k < kc; ++k)
+      for (int i = 0; i < MR; ++i) d[k * MR + i] = a[k * cs + i];
+    return;
+  }
+  if (cs == 1) {  // row-major A: transpose rows x 16-k blocks
+    for (int64_t k0 = 0; k0 < kc; k0 += kTransposeBlock)
+      transpose_block(a + k0, rs, d + k0 * MR, int64_t(MR), int(rows),
+                      int(min64(kTransposeBlock, kc - k0)));
+  } else {
+    for (int i = 0; i < rows; ++i) {
+      const T* ai = a + i * rs;
+      for (int64_t k = 0; k < kc; ++k) d[k * MR + i] = ai[k * cs];
+    }
+  }
+  for (int i = int(rows); i < MR; ++i)
+    for (int64_t k = 0; k < kc; ++k) d[k * MR + i] = T(0);
+}
+
 // Pack rows [i0, i0 + mc) x columns [p0, p0 + kc) of A into MR-tall micro-panels,
 // Ap[panel][k][MR], zero-padding the last panel. Only panels [q0, q1) are packed.
 template <typename T, int MR>
@@ -70,27 +109,44 @@ void pack_a(const GemmArgs<T>& g, int64_t i0, int64_t mc, int64_t p0, int64_t kc
   for (int64_t q = q0; q < q1; ++q) {
     T* d = ap + q * kc * MR;
     const int64_t r0 = i0 + q * MR, rows = min64(MR, i0 + mc - r0);
-    const T* a = g.a + r0 * g.rs_a + p0 * g.cs_a;
-    if (rows == MR && g.rs_a == 1) {  // column-major A: each k is MR contiguous values
-      for (int64_t k = 0; k < kc; ++k)
-        for (int i = 0; i < MR; ++i) d[k * MR + i] = a[k * g.cs_a + i];
-      continue;
-    }
-    if (g.cs_a == 1) {  // row-major A: transpose rows x 16-k blocks
-      for (int64_t k0 = 0; k0 < kc; k0 += kTransposeBlock)
-        transpose_block(a + k0, g.rs_a, d + k0 * MR, int64_t(MR), int(rows),
-                        int(min64(kTransposeBlock, kc - k0)));
-      for (int i = int(rows); i < MR; ++i)
-        for (int64_t k = 0; k < kc; ++k) d[k * MR + i] = T(0);
-      continue;
-    }
-    for (int i = 0; i < rows; ++i) {
-      const T* ai = a + i * g.rs_a;
-      for (int64_t k = 0; k < kc; ++k) d[k * MR + i] = ai[k * g.cs_a];
-    }
-    for (int i = int(rows); i < MR; ++i)
-      for (int64_t k = 0; k < kc; ++k) d[k * MR + i] = T(0);
+    const T* a = g.a + r0 * g.rs_a;
+    for_each_k_run(g.k_seg, g.k_seg_first, g.seg_stride_a, g.cs_a, p0, kc,
+                   [&](int64_t off, int64_t len, int64_t base) {
+      pack_a_run<T, MR>(a + base, g.rs_a, g.cs_a, rows, len, d + off * MR);
+    });
   }
+}
+
+// One run of kc rows of a B micro-panel: d[k * NR + j] = b[k * rs + j * cs] for j < cols,
+// zeros for cols <= j < NR.
+template <typename T, int NR>
+void pack_b_run(const T* b, int64_t rs, int64_t cs, int64_t cols, int64_t kc, T* d) {
+  if (cs == 1) {  // row-major B: each k is a contiguous run
+    for (int64_t k = 0; k < kc; ++k) {
+      const T* bk = b + k * rs;
+      T* dk = d + k * NR;
+      if (cols == NR) {
+        for (int j = 0; j < NR; ++j) dk[j] = bk[j];
+      } else {
+        for (int j = 0; j < cols; ++j) dk[j] = bk[j];
+        for (int j = int(cols); j < NR; ++j) dk[j] = T(0);
+      }
+    }
+    return;
+  }
+  if (rs == 1) {  // column-major B: transpose 16-column x 16-k blocks
+    for (int64_t j0 = 0; j0 < cols; j0 += kTransposeBlock)
+      for (int64_t k0 = 0; k0 < kc; k0 += kTransposeBlock)
+        transpose_block(b + j0 * cs + k0, cs, d + k0 * NR + j0, int64_t(NR),
+                        int(min64(kTransposeBlock, cols - j0)), int(min64(kTransposeBlock, kc - k0)));
+  } else {
+    for (int j = 0; j < cols; ++j) {
+      const T* bj = b + j * cs;
+      for (int64_t k = 0; k < kc; ++k) d[k * NR + j] = bj[k * rs];
+    }
+  }
+  for (int j = int(cols); j < NR; ++j)
+    for (int64_t k = 0; k < kc; ++k) d[k * NR + j] = T(0);
 }
 
 // Pack rows [p0, p0 + kc) x columns [j0, j0 + nc) of B into NR-wide micro-panels,
@@ -105,33 +161,11 @@ void pack_b(const GemmArgs<T>& g, int64_t p0, int64_t kc, int64_t j0, int64_t nc
       g.pack_b_panel(g.pack_b_ctx, p0, kc, c0, cols, NR, d);
       continue;
     }
-    const T* b = g.b + p0 * g.rs_b + c0 * g.cs_b;
-    if (g.cs_b == 1) {  // row-major B: each k is a contiguous run
-      for (int64_t k = 0; k < kc; ++k) {
-        const T* bk = b + k * g.rs_b;
-        T* dk = d + k * NR;
-        if (cols == NR) {
-          for (int j = 0; j < NR; ++j) dk[j] = bk[j];
-        } else {
-          for (int j = 0; j < cols; ++j) dk[j] = bk[j];
-          for (int j = int(cols); j < NR; ++j) dk[j] = T(0);
-        }
-      }
-      continue;
-    }
-    if (g.rs_b == 1) {  // column-major B: transpose 16-column x 16-k blocks
-      for (int64_t j0 = 0; j0 < cols; j0 += kTransposeBlock)
-        for (int64_t k0 = 0; k0 < kc; k0 += kTransposeBlock)
-          transpose_block(b + j0 * g.cs_b + k0, g.cs_b, d + k0 * NR + j0, int64_t(NR),
-                          int(min64(kTransposeBlock, cols - j0)), int(min64(kTransposeBlock, kc - k0)));
-    } else {
-      for (int j = 0; j < cols; ++j) {
-        const T* bj = b + j * g.cs_b;
-        for (int64_t k = 0; k < kc; ++k) d[k * NR + j] = bj[k * g.rs_b];
-      }
-    }
-    for (int j = int(cols); j < NR; ++j)
-      for (int64_t k = 0; k < kc; ++k) d[k * NR + j] = T(0);
+    const T* b = g.b + c0 * g.cs_b;
+    for_each_k_run(g.k_seg, g.k_seg_first, g.seg_stride_b, g.rs_b, p0, kc,
+                   [&](int64_t off, int64_t len, int64_t base) {
+      pack_b_run<T, NR>(b + base, g.rs_b, g.cs_b, cols, len, d + off * NR);
+    });
   }
 }
 

@@ -58,6 +58,12 @@ struct GemmArgs {
   void (*pack_b_panel)(const void* ctx, int64_t k0, int64_t kc, int64_t j0, int64_t cols,
                        int64_t nr, T* dst) = nullptr;
   const void* pack_b_ctx = nullptr;
+  // Optional: K runs over segments of k_seg indices each (the images of a batch), so that
+  // with kk = k + k_seg_first, A(i, k) = a[i * rs_a + (kk / k_seg) * seg_stride_a +
+  // (kk % k_seg) * cs_a] and B(k, j) = b[(kk / k_seg) * seg_stride_b + (kk % k_seg) * rs_b +
+  // j * cs_b]: one GEMM sums over several images' pixels. 0: K is one run. Packing only.
+  int64_t k_seg = 0, k_seg_first = 0;
+  int64_t seg_stride_a = 0, seg_stride_b = 0;
 };
 
 // Whole-operand packed layout, per KC block of K (pc = 0, KC, 2 KC, ...):

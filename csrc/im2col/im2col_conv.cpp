@@ -35,11 +35,16 @@ bool is_pointwise(const ConvGeom& g) {
   return g.R == 1 && g.S == 1 && g.sh == 1 && g.sw == 1 && !g.padded();
 }
 
+// 1x1 and unpadded, any stride: a strided one is a pointwise one on a subsampled input.
+bool is_unpadded_1x1(const ConvGeom& g) { return g.R == 1 && g.S == 1 && !g.padded(); }
+
 // Whether an NCHW forward runs natively (one GEMM per image) rather than in NHWC.
 bool runs_native(const ConvGeom& g) {
   const Tuning& t = tuning();
-  return g.OH * g.OW >= (is_pointwise(g) ? t.im2col_native_min_pixels_pointwise
-                                         : t.im2col_native_min_pixels_spatial);
+  const int64_t min_pixels = is_pointwise(g)       ? t.im2col_native_min_pixels_pointwise
+                             : is_unpadded_1x1(g) ? t.im2col_native_min_pixels_strided_1x1
+                                                   : t.im2col_native_min_pixels_spatial;
+  return g.OH * g.OW >= min_pixels;
 }
 
 // The weights as wt[k][t][c] in a workspace, or w itself for a 1x1 convolution (same layout).
@@ -375,57 +380,89 @@ void grad_input_pointwise_nchw(const ConvGeom& g, const T* gy, const T* w, T* gx
   }
 }
 
-// Each thread sums its own share of the batch's pixels (whole images where the batch allows,
-// parts of images where it has fewer images than threads) into its own dW, and the partial
-// sums are added: the GEMM's (Kg x Cg) output is too small to split well between threads,
-// and packing (both operands transposed) dominates. 1x1 64>256 @56, batch 8: 11.7 ms with the
-// threads inside each GEMM, 5.1 this way (torch 6.0). Each thread packs whole operands into
-// its own scratch, so the GEMMs need no workspace inside the parallel region.
-// Threads of the pointwise NCHW grad-weight: at least 64 pixels each. A thread's GEMMs do 2 x
-// pixels multiply-adds per dW element and adding its partial dW costs one memory-bound add
-// per element, worth ~20 pixels of GEMM here: with 64+ the additions stay a small share.
+// Pointwise grad-weight on NCHW tensors: per group, dW (Kg x Cg) = sum over the images of
+// gy[n] (Kg x P) * x[n]^T (P x Cg), one GEMM whose K runs over every image's pixels (K
+// segments, gemm.h), so C is read and written once per K block, not once per image
+// (1x1 2048>512 @7, batch 8: 49-pixel GEMMs rewrote the 4 MiB dW 8 times).
+// Two ways to use the threads, by the size of dW against the pixels:
+//  * pixels: each thread sums its share of the pixels into its own dW, and the partial sums
+//    are added. The best split when dW is small (1x1 64>256 @56, batch 8: 11.7 ms with the
+//    threads inside per-image GEMMs, 5.1 this way, torch 6.0). Each thread packs its own
+//    operands in chunks into its scratch, so its GEMMs need no workspace inside the
+//    parallel region.
+//  * dW: one GEMM with the threads inside, which split dW's tiles; no partial copies of dW
+//    (the "no per-thread copy of a large dW"). Best when dW is large against the
+//    pixels, where adding copies costs as much as the GEMM.
+// Adding a thread's partial dW costs one memory-bound add per element, worth ~20 pixels of
+// GEMM here, and the split needs 64+ pixels a thread to keep that a small share.
 inline int pointwise_grad_weight_threads(const ConvGeom& g, int nthreads) {
-  const int64_t pixels = g.N * g.H * g.W;
-  return int(min64(threads_for(pixels * g.K * g.Cg() * 2, nthreads), max64(1, pixels / 64)));
+  const int64_t pixels = g.N * g.OH * g.OW, dw = g.K * g.Cg();
+  if (pixels < dw / tuning().pointwise_grad_weight_dw_per_pixel) return 1;  // split dW
+  return int(min64(threads_for(pixels * dw * 2, nthreads), max64(1, pixels / 64)));
 }
 
+// Pixels per packed chunk of the pixel split: (Kg + Cg) x chunk values of scratch a thread.
+// dW is read and written once per chunk; at 1024 that traffic is under 1 % of the GEMM's.
+constexpr int64_t kPointwiseGradWeightChunk = 1024;
+
+// dW (gw, K x Cg) = [gw +] the sum over `images` images of gy[n] * x[n]^T, where gy[n] is
+// K x P (P output pixels) and x[n] is C x P at x + n * x_image (x_image >= C * P).
 template <typename T>
-void grad_weight_pointwise_nchw(const ConvGeom& g, const T* gy, const T* x, T* gw, int nthreads) {
-  const int64_t Cg = g.Cg(), Kg = g.Kg(), P = g.H * g.W, KC = g.K * Cg, pixels = g.N * P;
-  const int64_t size_a = gemm_packed_size_a<T>(Kg, P), size_b = gemm_packed_size_b<T>(P, Cg);
+void pointwise_grad_weight_images(const ConvGeom& g, const T* gy, const T* x, int64_t x_image,
+                                  int64_t images, bool accumulate, T* gw, int nthreads) {
+  const int64_t Cg = g.Cg(), Kg = g.Kg(), P = g.OH * g.OW, KC = g.K * Cg, pixels = images * P;
+  GemmArgs<T> base{};
+  base.M = Kg;
+  base.N = Cg;
+  base.rs_a = P;  // A(k, p) = gy[n][gi*Kg + k][p]
+  base.cs_a = 1;
+  base.rs_b = 1;  // B(p, c) = x[n][gi*Cg + c][p]
+  base.cs_b = P;
+  base.k_seg = P;
+  base.seg_stride_a = g.K * P;
+  base.seg_stride_b = x_image;
+  base.ldc = Cg;
   const int nt = pointwise_grad_weight_threads(g, nthreads);
-  T* part = nt > 1 ? workspace_as<T>(kWsAccumulators, (nt - 1) * KC) : nullptr;
+  if (nt == 1) {  // split dW: the threads inside each group's GEMM
+    for (int64_t gi = 0; gi < g.groups; ++gi) {
+      GemmArgs<T> a = base;
+      a.K = pixels;
+      a.a = gy + gi * Kg * P;
+      a.b = x + gi * Cg * P;
+      a.c = gw + gi * Kg * Cg;
+      a.accumulate = accumulate;
+      gemm(a, nthreads);
+    }
+    return;
+  }
+  const int64_t chunk = kPointwiseGradWeightChunk;
+  const int64_t size_a = gemm_packed_size_a<T>(Kg, chunk), size_b = gemm_packed_size_b<T>(chunk, Cg);
+  T* part = workspace_as<T>(kWsAccumulators, (nt - 1) * KC);
   int ran = 1;  // threads OpenMP gave the region (fewer than nt when nested or limited)
   parallel(nt, [&](int tid, int nth) {
     if (tid == 0) ran = nth;
-    int64_t q0, q1;  // this thread's pixels, numbered n * P + p over the batch
+    int64_t q0, q1;  // this thread's pixels, numbered n * P + p over the images
     split_range(pixels, nth, tid, &q0, &q1);
     T* dst = tid == 0 ? gw : part + (tid - 1) * KC;
+    const bool add_first = tid == 0 && accumulate;
     T* packed = thread_scratch<T>(size_a + size_b);
     for (int64_t gi = 0; gi < g.groups; ++gi) {
-      GemmArgs<T> a{};
-      a.M = Kg;
-      a.N = Cg;
-      a.rs_a = P;
-      a.cs_a = 1;
-      a.rs_b = 1;  // B(p, c) = x[n][gi*Cg + c][p]
-      a.cs_b = P;
+      GemmArgs<T> a = base;
       a.c = dst + gi * Kg * Cg;
-      a.ldc = Cg;
-      if (q0 == q1) std::memset(a.c, 0, sizeof(T) * Kg * Cg);
-      for (int64_t q = q0; q < q1;) {  // one GEMM per image the range touches
-        const int64_t n = q / P, p0 = q % P, p1 = min64(P, p0 + (q1 - q));
-        a.K = p1 - p0;
-        a.a = gy + (n * g.K + gi * Kg) * P + p0;
-        a.b = x + (n * g.C + gi * Cg) * P + p0;
+      if (q0 == q1 && !add_first) std::memset(a.c, 0, sizeof(T) * Kg * Cg);
+      for (int64_t q = q0; q < q1; q += chunk) {
+        const int64_t n = q / P;
+        a.K = min64(chunk, q1 - q);
+        a.k_seg_first = q % P;
+        a.a = gy + (n * g.K + gi * Kg) * P;
+        a.b = x + n * x_image + gi * Cg * P;
         a.a_packed = a.b_packed = nullptr;
         gemm_pack_a(a, packed, 1);
         gemm_pack_b(a, packed + size_a, 1);
         a.a_packed = packed;
         a.b_packed = packed + size_a;
-        a.accumulate = q > q0;
+        a.accumulate = q > q0 || add_first;
         gemm(a, 1);
-        q += p1 - p0;
       }
     }
   });
@@ -435,12 +472,42 @@ void grad_weight_pointwise_nchw(const ConvGeom& g, const T* gy, const T* x, T* g
     });
 }
 
+// x[n][c][oh * sh][ow * sw] for a group of images: the input pixels a strided 1x1
+// convolution reads, as contiguous C x OH x OW images.
+template <typename T>
+void subsample_nchw(const ConvGeom& g, const T* x, int64_t images, T* out, int nthreads) {
+  const int64_t HW = g.H * g.W, OHW = g.OH * g.OW;
+  parallel_for(images * g.C, threads_for(images * g.C * OHW * 4, nthreads), [&](int64_t nc) {
+    const T* plane = x + nc * HW;
+    T* d = out + nc * OHW;
+    for (int64_t oh = 0; oh < g.OH; ++oh)
+      copy_strided_n(d + oh * g.OW, plane + oh * g.sh * g.W, g.OW, g.sw);
+  });
+}
+
+// Pointwise (1x1, unpadded) grad-weight on NCHW tensors, any stride: a strided one reads
+// its input subsampled, a group of images at a time under the layout budget.
+template <typename T>
+void grad_weight_pointwise_nchw(const ConvGeom& g, const T* gy, const T* x, T* gw, int nthreads) {
+  const int64_t image_in = g.C * g.H * g.W, OHW = g.OH * g.OW;
+  if (g.sh == 1 && g.sw == 1)
+    return pointwise_grad_weight_images(g, gy, x, image_in, g.N, false, gw, nthreads);
+  const int64_t group = images_per_group(g.C * OHW * int64_t(sizeof(T)));
+  T* sub = workspace_as<T>(kWsActivationNhwc, min64(group, g.N) * g.C * OHW);
+  for (int64_t n0 = 0; n0 < g.N; n0 += group) {
+    const int64_t images = min64(group, g.N - n0);
+    subsample_nchw(g, x + n0 * image_in, images, sub, nthreads);
+    pointwise_grad_weight_images(g, gy + n0 * g.K * OHW, sub, g.C * OHW, images, n0 > 0, gw,
+                                 nthreads);
+  }
+}
+
 template <typename T>
 void grad_input(const ConvGeom& g, const T* gy, int gy_layout, const T* w, T* gx, int gx_layout,
                 int nthreads) {
   const int64_t G = g.groups, Cg = g.Cg(), Kg = g.Kg(), RSC = g.R * g.S * Cg;
   const bool pointwise = is_pointwise(g);
-  if (pointwise && gy_layout == kNCHW && gx_layout == kNCHW)
+  if (pointwise && gy_layout == kNCHW && gx_layout == kNCHW && runs_native(g))
     return grad_input_pointwise_nchw(g, gy, w, gx, nthreads);
   const T* wt = permuted_weights(g, w, nthreads);
   over_image_groups<T>(g, gy, gy_layout, g.K, g.OH, g.OW, gx, gx_layout, g.C, g.H * g.W,
@@ -485,7 +552,7 @@ void grad_weight(const ConvGeom& g, const T* gy, int gy_layout, const T* x, int 
                  int nthreads) {
   const int64_t G = g.groups, Cg = g.Cg(), Kg = g.Kg(), RSC = g.R * g.S * Cg;
   const bool pointwise = is_pointwise(g);
-  if (pointwise && gy_layout == kNCHW && x_layout == kNCHW)
+  if (is_unpadded_1x1(g) && gy_layout == kNCHW && x_layout == kNCHW)
     return grad_weight_pointwise_nchw(g, gy, x, gw, nthreads);
   T* dwt = pointwise ? gw : workspace_as<T>(kWsWeightsTapMajor, g.K * RSC);
   std::memset(dwt, 0, sizeof(T) * g.K * RSC);
@@ -549,10 +616,19 @@ int64_t workspace_bytes(const ConvGeom& g, Pass pass) {
   if (pass == Pass::kForward && runs_native(g))
     return tap_major + g.groups * gemm_packed_size_a<T>(Kg, RSC) * E +
            gemm_workspace_bytes<T>(Kg, OHW, RSC, true, false);
-  if (pass == Pass::kGradInput && pointwise)  // natively on NCHW tensors
+  if (pass == Pass::kGradInput && pointwise && runs_native(g))  // natively on NCHW tensors
     return gemm_packed_size_a<T>(Cg, Kg) * E + gemm_workspace_bytes<T>(Cg, OHW, Kg, true, false);
-  if (pass == Pass::kGradWeight && pointwise)  // the other threads' partial sums
-    return (pointwise_grad_weight_threads(g, omp_get_max_threads()) - 1) * g.K * Cg * E;
+  if (pass == Pass::kGradWeight && is_unpadded_1x1(g)) {
+    // The other threads' partial sums or the GEMM's panels, and a strided one's subsampled
+    // images.
+    const int nt = pointwise_grad_weight_threads(g, omp_get_max_threads());
+    const int64_t pixels = g.N * OHW;
+    const int64_t sums = nt > 1 ? (nt - 1) * g.K * Cg * E
+                                : gemm_workspace_bytes<T>(Kg, Cg, pixels, false, false);
+    const bool strided = g.sh > 1 || g.sw > 1;
+    const int64_t sub = strided ? min64(g.N, images_per_group(g.C * OHW * E)) * g.C * OHW * E : 0;
+    return sums + sub;
+  }
   // The NHWC passes convert a group of images (all of both tensors' images) at a time and
   // cut its pixels into column chunks.
   const int64_t images = min64(g.N, images_per_group((image_in + image_out) * E));

@@ -41,6 +41,11 @@ struct ConvKernels {
                      int gx_layout, int nthreads) = nullptr;
   void (*grad_weight)(const ConvGeom&, const T* gy, int gy_layout, const T* x, int x_layout,
                       T* gw, int nthreads) = nullptr;
+  // Optional: grad_weight that also writes grad-bias (gb, K values: grad_y summed over n,
+  // h, w) from its own sweep over grad_y. Null where a separate pass costs no more; the
+  // bindings then run SharedKernels::grad_bias after grad_weight.
+  void (*grad_weight_bias)(const ConvGeom&, const T* gy, int gy_layout, const T* x,
+                           int x_layout, T* gw, T* gb, int nthreads) = nullptr;
   // Upper estimate of the workspace bytes one call of `pass` takes, NCHW tensors assumed
   // (channels_last ones need less).
   int64_t (*workspace_bytes)(const ConvGeom&, Pass) = nullptr;
@@ -62,6 +67,11 @@ struct ConvKernels {
     ConvKernels k = *this;
     k.weight_packing = wp;
     k.pack_weights = pw;
+    return k;
+  }
+  ConvKernels with_grad_weight_bias(decltype(grad_weight_bias) gwb) const {
+    ConvKernels k = *this;
+    k.grad_weight_bias = gwb;
     return k;
   }
 };
