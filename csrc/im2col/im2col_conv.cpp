@@ -547,6 +547,57 @@ void grad_input(const ConvGeom& g, const T* gy, int gy_layout, const T* w, T* gx
   });
 }
 
+// Implicit im2col for the NHWC grad-weight: the GEMM's B is col[p][i] (pixels p of an image
+// group, i = t*Cg + c of group gi), and each packed KC x NR panel is filled straight from the
+// NHWC images, a run of channels of one tap per pixel, so no column matrix is stored or
+// read back (3x3/2 128 @56, batch 8: the 29 MB of columns were written, then packed, in
+// 4 MiB chunks). Each pixel's image offset and window corner are worked out once per call.
+struct PixelWindow {
+  int64_t base;      // (n * H) * W * C: the pixel's image
+  int32_t ih0, iw0;  // its window's top-left input row and column (may be < 0)
+};
+
+template <typename T>
+struct ImplicitNhwcCols {
+  const ConvGeom* g;
+  const T* x;                 // NHWC images of the group, channel gi * Cg first
+  const PixelWindow* pixels;  // one per output pixel of the group
+};
+
+template <typename T>
+void pack_implicit_nhwc_cols(const void* ctx, int64_t k0, int64_t kc, int64_t j0, int64_t cols,
+                             int64_t nr, T* dst) {
+  const ImplicitNhwcCols<T>& src = *static_cast<const ImplicitNhwcCols<T>*>(ctx);
+  const ConvGeom& g = *src.g;
+  const int64_t Cg = g.Cg();
+  // The panel's columns as runs of channels within one tap: (first column, length, tap row
+  // offset dh, column offset dw, first channel).
+  constexpr int kMaxRuns = 64;
+  int64_t run_j[kMaxRuns], run_len[kMaxRuns], run_dh[kMaxRuns], run_dw[kMaxRuns], run_c[kMaxRuns];
+  int runs = 0;
+  for (int64_t j = 0; j < cols;) {
+    const int64_t i = j0 + j, t = i / Cg, c = i % Cg, len = min64(Cg - c, cols - j);
+    run_j[runs] = j;
+    run_len[runs] = len;
+    run_dh[runs] = (t / g.S) * g.dh;
+    run_dw[runs] = (t % g.S) * g.dw;
+    run_c[runs++] = c;
+    j += len;
+  }
+  for (int64_t k = 0; k < kc; ++k) {
+    const PixelWindow& px = src.pixels[k0 + k];
+    T* d = dst + k * nr;
+    for (int r = 0; r < runs; ++r) {
+      const int64_t ih = px.ih0 + run_dh[r], iw = px.iw0 + run_dw[r];
+      if (ih < 0 || ih >= g.H || iw < 0 || iw >= g.W)
+        zero_n(d + run_j[r], run_len[r]);
+      else
+        copy_n(d + run_j[r], src.x + px.base + (ih * g.W + iw) * g.C + run_c[r], run_len[r]);
+    }
+    zero_n(d + cols, nr - cols);
+  }
+}
+
 template <typename T>
 void grad_weight(const ConvGeom& g, const T* gy, int gy_layout, const T* x, int x_layout, T* gw,
                  int nthreads) {
@@ -575,32 +626,39 @@ void grad_weight(const ConvGeom& g, const T* gy, int gy_layout, const T* x, int 
       scatter_to_nhwc(xn, kNCHW, n1 - n0, g.C, g.H, g.W, buf, g.H, g.W, 0, 0, 1, 1, nthreads);
       xn = buf;
     }
-    const int64_t P = v.pixels(), rows = pointwise ? P : chunk_rows<T>(RSC, P);
-    T* col = pointwise ? nullptr : workspace_as<T>(kWsColumns, rows * RSC);
-    for (int64_t gi = 0; gi < G; ++gi)
-      for (int64_t p0 = 0; p0 < P; p0 += rows) {
-        const int64_t m = min64(rows, P - p0);
-        GemmArgs<T> a{};
-        a.M = Kg;
-        a.N = RSC;
-        a.K = m;
-        a.a = gyn + p0 * g.K + gi * Kg;  // A(k, p) = gy[p][gi*Kg + k]
-        a.rs_a = 1;
-        a.cs_a = g.K;
-        if (pointwise) {
-          a.b = xn + p0 * g.C + gi * Cg;
-          a.rs_b = g.C;
-        } else {
-          im2col_nhwc(v, xn, gi, p0, m, col, nthreads);
-          a.b = col;
-          a.rs_b = RSC;
-        }
-        a.cs_b = 1;
-        a.c = dwt + gi * Kg * RSC;
-        a.ldc = RSC;
-        a.accumulate = true;  // dwt starts at zero and sums every chunk and image group
-        gemm(a, nthreads);
+    const int64_t P = v.pixels();
+    PixelWindow* windows = nullptr;
+    if (!pointwise) {
+      windows = reinterpret_cast<PixelWindow*>(
+          workspace_as<T>(kWsColumns, ceil_div(P * int64_t(sizeof(PixelWindow)), sizeof(T))));
+      for (int64_t p = 0; p < P; ++p) {
+        int64_t n, ih0, iw0;
+        v.locate(p, &n, &ih0, &iw0);
+        windows[p] = {n * g.H * g.W * g.C, int32_t(ih0), int32_t(iw0)};
       }
+    }
+    for (int64_t gi = 0; gi < G; ++gi) {
+      const ImplicitNhwcCols<T> cols{&g, xn + gi * Cg, windows};
+      GemmArgs<T> a{};
+      a.M = Kg;
+      a.N = RSC;
+      a.K = P;
+      a.a = gyn + gi * Kg;  // A(k, p) = gy[p][gi*Kg + k]
+      a.rs_a = 1;
+      a.cs_a = g.K;
+      if (pointwise) {
+        a.b = xn + gi * Cg;
+        a.rs_b = g.C;
+        a.cs_b = 1;
+      } else {
+        a.pack_b_panel = &pack_implicit_nhwc_cols<T>;
+        a.pack_b_ctx = &cols;
+      }
+      a.c = dwt + gi * Kg * RSC;
+      a.ldc = RSC;
+      a.accumulate = true;  // dwt starts at zero and sums every image group
+      gemm(a, nthreads);
+    }
   }
   if (!pointwise) permute_taps(dwt, g.K, Cg, g.R * g.S, gw, false, nthreads);
 }
@@ -641,9 +699,10 @@ int64_t workspace_bytes(const ConvGeom& g, Pass pass) {
     case Pass::kGradInput:
       return tap_major + layouts + columns + gemm_packed_size_b<T>(Kg, RSC) * E +
              gemm_workspace_bytes<T>(rows, RSC, Kg, false, true);
-    case Pass::kGradWeight:
-      return (pointwise ? 0 : g.K * RSC * E) + layouts + columns +
-             gemm_workspace_bytes<T>(Kg, RSC, rows, false, false);
+    case Pass::kGradWeight:  // pixel windows instead of columns, one GEMM per group
+      return (pointwise ? 0 : g.K * RSC * E) + layouts +
+             (pointwise ? 0 : round_up(P * int64_t(sizeof(PixelWindow)), E)) +
+             gemm_workspace_bytes<T>(Kg, RSC, P, false, false);
   }
   return 0;
 }
