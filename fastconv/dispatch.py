@@ -118,6 +118,12 @@ def choose(problem: Conv2dProblem, device_type: str = "cpu",
       19.3; batch 1 1.37 / 2.45 / 4.36 vs 1.61 / 3.24 / 6.98);
     * Winograd from 49 pixels: it transforms no filters, only its dW, once per call
       (batch 1: 3x3 256 @14 F2 1.15 vs direct 2.75, 512 @7 2.10 vs 5.23).
+
+    Grad-input of strided, weight-bound layers (8192+ weights per input pixel of the batch)
+    runs on the packed GEMM, whose one GEMM sweeps the filters once where direct's stride
+    phases each make their own small convolution (batch 1, ms, im2col vs direct, torch:
+    3x3/2 512 @14 2.24 vs 2.79, 2.07; 3x3/2 256 @28, 752 weights per pixel, 1.46 vs 1.61,
+    1.40, within the noise). Stride 1 keeps direct (3x3 512 @7: 2.22 vs 2.44, 1.32).
     """
     def runs(name: str) -> bool:
         return _runs(name, problem, device_type, dtype, pass_)
@@ -130,6 +136,10 @@ def choose(problem: Conv2dProblem, device_type: str = "cpu",
     if p.groups == 1 and (p.R == p.S == 1 or p.C <= 4) and runs("im2col"):
         return BY_NAME["im2col"]
     if grad_weight and p.groups == 1 and p.stride != (1, 1) and runs("im2col"):
+        return BY_NAME["im2col"]
+    weights = p.K * p.Cg * p.R * p.S
+    if (pass_ == Pass.GRAD_INPUT and p.groups == 1 and p.stride != (1, 1)
+            and weights >= 8192 * p.N * p.H * p.W and runs("im2col")):
         return BY_NAME["im2col"]
     min_pixels = 49 if prepacked or grad_weight else 392
     if p.groups == 1 and min(p.Cg, p.Kg) >= 16 and p.N * p.OH * p.OW >= min_pixels:

@@ -106,7 +106,7 @@ inline void f_direct_tile(const Taps& taps, int64_t ntaps, int64_t Cg, const T* 
     for (int b = 0; b < NBK; ++b) acc[j][b] = V::zero();
   for (int64_t t = 0; t < ntaps; ++t) {
     const T* p[UR];
-    taps(t, p);
+    taps(t, p, UR);
     for (int64_t c = 0; c < Cg; ++c, w += NBK * L) {
       V wv[NBK];
       for (int b = 0; b < NBK; ++b) wv[b] = V::load(w + b * L);
@@ -120,13 +120,33 @@ inline void f_direct_tile(const Taps& taps, int64_t ntaps, int64_t Cg, const T* 
     for (int b = 0; b < NBK; ++b) acc[j][b].store(out + (j * NBK + b) * L);
 }
 
+// f_direct_tile for a tile with m valid pixels and kv valid channels: the full UR = kUr
+// kernel, or for the last tile of a map the smallest of kUr/3, 2 kUr/3 that covers it
+// (ResNet-50's 7x7 maps at batch 1 are 4 tiles of 12 pixels and one of 1: a full tile
+// there computed 60 pixels for 49).
+template <typename T, typename Taps>
+inline void f_direct_tile_for(const Taps& taps, int64_t m, bool wide, int64_t ntaps, int64_t Cg,
+                              const T* w, T* out) {
+  constexpr int U1 = kUr % 3 == 0 ? kUr / 3 : kUr, U2 = kUr % 3 == 0 ? 2 * kUr / 3 : kUr;
+#define FASTCONV_F_TILE(UR)                                                  \
+  (wide ? f_direct_tile<T, UR, kNbk>(taps, ntaps, Cg, w, out)               \
+        : f_direct_tile<T, UR, 1>(taps, ntaps, Cg, w, out))
+  if (m <= U1)
+    FASTCONV_F_TILE(U1);
+  else if (m <= U2)
+    FASTCONV_F_TILE(U2);
+  else
+    FASTCONV_F_TILE(kUr);
+#undef FASTCONV_F_TILE
+}
+
 // Tap pointers of a tile whose every tap lies inside the input: one add per pixel.
 template <typename T>
 struct InteriorTaps {
   const T* const* px;      // kUr pixel base pointers (tap 0, first channel of the group)
   const int64_t* tap_off;  // element offset of each tap from the pixel base
-  void operator()(int64_t t, const T** p) const {
-    for (int j = 0; j < kUr; ++j) p[j] = px[j] + tap_off[t];
+  void operator()(int64_t t, const T** p, int n) const {  // the first n pixels
+    for (int j = 0; j < n; ++j) p[j] = px[j] + tap_off[t];
   }
 };
 
@@ -142,8 +162,8 @@ struct BorderTaps {
   const int64_t* tap_dw;
   int64_t H, W, C;
   const T* zeros;
-  void operator()(int64_t t, const T** p) const {
-    for (int j = 0; j < kUr; ++j) {
+  void operator()(int64_t t, const T** p, int n) const {  // the first n pixels
+    for (int j = 0; j < n; ++j) {
       const int64_t ih = ih0[j] + tap_dh[t], iw = iw0[j] + tap_dw[t];
       p[j] = (ih >= 0 && ih < H && iw >= 0 && iw < W) ? x + n_off[j] + (ih * W + iw) * C : zeros;
     }
@@ -213,10 +233,7 @@ void forward_nhwc(const ConvGeom& p, const NhwcOperands<T>& op, int nthreads) {
       const bool wide = kv > L * (kNbk - 1);
       if (interior) {
         const InteriorTaps<T> taps{px, tap_off};
-        if (wide)
-          f_direct_tile<T, kUr, kNbk>(taps, RS, Cg, w, tile);
-        else
-          f_direct_tile<T, kUr, 1>(taps, RS, Cg, w, tile);
+        f_direct_tile_for(taps, m, wide, RS, Cg, w, tile);
       } else {
         BorderTaps<T> taps;
         taps.x = xg;
@@ -229,10 +246,7 @@ void forward_nhwc(const ConvGeom& p, const NhwcOperands<T>& op, int nthreads) {
         taps.W = p.W;
         taps.C = p.C;
         taps.zeros = zeros;
-        if (wide)
-          f_direct_tile<T, kUr, kNbk>(taps, RS, Cg, w, tile);
-        else
-          f_direct_tile<T, kUr, 1>(taps, RS, Cg, w, tile);
+        f_direct_tile_for(taps, m, wide, RS, Cg, w, tile);
       }
       const int64_t bw = round_up(kv, L), kg0 = g * Kg + k0;
       // Epilogue (bias, activation, statistics) on the tile's valid pixels, in L1, then
