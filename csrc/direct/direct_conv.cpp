@@ -120,10 +120,10 @@ inline void f_direct_tile(const Taps& taps, int64_t ntaps, int64_t Cg, const T* 
     for (int b = 0; b < NBK; ++b) acc[j][b].store(out + (j * NBK + b) * L);
 }
 
-// f_direct_tile for a tile with m valid pixels and kv valid channels: the full UR = kUr
-// kernel, or for the last tile of a map the smallest of kUr/3, 2 kUr/3 that covers it
-// (ResNet-50's 7x7 maps at batch 1 are 4 tiles of 12 pixels and one of 1: a full tile
-// there computed 60 pixels for 49).
+// f_direct_tile for a tile with m valid pixels (wide: NBK channel vectors, else one): the
+// full UR = kUr kernel, or for the last tile of the batch's flattened pixels the smallest of
+// kUr/3, 2 kUr/3 that covers it (ResNet-50's 7x7 maps at batch 1 are 4 tiles of 12 pixels
+// and one of 1: a full tile there computed 60 pixels for 49).
 template <typename T, typename Taps>
 inline void f_direct_tile_for(const Taps& taps, int64_t m, bool wide, int64_t ntaps, int64_t Cg,
                               const T* w, T* out) {

@@ -356,7 +356,10 @@ int64_t gemm_workspace_bytes(int64_t M, int64_t N, int64_t K, bool a_prepacked,
   using B = Blocking<T>;
   constexpr int MR = B::MR, NR = B::NBV * Vec<T>::lanes;
   if (M <= 0 || N <= 0 || K <= 0) return 0;
-  const int64_t kc_max = min64(k_block<T>(K), K);
+  // Callers size one workspace for calls whose K varies up to K (image groups, the last one
+  // shorter), and k_block is not monotonic (767 -> 767, 768 -> 384): bound it by the largest
+  // block any K' <= K takes, just under 1.5 KC.
+  const int64_t kc_max = max64(k_block<T>(K), min64(K, B::KC + B::KC / 2 - 1));
   const int64_t a = a_prepacked ? 0 : kc_max * round_up(min64(B::MC, M), MR);
   const int64_t b = b_prepacked ? 0 : kc_max * round_up(min64(round_up(B::NC, NR), N), NR);
   return (a + b) * int64_t(sizeof(T));

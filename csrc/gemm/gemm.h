@@ -54,7 +54,7 @@ struct GemmArgs {
   const T* b_packed = nullptr;
   // Optional: B generated while packing instead of read from b (implicit im2col). The
   // function fills one panel, dst[k * nr + j] = B(k0 + k, j0 + j) for k < kc, j < cols, and
-  // zeros for cols <= j < nr.
+  // zeros for cols <= j < nr. It sees K indices as they are: K segments (below) do not apply.
   void (*pack_b_panel)(const void* ctx, int64_t k0, int64_t kc, int64_t j0, int64_t cols,
                        int64_t nr, T* dst) = nullptr;
   const void* pack_b_ctx = nullptr;

@@ -350,11 +350,10 @@ void forward_nchw_native(const ConvGeom& g, const T* x, const T* packed, const E
   }
 }
 
-// Pointwise backward on NCHW tensors, natively: one GEMM per image and group, as the forward
-// (converting grad_y and grad_x to NHWC and back cost more than the GEMMs: 1x1 64>256 @56,
-// batch 8, grad-input 15.5 ms through NHWC against torch's 7.0).
-//   grad-input:  gx[n] (Cg x P) = W^T (Cg x Kg) * gy[n] (Kg x P), W^T packed once
-//   grad-weight: gw (Kg x Cg) += gy[n] (Kg x P) * x[n]^T (P x Cg), summed over the images
+// Pointwise grad-input on NCHW tensors, natively (from 128 pixels an image, as the forward):
+// one GEMM per image and group (converting grad_y and grad_x to NHWC and back cost more than
+// the GEMMs: 1x1 64>256 @56, batch 8, grad-input 15.5 ms through NHWC against torch's 7.0).
+//   gx[n] (Cg x P) = W^T (Cg x Kg) * gy[n] (Kg x P), W^T packed once
 template <typename T>
 void grad_input_pointwise_nchw(const ConvGeom& g, const T* gy, const T* w, T* gx, int nthreads) {
   const int64_t Cg = g.Cg(), Kg = g.Kg(), P = g.H * g.W;
@@ -601,7 +600,7 @@ void grad_input(const ConvGeom& g, const T* gy, int gy_layout, const T* w, T* gx
 // 4 MiB chunks). Each pixel's image offset and window corner are worked out once per call.
 struct PixelWindow {
   int64_t base;      // (n * H) * W * C: the pixel's image
-  int32_t ih0, iw0;  // its window's top-left input row and column (may be < 0)
+  int64_t ih0, iw0;  // its window's top-left input row and column (may be < 0)
 };
 
 template <typename T>
@@ -678,11 +677,11 @@ void grad_weight(const ConvGeom& g, const T* gy, int gy_layout, const T* x, int 
     if (!pointwise) {
       windows = reinterpret_cast<PixelWindow*>(
           workspace_as<T>(kWsColumns, ceil_div(P * int64_t(sizeof(PixelWindow)), sizeof(T))));
-      for (int64_t p = 0; p < P; ++p) {
+      parallel_for(P, threads_for(P * 16, nthreads), [&](int64_t p) {
         int64_t n, ih0, iw0;
         v.locate(p, &n, &ih0, &iw0);
-        windows[p] = {n * g.H * g.W * g.C, int32_t(ih0), int32_t(iw0)};
-      }
+        windows[p] = {n * g.H * g.W * g.C, ih0, iw0};
+      });
     }
     for (int64_t gi = 0; gi < G; ++gi) {
       const ImplicitNhwcCols<T> cols{&g, xn + gi * Cg, windows};
@@ -726,10 +725,11 @@ int64_t workspace_bytes(const ConvGeom& g, Pass pass) {
   if (pass == Pass::kGradWeight && is_unpadded_1x1(g)) {
     // The other threads' partial sums or the GEMM's panels, and a strided one's subsampled
     // images.
+    // (A call with fewer threads than OpenMP's maximum may take either.)
     const int nt = pointwise_grad_weight_threads(g, omp_get_max_threads());
     const int64_t pixels = g.N * OHW;
-    const int64_t sums = nt > 1 ? (nt - 1) * g.K * Cg * E
-                                : gemm_workspace_bytes<T>(Kg, Cg, pixels, false, false);
+    const int64_t sums = max64((nt - 1) * g.K * Cg * E,
+                               gemm_workspace_bytes<T>(Kg, Cg, pixels, false, false));
     const bool strided = g.sh > 1 || g.sw > 1;
     const int64_t sub = strided ? min64(g.N, images_per_group(g.C * OHW * E)) * g.C * OHW * E : 0;
     return sums + sub;
