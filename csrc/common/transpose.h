@@ -55,5 +55,15 @@ inline void transpose_block<float>(const float* src, int64_t ss, float* dst, int
 }
 #endif
 
+// A filter's piece turned tap-major: dst[t * 16 + c] = src[c * RS + t] for c < rows (<= 16),
+// t < RS, where src is `rows` channels of one OIHW filter (channels x taps, contiguous).
+// Every weight packer that reorders OIHW filters starts from these pieces.
+template <typename T>
+inline void filter_piece_tap_major(const T* src, int64_t RS, int rows, T* dst) {
+  for (int64_t t0 = 0; t0 < RS; t0 += kTransposeBlock)
+    transpose_block(src + t0, RS, dst + t0 * kTransposeBlock, kTransposeBlock, rows,
+                    int(min64(kTransposeBlock, RS - t0)));
+}
+
 }  // namespace FASTCONV_ISA
 }  // namespace fastconv

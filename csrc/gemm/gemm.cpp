@@ -78,27 +78,37 @@ inline void for_each_k_run(int64_t k_seg, int64_t k_seg_first, int64_t seg_strid
   }
 }
 
-// One run of kc columns of an A micro-panel: d[k * MR + i] = a[i * rs + k * cs] for
-// i < rows, zeros for rows <= i < MR.
-template <typename T, int MR>
-void pack_a_run(const T* a, int64_t rs, int64_t cs, int64_t rows, int64_t kc, T* d) {
-  if (rows == MR && rs == 1) {  // column-major A: each k is MR contiguous values
-    for (int64_t k = 0; k < kc; ++k)
-      for (int i = 0; i < MR; ++i) d[k * MR + i] = a[k * cs + i];
+// One run of kc steps of a W-wide micro-panel: d[k * W + i] = src[i * rs + k * cs] for
+// i < n, zeros for n <= i < W. An A panel is rows i of A (rs = rs_a, cs = cs_a, W = MR); a
+// B panel is columns i of B, i.e. rows of B^T (rs = cs_b, cs = rs_b, W = NR).
+template <typename T, int W>
+void pack_panel_run(const T* src, int64_t rs, int64_t cs, int64_t n, int64_t kc, T* d) {
+  if (rs == 1) {  // each k is n contiguous values
+    for (int64_t k = 0; k < kc; ++k) {
+      const T* sk = src + k * cs;
+      T* dk = d + k * W;
+      if (n == W) {
+        for (int i = 0; i < W; ++i) dk[i] = sk[i];
+      } else {
+        for (int i = 0; i < n; ++i) dk[i] = sk[i];
+        for (int i = int(n); i < W; ++i) dk[i] = T(0);
+      }
+    }
     return;
   }
-  if (cs == 1) {  // row-major A: transpose rows x 16-k blocks
-    for (int64_t k0 = 0; k0 < kc; k0 += kTransposeBlock)
-      transpose_block(a + k0, rs, d + k0 * MR, int64_t(MR), int(rows),
-                      int(min64(kTransposeBlock, kc - k0)));
+  if (cs == 1) {  // each i is a contiguous run of k: transpose 16 x 16 blocks
+    for (int64_t i0 = 0; i0 < n; i0 += kTransposeBlock)
+      for (int64_t k0 = 0; k0 < kc; k0 += kTransposeBlock)
+        transpose_block(src + i0 * rs + k0, rs, d + k0 * W + i0, int64_t(W),
+                        int(min64(kTransposeBlock, n - i0)), int(min64(kTransposeBlock, kc - k0)));
   } else {
-    for (int i = 0; i < rows; ++i) {
-      const T* ai = a + i * rs;
-      for (int64_t k = 0; k < kc; ++k) d[k * MR + i] = ai[k * cs];
+    for (int i = 0; i < n; ++i) {
+      const T* si = src + i * rs;
+      for (int64_t k = 0; k < kc; ++k) d[k * W + i] = si[k * cs];
     }
   }
-  for (int i = int(rows); i < MR; ++i)
-    for (int64_t k = 0; k < kc; ++k) d[k * MR + i] = T(0);
+  for (int i = int(n); i < W; ++i)
+    for (int64_t k = 0; k < kc; ++k) d[k * W + i] = T(0);
 }
 
 // Pack rows [i0, i0 + mc) x columns [p0, p0 + kc) of A into MR-tall micro-panels,
@@ -112,41 +122,9 @@ void pack_a(const GemmArgs<T>& g, int64_t i0, int64_t mc, int64_t p0, int64_t kc
     const T* a = g.a + r0 * g.rs_a;
     for_each_k_run(g.k_seg, g.k_seg_first, g.seg_stride_a, g.cs_a, p0, kc,
                    [&](int64_t off, int64_t len, int64_t base) {
-      pack_a_run<T, MR>(a + base, g.rs_a, g.cs_a, rows, len, d + off * MR);
+      pack_panel_run<T, MR>(a + base, g.rs_a, g.cs_a, rows, len, d + off * MR);
     });
   }
-}
-
-// One run of kc rows of a B micro-panel: d[k * NR + j] = b[k * rs + j * cs] for j < cols,
-// zeros for cols <= j < NR.
-template <typename T, int NR>
-void pack_b_run(const T* b, int64_t rs, int64_t cs, int64_t cols, int64_t kc, T* d) {
-  if (cs == 1) {  // row-major B: each k is a contiguous run
-    for (int64_t k = 0; k < kc; ++k) {
-      const T* bk = b + k * rs;
-      T* dk = d + k * NR;
-      if (cols == NR) {
-        for (int j = 0; j < NR; ++j) dk[j] = bk[j];
-      } else {
-        for (int j = 0; j < cols; ++j) dk[j] = bk[j];
-        for (int j = int(cols); j < NR; ++j) dk[j] = T(0);
-      }
-    }
-    return;
-  }
-  if (rs == 1) {  // column-major B: transpose 16-column x 16-k blocks
-    for (int64_t j0 = 0; j0 < cols; j0 += kTransposeBlock)
-      for (int64_t k0 = 0; k0 < kc; k0 += kTransposeBlock)
-        transpose_block(b + j0 * cs + k0, cs, d + k0 * NR + j0, int64_t(NR),
-                        int(min64(kTransposeBlock, cols - j0)), int(min64(kTransposeBlock, kc - k0)));
-  } else {
-    for (int j = 0; j < cols; ++j) {
-      const T* bj = b + j * cs;
-      for (int64_t k = 0; k < kc; ++k) d[k * NR + j] = bj[k * rs];
-    }
-  }
-  for (int j = int(cols); j < NR; ++j)
-    for (int64_t k = 0; k < kc; ++k) d[k * NR + j] = T(0);
 }
 
 // Pack rows [p0, p0 + kc) x columns [j0, j0 + nc) of B into NR-wide micro-panels,
@@ -164,7 +142,7 @@ void pack_b(const GemmArgs<T>& g, int64_t p0, int64_t kc, int64_t j0, int64_t nc
     const T* b = g.b + c0 * g.cs_b;
     for_each_k_run(g.k_seg, g.k_seg_first, g.seg_stride_b, g.rs_b, p0, kc,
                    [&](int64_t off, int64_t len, int64_t base) {
-      pack_b_run<T, NR>(b + base, g.rs_b, g.cs_b, cols, len, d + off * NR);
+      pack_panel_run<T, NR>(b + base, g.cs_b, g.rs_b, cols, len, d + off * NR);
     });
   }
 }

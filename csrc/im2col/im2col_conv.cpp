@@ -520,9 +520,7 @@ void pack_grad_input_b(const ConvGeom& g, const T* w, T* out, int nthreads) {
       const int rows = int(min64(B, Cg - c0));
       for (int64_t k = 0; k < kn; ++k) {
         const T* src = w + ((k0 + k) * Cg + c0) * RS;  // (c, tap) at src[c * RS + tap]
-        for (int64_t t0 = 0; t0 < RS; t0 += B)
-          transpose_block(src + t0, RS, pieces + (k * RS + t0) * B, B, rows,
-                          int(min64(B, RS - t0)));
+        filter_piece_tap_major(src, RS, rows, pieces + k * RS * B);
       }
       for (int64_t t = 0; t < RS; ++t)
         for (int64_t k = k0; k < k0 + kn; ++k) {

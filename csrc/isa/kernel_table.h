@@ -47,7 +47,8 @@ struct ConvKernels {
   void (*grad_weight_bias)(const ConvGeom&, const T* gy, int gy_layout, const T* x,
                            int x_layout, T* gw, T* gb, int nthreads) = nullptr;
   // Upper estimate of the workspace bytes one call of `pass` takes, NCHW tensors assumed
-  // (other layouts may take other paths and other amounts), grad-weight without grad-bias.
+  // (other layouts may take other paths and other amounts); grad-weight's covers
+  // grad_weight_bias's own sums, not the shared grad-bias pass run after it.
   int64_t (*workspace_bytes)(const ConvGeom&, Pass) = nullptr;
   WeightPacking (*weight_packing)(const ConvGeom&, int x_layout, int y_layout) = nullptr;
   void (*pack_weights)(const ConvGeom&, int x_layout, int y_layout, const T* w, T* packed,
