@@ -1,7 +1,7 @@
 """Issue #8's speed figures, fastconv against torch in one process, interleaved.
 
-    python benchmarks/report_fused.py [--section conv_bn,depthwise,mobilenet] [--rounds 3]
-        [--json F]
+    python benchmarks/report_fused.py [--section conv_bn,depthwise,grouped,mobilenet]
+        [--rounds 3] [--algo auto] [--json F]
 
 conv_bn: fastconv.nn.ConvBNReLU2d against torch's Conv2d -> BatchNorm2d -> ReLU(inplace) on
 ResNet-50's layers at batch 8: eval (running statistics folded into the weights, ReLU in the
@@ -11,6 +11,8 @@ depthwise: the MobileNetV2 depthwise layers, forward at batch 1 and 8 in NCHW an
 channels_last (against torch in the same layout) with GFLOP/s and GB/s (input + output +
 weights once) beside the copy bandwidth measured in the same run; training (forward +
 backward) at batch 8.
+grouped: ResNeXt-50 32x4d's grouped 3x3 layers (4-32 channels per group), forward at batch 1
+and 8 in both layouts, forward + backward at batch 8 (--algo: the algorithm timed).
 mobilenet: a whole MobileNetV2 in eval after fastconv.convert + fastconv.fuse, batch 1 and 8,
 with the max |difference| against torch's output.
 
@@ -138,6 +140,50 @@ def depthwise_rows(rounds: int) -> tuple:
     return rows, bandwidth
 
 
+def grouped_rows(rounds: int, algo: str = "auto") -> list:
+    """ResNeXt-50's grouped 3x3 layers (32 groups of 4-32 channels): forward at batch 1 and
+    8 in both layouts, forward + backward at batch 8 (NCHW)."""
+    layers = [layer for layer in NETWORKS["resnext50_32x4d"] if layer.groups > 1]
+    cases = [(b, cl) for b in (1, 8) for cl in (False, True)]
+    rows, n, i = [], len(layers) * (len(cases) + 1), 0
+    for layer in layers:
+        g = torch.Generator().manual_seed(0)
+        w = torch.randn(layer.weight_shape(), generator=g) / 6
+        kw = dict(stride=layer.stride, padding=layer.padding, groups=layer.groups)
+        for batch, cl in cases:
+            progress(i, n, f"{layer.name} N={batch}")
+            i += 1
+            x = torch.randn(layer.input_shape(batch), generator=g)
+            if cl:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.no_grad():
+                err = (fastconv.conv2d(x, w, **kw, algo=algo) - torch.nn.functional.conv2d(
+                    x.double(), w.double(), **kw)).abs().max().item()
+                t = _interleaved({"torch": lambda: torch.nn.functional.conv2d(x, w, **kw),
+                                  "fastconv": lambda: fastconv.conv2d(x, w, **kw, algo=algo)},
+                                 rounds)
+            ms = statistics.median(t["fastconv"])
+            rows.append(dict(layer=layer.name, pass_="forward", batch=batch,
+                             layout="channels_last" if cl else "nchw", ms=1e3 * ms,
+                             torch_ms=1e3 * statistics.median(t["torch"]),
+                             speedup=_ratio(t), gflops=layer.flops(batch) / ms / 1e9, err=err))
+        progress(i, n, f"{layer.name} train N=8")
+        i += 1
+        x = torch.randn(layer.input_shape(8), generator=g, requires_grad=True)
+        wg = w.clone().requires_grad_(True)
+        gy = torch.randn(8, layer.K, layer.out_size, layer.out_size, generator=g)
+        t = _interleaved({
+            "torch": lambda: torch.nn.functional.conv2d(x, wg, **kw).backward(gy),
+            "fastconv": lambda: fastconv.conv2d(x, wg, **kw, algo=algo).backward(gy)}, rounds)
+        ms = statistics.median(t["fastconv"])
+        rows.append(dict(layer=layer.name, pass_="forward+backward", batch=8, layout="nchw",
+                         ms=1e3 * ms, torch_ms=1e3 * statistics.median(t["torch"]),
+                         speedup=_ratio(t), gflops=3 * layer.flops(8) / ms / 1e9,
+                         err=float("nan")))
+    progress(n, n, "done")
+    return rows
+
+
 def mobilenet_rows(rounds: int) -> list:
     torch.manual_seed(0)
     ref = MobileNetV2().eval()
@@ -164,8 +210,9 @@ def mobilenet_rows(rounds: int) -> list:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--section", default="conv_bn,depthwise,mobilenet")
+    parser.add_argument("--section", default="conv_bn,depthwise,grouped,mobilenet")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--algo", default="auto", help="grouped section: the algorithm timed")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
     sections = args.section.split(",")
@@ -195,6 +242,24 @@ def main(argv=None):
             print(f"{r['layer']:24s} {r['pass_']:16s} {r['batch']:2d} {r['layout']:14s} "
                   f"{r['torch_ms']:9.3f} {r['ms']:7.3f} {r['speedup']:5.2f} {r['gflops']:8.1f} "
                   f"{r['gbps']:6.1f} {r['err']:8.1e}")
+        for batch in (1, 8):
+            for layout in ("nchw", "channels_last"):
+                sel = [r["speedup"] for r in rows if r["batch"] == batch and
+                       r["layout"] == layout and r["pass_"] == "forward"]
+                print(f"forward N={batch} {layout}: geomean {geomean(sel):.2f}x, "
+                      f"min {min(sel):.2f}x")
+        sel = [r["speedup"] for r in rows if r["pass_"] != "forward"]
+        print(f"forward+backward N=8: geomean {geomean(sel):.2f}x, min {min(sel):.2f}x")
+    if "grouped" in sections:
+        rows = out["grouped"] = grouped_rows(args.rounds, args.algo)
+        print(f"\nGrouped 3x3, ResNeXt-50 32x4d layers (algo={args.algo}; ms median; "
+              f"speedup = torch / ours)")
+        print(f"{'layer':22s} {'pass':16s} {'N':>2s} {'layout':14s} {'torch ms':>9s} "
+              f"{'ours':>7s} {'x':>5s} {'GFLOP/s':>8s} {'err':>8s}")
+        for r in rows:
+            print(f"{r['layer']:22s} {r['pass_']:16s} {r['batch']:2d} {r['layout']:14s} "
+                  f"{r['torch_ms']:9.3f} {r['ms']:7.3f} {r['speedup']:5.2f} {r['gflops']:8.1f} "
+                  f"{r['err']:8.1e}")
         for batch in (1, 8):
             for layout in ("nchw", "channels_last"):
                 sel = [r["speedup"] for r in rows if r["batch"] == batch and

@@ -116,6 +116,13 @@ def _depthwise(problem: Conv2dProblem) -> Optional[str]:
     return None
 
 
+def _grouped(problem: Conv2dProblem) -> Optional[str]:
+    if problem.groups < 2 or problem.Cg < 2:
+        return (f"the grouped kernel runs grouped convolutions with 2+ input channels per "
+                f"group; this one has groups={problem.groups}, {problem.Cg} per group")
+    return None
+
+
 ALGORITHMS: tuple = (
     Algorithm(
         name="direct",
@@ -139,6 +146,14 @@ ALGORITHMS: tuple = (
                 "the direct kernel",
         kernels={"cpu": CppKernels("depthwise")},
         check=_depthwise,
+    ),
+    Algorithm(
+        name="grouped",
+        summary="grouped convolutions with few channels per group: vectors along the output "
+                "width, tiles of up to 16 output channels of a group; grad-weight per group, "
+                "strided grad-input by the direct kernel",
+        kernels={"cpu": CppKernels("grouped")},
+        check=_grouped,
     ),
     Algorithm(
         name="naive",

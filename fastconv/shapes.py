@@ -67,24 +67,28 @@ def _dedupe(net: str, layers: list) -> list:
     return [ConvLayer(net, name, *key, count=count) for key, (name, count) in seen.items()]
 
 
-def _resnet50() -> list:
+def _resnet(net: str, groups: int = 1, width_per_group: int = 64) -> list:
+    """ResNet-50 (groups=1), or ResNeXt-50 with `groups` groups of `width_per_group`
+    channels in each 3x3 layer (torchvision's bottleneck widths)."""
     layers = [("conv1 7x7/2 3>64 @224", 3, 224, 64, 7, 2, 3, 1)]
     H, C = 56, 64
-    for stage, (width, blocks) in enumerate([(64, 3), (128, 4), (256, 6), (512, 3)]):
-        out = width * 4
+    tag = f" g{groups}" if groups > 1 else ""
+    for stage, (planes, blocks) in enumerate([(64, 3), (128, 4), (256, 6), (512, 3)]):
+        width, out = planes * width_per_group // 64 * groups, planes * 4
         for b in range(blocks):
             stride = 2 if (b == 0 and stage > 0) else 1
             Ho = H // stride
             layers += [
                 (f"1x1 {C}>{width} @{H}", C, H, width, 1, 1, 0, 1),
-                (f"3x3{'/2' if stride == 2 else ''} {width} @{H}", width, H, width, 3, stride, 1, 1),
+                (f"3x3{'/2' if stride == 2 else ''} {width}{tag} @{H}", width, H, width, 3,
+                 stride, 1, groups),
                 (f"1x1 {width}>{out} @{Ho}", width, Ho, out, 1, 1, 0, 1),
             ]
             if b == 0:
                 layers.append((f"1x1{'/2' if stride == 2 else ''} downsample {C}>{out} @{H}",
                                C, H, out, 1, stride, 0, 1))
             C, H = out, Ho
-    return _dedupe("resnet50", layers)
+    return _dedupe(net, layers)
 
 
 def _vgg16() -> list:
@@ -143,7 +147,8 @@ def _efficientnet_b0() -> list:
 
 
 NETWORKS = {
-    "resnet50": _resnet50(),
+    "resnet50": _resnet("resnet50"),
+    "resnext50_32x4d": _resnet("resnext50_32x4d", groups=32, width_per_group=4),
     "vgg16": _vgg16(),
     "mobilenet_v2": _mobilenet_v2(),
     "efficientnet_b0": _efficientnet_b0(),

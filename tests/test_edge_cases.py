@@ -550,7 +550,12 @@ def test_wrong_argument_types_raise_in_a_fresh_process():
 def test_wrong_argument_types_raise_after_a_good_call(name, good, bad, algo):
     x, w = torch.randn(1, 3, 6, 6), torch.randn(4, 3, 3, 3)
     if registry.get(algo).unsupported(fastconv.explain(x.shape, w.shape).problem):
-        x, w = x[:, :1], w[:, :1].contiguous()  # one input channel: every algorithm runs it
+        x, w = x[:, :1], w[:, :1].contiguous()  # one input channel: depthwise runs it
+    if registry.get(algo).unsupported(fastconv.explain(x.shape, w.shape).problem):
+        # The grouped kernel: two groups of two channels (the bad call's groups fails its
+        # type check before its value matters).
+        x, w = torch.randn(1, 4, 6, 6), torch.randn(4, 2, 3, 3)
+        good, bad = {**good, "groups": 2}, {"groups": 2, **bad}
     fastconv.conv2d(x, w, **good, algo=algo)
     with pytest.raises(TypeError):
         fastconv.conv2d(x, w, **bad, algo=algo)
@@ -639,26 +644,27 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-# A small 3x3 problem in each algorithm's domain: (weight shape, groups) for a 1x3x6x6 input.
-_SMALL = [((4, 3, 3, 3), 1), ((6, 1, 3, 3), 3)]
+# A small 3x3 problem in each algorithm's domain: (input shape, weight shape, groups).
+_SMALL = [((1, 3, 6, 6), (4, 3, 3, 3), 1), ((1, 3, 6, 6), (6, 1, 3, 3), 3),
+          ((1, 4, 6, 6), (4, 2, 3, 3), 2)]
 
 
 def _small_problem(algo):
-    for weight, groups in _SMALL:
-        problem = fastconv.explain((1, 3, 6, 6), weight, padding=1, groups=groups).problem
+    for shape, weight, groups in _SMALL:
+        problem = fastconv.explain(shape, weight, padding=1, groups=groups).problem
         if registry.get(algo).unsupported(problem) is None:
-            return weight, groups
+            return shape, weight, groups
     return _SMALL[0]
 
 
 def _op_calls(algo):
-    weight, groups = _small_problem(algo)
-    x, w, b = torch.randn(1, 3, 6, 6), torch.randn(weight), torch.randn(weight[0])
+    shape, weight, groups = _small_problem(algo)
+    x, w, b = torch.randn(shape), torch.randn(weight), torch.randn(weight[0])
     gy = torch.randn(1, weight[0], 6, 6)
     conv = ([1, 1], [1, 1, 1, 1], [1, 1], groups, algo)
     return {
         "conv2d": lambda: torch.ops.fastconv.conv2d(x, w, b, *conv),
-        "conv2d_grad_input": lambda: torch.ops.fastconv.conv2d_grad_input(gy, w, [1, 3, 6, 6],
+        "conv2d_grad_input": lambda: torch.ops.fastconv.conv2d_grad_input(gy, w, list(shape),
                                                                           *conv),
         "conv2d_grad_weight": lambda: torch.ops.fastconv.conv2d_grad_weight(gy, x, list(weight),
                                                                            *conv),
@@ -671,9 +677,9 @@ def _op_calls(algo):
 @pytest.mark.parametrize("op", list(_op_calls("direct")))
 def test_no_memory_growth_over_10000_calls(op, algo):
     call = _op_calls(algo)[op]
-    weight, groups = _small_problem(algo)
+    shape, weight, groups = _small_problem(algo)
     passes = {"conv2d_grad_input": (Pass.GRAD_INPUT,), "conv2d_grad_weight": (Pass.GRAD_WEIGHT,)}
-    if outside_domain(algo, (1, 3, 6, 6), weight, torch.float32, passes.get(op, FORWARD),
+    if outside_domain(algo, shape, weight, torch.float32, passes.get(op, FORWARD),
                       call, padding=1, groups=groups):
         return
     for _ in range(500):

@@ -19,7 +19,8 @@ from conftest import assert_close, conv_calls
 
 #: torchvision's counts (sum of parameter numels, weights=None, 1000 classes).
 TORCHVISION_PARAMS = {"resnet50": 25_557_032, "vgg16": 138_357_544,
-                      "mobilenet_v2": 3_504_872, "efficientnet_b0": 5_288_548}
+                      "mobilenet_v2": 3_504_872, "efficientnet_b0": 5_288_548,
+                      "resnext50_32x4d": 25_028_904}
 
 
 def _torchvision():

@@ -27,6 +27,23 @@ struct ConvGeom {
   bool padded() const { return pt || pb || pl || pr; }
 };
 
+// The grad-input of a stride-1 convolution is a forward convolution over grad_y: each group's
+// filters transposed (Kg x Cg -> Cg x Kg) and rotated by 180 degrees, padded by d(R-1) - p
+// per side (the full correlation, cut back by the forward's padding). These are its
+// geometry and when it applies (padding within the kernel's extent).
+inline bool grad_input_runs_as_forward(const ConvGeom& g) {
+  const int64_t eh = g.dh * (g.R - 1), ew = g.dw * (g.S - 1);
+  return g.sh == 1 && g.sw == 1 && g.pt <= eh && g.pb <= eh && g.pl <= ew && g.pr <= ew;
+}
+inline ConvGeom grad_input_forward_geometry(const ConvGeom& g) {
+  const int64_t eh = g.dh * (g.R - 1), ew = g.dw * (g.S - 1);
+  ConvGeom d = g;
+  d.C = g.K, d.K = g.C;
+  d.H = g.OH, d.W = g.OW, d.OH = g.H, d.OW = g.W;
+  d.pt = eh - g.pt, d.pb = eh - g.pb, d.pl = ew - g.pl, d.pr = ew - g.pr;
+  return d;
+}
+
 // The three passes of a convolution; each algorithm provides a kernel for some of them.
 enum class Pass : int { kForward = 0, kGradInput = 1, kGradWeight = 2 };
 

@@ -303,6 +303,26 @@ inline void zero_n<float>(float* dst, int64_t n) {
 }
 #endif
 
+// The first `valid` values at p as a vector, zeros in the other lanes (`buf`: L values).
+template <typename T>
+inline Vec<T> load_first(const T* p, int64_t valid, T* buf) {
+  if (valid == Vec<T>::lanes) return Vec<T>::load(p);
+  zero_n(buf, Vec<T>::lanes);
+  copy_n(buf, p, valid);
+  return Vec<T>::load(buf);
+}
+#if defined(FASTCONV_ISA_AVX512)
+// A masked load (no store to `buf` and reload: that stalls store forwarding on every call).
+template <>
+inline Vec<float> load_first<float>(const float* p, int64_t valid, float*) {
+  return {_mm512_maskz_loadu_ps(first_lanes(valid), p)};
+}
+template <>
+inline Vec<double> load_first<double>(const double* p, int64_t valid, double*) {
+  return {_mm512_maskz_loadu_pd(__mmask8(first_lanes(valid)), p)};
+}
+#endif
+
 // Asks for [p, p + bytes) to be brought into the cache ahead of use. A thread that computes
 // on one block and then reads the next from memory leaves memory idle while it computes
 // (one core's demand misses reach a fraction of the copy bandwidth here); prefetching the

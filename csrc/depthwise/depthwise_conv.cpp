@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "../common/layout.h"
+#include "../common/plane_staging.h"
 #include "../common/simd.h"
 #include "../common/transpose.h"
 #include "../common/workspace.h"
@@ -90,27 +91,6 @@ std::vector<T> padded_bias(const Epilogue<T>& epi, int64_t K, int64_t Kp) {
 // NCHW: vectors along the width
 // ---------------------------------------------------------------------------------------
 
-// How an input plane is staged for the NCHW kernels: `rows` zero-padded rows (the ones the
-// output rows' taps read), each split into `stride` phases of `span` values: phase q of
-// padded row p at plane + (p * sw + q) * span, element i = input column i * sw + q - pl of
-// input row p - pt.
-struct PlaneStaging {
-  int64_t span, row_elems, rows;
-  // `tile`: the output values a row's vector loop computes at a time (it reads a whole
-  // tile past OW, so rows are padded to whole tiles).
-  PlaneStaging(const ConvGeom& g, int64_t tile)
-      : span(round_up(g.OW, tile) + ((g.S - 1) * g.dw) / g.sw + 1),
-        row_elems(span * g.sw),
-        rows((g.OH - 1) * g.sh + (g.R - 1) * g.dh + 1) {}
-  int64_t scratch() const { return (rows + 1) * row_elems; }
-  // Where tap (r, s) of output row oh reads its inputs for output column 0.
-  template <typename T>
-  const T* tap(const ConvGeom& g, const T* plane, int64_t oh, int64_t r, int64_t s) const {
-    const int64_t o = s * g.dw;
-    return plane + ((oh * g.sh + r * g.dh) * g.sw + o % g.sw) * span + o / g.sw;
-  }
-};
-
 // Output row `oh` of plane (n, k): y[ow] = bias + sum_{r,s} w[r][s] * x[ih(r)][ow*sw - pl +
 // s*dw], from the staged plane (stage_plane), then the epilogue's activation and statistics.
 template <typename T, int UV>
@@ -153,29 +133,6 @@ void nchw_row(const ConvGeom& g, const PlaneStaging& st, const T* plane, int64_t
 }
 
 
-// Stages input plane xp (H x W) into plane (PlaneStaging layout); `scratch` holds
-// PlaneStaging::scratch() values, the plane first.
-template <typename T>
-void stage_plane(const ConvGeom& g, const PlaneStaging& st, const T* xp, T* scratch) {
-  T* plane = scratch;                           // [padded row][phase][span]
-  T* padded = scratch + st.rows * st.row_elems;  // one row in padded column order
-  // Input columns [c0, c1) of a padded row hold x; the rest are zeros.
-  const int64_t c0 = min64(g.pl, st.row_elems), c1 = min64(g.pl + g.W, st.row_elems);
-  for (int64_t pr = 0; pr < st.rows; ++pr) {
-    const int64_t ih = pr - g.pt;
-    T* dst = g.sw == 1 ? plane + pr * st.row_elems : padded;
-    if (ih < 0 || ih >= g.H) {
-      zero_n(plane + pr * st.row_elems, st.row_elems);
-      continue;
-    }
-    zero_n(dst, c0);
-    copy_n(dst + c0, xp + ih * g.W + (c0 - g.pl), c1 - c0);
-    zero_n(dst + c1, st.row_elems - c1);
-    for (int64_t q = 0; g.sw > 1 && q < g.sw; ++q)
-      copy_strided_n(plane + (pr * g.sw + q) * st.span, padded + q, st.span, g.sw);
-  }
-}
-
 template <typename T>
 void forward_nchw_tiles(const ConvGeom& g, const T* x, const T* w, const Epilogue<T>& epi, T* y,
                         int nthreads) {
@@ -198,49 +155,6 @@ void forward_nchw_tiles(const ConvGeom& g, const T* x, const T* w, const Epilogu
   });
 }
 
-// Small maps, flat: a plane's rows are too short to fill vectors, so the whole plane is
-// computed as one flat run of OH x P values (P = OW plus the taps' reach, the extra columns
-// computed and dropped). The input is staged as sh x sw stride-phase sub-planes of pitch P,
-// sub-plane (a, b) holding padded input rows a, a + sh, .. and columns b, b + sw, ..; then
-// tap (r, s) of flat output f = oh * P + ow reads sub-plane ((r dh) % sh, (s dw) % sw) at
-// f + ((r dh) / sh) P + (s dw) / sw: every tap is one unaligned vector load for any stride.
-struct FlatStaging {
-  int64_t pitch, rows, flat, sub;
-  FlatStaging(const ConvGeom& g, int64_t tile)
-      : pitch(g.OW + ((g.S - 1) * g.dw) / g.sw),
-        rows(g.OH + ((g.R - 1) * g.dh) / g.sh),
-        flat(round_up(g.OH * pitch, tile)),
-        // Each sub-plane also holds what the last tile's furthest tap reads past its rows.
-        sub(round_up(g.OH * pitch, tile) + rows * pitch) {}
-};
-
-template <typename T>
-void stage_flat(const ConvGeom& g, const FlatStaging& st, const T* xp, T* planes) {
-  for (int64_t a = 0; a < g.sh; ++a) {
-    for (int64_t b = 0; b < g.sw; ++b) {
-      T* dst = planes + (a * g.sw + b) * st.sub;
-      // Columns j with 0 <= j * sw + b - pl < W hold x; the others are zeros.
-      const int64_t j0 = min64(st.pitch, max64(0, ceil_div(g.pl - b, g.sw)));
-      const int64_t j1 = min64(st.pitch, max64(j0, ceil_div(g.W + g.pl - b, g.sw)));
-      for (int64_t i = 0; i < st.rows; ++i, dst += st.pitch) {
-        const int64_t ih = i * g.sh + a - g.pt;
-        if (ih < 0 || ih >= g.H) {
-          zero_n(dst, st.pitch);
-          continue;
-        }
-        const T* src = xp + ih * g.W + j0 * g.sw + b - g.pl;
-        zero_n(dst, j0);
-        if (g.sw == 1)
-          copy_n(dst + j0, src, j1 - j0);
-        else
-          copy_strided_n(dst + j0, src, j1 - j0, g.sw);
-        zero_n(dst + j1, st.pitch - j1);
-      }
-      zero_n(dst, st.sub - st.rows * st.pitch);
-    }
-  }
-}
-
 // Output channels [k_begin, K) of every image.
 template <typename T>
 void forward_nchw_flat(const ConvGeom& g, const T* x, const T* w, const Epilogue<T>& epi, T* y,
@@ -251,9 +165,7 @@ void forward_nchw_flat(const ConvGeom& g, const T* x, const T* w, const Epilogue
   const FlatStaging st(g, UV * L);
   std::vector<int64_t> tap_offset(g.R * g.S);  // sub-plane start + offset of each tap
   for (int64_t r = 0; r < g.R; ++r)
-    for (int64_t s = 0; s < g.S; ++s)
-      tap_offset[r * g.S + s] = ((r * g.dh) % g.sh * g.sw + (s * g.dw) % g.sw) * st.sub +
-                                (r * g.dh) / g.sh * st.pitch + (s * g.dw) / g.sw;
+    for (int64_t s = 0; s < g.S; ++s) tap_offset[r * g.S + s] = st.tap_offset(g, r, s);
   const int64_t RS = g.R * g.S;
   parallel_for(planes, threads_for(g.flops() / g.K * kn, nthreads), [&](int64_t i) {
     const int64_t n = i / kn, k = k_begin + i % kn, p = n * g.K + k;
@@ -352,15 +264,6 @@ void forward_nchw(const ConvGeom& g, const T* x, const T* w, const Epilogue<T>& 
   const int64_t blocked = g.Kg() == 1 && fits_l1 ? g.K / L * L : 0;
   if (blocked) forward_nchw_channel_blocks(g, x, w, epi, y, nthreads);
   if (blocked < g.K) forward_nchw_flat(g, x, w, epi, y, blocked, nthreads);
-}
-
-// The first `valid` values at p as a vector, zeros in the other lanes (`buf`: L values).
-template <typename T>
-Vec<T> load_first(const T* p, int64_t valid, T* buf) {
-  if (valid == Vec<T>::lanes) return Vec<T>::load(p);
-  zero_n(buf, Vec<T>::lanes);
-  copy_n(buf, p, valid);
-  return Vec<T>::load(buf);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -743,22 +646,11 @@ void forward(const ConvGeom& g, const T* x, int x_layout, const T* w, const T* p
 // Grad-input
 // ---------------------------------------------------------------------------------------
 
-// A stride-1, multiplier-1 layer's grad-input is a depthwise forward too: grad_y correlated
-// with each channel's filter rotated by 180 degrees, padded by d(R-1) - p on each side (the
-// full correlation, cut back by the forward's padding). Other layers (strided, multipliers,
-// padding beyond the kernel's extent) run the direct kernel's grad-input.
+// A stride-1, multiplier-1 layer's grad-input is a depthwise forward too (problem.h); other
+// layers (strided, multipliers, padding beyond the kernel's extent) run the scatter or the
+// direct kernel's grad-input.
 bool grad_input_as_forward(const ConvGeom& g) {
-  const int64_t eh = g.dh * (g.R - 1), ew = g.dw * (g.S - 1);
-  return g.Kg() == 1 && g.sh == 1 && g.sw == 1 && g.pt <= eh && g.pb <= eh && g.pl <= ew &&
-         g.pr <= ew;
-}
-
-ConvGeom grad_input_geometry(const ConvGeom& g) {
-  const int64_t eh = g.dh * (g.R - 1), ew = g.dw * (g.S - 1);
-  ConvGeom d = g;
-  d.H = g.OH, d.W = g.OW, d.OH = g.H, d.OW = g.W;
-  d.pt = eh - g.pt, d.pb = eh - g.pb, d.pl = ew - g.pl, d.pr = ew - g.pr;
-  return d;
+  return g.Kg() == 1 && grad_input_runs_as_forward(g);
 }
 
 template <typename T>
@@ -773,7 +665,7 @@ void grad_input(const ConvGeom& g, const T* gy, int gy_layout, const T* w, T* gx
   T* rotated = workspace_as<T>(kWsWeightsTapMajor, g.K * RS);
   for (int64_t k = 0; k < g.K; ++k)
     for (int64_t t = 0; t < RS; ++t) rotated[k * RS + t] = w[k * RS + RS - 1 - t];
-  forward<T>(grad_input_geometry(g), gy, gy_layout, rotated, nullptr, Epilogue<T>(), gx,
+  forward<T>(grad_input_forward_geometry(g), gy, gy_layout, rotated, nullptr, Epilogue<T>(), gx,
              gx_layout, nthreads);
 }
 
@@ -786,7 +678,7 @@ int64_t workspace_bytes(const ConvGeom& g, Pass pass) {
                  ? int64_t(sizeof(T)) * weight_packing<T>(g, kNHWC, kNHWC).elements
                  : direct_kernels<T>().workspace_bytes(g, pass);
     return int64_t(sizeof(T)) * g.K * g.R * g.S +
-           workspace_bytes<T>(grad_input_geometry(g), Pass::kForward);
+           workspace_bytes<T>(grad_input_forward_geometry(g), Pass::kForward);
   }
   if (pass == Pass::kGradWeight) return 0;  // NCHW operands need no copies
   const int64_t image = g.C * g.H * g.W;

@@ -10,8 +10,9 @@
   X(im2col)                    \
   X(winograd_f2)               \
   X(winograd_f4)               \
-  X(winograd_f6)                \
-  X(depthwise)
+  X(winograd_f6)               \
+  X(depthwise)                 \
+  X(grouped)
 
 namespace fastconv {
 namespace FASTCONV_ISA {
