@@ -12,7 +12,7 @@ channels_last (against torch in the same layout) with GFLOP/s and GB/s (input + 
 weights once) beside the copy bandwidth measured in the same run; training (forward +
 backward) at batch 8.
 grouped: ResNeXt-50 32x4d's grouped 3x3 layers (4-32 channels per group), forward at batch 1
-and 8 in both layouts, forward + backward at batch 8 (--algo: the algorithm timed).
+and 8 in both layouts, forward + backward at batch 8.
 mobilenet: a whole MobileNetV2 in eval after fastconv.convert + fastconv.fuse, batch 1 and 8,
 with the max |difference| against torch's output.
 
@@ -95,14 +95,15 @@ def copy_bandwidth() -> float:
     return 2 * src.numel() * 4 / t / 1e9
 
 
-def depthwise_rows(rounds: int) -> tuple:
-    layers = [layer for layer in NETWORKS["mobilenet_v2"] if layer.groups > 1]
-    bandwidth = copy_bandwidth()
+def layer_rows(layers, rounds: int, algo: str = "auto") -> list:
+    """Forward at batch 1 and 8 in NCHW and channels_last (against torch in the same
+    layout), then forward + backward at batch 8 (NCHW), of each layer."""
     cases = [(b, cl) for b in (1, 8) for cl in (False, True)]
     rows, n, i = [], len(layers) * (len(cases) + 1), 0
     for layer in layers:
         g = torch.Generator().manual_seed(0)
-        w = torch.randn(layer.weight_shape(), generator=g) / 3
+        fan_in = layer.C // layer.groups * layer.R * layer.S
+        w = torch.randn(layer.weight_shape(), generator=g) / fan_in ** 0.5
         kw = dict(stride=layer.stride, padding=layer.padding, groups=layer.groups)
         for batch, cl in cases:
             progress(i, n, f"{layer.name} N={batch}")
@@ -112,10 +113,11 @@ def depthwise_rows(rounds: int) -> tuple:
                 x = x.contiguous(memory_format=torch.channels_last)
             wl = w.contiguous(memory_format=torch.channels_last) if cl else w
             with torch.no_grad():
-                err = (fastconv.conv2d(x, wl, **kw) - torch.nn.functional.conv2d(
+                err = (fastconv.conv2d(x, wl, **kw, algo=algo) - torch.nn.functional.conv2d(
                     x.double(), w.double(), **kw)).abs().max().item()
                 t = _interleaved({"torch": lambda: torch.nn.functional.conv2d(x, wl, **kw),
-                                  "fastconv": lambda: fastconv.conv2d(x, wl, **kw)}, rounds)
+                                  "fastconv": lambda: fastconv.conv2d(x, wl, **kw, algo=algo)},
+                                 rounds)
             ms = statistics.median(t["fastconv"])
             nbytes = 4 * (x.numel() + batch * layer.K * layer.out_size ** 2 + w.numel())
             rows.append(dict(layer=layer.name, pass_="forward", batch=batch,
@@ -130,58 +132,32 @@ def depthwise_rows(rounds: int) -> tuple:
         gy = torch.randn(8, layer.K, layer.out_size, layer.out_size, generator=g)
         t = _interleaved({
             "torch": lambda: torch.nn.functional.conv2d(x, wg, **kw).backward(gy),
-            "fastconv": lambda: fastconv.conv2d(x, wg, **kw).backward(gy)}, rounds)
-        rows.append(dict(layer=layer.name, pass_="forward+backward", batch=8, layout="nchw",
-                         ms=1e3 * statistics.median(t["fastconv"]),
-                         torch_ms=1e3 * statistics.median(t["torch"]), speedup=_ratio(t),
-                         gflops=3 * layer.flops(8) / statistics.median(t["fastconv"]) / 1e9,
-                         gbps=float("nan"), err=float("nan")))
-    progress(n, n, "done")
-    return rows, bandwidth
-
-
-def grouped_rows(rounds: int, algo: str = "auto") -> list:
-    """ResNeXt-50's grouped 3x3 layers (32 groups of 4-32 channels): forward at batch 1 and
-    8 in both layouts, forward + backward at batch 8 (NCHW)."""
-    layers = [layer for layer in NETWORKS["resnext50_32x4d"] if layer.groups > 1]
-    cases = [(b, cl) for b in (1, 8) for cl in (False, True)]
-    rows, n, i = [], len(layers) * (len(cases) + 1), 0
-    for layer in layers:
-        g = torch.Generator().manual_seed(0)
-        w = torch.randn(layer.weight_shape(), generator=g) / 6
-        kw = dict(stride=layer.stride, padding=layer.padding, groups=layer.groups)
-        for batch, cl in cases:
-            progress(i, n, f"{layer.name} N={batch}")
-            i += 1
-            x = torch.randn(layer.input_shape(batch), generator=g)
-            if cl:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with torch.no_grad():
-                err = (fastconv.conv2d(x, w, **kw, algo=algo) - torch.nn.functional.conv2d(
-                    x.double(), w.double(), **kw)).abs().max().item()
-                t = _interleaved({"torch": lambda: torch.nn.functional.conv2d(x, w, **kw),
-                                  "fastconv": lambda: fastconv.conv2d(x, w, **kw, algo=algo)},
-                                 rounds)
-            ms = statistics.median(t["fastconv"])
-            rows.append(dict(layer=layer.name, pass_="forward", batch=batch,
-                             layout="channels_last" if cl else "nchw", ms=1e3 * ms,
-                             torch_ms=1e3 * statistics.median(t["torch"]),
-                             speedup=_ratio(t), gflops=layer.flops(batch) / ms / 1e9, err=err))
-        progress(i, n, f"{layer.name} train N=8")
-        i += 1
-        x = torch.randn(layer.input_shape(8), generator=g, requires_grad=True)
-        wg = w.clone().requires_grad_(True)
-        gy = torch.randn(8, layer.K, layer.out_size, layer.out_size, generator=g)
-        t = _interleaved({
-            "torch": lambda: torch.nn.functional.conv2d(x, wg, **kw).backward(gy),
             "fastconv": lambda: fastconv.conv2d(x, wg, **kw, algo=algo).backward(gy)}, rounds)
         ms = statistics.median(t["fastconv"])
         rows.append(dict(layer=layer.name, pass_="forward+backward", batch=8, layout="nchw",
                          ms=1e3 * ms, torch_ms=1e3 * statistics.median(t["torch"]),
                          speedup=_ratio(t), gflops=3 * layer.flops(8) / ms / 1e9,
-                         err=float("nan")))
+                         gbps=float("nan"), err=float("nan")))
     progress(n, n, "done")
     return rows
+
+
+def print_layer_rows(rows, title: str) -> None:
+    print(f"\n{title}")
+    print(f"{'layer':24s} {'pass':16s} {'N':>2s} {'layout':14s} {'torch ms':>9s} "
+          f"{'ours':>7s} {'x':>5s} {'GFLOP/s':>8s} {'GB/s':>6s} {'err':>8s}")
+    for r in rows:
+        print(f"{r['layer']:24s} {r['pass_']:16s} {r['batch']:2d} {r['layout']:14s} "
+              f"{r['torch_ms']:9.3f} {r['ms']:7.3f} {r['speedup']:5.2f} {r['gflops']:8.1f} "
+              f"{r['gbps']:6.1f} {r['err']:8.1e}")
+    for batch in (1, 8):
+        for layout in ("nchw", "channels_last"):
+            sel = [r["speedup"] for r in rows if r["batch"] == batch and
+                   r["layout"] == layout and r["pass_"] == "forward"]
+            print(f"forward N={batch} {layout}: geomean {geomean(sel):.2f}x, "
+                  f"min {min(sel):.2f}x")
+    sel = [r["speedup"] for r in rows if r["pass_"] != "forward"]
+    print(f"forward+backward N=8: geomean {geomean(sel):.2f}x, min {min(sel):.2f}x")
 
 
 def mobilenet_rows(rounds: int) -> list:
@@ -212,7 +188,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--section", default="conv_bn,depthwise,grouped,mobilenet")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--algo", default="auto", help="grouped section: the algorithm timed")
+    parser.add_argument("--algo", default="auto",
+                        help="depthwise and grouped sections: the algorithm timed")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
     sections = args.section.split(",")
@@ -233,41 +210,16 @@ def main(argv=None):
               f"{min(r['eval_speedup'] for r in rows):.2f}x, min train "
               f"{min(r['train_speedup'] for r in rows):.2f}x")
     if "depthwise" in sections:
-        rows, bandwidth = depthwise_rows(args.rounds)
-        out["depthwise"], out["copy_gbps"] = rows, bandwidth
-        print(f"\nDepthwise, MobileNetV2 layers (copy bandwidth {bandwidth:.1f} GB/s)")
-        print(f"{'layer':24s} {'pass':16s} {'N':>2s} {'layout':14s} {'torch ms':>9s} "
-              f"{'ours':>7s} {'x':>5s} {'GFLOP/s':>8s} {'GB/s':>6s} {'err':>8s}")
-        for r in rows:
-            print(f"{r['layer']:24s} {r['pass_']:16s} {r['batch']:2d} {r['layout']:14s} "
-                  f"{r['torch_ms']:9.3f} {r['ms']:7.3f} {r['speedup']:5.2f} {r['gflops']:8.1f} "
-                  f"{r['gbps']:6.1f} {r['err']:8.1e}")
-        for batch in (1, 8):
-            for layout in ("nchw", "channels_last"):
-                sel = [r["speedup"] for r in rows if r["batch"] == batch and
-                       r["layout"] == layout and r["pass_"] == "forward"]
-                print(f"forward N={batch} {layout}: geomean {geomean(sel):.2f}x, "
-                      f"min {min(sel):.2f}x")
-        sel = [r["speedup"] for r in rows if r["pass_"] != "forward"]
-        print(f"forward+backward N=8: geomean {geomean(sel):.2f}x, min {min(sel):.2f}x")
-    if "grouped" in sections:
-        rows = out["grouped"] = grouped_rows(args.rounds, args.algo)
-        print(f"\nGrouped 3x3, ResNeXt-50 32x4d layers (algo={args.algo}; ms median; "
-              f"speedup = torch / ours)")
-        print(f"{'layer':22s} {'pass':16s} {'N':>2s} {'layout':14s} {'torch ms':>9s} "
-              f"{'ours':>7s} {'x':>5s} {'GFLOP/s':>8s} {'err':>8s}")
-        for r in rows:
-            print(f"{r['layer']:22s} {r['pass_']:16s} {r['batch']:2d} {r['layout']:14s} "
-                  f"{r['torch_ms']:9.3f} {r['ms']:7.3f} {r['speedup']:5.2f} {r['gflops']:8.1f} "
-                  f"{r['err']:8.1e}")
-        for batch in (1, 8):
-            for layout in ("nchw", "channels_last"):
-                sel = [r["speedup"] for r in rows if r["batch"] == batch and
-                       r["layout"] == layout and r["pass_"] == "forward"]
-                print(f"forward N={batch} {layout}: geomean {geomean(sel):.2f}x, "
-                      f"min {min(sel):.2f}x")
-        sel = [r["speedup"] for r in rows if r["pass_"] != "forward"]
-        print(f"forward+backward N=8: geomean {geomean(sel):.2f}x, min {min(sel):.2f}x")
+        out["copy_gbps"] = copy_bandwidth()
+    for section, net, title in [
+            ("depthwise", "mobilenet_v2", "Depthwise, MobileNetV2 layers (copy bandwidth "
+                                          f"{out.get('copy_gbps', 0):.1f} GB/s)"),
+            ("grouped", "resnext50_32x4d", "Grouped 3x3, ResNeXt-50 32x4d layers")]:
+        if section in sections:
+            rows = out[section] = layer_rows(
+                [layer for layer in NETWORKS[net] if layer.groups > 1], args.rounds, args.algo)
+            print_layer_rows(rows, f"{title} (algo={args.algo}; ms median; speedup = torch / "
+                                   f"ours)")
     if "mobilenet" in sections:
         rows = out["mobilenet"] = mobilenet_rows(args.rounds)
         print("\nMobileNetV2 eval after convert + fuse (ms median of rounds)")

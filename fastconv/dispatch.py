@@ -105,7 +105,13 @@ def choose(problem: Conv2dProblem, device_type: str = "cpu",
     * Depthwise (groups == in_channels > 1): the depthwise kernel, 3-60x the direct kernel
       on MobileNetV2's depthwise layers (NCHW vs torch, batch 1: 0.5-12.7x, geometric mean
       1.67x; channels_last 0.23-1.32x).
-    * Everything else (spatial kernels, strided and grouped layers): direct
+    * Grouped layers with 2-16 input channels per group: the grouped kernel, whose vectors
+      run along the output pixels where direct's hold one group's few output channels
+      (ResNeXt-50 32x4d at batch 8, 2 threads, ms, grouped vs direct: 3x3 128 g32 @56 (4
+      per group) forward 2.4 vs 18.1, grad-input 2.4 vs 16.5; 256 g32 @28 (8) 1.8 vs 6.2,
+      1.8 vs 5.8; 512 g32 @14 (16) 1.9 vs 2.8, 1.6 vs 2.4). With 32 per group (1024 g32
+      @7) direct is as fast or faster (forward 2.0-2.4 both, grad-input 1.6 vs 1.8).
+    * Everything else (spatial kernels, strided layers, 17+ channels per group): direct
       (3x3: 0.8-1.4x torch vs 0.55-0.95x for im2col; each group's GEMM is tiny).
 
     Grad-weight differs (benchmarks: fastconv-bench --pass fwdbwd with autotune, then each
@@ -117,7 +123,10 @@ def choose(problem: Conv2dProblem, device_type: str = "cpu",
       (3x3/2 128 @56, 256 @28, 512 @14: batch 8 12.9 / 13.3 / 15.4 vs direct 14.4 / 15.0 /
       19.3; batch 1 1.37 / 2.45 / 4.36 vs 1.61 / 3.24 / 6.98);
     * Winograd from 49 pixels: it transforms no filters, only its dW, once per call
-      (batch 1: 3x3 256 @14 F2 1.15 vs direct 2.75, 512 @7 2.10 vs 5.23).
+      (batch 1: 3x3 256 @14 F2 1.15 vs direct 2.75, 512 @7 2.10 vs 5.23);
+    * grouped layers: the grouped kernel up to 8 channels per group (batch 8: 128 g32 @56
+      3.9 vs direct 25.0, 3x3/2 256 g32 @56 5.9 vs 11.7, 256 g32 @28 4.4 vs 7.5), direct
+      from 16 (512 g32 @14 2.2 vs 4.2: its tiles sum 16 channels' taps at once).
 
     Grad-input of strided, weight-bound layers (8192+ weights per input pixel of the batch)
     runs on the packed GEMM, whose one GEMM sweeps the filters once where direct's stride
@@ -148,6 +157,9 @@ def choose(problem: Conv2dProblem, device_type: str = "cpu",
             return tile
     if p.Cg == 1 and p.groups > 1 and runs("depthwise"):
         return BY_NAME["depthwise"]
+    max_cg = 8 if grad_weight else 16
+    if p.groups > 1 and 2 <= p.Cg <= max_cg and runs("grouped"):
+        return BY_NAME["grouped"]
     if runs("direct"):
         return BY_NAME["direct"]
     return next((a for a in ALGORITHMS
@@ -253,6 +265,10 @@ def explain(input_shape, weight_shape, stride=1, padding=0, dilation=1, groups: 
                f"per transform and beats the direct kernel there")
     elif chosen.name == "depthwise":
         why = "depthwise layer (groups == in_channels): every vector lane is a useful output"
+    elif chosen.name == "grouped":
+        why = ("grouped layer with few channels per group: vectors along the output pixels "
+               "keep every lane busy, where the direct kernel's hold the group's few output "
+               "channels")
     elif chosen.name == "direct":
         why = "spatial, strided or grouped kernel: the direct kernel wins there"
     else:

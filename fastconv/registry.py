@@ -150,8 +150,8 @@ ALGORITHMS: tuple = (
     Algorithm(
         name="grouped",
         summary="grouped convolutions with few channels per group: vectors along the output "
-                "width, tiles of up to 16 output channels of a group; grad-weight per group, "
-                "strided grad-input by the direct kernel",
+                "pixels (flat stride-phase staging), tiles of up to 8 output channels of a "
+                "group; grad-input per stride phase, grad-weight per group",
         kernels={"cpu": CppKernels("grouped")},
         check=_grouped,
     ),

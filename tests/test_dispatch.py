@@ -81,7 +81,25 @@ def test_auto_routes_depthwise_and_grouped_layers():
     depthwise = [l for l in ALL_LAYERS if l.groups > 1 and l.C == l.groups]
     grouped = [l for l in ALL_LAYERS if l.groups > 1 and l.C != l.groups]
     assert depthwise and all(_choice(l) == "depthwise" for l in depthwise)
-    assert all(_choice(l) == "direct" for l in grouped)
+    few = [l for l in grouped if l.C // l.groups <= 16]
+    assert few and all(_choice(l) == "grouped" for l in few)
+    assert all(_choice(l) == "direct" for l in grouped if l not in few)
+
+
+@pytest.mark.parametrize("layer, grad_weight", [
+    ("3x3 128 g32 @56", "grouped"),       # 4 channels per group
+    ("3x3/2 256 g32 @56", "grouped"),     # 8, strided
+    ("3x3 512 g32 @14", "direct"),        # 16: direct's grad-weight tiles win
+    ("3x3 1024 g32 @7", "direct"),        # 32: direct for every pass
+])
+def test_auto_per_pass_on_grouped_layers(layer, grad_weight):
+    problem = _problem({l.name: l for l in NETWORKS["resnext50_32x4d"]}[layer], 8)
+    picks = [dispatch.choose(problem, pass_=p).name for p in Pass]
+    few = problem.Cg <= 16
+    assert picks == ["grouped" if few else "direct"] * 2 + [grad_weight]
+    assert "few channels per group" in fastconv.explain(
+        problem.input_shape, problem.weight_shape, problem.stride, problem.padding[::2],
+        groups=problem.groups).why or not few
 
 
 def test_auto_finds_nothing_for_dtypes_without_kernels():

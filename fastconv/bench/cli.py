@@ -20,6 +20,7 @@ import torch
 from .. import __version__, backend
 from ..shapes import NETWORKS
 from . import report, runner
+from .models import MODELS
 from .runner import Config
 from .timing import peak_gflops
 
@@ -49,7 +50,7 @@ def _parser() -> argparse.ArgumentParser:
     what.add_argument("--model", metavar="NAME",
                       help="time a whole network instead of layers: eval forward and a "
                            "training step, torch's model vs fastconv.convert + fastconv.fuse "
-                           "(resnet50, vgg16, mobilenet_v2, efficientnet_b0, or "
+                           "(" + ", ".join(MODELS) + ", or "
                            "torchvision:NAME when torchvision imports)")
     what.add_argument("--algos", default=None,
                       help="comma-separated strategies (see below; default: "
