@@ -268,6 +268,11 @@ template <typename T>
 inline void copy_strided_n(T* dst, const T* src, int64_t n, int64_t stride) {
   for (int64_t i = 0; i < n; ++i) dst[i] = src[i * stride];
 }
+// dst[i * stride] = src[i] for i < n.
+template <typename T>
+inline void store_strided_n(T* dst, const T* src, int64_t n, int64_t stride) {
+  for (int64_t i = 0; i < n; ++i) dst[i * stride] = src[i];
+}
 #if defined(FASTCONV_ISA_AVX512)
 inline __mmask16 first_lanes(int64_t n) {
   return n >= 16 ? __mmask16(0xFFFF) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1u);
@@ -299,6 +304,26 @@ inline void zero_n<float>(float* dst, int64_t n) {
   for (int64_t i = 0; i < n; i += 16) {
     const __mmask16 m = n - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - i)) - 1u);
     _mm512_mask_storeu_ps(dst + i, m, _mm512_setzero_ps());
+  }
+}
+template <>
+inline void store_strided_n<float>(float* dst, const float* src, int64_t n, int64_t stride) {
+  if (stride == 1) return copy_n(dst, src, n);
+  if (stride != 2) {
+    for (int64_t i = 0; i < n; ++i) dst[i * stride] = src[i];
+    return;
+  }
+  // Stride 2: each 16 values spread over the even lanes of two vectors, stored masked (the
+  // odd lanes belong to the other stride phase).
+  const __m512i lo = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
+  const __m512i hi = _mm512_setr_epi32(8, 8, 9, 9, 10, 10, 11, 11, 12, 12, 13, 13, 14, 14, 15, 15);
+  for (int64_t i = 0; i < n; i += 16) {
+    const int64_t r = n - i < 16 ? n - i : 16, span = 2 * (r - 1) + 1;
+    const __m512 v = _mm512_maskz_loadu_ps(first_lanes(r), src + i);
+    const __mmask16 even = 0x5555;
+    _mm512_mask_storeu_ps(dst + 2 * i, even & first_lanes(span), _mm512_permutexvar_ps(lo, v));
+    _mm512_mask_storeu_ps(dst + 2 * i + 16, even & first_lanes(span - 16),
+                          _mm512_permutexvar_ps(hi, v));
   }
 }
 #endif

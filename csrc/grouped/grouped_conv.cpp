@@ -202,9 +202,21 @@ const T* group_planes(const ConvGeom& g, const T* x, int x_layout, int64_t n, in
   return buf;
 }
 
+// Where output (n, k, oh, ow) goes: y + n image + k channel + oh row + ow col (elements).
+// A forward's NCHW or NHWC tensor, or one stride phase of grad-input's grad_x.
 template <typename T>
-void forward(const ConvGeom& g, const T* x, int x_layout, const T* w, const T*,
-             const Epilogue<T>& epi, T* y, int y_layout, int nthreads) {
+struct OutputView {
+  T* y;
+  int64_t image, channel, row, col;
+  static OutputView dense(const ConvGeom& g, T* y, int layout) {
+    if (layout == kNCHW) return {y, g.K * g.OH * g.OW, g.OH * g.OW, g.OW, 1};
+    return {y, g.OH * g.OW * g.K, 1, g.OW * g.K, g.K};
+  }
+};
+
+template <typename T>
+void forward_into(const ConvGeom& g, const T* x, int x_layout, const T* w,
+                  const Epilogue<T>& epi, const OutputView<T>& y, int nthreads) {
   constexpr int L = Vec<T>::lanes, B = kTransposeBlock;
   const int64_t Cg = g.Cg(), Kg = g.Kg(), RS = g.R * g.S, HW = g.H * g.W;
   const TileShape shape = tile_shape(Kg);
@@ -242,22 +254,27 @@ void forward(const ConvGeom& g, const T* x, int x_layout, const T* w, const T*,
       }
       add_stats(epi.stats, k_first + k, s, q);
     }
-    if (y_layout == kNCHW) {
+    T* yn = y.y + n * y.image + k_first * y.channel;
+    if (y.channel != 1) {  // channel-major: rows of pixels
       for (int64_t k = 0; k < Kg; ++k)
         for (int64_t oh = 0; oh < g.OH; ++oh)
-          copy_n(y + ((n * g.K + k_first + k) * g.OH + oh) * g.OW,
-                 out + k * st.flat + oh * st.pitch, g.OW);
+          store_strided_n(yn + k * y.channel + oh * y.row, out + k * st.flat + oh * st.pitch,
+                          g.OW, y.col);
       return;
     }
-    for (int64_t oh = 0; oh < g.OH; ++oh) {
-      T* yrow = y + (n * g.OH + oh) * g.OW * g.K + k_first;
+    for (int64_t oh = 0; oh < g.OH; ++oh)  // pixel-major: rows of channels
       for (int64_t ow0 = 0; ow0 < g.OW; ow0 += B)
         for (int64_t k0 = 0; k0 < Kg; k0 += B)
           transpose_block(out + k0 * st.flat + oh * st.pitch + ow0, st.flat,
-                          yrow + ow0 * g.K + k0, g.K, int(min64(B, Kg - k0)),
+                          yn + oh * y.row + ow0 * y.col + k0, y.col, int(min64(B, Kg - k0)),
                           int(min64(B, g.OW - ow0)));
-    }
   });
+}
+
+template <typename T>
+void forward(const ConvGeom& g, const T* x, int x_layout, const T* w, const T*,
+             const Epilogue<T>& epi, T* y, int y_layout, int nthreads) {
+  forward_into(g, x, x_layout, w, epi, OutputView<T>::dense(g, y, y_layout), nthreads);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -269,9 +286,8 @@ void forward(const ConvGeom& g, const T* x, int x_layout, const T* w, const T*,
 // receive grad_y only through the taps r with r d = a + p (mod s), tap r from grad_y
 // position i + (a + p - r d) / s. So each phase (a, b) is a stride-1 grouped forward over
 // grad_y with those taps (rotated, dilation d / gcd(s, d), cropping or padding grad_y), each
-// group's filters transposed (Kg <-> Cg). A stride-1 layer is one phase, written straight
-// into grad_x; strided layers write each phase into a scratch tensor scattered into grad_x.
-// Every tap is used once: no multiplications by inserted zeros.
+// group's filters transposed (Kg <-> Cg), writing its positions of grad_x in place
+// (OutputView). Every tap is used once: no multiplications by inserted zeros.
 struct PhaseAxis {
   int64_t size = 0;      // grad_x positions in the phase
   int64_t taps = 0;      // taps reaching them (0: the phase's gradient is zero)
@@ -315,52 +331,40 @@ inline ConvGeom phase_geometry(const ConvGeom& g, const PhaseAxis& ph, const Pha
 template <typename T>
 void grad_input(const ConvGeom& g, const T* gy, int gy_layout, const T* w, T* gx, int gx_layout,
                 int nthreads) {
-  const int64_t Cg = g.Cg(), Kg = g.Kg(), RS = g.R * g.S, HW = g.H * g.W;
-  const bool strided = g.sh > 1 || g.sw > 1;
+  const int64_t Cg = g.Cg(), Kg = g.Kg(), RS = g.R * g.S;
   T* turned = workspace_as<T>(kWsWeightsTapMajor, g.K * Cg * RS);
-  T* phase_out = strided ? workspace_as<T>(kWsStaging, g.N * g.C * ceil_div(g.H, g.sh) *
-                                                           ceil_div(g.W, g.sw))
-                         : gx;
   for (int64_t a = 0; a < g.sh; ++a) {
     for (int64_t b = 0; b < g.sw; ++b) {
       const PhaseAxis ph = phase_axis(a, g.sh, g.dh, g.pt, g.R, g.H);
       const PhaseAxis pw = phase_axis(b, g.sw, g.dw, g.pl, g.S, g.W);
       const ConvGeom d = phase_geometry(g, ph, pw);
       if (d.OH == 0 || d.OW == 0) continue;
+      // The phase's positions of grad_x: rows a + i sh, columns b + j sw.
+      const int64_t pixel = gx_layout == kNCHW ? 1 : g.C;
+      const OutputView<T> out{gx + (a * g.W + b) * pixel, g.C * g.H * g.W,
+                              gx_layout == kNCHW ? g.H * g.W : 1, g.sh * g.W * pixel,
+                              g.sw * pixel};
       if (d.R == 0 || d.S == 0) {  // no tap reaches this phase
-        zero_n(phase_out, g.N * g.C * d.OH * d.OW);
-      } else {
-        // turned[grp * Cg + c][k][j][i] = w[grp * Kg + k][c][last_h - j step_h][last_w - ..]
-        parallel_for(g.C, threads_for(g.K * Cg * RS * 4, nthreads), [&](int64_t oc) {
-          const int64_t grp = oc / Cg, c = oc % Cg;
-          T* dst = turned + oc * Kg * d.R * d.S;
-          for (int64_t k = 0; k < Kg; ++k) {
-            const T* src = w + ((grp * Kg + k) * Cg + c) * RS;
-            for (int64_t j = 0; j < d.R; ++j)
-              for (int64_t i = 0; i < d.S; ++i)
-                *dst++ = src[(ph.last - j * ph.tap_step) * g.S + pw.last - i * pw.tap_step];
-          }
-        });
-        forward<T>(d, gy, gy_layout, turned, nullptr, Epilogue<T>(), phase_out, gx_layout,
-                   nthreads);
-      }
-      if (!strided) return;
-      // Scatter the phase into grad_x.
-      if (gx_layout == kNCHW) {
-        parallel_for(g.N * g.C, threads_for(g.N * HW * 4, nthreads), [&](int64_t plane) {
-          const T* src = phase_out + plane * d.OH * d.OW;
-          T* dst = gx + plane * HW + a * g.W + b;
+        parallel_for(g.N * g.C, threads_for(g.N * g.C * d.OH * d.OW * 4, nthreads),
+                     [&](int64_t nc) {
+          T* base = out.y + nc / g.C * out.image + nc % g.C * out.channel;
           for (int64_t i = 0; i < d.OH; ++i)
-            for (int64_t j = 0; j < d.OW; ++j) dst[i * g.sh * g.W + j * g.sw] = src[i * d.OW + j];
+            for (int64_t j = 0; j < d.OW; ++j) base[i * out.row + j * out.col] = T(0);
         });
-      } else {
-        parallel_for(g.N * d.OH, threads_for(g.N * HW * 4, nthreads), [&](int64_t row) {
-          const int64_t n = row / d.OH, i = row % d.OH;
-          const T* src = phase_out + row * d.OW * g.C;
-          T* dst = gx + ((n * g.H + a + i * g.sh) * g.W + b) * g.C;
-          for (int64_t j = 0; j < d.OW; ++j) copy_n(dst + j * g.sw * g.C, src + j * g.C, g.C);
-        });
+        continue;
       }
+      // turned[grp * Cg + c][k][j][i] = w[grp * Kg + k][c][last_h - j step_h][last_w - ..]
+      parallel_for(g.C, threads_for(g.K * Cg * RS * 4, nthreads), [&](int64_t oc) {
+        const int64_t grp = oc / Cg, c = oc % Cg;
+        T* dst = turned + oc * Kg * d.R * d.S;
+        for (int64_t k = 0; k < Kg; ++k) {
+          const T* src = w + ((grp * Kg + k) * Cg + c) * RS;
+          for (int64_t j = 0; j < d.R; ++j)
+            for (int64_t i = 0; i < d.S; ++i)
+              *dst++ = src[(ph.last - j * ph.tap_step) * g.S + pw.last - i * pw.tap_step];
+        }
+      });
+      forward_into<T>(d, gy, gy_layout, turned, Epilogue<T>(), out, nthreads);
     }
   }
 }
@@ -510,10 +514,7 @@ int64_t workspace_bytes(const ConvGeom& g, Pass pass) {
   const int64_t weights = int64_t(sizeof(T)) * g.K * g.Cg() * g.R * g.S;
   if (pass == Pass::kForward) return weights;  // packed
   if (pass == Pass::kGradWeight) return 0;
-  // Turned, then packed by the forward; strided: one phase of grad_x.
-  const int64_t phase = g.sh > 1 || g.sw > 1
-                            ? g.N * g.C * ceil_div(g.H, g.sh) * ceil_div(g.W, g.sw) : 0;
-  return 2 * weights + int64_t(sizeof(T)) * phase;
+  return 2 * weights;  // turned, then packed by the forward
 }
 
 }  // namespace
