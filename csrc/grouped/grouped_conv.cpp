@@ -13,9 +13,9 @@
 //   * channels_last input: the group's channels transposed into planes before staging.
 //   * Grad-input: per stride phase, a stride-1 grouped forward over grad_y with the taps that
 //     reach the phase, each group's filters transposed and rotated.
-//   * Grad-weight: a thread owns whole groups (no reduction across threads); per image, the
-//     group's planes staged row by row, tiles of KT output channels x TS taps of one input
-//     channel summed along the rows.
+//   * Grad-weight: a thread owns whole groups (no reduction across threads); images staged
+//     row by row in chunks, tiles of KT output channels x TS taps of one input channel
+//     summed along the rows of every image of the chunk.
 #include <numeric>
 #include <vector>
 
@@ -376,7 +376,9 @@ void grad_input(const ConvGeom& g, const T* gy, int gy_layout, const T* w, T* gx
 // Register tile: KT output channels x TS taps of one input channel (KT * TS accumulators,
 // TS input vectors and one grad_y vector).
 constexpr int kGradTaps = 4;
+// Channels per tile: 8 x 3 taps (AVX-512) where the group has 8, else 4 x 4; AVX2 2 x 4.
 constexpr int kGradChannels = kVectorRegisters >= 32 ? 4 : 2;
+constexpr int kGradWideChannels = kVectorRegisters >= 32 ? 8 : 2;
 // Images staged together: their sums stay in the tile's registers across the images, so a
 // tile's horizontal sums are paid once per chunk, not per image (7x7 maps: a tile's work
 // per image is 7 rows of one vector, less than its 16 horizontal sums). Chunks are kept
@@ -394,6 +396,7 @@ struct GradChunk {
   const T* gy;
   int64_t OWp, gy_image;
   int64_t images;
+  bool finite;  // every staged x is finite: the rows' last vectors need no masking
 };
 
 // gw[k0 + j][c][t0 + i] += sum over the chunk's images, rows and columns of
@@ -410,26 +413,34 @@ void grad_weight_tile(const ConvGeom& g, const GradChunk<T>& ch, int64_t c, int6
   int64_t off[TS];
   for (int i = 0; i < TS; ++i) off[i] = ch.st->tap_offset(g, (t0 + i) / g.S, (t0 + i) % g.S);
   const int64_t row_step = g.sh * ch.st->row_elems, OWp = ch.OWp, gy_k = g.OH * OWp;
-  // Past OW grad_y is zero, but x need not be finite there (0 * inf): the row's last
-  // vector reads x with its lanes past OW zeroed. (One loop with a masked load per vector
-  // kept the accumulators on the stack: 2x slower.)
-  const int64_t full = g.OW / L * L, tail = g.OW - full;
+  // Past OW grad_y is zero, so whole vectors are exact where x is finite there. Otherwise
+  // (0 * inf) the rows' last vectors read x with their lanes past OW zeroed, in a loop of
+  // their own after the whole vectors' (one loop with both kept its accumulators on the
+  // stack: 1.4x slower; the masked loop itself spills: 256 g32 @28, batch 8, 1 thread,
+  // 8.0 ms masked, 6.0 ms unmasked).
+  const int64_t full = ch.finite ? OWp : g.OW / L * L, tail = g.OW - min64(full, g.OW);
   for (int64_t img = 0; img < ch.images; ++img) {
     const T* xrow = ch.x + img * ch.x_image + c * ch.plane;
     const T* gyrow = ch.gy + img * ch.gy_image + k0 * gy_k;
     for (int64_t oh = 0; oh < g.OH; ++oh, xrow += row_step, gyrow += OWp) {
-      V xv[TS];
       for (int64_t ow0 = 0; ow0 < full; ow0 += L) {
+        V xv[TS];
         for (int i = 0; i < TS; ++i) xv[i] = V::load(xrow + off[i] + ow0);
         for (int j = 0; j < KT; ++j) {
           const V gv = V::load(gyrow + j * gy_k + ow0);
           for (int i = 0; i < TS; ++i) acc[j][i] = fmadd(gv, xv[i], acc[j][i]);
         }
       }
-      if (tail == 0) continue;
-      for (int i = 0; i < TS; ++i) xv[i] = load_first(xrow + off[i] + full, tail, xbuf);
+    }
+  }
+  for (int64_t img = 0; tail && img < ch.images; ++img) {
+    const T* xrow = ch.x + img * ch.x_image + c * ch.plane + full;
+    const T* gyrow = ch.gy + img * ch.gy_image + k0 * gy_k + full;
+    for (int64_t oh = 0; oh < g.OH; ++oh, xrow += row_step, gyrow += OWp) {
+      V xv[TS];
+      for (int i = 0; i < TS; ++i) xv[i] = load_first(xrow + off[i], tail, xbuf);
       for (int j = 0; j < KT; ++j) {
-        const V gv = V::load(gyrow + j * gy_k + full);
+        const V gv = V::load(gyrow + j * gy_k);
         for (int i = 0; i < TS; ++i) acc[j][i] = fmadd(gv, xv[i], acc[j][i]);
       }
     }
@@ -441,15 +452,21 @@ void grad_weight_tile(const ConvGeom& g, const GradChunk<T>& ch, int64_t c, int6
 template <typename T, int KT>
 void grad_weight_tiles(const ConvGeom& g, const GradChunk<T>& ch, int64_t c, int64_t k0, T* gw,
                        int64_t gw_stride) {
-  const int64_t RS = g.R * g.S;
-  int64_t t0 = 0;
-  for (; t0 + kGradTaps <= RS; t0 += kGradTaps)
-    grad_weight_tile<T, KT, kGradTaps>(g, ch, c, k0, t0, gw, gw_stride);
-  switch (RS - t0) {
-    case 3: grad_weight_tile<T, KT, 3>(g, ch, c, k0, t0, gw, gw_stride); break;
-    case 2: grad_weight_tile<T, KT, 2>(g, ch, c, k0, t0, gw, gw_stride); break;
-    case 1: grad_weight_tile<T, KT, 1>(g, ch, c, k0, t0, gw, gw_stride); break;
-    default: break;
+  // The taps in near-equal tiles of at most TS_MAX (3 x 3: 3 + 3 + 3, not 4 + 4 + 1: a
+  // 1-tap tile costs most of a full one's loads and loop).
+  constexpr int TS_MAX = KT > 4 ? 3 : kGradTaps;
+  const int64_t RS = g.R * g.S, tiles = ceil_div(RS, TS_MAX);
+  for (int64_t i = 0, t0 = 0; i < tiles; ++i) {
+    const int64_t ts = RS / tiles + (i < RS % tiles ? 1 : 0);
+    switch (ts) {
+      case 4:
+        if constexpr (TS_MAX >= 4) grad_weight_tile<T, KT, 4>(g, ch, c, k0, t0, gw, gw_stride);
+        break;
+      case 3: grad_weight_tile<T, KT, 3>(g, ch, c, k0, t0, gw, gw_stride); break;
+      case 2: grad_weight_tile<T, KT, 2>(g, ch, c, k0, t0, gw, gw_stride); break;
+      default: grad_weight_tile<T, KT, 1>(g, ch, c, k0, t0, gw, gw_stride); break;
+    }
+    t0 += ts;
   }
 }
 
@@ -475,9 +492,11 @@ void grad_weight(const ConvGeom& g, const T* gy, int gy_layout, const T* x, int 
     zero_n(gwg, Kg * Cg * RS);
     for (int64_t n0 = 0; n0 < g.N; n0 += chunk) {
       const int64_t images = min64(chunk, g.N - n0);
+      bool finite = true;
       for (int64_t img = 0; img < images; ++img) {
         const int64_t n = n0 + img;
         const T* xs = group_planes(g, x, x_layout, n, grp, buf + staged);
+        finite = finite && all_finite(xs, Cg * HW);
         for (int64_t c = 0; c < Cg; ++c)
           stage_plane(g, st, xs + c * HW, buf + img * x_image + c * plane);
         T* gyi = gyp + img * gy_image;
@@ -497,9 +516,11 @@ void grad_weight(const ConvGeom& g, const T* gy, int gy_layout, const T* x, int 
                               g.OH * OWp, int(min64(B, g.OW - ow0)), int(min64(B, Kg - k0)));
         }
       }
-      const GradChunk<T> ch{&st, buf, plane, x_image, gyp, OWp, gy_image, images};
+      const GradChunk<T> ch{&st, buf, plane, x_image, gyp, OWp, gy_image, images, finite};
       for (int64_t c = 0; c < Cg; ++c) {
         int64_t k0 = 0;
+        for (; k0 + kGradWideChannels <= Kg; k0 += kGradWideChannels)
+          grad_weight_tiles<T, kGradWideChannels>(g, ch, c, k0, gwg, Cg * RS);
         for (; k0 + kGradChannels <= Kg; k0 += kGradChannels)
           grad_weight_tiles<T, kGradChannels>(g, ch, c, k0, gwg, Cg * RS);
         for (; k0 < Kg; ++k0) grad_weight_tiles<T, 1>(g, ch, c, k0, gwg, Cg * RS);
