@@ -17,5 +17,5 @@ python -c "import fastconv, sys; assert fastconv.__file__.startswith('$out'), fa
 exec python -m pytest -q -p no:cacheprovider "$root/tests/test_conv2d.py" "$root/tests/test_gemm.py" "$root/tests/test_winograd.py" \
     "$root/tests/test_paths.py" "$root/tests/test_edge_cases.py" "$root/tests/test_properties.py" \
     "$root/tests/test_nn.py" "$root/tests/test_errors.py" "$root/tests/test_runtime.py" "$root/tests/test_weight_cache.py" "$root/tests/test_depthwise.py" \
-    "$root/tests/test_fused.py" \
+    "$root/tests/test_fused.py" "$root/tests/test_grouped.py" \
     -k "not no_memory_growth" "$@"   # AddressSanitizer keeps freed memory: RSS grows there
