@@ -2,6 +2,7 @@
 // ISA-specific code, and no dependency on any algorithm.
 #pragma once
 #include <cstdint>
+#include <numeric>
 
 namespace fastconv {
 
@@ -27,20 +28,51 @@ struct ConvGeom {
   bool padded() const { return pt || pb || pl || pr; }
 };
 
-// The grad-input of a stride-1 convolution is a forward convolution over grad_y: each group's
-// filters transposed (Kg x Cg -> Cg x Kg) and rotated by 180 degrees, padded by d(R-1) - p
-// per side (the full correlation, cut back by the forward's padding). These are its
-// geometry and when it applies (padding within the kernel's extent).
-inline bool grad_input_runs_as_forward(const ConvGeom& g) {
-  const int64_t eh = g.dh * (g.R - 1), ew = g.dw * (g.S - 1);
-  return g.sh == 1 && g.sw == 1 && g.pt <= eh && g.pb <= eh && g.pl <= ew && g.pr <= ew;
+// Grad-input is a transposed convolution. Split by stride phase, it is a few ordinary ones:
+// along an axis with stride s, dilation d and padding p, grad_x positions a, a + s, ..
+// receive grad_y only through the taps r with r d = a + p (mod s), tap r from grad_y
+// position i + (a + p - r d) / s. So each phase (a, b) is a stride-1 forward over
+// grad_y with those taps (rotated, dilation d / gcd(s, d), cropping or padding grad_y), each
+// group's filters transposed (Kg <-> Cg). Every tap is used once: no multiplications by
+// inserted zeros. A stride-1 layer is the one phase (0, 0), with every tap rotated by 180
+// degrees and padding d(R-1) - p per side.
+struct PhaseAxis {
+  int64_t size = 0;      // grad_x positions in the phase
+  int64_t taps = 0;      // taps reaching them (0: the phase's gradient is zero)
+  int64_t last = 0;      // the largest such tap; rotated tap j is last - j * tap_step
+  int64_t tap_step = 1;  // between the phase's taps in the filter
+  int64_t dilation = 1;  // between their reads of grad_y
+  int64_t pad = 0;       // grad_y positions before the first tap's first read (< 0: skipped)
+};
+
+inline PhaseAxis phase_axis(int64_t a, int64_t stride, int64_t dilation, int64_t pad,
+                            int64_t taps, int64_t in_size) {
+  PhaseAxis p;
+  p.size = a < in_size ? (in_size - a + stride - 1) / stride : 0;
+  const int64_t gcd = std::gcd(stride, dilation);
+  p.tap_step = stride / gcd;
+  p.dilation = dilation / gcd;
+  for (int64_t r = taps - 1; r >= 0; --r)
+    if (((a + pad - r * dilation) % stride + stride) % stride == 0) {
+      p.last = r;
+      p.taps = r / p.tap_step + 1;
+      p.pad = -((a + pad - r * dilation) / stride);  // exact
+      break;
+    }
+  return p;
 }
-inline ConvGeom grad_input_forward_geometry(const ConvGeom& g) {
-  const int64_t eh = g.dh * (g.R - 1), ew = g.dw * (g.S - 1);
+
+// The stride-1 forward problem of phase (ph, pw) of g's grad-input.
+inline ConvGeom phase_geometry(const ConvGeom& g, const PhaseAxis& ph, const PhaseAxis& pw) {
   ConvGeom d = g;
   d.C = g.K, d.K = g.C;
-  d.H = g.OH, d.W = g.OW, d.OH = g.H, d.OW = g.W;
-  d.pt = eh - g.pt, d.pb = eh - g.pb, d.pl = ew - g.pl, d.pr = ew - g.pr;
+  d.H = g.OH, d.W = g.OW, d.OH = ph.size, d.OW = pw.size;
+  d.R = ph.taps, d.S = pw.taps;
+  d.sh = d.sw = 1;
+  d.dh = ph.dilation, d.dw = pw.dilation;
+  d.pt = ph.pad, d.pl = pw.pad;
+  d.pb = d.OH - 1 + d.dh * (d.R - 1) + 1 - d.H - d.pt;
+  d.pr = d.OW - 1 + d.dw * (d.S - 1) + 1 - d.W - d.pl;
   return d;
 }
 

@@ -348,19 +348,6 @@ inline Vec<double> load_first<double>(const double* p, int64_t valid, double*) {
 }
 #endif
 
-// Whether p[0, n) holds no infinity or NaN (x * 0 is NaN exactly for those).
-template <typename T>
-inline bool all_finite(const T* p, int64_t n) {
-  using V = Vec<T>;
-  const V zero = V::zero();
-  V acc = zero;
-  int64_t i = 0;
-  for (; i + V::lanes <= n; i += V::lanes) acc = fmadd(V::load(p + i), zero, acc);
-  T s = hsum(acc);
-  for (; i < n; ++i) s += p[i] * T(0);
-  return s == T(0);
-}
-
 // Asks for [p, p + bytes) to be brought into the cache ahead of use. A thread that computes
 // on one block and then reads the next from memory leaves memory idle while it computes
 // (one core's demand misses reach a fraction of the copy bandwidth here); prefetching the

@@ -646,11 +646,18 @@ void forward(const ConvGeom& g, const T* x, int x_layout, const T* w, const T* p
 // Grad-input
 // ---------------------------------------------------------------------------------------
 
-// A stride-1, multiplier-1 layer's grad-input is a depthwise forward too (problem.h); other
-// layers (strided, multipliers, padding beyond the kernel's extent) run the scatter or the
-// direct kernel's grad-input.
+// A stride-1, multiplier-1 layer's grad-input is a depthwise forward too: phase (0, 0) of
+// problem.h's stride phases, every tap rotated. Other layers (strided, multipliers, padding
+// beyond the kernel's extent) run the scatter or the direct kernel's grad-input.
 bool grad_input_as_forward(const ConvGeom& g) {
-  return g.Kg() == 1 && grad_input_runs_as_forward(g);
+  const int64_t eh = g.dh * (g.R - 1), ew = g.dw * (g.S - 1);
+  return g.Kg() == 1 && g.sh == 1 && g.sw == 1 && g.pt <= eh && g.pb <= eh && g.pl <= ew &&
+         g.pr <= ew;
+}
+
+ConvGeom grad_input_geometry(const ConvGeom& g) {
+  return phase_geometry(g, phase_axis(0, 1, g.dh, g.pt, g.R, g.H),
+                        phase_axis(0, 1, g.dw, g.pl, g.S, g.W));
 }
 
 template <typename T>
@@ -665,7 +672,7 @@ void grad_input(const ConvGeom& g, const T* gy, int gy_layout, const T* w, T* gx
   T* rotated = workspace_as<T>(kWsWeightsTapMajor, g.K * RS);
   for (int64_t k = 0; k < g.K; ++k)
     for (int64_t t = 0; t < RS; ++t) rotated[k * RS + t] = w[k * RS + RS - 1 - t];
-  forward<T>(grad_input_forward_geometry(g), gy, gy_layout, rotated, nullptr, Epilogue<T>(), gx,
+  forward<T>(grad_input_geometry(g), gy, gy_layout, rotated, nullptr, Epilogue<T>(), gx,
              gx_layout, nthreads);
 }
 
@@ -678,7 +685,7 @@ int64_t workspace_bytes(const ConvGeom& g, Pass pass) {
                  ? int64_t(sizeof(T)) * weight_packing<T>(g, kNHWC, kNHWC).elements
                  : direct_kernels<T>().workspace_bytes(g, pass);
     return int64_t(sizeof(T)) * g.K * g.R * g.S +
-           workspace_bytes<T>(grad_input_forward_geometry(g), Pass::kForward);
+           workspace_bytes<T>(grad_input_geometry(g), Pass::kForward);
   }
   if (pass == Pass::kGradWeight) return 0;  // NCHW operands need no copies
   const int64_t image = g.C * g.H * g.W;

@@ -16,7 +16,6 @@
 //   * Grad-weight: a thread owns whole groups (no reduction across threads); images staged
 //     row by row in chunks, tiles of KT output channels x TS taps of one input channel
 //     summed along the rows of every image of the chunk.
-#include <numeric>
 #include <vector>
 
 #include "../common/layout.h"
@@ -151,17 +150,19 @@ void for_each_channel_tile(int64_t Kg, int kt_max, F body) {
   }
 }
 
-// The filters of the tile of kt channels starting at channel k (OIHW) packed [c][tap][j]
-// at wp + k * Cg * R * S: the tiles partition each group's channels, so the packed weights
-// take the OIHW tensor's size.
-template <typename T>
-void pack_tiles(const ConvGeom& g, const T* w, int kt_max, T* wp, int nthreads) {
+// The filters of the tile of kt channels starting at channel k packed [c][tap][j] at
+// wp + k * Cg * R * S (the tiles partition each group's channels, so the packed weights take
+// the OIHW tensor's size). filter(k, i): value i (c-major, then r, then s) of channel k's
+// filter; the OIHW tensor for a forward, each phase's turned taps for grad-input (packed
+// straight from w, no turned copy).
+template <typename T, typename Filter>
+void pack_tiles(const ConvGeom& g, int kt_max, T* wp, int nthreads, Filter filter) {
   const int64_t CRS = g.Cg() * g.R * g.S, Kg = g.Kg();
   parallel_for(g.groups, threads_for(g.K * CRS * 4, nthreads), [&](int64_t grp) {
     for_each_channel_tile(Kg, kt_max, [&](int64_t k0, int kt) {
       const int64_t k = grp * Kg + k0;
       for (int j = 0; j < kt; ++j)
-        for (int64_t i = 0; i < CRS; ++i) wp[k * CRS + i * kt + j] = w[(k + j) * CRS + i];
+        for (int64_t i = 0; i < CRS; ++i) wp[k * CRS + i * kt + j] = filter(k + j, i);
     });
   });
 }
@@ -214,8 +215,9 @@ struct OutputView {
   }
 };
 
-template <typename T>
-void forward_into(const ConvGeom& g, const T* x, int x_layout, const T* w,
+// The forward of g into y, its filters given by filter(k, i) (pack_tiles).
+template <typename T, typename Filter>
+void forward_into(const ConvGeom& g, const T* x, int x_layout, Filter filter,
                   const Epilogue<T>& epi, const OutputView<T>& y, int nthreads) {
   constexpr int L = Vec<T>::lanes, B = kTransposeBlock;
   const int64_t Cg = g.Cg(), Kg = g.Kg(), RS = g.R * g.S, HW = g.H * g.W;
@@ -225,7 +227,7 @@ void forward_into(const ConvGeom& g, const T* x, int x_layout, const T* w,
   const int64_t run = g.OH * st.pitch;  // flat outputs, junk columns included
   const int64_t x_copy = x_layout == kNHWC ? Cg * HW : 0;
   T* wp = workspace_as<T>(kWsPackedWeights, g.K * Cg * RS);
-  pack_tiles(g, w, shape.kt, wp, nthreads);
+  pack_tiles(g, shape.kt, wp, nthreads, filter);
   std::vector<int64_t> taps(RS);
   for (int64_t t = 0; t < RS; ++t) taps[t] = st.tap_offset(g, t / g.S, t % g.S);
   parallel_for(g.N * g.groups, threads_for(g.flops(), nthreads), [&](int64_t item) {
@@ -274,65 +276,21 @@ void forward_into(const ConvGeom& g, const T* x, int x_layout, const T* w,
 template <typename T>
 void forward(const ConvGeom& g, const T* x, int x_layout, const T* w, const T*,
              const Epilogue<T>& epi, T* y, int y_layout, int nthreads) {
-  forward_into(g, x, x_layout, w, epi, OutputView<T>::dense(g, y, y_layout), nthreads);
+  const int64_t CRS = g.Cg() * g.R * g.S;
+  forward_into(g, x, x_layout, [&](int64_t k, int64_t i) { return w[k * CRS + i]; }, epi,
+               OutputView<T>::dense(g, y, y_layout), nthreads);
 }
 
 // ---------------------------------------------------------------------------------------
 // Grad-input
 // ---------------------------------------------------------------------------------------
 
-// Grad-input is a transposed convolution. Split by stride phase, it is a few ordinary ones:
-// along an axis with stride s, dilation d and padding p, grad_x positions a, a + s, ..
-// receive grad_y only through the taps r with r d = a + p (mod s), tap r from grad_y
-// position i + (a + p - r d) / s. So each phase (a, b) is a stride-1 grouped forward over
-// grad_y with those taps (rotated, dilation d / gcd(s, d), cropping or padding grad_y), each
-// group's filters transposed (Kg <-> Cg), writing its positions of grad_x in place
-// (OutputView). Every tap is used once: no multiplications by inserted zeros.
-struct PhaseAxis {
-  int64_t size = 0;      // grad_x positions in the phase
-  int64_t taps = 0;      // taps reaching them (0: the phase's gradient is zero)
-  int64_t last = 0;      // the largest such tap; rotated tap j is last - j * tap_step
-  int64_t tap_step = 1;  // between the phase's taps in the filter
-  int64_t dilation = 1;  // between their reads of grad_y
-  int64_t pad = 0;       // grad_y positions before the first tap's first read (< 0: skipped)
-};
-
-inline PhaseAxis phase_axis(int64_t a, int64_t stride, int64_t dilation, int64_t pad,
-                            int64_t taps, int64_t in_size) {
-  PhaseAxis p;
-  p.size = a < in_size ? ceil_div(in_size - a, stride) : 0;
-  const int64_t gcd = std::gcd(stride, dilation);
-  p.tap_step = stride / gcd;
-  p.dilation = dilation / gcd;
-  for (int64_t r = taps - 1; r >= 0; --r)
-    if (((a + pad - r * dilation) % stride + stride) % stride == 0) {
-      p.last = r;
-      p.taps = r / p.tap_step + 1;
-      p.pad = -((a + pad - r * dilation) / stride);  // exact
-      break;
-    }
-  return p;
-}
-
-// The stride-1 forward problem of phase (ph, pw) of g's grad-input.
-inline ConvGeom phase_geometry(const ConvGeom& g, const PhaseAxis& ph, const PhaseAxis& pw) {
-  ConvGeom d = g;
-  d.C = g.K, d.K = g.C;
-  d.H = g.OH, d.W = g.OW, d.OH = ph.size, d.OW = pw.size;
-  d.R = ph.taps, d.S = pw.taps;
-  d.sh = d.sw = 1;
-  d.dh = ph.dilation, d.dw = pw.dilation;
-  d.pt = ph.pad, d.pl = pw.pad;
-  d.pb = d.OH - 1 + d.dh * (d.R - 1) + 1 - d.H - d.pt;
-  d.pr = d.OW - 1 + d.dw * (d.S - 1) + 1 - d.W - d.pl;
-  return d;
-}
-
+// Per stride phase (problem.h), a grouped forward over grad_y writing the phase's
+// positions of grad_x in place (OutputView).
 template <typename T>
 void grad_input(const ConvGeom& g, const T* gy, int gy_layout, const T* w, T* gx, int gx_layout,
                 int nthreads) {
   const int64_t Cg = g.Cg(), Kg = g.Kg(), RS = g.R * g.S;
-  T* turned = workspace_as<T>(kWsWeightsTapMajor, g.K * Cg * RS);
   for (int64_t a = 0; a < g.sh; ++a) {
     for (int64_t b = 0; b < g.sw; ++b) {
       const PhaseAxis ph = phase_axis(a, g.sh, g.dh, g.pt, g.R, g.H);
@@ -353,18 +311,16 @@ void grad_input(const ConvGeom& g, const T* gy, int gy_layout, const T* w, T* gx
         });
         continue;
       }
-      // turned[grp * Cg + c][k][j][i] = w[grp * Kg + k][c][last_h - j step_h][last_w - ..]
-      parallel_for(g.C, threads_for(g.K * Cg * RS * 4, nthreads), [&](int64_t oc) {
-        const int64_t grp = oc / Cg, c = oc % Cg;
-        T* dst = turned + oc * Kg * d.R * d.S;
-        for (int64_t k = 0; k < Kg; ++k) {
-          const T* src = w + ((grp * Kg + k) * Cg + c) * RS;
-          for (int64_t j = 0; j < d.R; ++j)
-            for (int64_t i = 0; i < d.S; ++i)
-              *dst++ = src[(ph.last - j * ph.tap_step) * g.S + pw.last - i * pw.tap_step];
-        }
-      });
-      forward_into<T>(d, gy, gy_layout, turned, Epilogue<T>(), out, nthreads);
+      // Filter of phase output channel oc = grp * Cg + c, value (k, j, i): tap
+      // (last_h - j step_h, last_w - i step_w) of w[grp * Kg + k][c].
+      const int64_t taps = d.R * d.S;
+      auto turned = [&](int64_t oc, int64_t v) {
+        const int64_t grp = oc / Cg, c = oc % Cg, k = v / taps, j = v % taps / d.S;
+        const int64_t i = v % d.S;
+        return w[((grp * Kg + k) * Cg + c) * RS + (ph.last - j * ph.tap_step) * g.S +
+                 pw.last - i * pw.tap_step];
+      };
+      forward_into(d, gy, gy_layout, turned, Epilogue<T>(), out, nthreads);
     }
   }
 }
@@ -372,6 +328,19 @@ void grad_input(const ConvGeom& g, const T* gy, int gy_layout, const T* w, T* gx
 // ---------------------------------------------------------------------------------------
 // Grad-weight
 // ---------------------------------------------------------------------------------------
+
+// Whether p[0, n) holds no infinity or NaN (x * 0 is NaN exactly for those).
+template <typename T>
+bool all_finite(const T* p, int64_t n) {
+  using V = Vec<T>;
+  const V zero = V::zero();
+  V acc = zero;
+  int64_t i = 0;
+  for (; i + V::lanes <= n; i += V::lanes) acc = fmadd(V::load(p + i), zero, acc);
+  T s = hsum(acc);
+  for (; i < n; ++i) s += p[i] * T(0);
+  return s == T(0);
+}
 
 // Register tile: KT output channels x TS taps of one input channel (KT * TS accumulators,
 // TS input vectors and one grad_y vector).
@@ -535,7 +504,7 @@ int64_t workspace_bytes(const ConvGeom& g, Pass pass) {
   const int64_t weights = int64_t(sizeof(T)) * g.K * g.Cg() * g.R * g.S;
   if (pass == Pass::kForward) return weights;  // packed
   if (pass == Pass::kGradWeight) return 0;
-  return 2 * weights;  // turned, then packed by the forward
+  return weights;  // packed per phase
 }
 
 }  // namespace
