@@ -122,3 +122,55 @@ def test_outputs_larger_than_the_caches(dtype, isa):
     exact = F.conv2d(x.double(), w.double(), b.double(), padding=1, groups=64)
     tol = 1e-4 if dtype == torch.float32 else 1e-11
     torch.testing.assert_close(y.double(), exact, atol=tol, rtol=tol)
+
+
+# channels_last rows with S = 3 or 5 taps, stride 1 or 2 and padding up to S // 2 reuse each
+# input vector across a register tile of up to 16 pixels (8 on AVX2; float32): widths below,
+# at and above one tile, rows of several tiles with a narrower last one, tiles that touch the
+# padding on the left, the right or both, vertical dilation, and padding past S // 2 (the
+# generic rows). NCHW maps narrower than two vectors run the same rows on NHWC tiles.
+REUSE_ROWS = [
+    # (kernel, stride, padding (top, bottom, left, right), dilation, H, W)
+    (3, 1, (1, 1, 1, 1), 1, 5, 1),      # one pixel: its tile touches both sides
+    (3, 1, (1, 1, 1, 1), 1, 6, 7),      # one 7-pixel tile
+    (3, 1, (1, 1, 1, 1), 1, 4, 16),     # exactly one AVX-512 tile
+    (3, 1, (0, 1, 0, 1), 1, 5, 17),     # 17 = 9 + 8: two tiles, only the right one padded
+    (3, 1, (1, 0, 1, 0), (2, 1), 9, 37),  # 37 = 13 x 3, dilated rows, padded on the left
+    (3, 2, (1, 1, 1, 1), 1, 7, 29),     # stride 2, 15 outputs: one tile
+    (3, 2, (1, 1, 0, 1), 1, 6, 66),     # stride 2, 33 outputs: 3 tiles of 11
+    (5, 1, (2, 2, 2, 2), 1, 6, 23),     # 5x5, 23 = 12 + 11
+    (5, 2, (2, 2, 1, 2), 1, 9, 40),     # 5x5 stride 2, asymmetric padding
+    (5, 1, (0, 0, 0, 0), 1, 5, 5),      # no padding, one output column
+    (3, 1, (2, 2, 2, 2), 1, 5, 9),      # padding past S // 2: generic rows
+]
+
+
+@pytest.mark.parametrize("row", REUSE_ROWS,
+                         ids=lambda r: f"k{r[0]}s{r[1]}W{r[5]}p{''.join(map(str, r[2]))}")
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("activation", [None, "relu6"])
+def test_rows_reusing_input_vectors(row, channels_last, activation, isa):
+    k, stride, (pt, pb, pl, pr), dilation, H, W = row
+    g = torch.Generator().manual_seed(H * W + k)
+    C = 48  # three 16-lane vectors (six AVX2 ones)
+    x = torch.randn(2, C, H, W, generator=g)
+    if activation:
+        x[0, :, 0, 0] = float("nan")  # NaN stays NaN through the activation's clamp
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    w = torch.randn(C, 1, k, k, generator=g)
+    b = torch.randn(C, generator=g)
+    kw = dict(stride=stride, dilation=dilation, groups=C)
+    exact = F.conv2d(F.pad(x.double(), (pl, pr, pt, pb)), w.double(), b.double(), **kw)
+    act = ops.ACTIVATIONS[activation or "none"]
+    stats = None if activation else torch.zeros(2 * C, dtype=torch.float64)
+    dil = [dilation] * 2 if isinstance(dilation, int) else list(dilation)
+    y = ops.conv2d_forward(x, w, b, [stride] * 2, [pt, pb, pl, pr], dil, C, "depthwise",
+                           activation=act, stats=stats)
+    if activation == "relu6":
+        exact = exact.clamp(0, 6).where(~exact.isnan(), exact)
+    torch.testing.assert_close(y.double(), exact, atol=1e-4, rtol=1e-4, equal_nan=True)
+    if stats is not None:  # batch-norm statistics gathered by the rows' epilogue
+        torch.testing.assert_close(stats[:C], exact.sum((0, 2, 3)), atol=1e-3, rtol=1e-4)
+        torch.testing.assert_close(stats[C:], (exact ** 2).sum((0, 2, 3)), atol=1e-3,
+                                   rtol=1e-4)

@@ -68,6 +68,19 @@ inline Vec<T> activate(Vec<T> v, int act) {
   return v;
 }
 
+// An activation as the bounds of a clamp, for register tiles too large to branch per vector
+// (a switch per accumulator made GCC keep a 13-vector tile on the stack).
+template <typename T>
+struct ActivationBounds {
+  Vec<T> lo, hi;
+  explicit ActivationBounds(int act) {
+    const T inf = T(__builtin_inf()), minus_inf = -inf, zero = T(0), six = T(6);
+    lo = Vec<T>::broadcast(act == kActNone ? &minus_inf : &zero);
+    hi = Vec<T>::broadcast(act == kActRelu6 ? &six : &inf);
+  }
+  Vec<T> operator()(Vec<T> v) const { return clamp(lo, hi, v); }
+};
+
 template <typename T>
 inline T hsum(Vec<T> v) {
   alignas(64) T buf[Vec<T>::lanes];
