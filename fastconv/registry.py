@@ -142,8 +142,9 @@ ALGORITHMS: tuple = (
     Algorithm(
         name="depthwise",
         summary="depthwise (groups == in_channels, any multiplier): NCHW vectorised along the "
-                "width, channels_last across channels; grad-weight per channel, grad-input by "
-                "the direct kernel",
+                "width, channels_last across channels (3- and 5-tap rows reuse each input "
+                "vector across 16 pixels); grad-input as a rotated forward (stride 1) or a "
+                "scatter, grad-weight per channel",
         kernels={"cpu": CppKernels("depthwise")},
         check=_depthwise,
     ),

@@ -77,8 +77,7 @@ struct ActivationBounds {
     const T inf = T(__builtin_inf()), minus_inf = -inf, zero = T(0), six = T(6);
     lo = Vec<T>::broadcast(act == kActNone ? &minus_inf : &zero);
     hi = Vec<T>::broadcast(act == kActRelu6 ? &six : &inf);
-  }
-  Vec<T> operator()(Vec<T> v) const { return clamp(lo, hi, v); }
+  }  // activate(v, act) == clamp(lo, hi, v)
 };
 
 template <typename T>

@@ -223,6 +223,18 @@ void nhwc_row(const ConvGeom& g, const T* ximg, int64_t oh, int64_t k0, const T*
     nhwc_row_plain<T, KV, narrow>(g, ximg, oh, k0, wp, Kp, biasp, epi, yrow, ahead);
 }
 
+// Whether NHWC output rows starting at yrow are written with non-temporal stores: outputs far
+// larger than the caches go around them (on vector-aligned rows), no read-for-ownership of
+// lines that are only written. Batch 8, AVX-512, same process, 3 rounds: 32 channels @112
+// 1.09-1.15 ms streamed vs 1.63-1.76 ms not; 144 @56 1.48-2.11 vs 2.63-3.01; 96 @112
+// stride 2 3.42-3.61 vs 3.88-4.33.
+template <typename T>
+bool stream_rows(const ConvGeom& g, const T* yrow) {
+  constexpr int L = Vec<T>::lanes;
+  return g.N * g.OH * g.OW * g.K * int64_t(sizeof(T)) > (int64_t(8) << 20) &&
+         reinterpret_cast<uintptr_t>(yrow) % (L * sizeof(T)) == 0 && g.K % L == 0;
+}
+
 // Rows whose input vectors are reused along the width (nhwc_row_reuse, below): 3 or 5 taps
 // per row, dilation 1 along the width, stride 1 or 2, multiplier 1. Float only: its 128
 // tile variants per ISA are most of this file's compile time, and float64 is for checking.
@@ -497,13 +509,7 @@ void nhwc_row_plain(const ConvGeom& g, const T* ximg, int64_t oh, int64_t k0, co
   // reloaded after every store.
   const int act = epi.act;
   const bool stats = epi.stats.sum != nullptr;
-  // Outputs far larger than the caches go around them (non-temporal stores, on vector-
-  // aligned rows): no read-for-ownership of lines that are only written. Batch 8, AVX-512,
-  // same process, 3 rounds: 32 channels @112 1.09-1.15 ms streamed vs 1.63-1.76 ms not;
-  // 144 @56 1.48-2.11 vs 2.63-3.01; 96 @112 stride 2 3.42-3.61 vs 3.88-4.33.
-  const bool stream_out = g.N * g.OH * g.OW * g.K * int64_t(sizeof(T)) > (int64_t(8) << 20) &&
-                          reinterpret_cast<uintptr_t>(yrow) % (L * sizeof(T)) == 0 &&
-                          g.K % L == 0;
+  const bool stream_out = stream_rows(g, yrow);
   // The row's statistics per channel vector (sums, then sums of squares), kept in memory:
   // registers are the tile's.
   alignas(64) T row_stats[2 * KV * L];
@@ -698,10 +704,7 @@ void nhwc_row_reuse(const ConvGeom& g, const T* ximg, int64_t oh, int64_t k0, co
                     int64_t Kp, const T* biasp, const Epilogue<T>& epi, T* yrow, Ahead ahead) {
   using V = Vec<T>;
   constexpr int L = V::lanes;
-  // As in nhwc_row_plain: outputs far larger than the caches go around them.
-  const bool stream_out = g.N * g.OH * g.OW * g.K * int64_t(sizeof(T)) > (int64_t(8) << 20) &&
-                          reinterpret_cast<uintptr_t>(yrow) % (L * sizeof(T)) == 0 &&
-                          g.K % L == 0;
+  const bool stream_out = stream_rows(g, yrow);
   alignas(64) T row_stats[2 * L];
   const bool stats = epi.stats.sum != nullptr;
   if (stats) zero_n(row_stats, 2 * L);
@@ -710,15 +713,15 @@ void nhwc_row_reuse(const ConvGeom& g, const T* ximg, int64_t oh, int64_t k0, co
                         yrow + k0,  ActivationBounds<T>(epi.act), stream_out,
                         stats ? row_stats : nullptr};
   const ReuseTiles<T>* tiles = reuse_tiles_for<T>(g);
-  // Tiles of PW = ceil(OW / tiles) pixels, the last one narrower: 28 = 14 + 14 (not 16 + 12:
-  // the same loads, one tile function). A run of tiles whose columns all lie in the input
-  // goes in one call; the first and last tiles may reach into the padding.
+  // Tiles of pw = ceil(OW / tiles) pixels, the last one narrower: 28 = 14 + 14 (not 16 + 12:
+  // the same loads, one tile function). Consecutive tiles of one width on the same side of
+  // the padding go in one call (first, interior, last).
   const int64_t nt = ceil_div(g.OW, int64_t(kReusePixels)), pw = ceil_div(g.OW, nt);
   const auto inside = [&](int64_t ow0, int64_t width) {
     const int64_t iw0 = ow0 * g.sw - g.pl;
     return iw0 >= 0 && iw0 + (width - 1) * g.sw + g.S <= g.W;
   };
-  // The next row's input, a quarter per run of tiles (at most four runs; the rest after).
+  // The next row's input, a quarter per call (the rest after).
   const int64_t slice = round_up(ceil_div(ahead.bytes, 4), 64);
   const auto prefetch_slice = [&](int64_t bytes) {
     bytes = min64(bytes, ahead.bytes);
@@ -726,20 +729,16 @@ void nhwc_row_reuse(const ConvGeom& g, const T* ximg, int64_t oh, int64_t k0, co
     prefetch_bytes(ahead.p, bytes);
     ahead.p += bytes, ahead.bytes -= bytes;
   };
-  const auto run = [&](int64_t ow0, int64_t width, int64_t count) {
+  for (int64_t ow0 = 0; ow0 < g.OW;) {
+    const int64_t width = min64(pw, g.OW - ow0);
+    const bool in = inside(ow0, width);
+    int64_t count = 1;
+    while (ow0 + (count + 1) * width <= g.OW && inside(ow0 + count * width, width) == in)
+      ++count;
     prefetch_slice(slice);
-    const bool in = inside(ow0, width) && inside(ow0 + (count - 1) * width, width);
     tiles[width - 1 + (in ? 0 : kReusePixels)](row, ow0, count);
-  };
-  const int64_t full = g.OW / pw, last = g.OW - full * pw;  // tiles of pw, then one of last
-  int64_t first = 0;
-  if (full > 0 && !inside(0, pw)) run(0, pw, 1), first = 1;
-  int64_t end = full;
-  const bool last_full_outside = end > first && !inside((end - 1) * pw, pw);
-  if (last_full_outside) --end;
-  if (end > first) run(first * pw, pw, end - first);
-  if (last_full_outside) run(end * pw, pw, 1);
-  if (last > 0) run(full * pw, last, 1);
+    ow0 += count * width;
+  }
   prefetch_slice(ahead.bytes);
   if (stream_out) stream_fence();
   if (stats) add_stats(epi.stats, k0, V::load(row_stats), V::load(row_stats + L), L);
