@@ -142,9 +142,10 @@ ALGORITHMS: tuple = (
     Algorithm(
         name="depthwise",
         summary="depthwise (groups == in_channels, any multiplier): NCHW vectorised along the "
-                "width, channels_last across channels (3- and 5-tap rows reuse each input "
-                "vector across 16 pixels); grad-input as a rotated forward (stride 1) or a "
-                "scatter, grad-weight per channel",
+                "width (3x3 and 5x5 in tiles of 7 rows sharing each input row), channels_last "
+                "across channels (3- and 5-tap rows reuse each input vector across 16 "
+                "pixels); grad-input as a rotated forward (stride 1) or a scatter, "
+                "grad-weight per channel",
         kernels={"cpu": CppKernels("depthwise")},
         check=_depthwise,
     ),

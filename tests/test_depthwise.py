@@ -110,12 +110,17 @@ def test_non_finite_inputs_outside_the_receptive_field_do_not_reach_grad_weight(
     torch.testing.assert_close(gw, exact, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("W", [128, 130])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
-def test_outputs_larger_than_the_caches(dtype, isa):
-    # channels_last outputs over 8 MiB are written with non-temporal stores (AVX-512).
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 64, 128, 130, generator=g, dtype=dtype).contiguous(
-        memory_format=torch.channels_last)
+def test_outputs_larger_than_the_caches(W, channels_last, dtype, isa):
+    # Outputs over 8 MiB are written with non-temporal stores: channels_last rows as
+    # computed; NCHW rows of whole 64-byte lines (W = 128) likewise, other NCHW planes
+    # (W = 130) computed into a buffer and streamed from there.
+    g = torch.Generator().manual_seed(W)
+    x = torch.randn(2, 64, 130, W, generator=g, dtype=dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
     w = torch.randn(64, 1, 3, 3, generator=g, dtype=dtype)
     b = torch.randn(64, generator=g, dtype=dtype)
     y = fastconv.conv2d(x, w, b, padding=1, groups=64, algo="depthwise")
@@ -173,4 +178,57 @@ def test_rows_reusing_input_vectors(row, channels_last, activation, isa):
     if stats is not None:  # batch-norm statistics gathered by the rows' epilogue
         torch.testing.assert_close(stats[:C], exact.sum((0, 2, 3)), atol=1e-3, rtol=1e-4)
         torch.testing.assert_close(stats[C:], (exact ** 2).sum((0, 2, 3)), atol=1e-3,
+                                   rtol=1e-4)
+
+
+# NCHW maps with square 3x3 or 5x5 filters, stride 1 or 2, dilation 1, rows over half a
+# vector: register tiles of 7 output rows (4 on AVX2) x one vector, each input row loaded
+# once per vector and shared by the tile's rows. Rows: a whole tile, a tile and a remainder,
+# fewer than a tile; columns: interior vectors (read straight from x), edge vectors on the
+# left, the right or both (masked loads), a partial last vector; padding none, asymmetric,
+# past S // 2; stride 2 on odd and even widths; multiplier 2 (planes read channel k / 2).
+NCHW_TILE_ROWS = [
+    # (kernel, stride, padding (top, bottom, left, right), H, W)
+    (3, 1, (1, 1, 1, 1), 7, 112),   # one tile of rows, whole vectors, interior columns
+    (3, 1, (1, 1, 1, 1), 9, 56),    # a tile and 2 rows; 3.5 vectors
+    (3, 1, (0, 0, 0, 0), 3, 40),    # no padding, one output row
+    (3, 1, (1, 1, 0, 2), 15, 29),   # asymmetric padding, 29 = 16 + 13
+    (3, 1, (2, 2, 2, 2), 6, 33),    # padding past S // 2
+    (3, 2, (1, 1, 1, 1), 16, 67),   # stride 2, odd width
+    (3, 2, (0, 1, 0, 1), 30, 56),
+    (5, 1, (2, 2, 2, 2), 8, 45),
+    (5, 2, (2, 2, 2, 2), 11, 70),
+    (5, 2, (1, 2, 2, 1), 14, 14),   # 7 outputs: under half a vector only on AVX-512
+    (3, 1, (1, 1, 1, 1), 14, 12),   # 12 wide: one partial vector with both edges
+]
+
+
+@pytest.mark.parametrize("row", NCHW_TILE_ROWS,
+                         ids=lambda r: f"k{r[0]}s{r[1]}H{r[3]}W{r[4]}p{''.join(map(str, r[2]))}")
+@pytest.mark.parametrize("multiplier", [1, 2])
+@pytest.mark.parametrize("activation", [None, "relu6"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_nchw_tiles_of_rows(row, multiplier, activation, dtype, isa):
+    k, stride, (pt, pb, pl, pr), H, W = row
+    g = torch.Generator().manual_seed(H * W + k)
+    C = 5
+    K = C * multiplier
+    x = torch.randn(2, C, H, W, generator=g, dtype=dtype)
+    if activation:
+        x[0, :, 0, 0] = float("nan")  # NaN stays NaN through the activation's clamp
+    w = torch.randn(K, 1, k, k, generator=g, dtype=dtype)
+    b = torch.randn(K, generator=g, dtype=dtype)
+    exact = F.conv2d(F.pad(x.double(), (pl, pr, pt, pb)), w.double(), b.double(),
+                     stride=stride, groups=C)
+    act = ops.ACTIVATIONS[activation or "none"]
+    stats = None if activation else torch.zeros(2 * K, dtype=torch.float64)
+    y = ops.conv2d_forward(x, w, b, [stride] * 2, [pt, pb, pl, pr], [1, 1], C, "depthwise",
+                           activation=act, stats=stats)
+    if activation == "relu6":
+        exact = exact.clamp(0, 6).where(~exact.isnan(), exact)
+    tol = 1e-4 if dtype == torch.float32 else 1e-11
+    torch.testing.assert_close(y.double(), exact, atol=tol, rtol=tol, equal_nan=True)
+    if stats is not None:  # batch-norm statistics gathered by the tiles' epilogue
+        torch.testing.assert_close(stats[:K], exact.sum((0, 2, 3)), atol=1e-3, rtol=1e-4)
+        torch.testing.assert_close(stats[K:], (exact ** 2).sum((0, 2, 3)), atol=1e-3,
                                    rtol=1e-4)

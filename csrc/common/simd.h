@@ -33,7 +33,8 @@ namespace FASTCONV_ISA {
 // Vec<T>: `lanes` values of T. Operations: zero, load (unaligned), broadcast of one value
 // from memory, fused multiply-add, add, sub, mul, relu, min_with, clamp, where_between, store
 // (unaligned), stream (a non-temporal store to a vector-aligned address, past the caches;
-// stream_fence after), and gather(base, int32 indices). Nothing else is needed by the kernels.
+// stream_fence after), gather(base, int32 indices) and even_lanes / odd_lanes (a stride-2
+// split). Nothing else is needed by the kernels.
 // Gathers cost ~5 cycles per element here: they beat only scalar loops with per-lane
 // branches (csrc/winograd).
 template <typename T>
@@ -105,6 +106,22 @@ inline Vec<double> where_between(Vec<double> a, double lo, double hi, Vec<double
                      _mm512_cmp_pd_mask(a.v, _mm512_set1_pd(hi), _CMP_LT_OQ);
   return {_mm512_maskz_mov_pd(m, v.v)};
 }
+// Lanes 0, 2, 4, .. (even_lanes) or 1, 3, 5, .. (odd_lanes) of a then b, as one vector: the
+// two stride phases of 2 L consecutive values.
+inline Vec<float> even_lanes(Vec<float> a, Vec<float> b) {
+  const __m512i i = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  return {_mm512_permutex2var_ps(a.v, i, b.v)};
+}
+inline Vec<float> odd_lanes(Vec<float> a, Vec<float> b) {
+  const __m512i i = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+  return {_mm512_permutex2var_ps(a.v, i, b.v)};
+}
+inline Vec<double> even_lanes(Vec<double> a, Vec<double> b) {
+  return {_mm512_permutex2var_pd(a.v, _mm512_setr_epi64(0, 2, 4, 6, 8, 10, 12, 14), b.v)};
+}
+inline Vec<double> odd_lanes(Vec<double> a, Vec<double> b) {
+  return {_mm512_permutex2var_pd(a.v, _mm512_setr_epi64(1, 3, 5, 7, 9, 11, 13, 15), b.v)};
+}
 
 #elif defined(FASTCONV_ISA_AVX2)
 
@@ -167,6 +184,21 @@ inline Vec<double> where_between(Vec<double> a, double lo, double hi, Vec<double
   const __m256d m = _mm256_and_pd(_mm256_cmp_pd(a.v, _mm256_set1_pd(lo), _CMP_GT_OQ),
                                   _mm256_cmp_pd(a.v, _mm256_set1_pd(hi), _CMP_LT_OQ));
   return {_mm256_and_pd(m, v.v)};
+}
+// In-lane shuffles pick a0 a2 b0 b2 | a4 a6 b4 b6; the 64-bit permute puts a's pairs first.
+inline Vec<float> even_lanes(Vec<float> a, Vec<float> b) {
+  const __m256 t = _mm256_shuffle_ps(a.v, b.v, _MM_SHUFFLE(2, 0, 2, 0));
+  return {_mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(t), _MM_SHUFFLE(3, 1, 2, 0)))};
+}
+inline Vec<float> odd_lanes(Vec<float> a, Vec<float> b) {
+  const __m256 t = _mm256_shuffle_ps(a.v, b.v, _MM_SHUFFLE(3, 1, 3, 1));
+  return {_mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(t), _MM_SHUFFLE(3, 1, 2, 0)))};
+}
+inline Vec<double> even_lanes(Vec<double> a, Vec<double> b) {
+  return {_mm256_permute4x64_pd(_mm256_unpacklo_pd(a.v, b.v), _MM_SHUFFLE(3, 1, 2, 0))};
+}
+inline Vec<double> odd_lanes(Vec<double> a, Vec<double> b) {
+  return {_mm256_permute4x64_pd(_mm256_unpackhi_pd(a.v, b.v), _MM_SHUFFLE(3, 1, 2, 0))};
 }
 
 #else  // scalar: plain C++ on the baseline ISA; the compiler may still use SSE2.
@@ -252,6 +284,20 @@ template <typename T>
 inline Vec<T> where_between(Vec<T> a, T lo, T hi, Vec<T> v) {
   Vec<T> r;
   for (int i = 0; i < Vec<T>::lanes; ++i) r.v[i] = a.v[i] > lo && a.v[i] < hi ? v.v[i] : T(0);
+  return r;
+}
+template <typename T>
+inline Vec<T> even_lanes(Vec<T> a, Vec<T> b) {
+  constexpr int h = Vec<T>::lanes / 2;
+  Vec<T> r;
+  for (int i = 0; i < h; ++i) r.v[i] = a.v[2 * i], r.v[h + i] = b.v[2 * i];
+  return r;
+}
+template <typename T>
+inline Vec<T> odd_lanes(Vec<T> a, Vec<T> b) {
+  constexpr int h = Vec<T>::lanes / 2;
+  Vec<T> r;
+  for (int i = 0; i < h; ++i) r.v[i] = a.v[2 * i + 1], r.v[h + i] = b.v[2 * i + 1];
   return r;
 }
 
@@ -408,6 +454,100 @@ inline Vec<T> load_or_zero(const T* p, bool valid) {
 }
 #endif
 
+// A set of lanes, lanes [lo, hi) by lane_mask<T>(lo, hi). load_masked: the vector at p with
+// only those lanes read (the others zero and not read: p may point partly outside the
+// tensor); store_masked writes only those lanes; masked(v, m) zeros the others. Masked moves
+// on AVX-512 and AVX2; build the mask once for many of them.
+template <typename T>
+struct LaneMask;
+#if defined(FASTCONV_ISA_AVX512)
+template <typename T>
+struct LaneMask {
+  __mmask16 m;
+};
+template <typename T>
+inline LaneMask<T> lane_mask(int64_t lo, int64_t hi) {
+  return {__mmask16(first_lanes(hi) & ~first_lanes(lo))};
+}
+inline Vec<float> load_masked(const float* p, LaneMask<float> m) {
+  return {_mm512_maskz_loadu_ps(m.m, p)};
+}
+inline Vec<double> load_masked(const double* p, LaneMask<double> m) {
+  return {_mm512_maskz_loadu_pd(__mmask8(m.m), p)};
+}
+inline void store_masked(float* p, Vec<float> v, LaneMask<float> m) {
+  _mm512_mask_storeu_ps(p, m.m, v.v);
+}
+inline void store_masked(double* p, Vec<double> v, LaneMask<double> m) {
+  _mm512_mask_storeu_pd(p, __mmask8(m.m), v.v);
+}
+inline Vec<float> masked(Vec<float> v, LaneMask<float> m) { return {_mm512_maskz_mov_ps(m.m, v.v)}; }
+inline Vec<double> masked(Vec<double> v, LaneMask<double> m) {
+  return {_mm512_maskz_mov_pd(__mmask8(m.m), v.v)};
+}
+#elif defined(FASTCONV_ISA_AVX2)
+template <typename T>
+struct LaneMask {
+  __m256i m;
+};
+template <typename T>
+inline LaneMask<T> lane_mask(int64_t lo, int64_t hi) {
+  if constexpr (sizeof(T) == 4) {
+    const __m256i i = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    lo = max64(lo, 0), hi = min64(hi, 8);
+    return {_mm256_and_si256(_mm256_cmpgt_epi32(i, _mm256_set1_epi32(int(lo) - 1)),
+                             _mm256_cmpgt_epi32(_mm256_set1_epi32(int(hi)), i))};
+  } else {
+    const __m256i i = _mm256_setr_epi64x(0, 1, 2, 3);
+    return {_mm256_and_si256(_mm256_cmpgt_epi64(i, _mm256_set1_epi64x(lo - 1)),
+                             _mm256_cmpgt_epi64(_mm256_set1_epi64x(hi), i))};
+  }
+}
+inline Vec<float> load_masked(const float* p, LaneMask<float> m) {
+  return {_mm256_maskload_ps(p, m.m)};
+}
+inline Vec<double> load_masked(const double* p, LaneMask<double> m) {
+  return {_mm256_maskload_pd(p, m.m)};
+}
+inline void store_masked(float* p, Vec<float> v, LaneMask<float> m) {
+  _mm256_maskstore_ps(p, m.m, v.v);
+}
+inline void store_masked(double* p, Vec<double> v, LaneMask<double> m) {
+  _mm256_maskstore_pd(p, m.m, v.v);
+}
+inline Vec<float> masked(Vec<float> v, LaneMask<float> m) {
+  return {_mm256_and_ps(_mm256_castsi256_ps(m.m), v.v)};
+}
+inline Vec<double> masked(Vec<double> v, LaneMask<double> m) {
+  return {_mm256_and_pd(_mm256_castsi256_pd(m.m), v.v)};
+}
+#else
+template <typename T>
+struct LaneMask {
+  int64_t lo, hi;
+};
+template <typename T>
+inline LaneMask<T> lane_mask(int64_t lo, int64_t hi) {
+  return {max64(lo, 0), min64(hi, Vec<T>::lanes)};
+}
+template <typename T>
+inline Vec<T> load_masked(const T* p, LaneMask<T> m) {
+  Vec<T> r = Vec<T>::zero();
+  for (int64_t i = m.lo; i < m.hi; ++i) r.v[i] = p[i];
+  return r;
+}
+template <typename T>
+inline void store_masked(T* p, Vec<T> v, LaneMask<T> m) {
+  for (int64_t i = m.lo; i < m.hi; ++i) p[i] = v.v[i];
+}
+template <typename T>
+inline Vec<T> masked(Vec<T> v, LaneMask<T> m) {
+  Vec<T> r = Vec<T>::zero();
+  for (int64_t i = m.lo; i < m.hi; ++i) r.v[i] = v.v[i];
+  return r;
+}
+#endif
+
 // Pins a loaded vector to a register. A vector that feeds several FMAs is otherwise often
 // reloaded by each of them (GCC folds the load into every FMA as a memory operand): in a
 // depthwise tile where each input vector feeds 3 FMAs, 2.6 G FMA/s with the folded loads,
@@ -419,6 +559,19 @@ inline void keep_in_register(Vec<T>& v) {
 #else
   (void)v;
 #endif
+}
+
+// dst[0, n) = src[0, n), by non-temporal stores from dst's first vector-aligned address on
+// (plain stores before it and for the last partial vector); stream_fence after.
+template <typename T>
+inline void stream_n(T* dst, const T* src, int64_t n) {
+  constexpr int L = Vec<T>::lanes;
+  const uintptr_t bytes = L * sizeof(T), mis = reinterpret_cast<uintptr_t>(dst) % bytes;
+  const int64_t head = mis ? min64(n, int64_t((bytes - mis) / sizeof(T))) : 0;
+  copy_n(dst, src, head);
+  int64_t i = head;
+  for (; i + L <= n; i += L) Vec<T>::load(src + i).stream(dst + i);
+  copy_n(dst + i, src + i, n - i);
 }
 
 // Orders the stream() stores before what follows (they are weakly ordered).
