@@ -96,10 +96,12 @@ def test_auto_routes_depthwise_layers():
         == "grouped"  # 4 channels per group: not depthwise
 
 
-def test_non_finite_inputs_outside_the_receptive_field_do_not_reach_grad_weight():
-    # Partial vectors zero their lanes past the output width in both operands.
-    x = torch.randn(1, 4, 9, 24)
+def test_non_finite_inputs_outside_the_receptive_field_do_not_reach_grad_weight(isa):
+    # Partial vectors zero their lanes past the output width in both operands; a partial
+    # tile of rows skips its missing rows.
+    x = torch.randn(1, 4, 10, 24)
     x[..., -1] = float("inf")  # column 23: read by no output (stride 2, no padding)
+    x[..., -1, :] = float("inf")  # row 9 likewise
     w = torch.randn(4, 1, 3, 3)
     y = F.conv2d(x, w, stride=2, groups=4)
     gy = torch.randn_like(y)
@@ -206,7 +208,7 @@ NCHW_TILE_ROWS = [
 @pytest.mark.parametrize("row", NCHW_TILE_ROWS,
                          ids=lambda r: f"k{r[0]}s{r[1]}H{r[3]}W{r[4]}p{''.join(map(str, r[2]))}")
 @pytest.mark.parametrize("multiplier", [1, 2])
-@pytest.mark.parametrize("activation", [None, "relu6"])
+@pytest.mark.parametrize("activation", [None, "relu6"])  # None: also stats and grad-weight
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 def test_nchw_tiles_of_rows(row, multiplier, activation, dtype, isa):
     k, stride, (pt, pb, pl, pr), H, W = row
@@ -232,3 +234,12 @@ def test_nchw_tiles_of_rows(row, multiplier, activation, dtype, isa):
         torch.testing.assert_close(stats[:K], exact.sum((0, 2, 3)), atol=1e-3, rtol=1e-4)
         torch.testing.assert_close(stats[K:], (exact ** 2).sum((0, 2, 3)), atol=1e-3,
                                    rtol=1e-4)
+    if activation:
+        return
+    # Grad-weight runs the same tiles turned around (gy rows x one vector, S * S sums).
+    gy = torch.randn(exact.shape, generator=g, dtype=dtype)
+    gw = ops.conv2d_grad_weight(gy, x, list(w.shape), [stride] * 2, [pt, pb, pl, pr], [1, 1],
+                                C, "depthwise")
+    gw_exact = torch.nn.grad.conv2d_weight(F.pad(x.double(), (pl, pr, pt, pb)), w.shape,
+                                           gy.double(), stride=stride, groups=C)
+    torch.testing.assert_close(gw.double(), gw_exact, atol=10 * tol, rtol=10 * tol)

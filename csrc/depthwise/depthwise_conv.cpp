@@ -231,6 +231,52 @@ struct NchwReuseShape {
 };
 constexpr int kNchwMaxInputRows = (kNchwTileRows - 1) * 2 + 5;
 
+// A plane's vector columns: [0, count), of which [inside, past) read only columns inside
+// the input rows; the others are edges (masked loads).
+struct NchwColumns {
+  int64_t count, inside, past;
+  template <typename T, int S, int SW>
+  static NchwColumns of(const ConvGeom& g) {
+    using Shape = NchwReuseShape<T, S, SW>;
+    constexpr int64_t step = SW * Shape::L, span = Shape::span;
+    NchwColumns c;
+    c.count = ceil_div(g.OW, Shape::L);
+    c.inside = min64(ceil_div(g.pl, step), c.count);
+    c.past = g.W + g.pl >= span ? max64(c.inside, min64(c.count, (g.W + g.pl - span) / step + 1))
+                                : c.inside;
+    return c;
+  }
+};
+
+// The input rows of the tile of output rows from oh0: x's rows, or `zeros` outside them.
+template <typename T, int IR, int SW>
+void tile_input_rows(const ConvGeom& g, const T* xp, const T* zeros, int64_t oh0,
+                     const T** in) {
+  for (int i = 0; i < IR; ++i) {
+    const int64_t ih = oh0 * SW - g.pt + i;
+    in[i] = ih >= 0 && ih < g.H ? xp + ih * g.W : zeros;
+  }
+}
+
+// Brings [p, end) into the cache `lines` cache lines per step(), so the misses spread over
+// the work between (a burst per tile of rows filled the miss buffers and stalled).
+struct Prefetcher {
+  const char* p = nullptr;
+  const char* end = nullptr;
+  int64_t lines = 0;
+  Prefetcher() = default;
+  // `bytes` at q over `steps` steps.
+  Prefetcher(const void* q, int64_t bytes, int64_t steps)
+      : p(static_cast<const char*>(q)), end(p + (q ? bytes : 0)),
+        lines(ceil_div(ceil_div(bytes, 64), max64(steps, 1))) {}
+  void step() {
+    for (int64_t l = 0; l < lines && p < end; ++l, p += 64) __builtin_prefetch(p, 0, 3);
+  }
+  void finish() {
+    for (; p < end; p += 64) __builtin_prefetch(p, 0, 3);
+  }
+};
+
 template <typename T>
 struct NchwTile {  // one tile's rows of one plane
   const T* in[kNchwMaxInputRows];  // input rows (x's, or a zero row), at column 0
@@ -241,12 +287,8 @@ struct NchwTile {  // one tile's rows of one plane
   T bias;
   ActivationBounds<T> act;
   T* stats;     // null, or L sums then L sums of squares, accumulated
-  // The next plane's input, `ahead_lines` cache lines per vector computed (the misses spread
-  // over the plane: a burst per tile filled the miss buffers and stalled).
-  const char* ahead;
-  const char* ahead_end;
-  int64_t ahead_lines;
-  bool stream;  // outputs by non-temporal stores (see stream_rows)
+  Prefetcher ahead;  // the next plane's input, a step per vector computed
+  bool stream;       // outputs by non-temporal stores (see stream_rows)
 };
 
 // `count` vectors of the tile from output column ow0, whose first taps read column c0 of
@@ -326,10 +368,7 @@ void nchw_reuse_columns(NchwTile<T>& tile, int64_t c0, int64_t ow0, int64_t coun
       add(V::load(tile.stats), sum).store(tile.stats);
       add(V::load(tile.stats + L), sq).store(tile.stats + L);
     }
-    for (int64_t l = 0; l < tile.ahead_lines && tile.ahead < tile.ahead_end; ++l) {
-      __builtin_prefetch(tile.ahead, 0, 3);
-      tile.ahead += 64;
-    }
+    tile.ahead.step();
   }
 }
 
@@ -340,26 +379,17 @@ void nchw_reuse_plane(const ConvGeom& g, const T* xp, const T* zeros, T* out, Nc
   using Shape = NchwReuseShape<T, S, SW>;
   constexpr int L = V::lanes, RT = Shape::rows, IR = Shape::in_rows, span = Shape::span;
   T* const y = tile.y;
-  // Vector columns [v_in, v_out) read only inside the rows; the others are edges.
-  const int64_t nv = ceil_div(g.OW, L), step = SW * L;
-  const int64_t v_in = min64(ceil_div(g.pl, step), nv);
-  const int64_t v_out =
-      g.W + g.pl >= span ? max64(v_in, min64(nv, (g.W + g.pl - span) / step + 1)) : v_in;
+  const NchwColumns cols = NchwColumns::of<T, S, SW>(g);
+  const int64_t nv = cols.count, v_in = cols.inside, v_out = cols.past, step = SW * L;
   alignas(64) T stats[2 * L];
   tile.stats = epi.stats.sum ? stats : nullptr;
-  const int64_t bytes = next_x ? g.H * g.W * int64_t(sizeof(T)) : 0;
-  tile.ahead = reinterpret_cast<const char*>(next_x);
-  tile.ahead_end = tile.ahead + bytes;
-  tile.ahead_lines = ceil_div(ceil_div(bytes, 64), ceil_div(g.OH, RT) * nv);
+  tile.ahead = Prefetcher(next_x, g.H * g.W * int64_t(sizeof(T)), ceil_div(g.OH, RT) * nv);
   // Outputs far larger than the caches go around them: rows of whole 64-byte lines streamed
   // as computed, other planes computed into `out` (L1 / L2) and streamed from there.
   const bool stream = g.N * g.K * g.OH * g.OW * int64_t(sizeof(T)) > (int64_t(8) << 20);
   tile.stream = stream && (g.OW * sizeof(T)) % 64 == 0 && reinterpret_cast<uintptr_t>(y) % 64 == 0;
   for (int64_t oh0 = 0; oh0 < g.OH; oh0 += RT) {
-    for (int i = 0; i < IR; ++i) {
-      const int64_t ih = oh0 * SW - g.pt + i;
-      tile.in[i] = ih >= 0 && ih < g.H ? xp + ih * g.W : zeros;
-    }
+    tile_input_rows<T, IR, SW>(g, xp, zeros, oh0, tile.in);
     tile.y = (stream && !tile.stream ? out : y) + oh0 * g.OW;
     tile.rows = int(min64(RT, g.OH - oh0));
     if (tile.stats) zero_n(stats, 2 * L);
@@ -369,7 +399,7 @@ void nchw_reuse_plane(const ConvGeom& g, const T* xp, const T* zeros, T* out, Nc
     if (nv > v_out) nchw_reuse_columns<T, S, SW, true>(tile, v_out * step - g.pl, v_out * L, nv - v_out);
     if (tile.stats) add_stats(epi.stats, k, hsum(V::load(stats)), hsum(V::load(stats + L)));
   }
-  for (; tile.ahead < tile.ahead_end; tile.ahead += 64) __builtin_prefetch(tile.ahead, 0, 3);
+  tile.ahead.finish();
   if (stream && !tile.stream) stream_n(y, out, g.OH * g.OW);
   if (stream) stream_fence();
   tile.y = y;
@@ -394,8 +424,8 @@ void forward_nchw_reuse(const ConvGeom& g, const T* x, const T* w, const Epilogu
     T* zeros = thread_scratch<T>(round_up(g.W, L) + g.OH * g.OW);
     T* out = zeros + round_up(g.W, L);  // a plane of output, for stream_n
     zero_n(zeros, g.W);
-    NchwTile<T> tile{{},      nullptr, g.W,     g.OW, 0, nullptr, T(0), ActivationBounds<T>(epi.act),
-                     nullptr, nullptr, nullptr, 0,    false};
+    NchwTile<T> tile{{},      nullptr, g.W,         g.OW, 0, nullptr, T(0), ActivationBounds<T>(epi.act),
+                     nullptr, Prefetcher(), false};
     for (int64_t p = begin; p < end; ++p) {
       const int64_t k = p % g.K;
       tile.w = w + k * S * S;
@@ -673,10 +703,157 @@ void grad_weight_nchw(const ConvGeom& g, const T* gy, const T* x, T* gw, int nth
   });
 }
 
+// Grad-weight of NCHW planes with the forward's reuse tiles (nchw_reuse_applies), turned
+// around: dW[r][s] = sum of gy[oh][ow] x[oh SW - pt + r][ow SW - pl + s], a tile of RT gy
+// rows x one vector; each input row's S tap vectors are loaded once and multiplied by the gy
+// vector of every tile row they reach, into S * S accumulators.
+template <typename T>
+struct GradWeightTile {
+  const T* in[kNchwMaxInputRows];  // input rows (x's, or a zero row), at column 0
+  const T* gy;                     // gy row oh0, at column 0
+  int64_t W, OW;
+  int rows;  // gy rows in the tile (fewer than kNchwTileRows at the plane's bottom)
+  T* acc;    // S * S vectors of partial sums, accumulated
+  Prefetcher x_ahead, gy_ahead;  // the next planes, a step per vector
+};
+
+// `count` vectors from output column ow0 (first taps at column c0). Edge: masked loads, and
+// the lanes past OW zero in both operands, so inputs outside the receptive field (an inf,
+// say) never reach the sums. Partial: gy rows past tile.rows are skipped, not zeros.
+template <typename T, int S, int SW, bool Edge, bool Partial>
+void grad_weight_reuse_columns(GradWeightTile<T>& tile, int64_t c0, int64_t ow0,
+                               int64_t count) {
+  using V = Vec<T>;
+  using Shape = NchwReuseShape<T, S, SW>;
+  constexpr int L = V::lanes, RT = Shape::rows, IR = Shape::in_rows;
+  // The tile's gy vectors stay in registers beside the accumulators if they fit (3x3);
+  // else (5x5) each FMA reads its gy vector from memory.
+  constexpr bool gy_fit = S * S + RT + S <= kVectorRegisters - 2;
+  constexpr int offsets = SW == 1 ? S : S + 1;
+  const auto offset = [](int j) { return SW == 1 ? j : j / 2 * 2 + j % 2 * L; };
+  const int64_t W = tile.W, OW = tile.OW;
+  V acc[S * S];
+  for (int t = 0; t < S * S; ++t) acc[t] = V::load(tile.acc + t * L);
+  for (int64_t v = 0; v < count; ++v, c0 += SW * L, ow0 += L) {
+    const LaneMask<T> valid = lane_mask<T>(0, OW - ow0);
+    LaneMask<T> mask[offsets];
+    for (int j = 0; Edge && j < offsets; ++j)
+      mask[j] = lane_mask<T>(-(c0 + offset(j)), W - (c0 + offset(j)));
+    const auto load = [&](const T* row, int j) {
+      return Edge ? load_masked(row + c0 + offset(j), mask[j]) : V::load(row + c0 + offset(j));
+    };
+    const auto gy_at = [&](const T* gy, int t) {
+      return Edge ? load_masked(gy + t * OW + ow0, valid) : V::load(gy + t * OW + ow0);
+    };
+    V gv[gy_fit ? RT : 1];
+    for (int t = 0; gy_fit && t < RT; ++t)
+      gv[t] = Partial && t >= tile.rows ? V::zero() : gy_at(tile.gy, t);
+#pragma GCC unroll 32
+    for (int i = 0; i < IR; ++i) {
+      const T* row = tile.in[i];
+      const T* gym = tile.gy;
+      if constexpr (!gy_fit) __asm__("" : "+r"(gym));  // not hoisted out of the row
+      V tap[S];
+      if constexpr (SW == 1) {
+        for (int s = 0; s < S; ++s) tap[s] = load(row, s);
+      } else {
+        for (int s = 0; s < S; s += 2) {
+          const V a = load(row, s), b = load(row, s + 1);
+          tap[s] = even_lanes(a, b);
+          if (s + 1 < S) tap[s + 1] = odd_lanes(a, b);
+        }
+      }
+      for (int s = 0; s < S; ++s) {
+        if (Edge) tap[s] = masked(tap[s], valid);
+        keep_in_register(tap[s]);
+      }
+#pragma GCC unroll 8
+      for (int t = 0; t < RT; ++t) {
+        const int r = i - t * SW;
+        if (r < 0 || r >= S || (Partial && t >= tile.rows)) continue;
+        const V gt = gy_fit ? gv[t] : gy_at(gym, t);
+        for (int s = 0; s < S; ++s) acc[r * S + s] = fmadd(gt, tap[s], acc[r * S + s]);
+      }
+    }
+    tile.x_ahead.step();
+    tile.gy_ahead.step();
+  }
+  for (int t = 0; t < S * S; ++t) acc[t].store(tile.acc + t * L);
+}
+
+template <typename T, int S, int SW>
+void grad_weight_reuse(const ConvGeom& g, const T* gy, const T* x, T* gw, int nthreads) {
+  using V = Vec<T>;
+  using Shape = NchwReuseShape<T, S, SW>;
+  constexpr int L = V::lanes, RT = Shape::rows, IR = Shape::in_rows;
+  const int64_t m = g.Kg(), HW = g.H * g.W, OHW = g.OH * g.OW, step = SW * L;
+  const NchwColumns cols = NchwColumns::of<T, S, SW>(g);
+  parallel(threads_for(g.flops(), nthreads), [&](int tid, int nth) {
+    int64_t begin, end;
+    split_range(g.K, nth, tid, &begin, &end);
+    if (begin >= end) return;
+    T* zeros = thread_scratch<T>(round_up(g.W, L));
+    zero_n(zeros, g.W);
+    alignas(64) T acc[S * S * L];
+    GradWeightTile<T> tile{{}, nullptr, g.W, g.OW, 0, acc, Prefetcher(), Prefetcher()};
+    const auto x_plane = [&](int64_t n, int64_t k) { return x + (n * g.C + k / m) * HW; };
+    const auto gy_plane = [&](int64_t n, int64_t k) { return gy + (n * g.K + k) * OHW; };
+    const int64_t steps = ceil_div(g.OH, RT) * cols.count;
+    for (int64_t k = begin; k < end; ++k) {  // one output channel: no reduction across threads
+      zero_n(acc, S * S * L);
+      for (int64_t n = 0; n < g.N; ++n) {
+        const T* xp = x_plane(n, k);
+        const T* gyp = gy_plane(n, k);
+        // The next planes: this channel's next image, or the next channel's first.
+        const int64_t nn = n + 1 < g.N ? n + 1 : 0, nk = n + 1 < g.N ? k : k + 1;
+        const bool more = nk < end;
+        tile.x_ahead = Prefetcher(more ? x_plane(nn, nk) : nullptr, HW * int64_t(sizeof(T)), steps);
+        tile.gy_ahead = Prefetcher(more ? gy_plane(nn, nk) : nullptr, OHW * int64_t(sizeof(T)), steps);
+        for (int64_t oh0 = 0; oh0 < g.OH; oh0 += RT) {
+          tile_input_rows<T, IR, SW>(g, xp, zeros, oh0, tile.in);
+          tile.gy = gyp + oh0 * g.OW;
+          tile.rows = int(min64(RT, g.OH - oh0));
+          const bool part = tile.rows < RT;
+          const auto run = [&](bool edge, int64_t v0, int64_t v1) {
+            if (v1 <= v0) return;
+            const int64_t c0 = v0 * step - g.pl, ow0 = v0 * L, count = v1 - v0;
+            if (edge && part) grad_weight_reuse_columns<T, S, SW, true, true>(tile, c0, ow0, count);
+            if (edge && !part) grad_weight_reuse_columns<T, S, SW, true, false>(tile, c0, ow0, count);
+            if (!edge && part) grad_weight_reuse_columns<T, S, SW, false, true>(tile, c0, ow0, count);
+            if (!edge && !part) grad_weight_reuse_columns<T, S, SW, false, false>(tile, c0, ow0, count);
+          };
+          run(true, 0, cols.inside);
+          run(false, cols.inside, cols.past);
+          run(true, cols.past, cols.count);
+        }
+      }
+      for (int t = 0; t < S * S; ++t) gw[k * S * S + t] = hsum(V::load(acc + t * L));
+    }
+  });
+}
+
+// Grad-weight of NCHW operands (sub-batch g): reuse tiles where they apply, else staged
+// planes.
+template <typename T>
+void grad_weight_planes(const ConvGeom& g, const T* gy, const T* x, T* gw, int nthreads) {
+  if (nchw_reuse_applies<T>(g) && 2 * g.OW > Vec<T>::lanes) {
+    if (g.S == 3)
+      return g.sw == 1 ? grad_weight_reuse<T, 3, 1>(g, gy, x, gw, nthreads)
+                       : grad_weight_reuse<T, 3, 2>(g, gy, x, gw, nthreads);
+    return g.sw == 1 ? grad_weight_reuse<T, 5, 1>(g, gy, x, gw, nthreads)
+                     : grad_weight_reuse<T, 5, 2>(g, gy, x, gw, nthreads);
+  }
+  grad_weight_nchw(g, gy, x, gw, nthreads);
+}
+
 template <typename T>
 void grad_weight(const ConvGeom& g, const T* gy, int gy_layout, const T* x, int x_layout, T* gw,
                  int nthreads) {
-  if (g.OW < 2 * Vec<T>::lanes && channel_blocks_apply(g, Vec<T>::lanes))
+  // Channel blocks for maps under half a vector wide; reuse tiles (grad_weight_planes) beat
+  // them above. Batch 8, 2 threads: 192 channels @28 0.64 ms in blocks, 0.34 in tiles; 576
+  // @14 0.54 vs 0.28; 960 @7 0.23 vs 1.2.
+  if (g.OW < 2 * Vec<T>::lanes && channel_blocks_apply(g, Vec<T>::lanes) &&
+      !(nchw_reuse_applies<T>(g) && 2 * g.OW > Vec<T>::lanes))
     return grad_weight_blocks(g, gy, gy_layout, x, x_layout, gw, nthreads);
   // channels_last operands as NCHW copies, a group of images at a time.
   const int64_t x_image = g.C * g.H * g.W, gy_image = g.K * g.OH * g.OW;
@@ -694,9 +871,9 @@ void grad_weight(const ConvGeom& g, const T* gy, int gy_layout, const T* x, int 
     if (x_copy) nhwc_to_nchw(xs, sub.N, g.C, g.H * g.W, xbuf, nthreads), xs = xbuf;
     if (gy_copy) nhwc_to_nchw(gys, sub.N, g.K, g.OH * g.OW, gybuf, nthreads), gys = gybuf;
     if (n0 == 0) {
-      grad_weight_nchw(sub, gys, xs, gw, nthreads);
+      grad_weight_planes(sub, gys, xs, gw, nthreads);
     } else {  // later image groups add to dW
-      grad_weight_nchw(sub, gys, xs, part, nthreads);
+      grad_weight_planes(sub, gys, xs, part, nthreads);
       for (int64_t i = 0; i < g.K * g.R * g.S; ++i) gw[i] += part[i];
     }
   }
