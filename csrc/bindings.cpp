@@ -422,6 +422,10 @@ PYBIND11_MODULE(_C, m) {
   m.def("available_isas", &available_isas, "ISAs this CPU can run, fastest first");
   m.def("set_isa", &set_isa, py::arg("isa"));
   m.def("get_isa", []() { return std::string(active().isa); });
+  m.def("advise_huge_pages",
+        [](uintptr_t p, int64_t bytes) { advise_huge_pages(reinterpret_cast<void*>(p), bytes); },
+        py::arg("ptr"), py::arg("bytes"),
+        "Back the whole 2 MiB pages of a fresh buffer with huge pages on first touch (Linux)");
   m.def("release_workspaces", &release_workspaces,
         "Free the calling thread's scratch buffers (they are otherwise kept for reuse)");
   m.def("workspace_high_water", []() {

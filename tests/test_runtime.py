@@ -73,3 +73,22 @@ def test_release_workspaces_then_reuse():
     first = fastconv.conv2d(x, w, padding=1)
     fastconv.release_workspaces()
     assert torch.equal(fastconv.conv2d(x, w, padding=1), first)
+
+
+def test_outputs_over_32_mib_ask_for_huge_pages():
+    # Fresh outputs of 32 MiB or more are advised MADV_HUGEPAGE (only their whole 2 MiB pages)
+    # before the kernel writes them; the advice changes nothing but speed.
+    from fastconv import backend, ops
+    backend._C.advise_huge_pages(0, 0)  # empty and sub-page ranges: nothing to advise
+    small = torch.empty(100)
+    backend._C.advise_huge_pages(small.data_ptr(), 400)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 8, 1026, 1024, generator=g)  # output 8 x 1026 x 1024 floats: 33.6 MB
+    w = torch.randn(8, 1, 3, 3, generator=g)
+    assert 8 * 1026 * 1024 * 4 >= ops._HUGE_PAGE_OUTPUT_BYTES
+    y = fastconv.conv2d(x, w, padding=1, groups=8)
+    assert_close(y, F.conv2d(x, w, padding=1, groups=8), atol=1e-4, rtol=1e-4)
+    x.requires_grad_(True)
+    gx, = torch.autograd.grad(fastconv.conv2d(x, w, padding=1, groups=8).sum(), x)
+    assert_close(gx, torch.nn.grad.conv2d_input(x.shape, w, torch.ones_like(y), padding=1,
+                                                groups=8), atol=1e-4, rtol=1e-4)

@@ -1,7 +1,12 @@
 #include "workspace.h"
 
+#include <cstdint>
 #include <cstdlib>
 #include <new>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 namespace fastconv {
 namespace {
@@ -48,6 +53,19 @@ void release_workspaces() {
     b.bytes = 0;
     b.high_water = 0;
   }
+}
+
+void advise_huge_pages(void* p, int64_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  const uintptr_t a = reinterpret_cast<uintptr_t>(p), begin = (a + kHuge - 1) / kHuge * kHuge,
+                  end = (a + uintptr_t(bytes)) / kHuge * kHuge;
+  // Only whole 2 MiB pages inside [p, p + bytes): no other allocation shares them. Advice
+  // only: a failure (no THP here) leaves 4 KiB pages.
+  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+#else
+  (void)p, (void)bytes;
+#endif
 }
 
 int64_t workspace_high_water_bytes(WorkspaceSlot slot) { return tls_buffers[slot].high_water; }

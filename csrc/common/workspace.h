@@ -30,6 +30,12 @@ enum WorkspaceSlot : int {
 void* workspace(WorkspaceSlot slot, int64_t bytes);
 void release_workspaces();
 
+// Asks the kernel (Linux, transparent huge pages in `madvise` mode) to back the whole 2 MiB
+// pages inside [p, p + bytes) with huge pages when they are first touched: a fresh output's
+// first-touch faults are ~1 us per 4 KiB page here, a tenth of that per 2 MiB page. For large
+// buffers not yet written (fresh outputs).
+void advise_huge_pages(void* p, int64_t bytes);
+
 // The largest size asked of a slot since the last release, and its name (for tests, which
 // compare the sum with the algorithms' estimates and check which paths a call took).
 int64_t workspace_high_water_bytes(WorkspaceSlot slot);
