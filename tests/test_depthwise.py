@@ -243,3 +243,41 @@ def test_nchw_tiles_of_rows(row, multiplier, activation, dtype, isa):
     gw_exact = torch.nn.grad.conv2d_weight(F.pad(x.double(), (pl, pr, pt, pb)), w.shape,
                                            gy.double(), stride=stride, groups=C)
     torch.testing.assert_close(gw.double(), gw_exact, atol=10 * tol, rtol=10 * tol)
+
+
+# NCHW stride-2 grad-input by stride phases: the four phases of 4 gx row pairs (2 on AVX2) x
+# one vector of columns per tile, zipped back at the store. Paddings of either parity (the
+# phases' tap sets differ), odd heights and widths (partial tiles, masked stores), gy columns
+# outside gy at both edges, 5x5; padding parities that differ take the scatter.
+PHASE_ROWS = [
+    # (kernel, padding (top, bottom, left, right), H, W)
+    (3, (1, 1, 1, 1), 16, 67),    # odd width: 34 phase columns
+    (3, (1, 1, 1, 1), 9, 112),    # odd height: a partial tile of row pairs
+    (3, (0, 1, 0, 1), 30, 56),    # 'same' padding of even parity
+    (3, (2, 2, 2, 2), 12, 40),    # padding 2: gy rows and columns shifted by one
+    (5, (2, 2, 2, 2), 11, 70),
+    (5, (1, 2, 1, 2), 14, 33),
+    (3, (1, 1, 1, 1), 14, 14),    # 7 phase columns
+    (3, (1, 0, 0, 1), 10, 20),    # top and left padding of different parity: scatter
+]
+
+
+@pytest.mark.parametrize("row", PHASE_ROWS,
+                         ids=lambda r: f"k{r[0]}H{r[2]}W{r[3]}p{''.join(map(str, r[1]))}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_strided_grad_input_by_phases(row, dtype, isa):
+    k, (pt, pb, pl, pr), H, W = row
+    g = torch.Generator().manual_seed(H * W + k)
+    C = 3
+    x_shape = (2, C, H, W)
+    w = torch.randn(C, 1, k, k, generator=g, dtype=dtype)
+    OH, OW = (H + pt + pb - k) // 2 + 1, (W + pl + pr - k) // 2 + 1
+    gy = torch.randn(2, C, OH, OW, generator=g, dtype=dtype)
+    gx = ops.conv2d_grad_input(gy, w, list(x_shape), [2, 2], [pt, pb, pl, pr], [1, 1], C,
+                               "depthwise")
+    # The gradient through the explicit padding, cropped back to x.
+    padded = (2, C, H + pt + pb, W + pl + pr)
+    exact = torch.nn.grad.conv2d_input(padded, w.double(), gy.double(), stride=2, groups=C)
+    exact = exact[:, :, pt:pt + H, pl:pl + W]
+    tol = 1e-4 if dtype == torch.float32 else 1e-11
+    torch.testing.assert_close(gx.double(), exact, atol=tol, rtol=tol)

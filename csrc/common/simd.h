@@ -33,8 +33,8 @@ namespace FASTCONV_ISA {
 // Vec<T>: `lanes` values of T. Operations: zero, load (unaligned), broadcast of one value
 // from memory, fused multiply-add, add, sub, mul, relu, min_with, clamp, where_between, store
 // (unaligned), stream (a non-temporal store to a vector-aligned address, past the caches;
-// stream_fence after), gather(base, int32 indices) and even_lanes / odd_lanes (a stride-2
-// split). Nothing else is needed by the kernels.
+// stream_fence after), gather(base, int32 indices), even_lanes / odd_lanes (a stride-2
+// split) and zip_low / zip_high (its inverse). Nothing else is needed by the kernels.
 // Gathers cost ~5 cycles per element here: they beat only scalar loops with per-lane
 // branches (csrc/winograd).
 template <typename T>
@@ -122,6 +122,22 @@ inline Vec<double> even_lanes(Vec<double> a, Vec<double> b) {
 inline Vec<double> odd_lanes(Vec<double> a, Vec<double> b) {
   return {_mm512_permutex2var_pd(a.v, _mm512_setr_epi64(1, 3, 5, 7, 9, 11, 13, 15), b.v)};
 }
+// even_lanes / odd_lanes undone: the lanes of e and o alternated, e0 o0 e1 o1 .. as two
+// vectors (zip_low: the first L values, zip_high: the last L).
+inline Vec<float> zip_low(Vec<float> e, Vec<float> o) {
+  const __m512i i = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+  return {_mm512_permutex2var_ps(e.v, i, o.v)};
+}
+inline Vec<float> zip_high(Vec<float> e, Vec<float> o) {
+  const __m512i i = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+  return {_mm512_permutex2var_ps(e.v, i, o.v)};
+}
+inline Vec<double> zip_low(Vec<double> e, Vec<double> o) {
+  return {_mm512_permutex2var_pd(e.v, _mm512_setr_epi64(0, 8, 1, 9, 2, 10, 3, 11), o.v)};
+}
+inline Vec<double> zip_high(Vec<double> e, Vec<double> o) {
+  return {_mm512_permutex2var_pd(e.v, _mm512_setr_epi64(4, 12, 5, 13, 6, 14, 7, 15), o.v)};
+}
 
 #elif defined(FASTCONV_ISA_AVX2)
 
@@ -199,6 +215,19 @@ inline Vec<double> even_lanes(Vec<double> a, Vec<double> b) {
 }
 inline Vec<double> odd_lanes(Vec<double> a, Vec<double> b) {
   return {_mm256_permute4x64_pd(_mm256_unpackhi_pd(a.v, b.v), _MM_SHUFFLE(3, 1, 2, 0))};
+}
+// unpack interleaves within 128-bit halves; permute2f128 puts the halves in order.
+inline Vec<float> zip_low(Vec<float> e, Vec<float> o) {
+  return {_mm256_permute2f128_ps(_mm256_unpacklo_ps(e.v, o.v), _mm256_unpackhi_ps(e.v, o.v), 0x20)};
+}
+inline Vec<float> zip_high(Vec<float> e, Vec<float> o) {
+  return {_mm256_permute2f128_ps(_mm256_unpacklo_ps(e.v, o.v), _mm256_unpackhi_ps(e.v, o.v), 0x31)};
+}
+inline Vec<double> zip_low(Vec<double> e, Vec<double> o) {
+  return {_mm256_permute2f128_pd(_mm256_unpacklo_pd(e.v, o.v), _mm256_unpackhi_pd(e.v, o.v), 0x20)};
+}
+inline Vec<double> zip_high(Vec<double> e, Vec<double> o) {
+  return {_mm256_permute2f128_pd(_mm256_unpacklo_pd(e.v, o.v), _mm256_unpackhi_pd(e.v, o.v), 0x31)};
 }
 
 #else  // scalar: plain C++ on the baseline ISA; the compiler may still use SSE2.
@@ -298,6 +327,20 @@ inline Vec<T> odd_lanes(Vec<T> a, Vec<T> b) {
   constexpr int h = Vec<T>::lanes / 2;
   Vec<T> r;
   for (int i = 0; i < h; ++i) r.v[i] = a.v[2 * i + 1], r.v[h + i] = b.v[2 * i + 1];
+  return r;
+}
+template <typename T>
+inline Vec<T> zip_low(Vec<T> e, Vec<T> o) {
+  constexpr int h = Vec<T>::lanes / 2;
+  Vec<T> r;
+  for (int i = 0; i < h; ++i) r.v[2 * i] = e.v[i], r.v[2 * i + 1] = o.v[i];
+  return r;
+}
+template <typename T>
+inline Vec<T> zip_high(Vec<T> e, Vec<T> o) {
+  constexpr int h = Vec<T>::lanes / 2;
+  Vec<T> r;
+  for (int i = 0; i < h; ++i) r.v[2 * i] = e.v[h + i], r.v[2 * i + 1] = o.v[h + i];
   return r;
 }
 
