@@ -189,6 +189,8 @@ def test_rows_reusing_input_vectors(row, channels_last, activation, isa):
 # fewer than a tile; columns: interior vectors (read straight from x), edge vectors on the
 # left, the right or both (masked loads), a partial last vector; padding none, asymmetric,
 # past S // 2; stride 2 on odd and even widths; multiplier 2 (planes read channel k / 2).
+# Float32 on the vector ISAs; float64 and the scalar build run the same cases on the staged
+# paths.
 NCHW_TILE_ROWS = [
     # (kernel, stride, padding (top, bottom, left, right), H, W)
     (3, 1, (1, 1, 1, 1), 7, 112),   # one tile of rows, whole vectors, interior columns
@@ -248,7 +250,8 @@ def test_nchw_tiles_of_rows(row, multiplier, activation, dtype, isa):
 # NCHW stride-2 grad-input by stride phases: the four phases of 4 gx row pairs (2 on AVX2) x
 # one vector of columns per tile, zipped back at the store. Paddings of either parity (the
 # phases' tap sets differ), odd heights and widths (partial tiles, masked stores), gy columns
-# outside gy at both edges, 5x5; padding parities that differ take the scatter.
+# outside gy at both edges, 5x5; padding parities that differ take the scatter (as do
+# float64 and the scalar build).
 PHASE_ROWS = [
     # (kernel, padding (top, bottom, left, right), H, W)
     (3, (1, 1, 1, 1), 16, 67),    # odd width: 34 phase columns

@@ -221,6 +221,18 @@ void forward_nchw_flat(const ConvGeom& g, const T* x, const T* w, const Epilogue
 // 5x5 144 @56 2.7 -> 1.8.
 constexpr int kNchwTileRows = kVectorRegisters >= 32 ? 7 : 4;
 
+// The register-tile kernels of this section and of the stride-phase grad-input are built
+// for float on the vector ISAs (float64 and the scalar build take the staged paths): their
+// unrolled bodies are most of this file's compile time (the scalar build's, sanitized, over
+// 10 minutes).
+#if defined(FASTCONV_ISA_SCALAR)
+template <typename T>
+constexpr bool kTilesBuilt = false;
+#else
+template <typename T>
+constexpr bool kTilesBuilt = std::is_same<T, float>::value;
+#endif
+
 template <typename T, int S, int SW>
 struct NchwReuseShape {
   static constexpr int L = Vec<T>::lanes;
@@ -245,6 +257,36 @@ struct NchwColumns {
     c.past = g.W + g.pl >= span ? max64(c.inside, min64(c.count, (g.W + g.pl - span) / step + 1))
                                 : c.inside;
     return c;
+  }
+};
+
+// One input row's S tap vectors for a vector of outputs whose first tap reads column c0:
+// columns c0 + s + lane at stride 1; at stride 2 columns c0 + s + 2 lane, the even and odd
+// lanes of pairs of vectors. Edge: columns outside [0, W) read as zeros (masked loads).
+template <typename T, int S, int SW>
+struct RowTaps {
+  static constexpr int L = Vec<T>::lanes;
+  static constexpr int loads = SW == 1 ? S : S + 1;  // per row: s, or s and s + L for even s
+  static constexpr int offset(int j) { return SW == 1 ? j : j / 2 * 2 + j % 2 * L; }
+  LaneMask<T> mask[loads];  // an edge vector's columns inside the input, per load
+  void edge(int64_t c0, int64_t W) {
+    for (int j = 0; j < loads; ++j) mask[j] = lane_mask<T>(-(c0 + offset(j)), W - (c0 + offset(j)));
+  }
+  template <bool Edge>
+  void load(const T* row, Vec<T>* tap) const {  // row at column c0
+    const auto ld = [&](int j) {
+      return Edge ? load_masked(row + offset(j), mask[j]) : Vec<T>::load(row + offset(j));
+    };
+    if constexpr (SW == 1) {
+      for (int s = 0; s < S; ++s) tap[s] = ld(s);
+    } else {
+      for (int s = 0; s < S; s += 2) {
+        const Vec<T> a = ld(s), b = ld(s + 1);
+        tap[s] = even_lanes(a, b);
+        if (s + 1 < S) tap[s + 1] = odd_lanes(a, b);
+      }
+    }
+    for (int s = 0; s < S; ++s) keep_in_register(tap[s]);
   }
 };
 
@@ -308,36 +350,17 @@ void nchw_reuse_columns(NchwTile<T>& tile, int64_t c0, int64_t ow0, int64_t coun
   for (int t = 0; weights_fit && t < S * S; ++t) w[t] = V::broadcast(tile.w + t);
   const V bias = V::broadcast(&tile.bias), lo = tile.act.lo, hi = tile.act.hi;
   const int64_t W = tile.W;
-  // Load offsets from c0: s (stride 1); s and s + L for even s (stride 2).
-  constexpr int offsets = SW == 1 ? S : S + 1;
-  const auto offset = [](int j) { return SW == 1 ? j : j / 2 * 2 + j % 2 * L; };
+  RowTaps<T, S, SW> taps;
   for (int64_t v = 0; v < count; ++v, c0 += SW * L, ow0 += L) {
-    LaneMask<T> mask[offsets];  // an edge's columns inside the input, per offset
-    for (int j = 0; Edge && j < offsets; ++j)
-      mask[j] = lane_mask<T>(-(c0 + offset(j)), W - (c0 + offset(j)));
-    // Columns c0 + o .. c0 + o + L - 1 of a row (o = offset(j)); an edge's outside the input
-    // as zeros.
-    const auto load = [&](const T* row, int j) {
-      return Edge ? load_masked(row + c0 + offset(j), mask[j]) : V::load(row + c0 + offset(j));
-    };
+    if (Edge) taps.edge(c0, W);
     V acc[RT];
     for (int t = 0; t < RT; ++t) acc[t] = bias;
 #pragma GCC unroll 32
     for (int i = 0; i < IR; ++i) {
-      const T* row = tile.in[i];
       const T* wm = tile.w;
       if constexpr (!weights_fit) __asm__("" : "+r"(wm));  // not hoisted out of the row
       V tap[S];
-      if constexpr (SW == 1) {
-        for (int s = 0; s < S; ++s) tap[s] = load(row, s);
-      } else {
-        for (int s = 0; s < S; s += 2) {
-          const V a = load(row, s), b = load(row, s + 1);
-          tap[s] = even_lanes(a, b);
-          if (s + 1 < S) tap[s + 1] = odd_lanes(a, b);
-        }
-      }
-      for (int s = 0; s < S; ++s) keep_in_register(tap[s]);
+      taps.template load<Edge>(tile.in[i] + c0, tap);
 #pragma GCC unroll 8
       for (int t = 0; t < RT; ++t) {
         const int r = i - t * SW;  // the tap row input row i is for output row t
@@ -379,7 +402,7 @@ void nchw_reuse_plane(const ConvGeom& g, const T* xp, const T* zeros, T* out, Nc
                       const Epilogue<T>& epi, int64_t k, const T* next_x) {
   using V = Vec<T>;
   using Shape = NchwReuseShape<T, S, SW>;
-  constexpr int L = V::lanes, RT = Shape::rows, IR = Shape::in_rows, span = Shape::span;
+  constexpr int L = V::lanes, RT = Shape::rows, IR = Shape::in_rows;
   T* const y = tile.y;
   const NchwColumns cols = NchwColumns::of<T, S, SW>(g);
   const int64_t nv = cols.count, v_in = cols.inside, v_out = cols.past, step = SW * L;
@@ -407,10 +430,11 @@ void nchw_reuse_plane(const ConvGeom& g, const T* xp, const T* zeros, T* out, Nc
   tile.y = y;
 }
 
+// Whether NCHW reuse tiles run g (forward and grad-weight): rows over half a vector.
 template <typename T>
-bool nchw_reuse_applies(const ConvGeom& g) {
-  return g.R == g.S && (g.S == 3 || g.S == 5) && g.dh == 1 && g.dw == 1 && g.sh == g.sw &&
-         (g.sw == 1 || g.sw == 2);
+bool nchw_tiles_apply(const ConvGeom& g) {
+  return kTilesBuilt<T> && g.R == g.S && (g.S == 3 || g.S == 5) && g.dh == 1 && g.dw == 1 &&
+         g.sh == g.sw && (g.sw == 1 || g.sw == 2) && 2 * g.OW > Vec<T>::lanes;
 }
 
 template <typename T, int S, int SW>
@@ -549,7 +573,9 @@ void forward_nchw(const ConvGeom& g, const T* x, const T* w, const Epilogue<T>& 
   constexpr int L = Vec<T>::lanes;
   // Reuse tiles while a row fills over half a vector. 960 channels @7, batch 8: 0.18 ms in
   // reuse tiles (7 of 16 lanes), 0.13 in channel blocks; @14 0.19 vs 0.24.
-  if (nchw_reuse_applies<T>(g) && 2 * g.OW > L) return forward_nchw_reuse(g, x, w, epi, y, nthreads);
+  if constexpr (kTilesBuilt<T>) {
+    if (nchw_tiles_apply<T>(g)) return forward_nchw_reuse(g, x, w, epi, y, nthreads);
+  }
   if (g.OW >= 2 * L) return forward_nchw_tiles(g, x, w, epi, y, nthreads);
   // Maps narrower than two vectors (a 7-wide map filled 7 of 16 lanes per row): whole blocks
   // of channels through NHWC tiles, the rest (multipliers, channel tails) flat.
@@ -705,7 +731,7 @@ void grad_weight_nchw(const ConvGeom& g, const T* gy, const T* x, T* gw, int nth
   });
 }
 
-// Grad-weight of NCHW planes with the forward's reuse tiles (nchw_reuse_applies), turned
+// Grad-weight of NCHW planes with the forward's reuse tiles (nchw_tiles_apply), turned
 // around: dW[r][s] = sum of gy[oh][ow] x[oh SW - pt + r][ow SW - pl + s], a tile of RT gy
 // rows x one vector; each input row's S tap vectors are loaded once and multiplied by the gy
 // vector of every tile row they reach, into S * S accumulators.
@@ -731,19 +757,13 @@ void grad_weight_reuse_columns(GradWeightTile<T>& tile, int64_t c0, int64_t ow0,
   // The tile's gy vectors stay in registers beside the accumulators if they fit (3x3);
   // else (5x5) each FMA reads its gy vector from memory.
   constexpr bool gy_fit = S * S + RT + S <= kVectorRegisters - 2;
-  constexpr int offsets = SW == 1 ? S : S + 1;
-  const auto offset = [](int j) { return SW == 1 ? j : j / 2 * 2 + j % 2 * L; };
   const int64_t W = tile.W, OW = tile.OW;
   V acc[S * S];
   for (int t = 0; t < S * S; ++t) acc[t] = V::load(tile.acc + t * L);
+  RowTaps<T, S, SW> taps;
   for (int64_t v = 0; v < count; ++v, c0 += SW * L, ow0 += L) {
     const LaneMask<T> valid = lane_mask<T>(0, OW - ow0);
-    LaneMask<T> mask[offsets];
-    for (int j = 0; Edge && j < offsets; ++j)
-      mask[j] = lane_mask<T>(-(c0 + offset(j)), W - (c0 + offset(j)));
-    const auto load = [&](const T* row, int j) {
-      return Edge ? load_masked(row + c0 + offset(j), mask[j]) : V::load(row + c0 + offset(j));
-    };
+    if (Edge) taps.edge(c0, W);
     const auto gy_at = [&](const T* gy, int t) {
       return Edge ? load_masked(gy + t * OW + ow0, valid) : V::load(gy + t * OW + ow0);
     };
@@ -752,23 +772,11 @@ void grad_weight_reuse_columns(GradWeightTile<T>& tile, int64_t c0, int64_t ow0,
       gv[t] = Partial && t >= tile.rows ? V::zero() : gy_at(tile.gy, t);
 #pragma GCC unroll 32
     for (int i = 0; i < IR; ++i) {
-      const T* row = tile.in[i];
       const T* gym = tile.gy;
       if constexpr (!gy_fit) __asm__("" : "+r"(gym));  // not hoisted out of the row
       V tap[S];
-      if constexpr (SW == 1) {
-        for (int s = 0; s < S; ++s) tap[s] = load(row, s);
-      } else {
-        for (int s = 0; s < S; s += 2) {
-          const V a = load(row, s), b = load(row, s + 1);
-          tap[s] = even_lanes(a, b);
-          if (s + 1 < S) tap[s + 1] = odd_lanes(a, b);
-        }
-      }
-      for (int s = 0; s < S; ++s) {
-        if (Edge) tap[s] = masked(tap[s], valid);
-        keep_in_register(tap[s]);
-      }
+      taps.template load<Edge>(tile.in[i] + c0, tap);
+      for (int s = 0; Edge && s < S; ++s) tap[s] = masked(tap[s], valid);
 #pragma GCC unroll 8
       for (int t = 0; t < RT; ++t) {
         const int r = i - t * SW;
@@ -838,12 +846,14 @@ void grad_weight_reuse(const ConvGeom& g, const T* gy, const T* x, T* gw, int nt
 // planes.
 template <typename T>
 void grad_weight_planes(const ConvGeom& g, const T* gy, const T* x, T* gw, int nthreads) {
-  if (nchw_reuse_applies<T>(g) && 2 * g.OW > Vec<T>::lanes) {
-    if (g.S == 3)
-      return g.sw == 1 ? grad_weight_reuse<T, 3, 1>(g, gy, x, gw, nthreads)
-                       : grad_weight_reuse<T, 3, 2>(g, gy, x, gw, nthreads);
-    return g.sw == 1 ? grad_weight_reuse<T, 5, 1>(g, gy, x, gw, nthreads)
-                     : grad_weight_reuse<T, 5, 2>(g, gy, x, gw, nthreads);
+  if constexpr (kTilesBuilt<T>) {
+    if (nchw_tiles_apply<T>(g)) {
+      if (g.S == 3)
+        return g.sw == 1 ? grad_weight_reuse<T, 3, 1>(g, gy, x, gw, nthreads)
+                         : grad_weight_reuse<T, 3, 2>(g, gy, x, gw, nthreads);
+      return g.sw == 1 ? grad_weight_reuse<T, 5, 1>(g, gy, x, gw, nthreads)
+                       : grad_weight_reuse<T, 5, 2>(g, gy, x, gw, nthreads);
+    }
   }
   grad_weight_nchw(g, gy, x, gw, nthreads);
 }
@@ -855,7 +865,7 @@ void grad_weight(const ConvGeom& g, const T* gy, int gy_layout, const T* x, int 
   // them above. Batch 8, 2 threads: 192 channels @28 0.64 ms in blocks, 0.34 in tiles; 576
   // @14 0.54 vs 0.28; 960 @7 0.23 vs 1.2.
   if (g.OW < 2 * Vec<T>::lanes && channel_blocks_apply(g, Vec<T>::lanes) &&
-      !(nchw_reuse_applies<T>(g) && 2 * g.OW > Vec<T>::lanes))
+      !nchw_tiles_apply<T>(g))
     return grad_weight_blocks(g, gy, gy_layout, x, x_layout, gw, nthreads);
   // channels_last operands as NCHW copies, a group of images at a time.
   const int64_t x_image = g.C * g.H * g.W, gy_image = g.K * g.OH * g.OW;
@@ -1405,7 +1415,7 @@ void grad_input_phases(const ConvGeom& g, const T* gy, const T* w, T* gx, int nt
 // narrower ones scatter). 576 channels @14, batch 8: 0.30 ms scattered, 0.17 in phases.
 template <typename T>
 bool grad_input_phases_apply(const ConvGeom& g) {
-  return g.Kg() == 1 && g.R == g.S && (g.S == 3 || g.S == 5) && g.sh == 2 && g.sw == 2 &&
+  return kTilesBuilt<T> && g.Kg() == 1 && g.R == g.S && (g.S == 3 || g.S == 5) && g.sh == 2 && g.sw == 2 &&
          g.dh == 1 && g.dw == 1 && g.pt % 2 == g.pl % 2 && 2 * g.W > Vec<T>::lanes;
 }
 
@@ -1433,8 +1443,10 @@ template <typename T>
 void grad_input(const ConvGeom& g, const T* gy, int gy_layout, const T* w, T* gx, int gx_layout,
                 int nthreads) {
   if (!grad_input_as_forward(g)) {
-    if (gy_layout == kNCHW && gx_layout == kNCHW && grad_input_phases_apply<T>(g))
-      return grad_input_phases(g, gy, w, gx, nthreads);
+    if constexpr (kTilesBuilt<T>) {
+      if (gy_layout == kNCHW && gx_layout == kNCHW && grad_input_phases_apply<T>(g))
+        return grad_input_phases(g, gy, w, gx, nthreads);
+    }
     if (channel_blocks_apply(g, Vec<T>::lanes))
       return grad_input_scatter(g, gy, gy_layout, w, gx, gx_layout, nthreads);
     return direct_kernels<T>().grad_input(g, gy, gy_layout, w, gx, gx_layout, nthreads);
