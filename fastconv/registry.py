@@ -144,8 +144,9 @@ ALGORITHMS: tuple = (
         summary="depthwise (groups == in_channels, any multiplier): NCHW vectorised along the "
                 "width (3x3 and 5x5 in tiles of 7 rows sharing each input row), channels_last "
                 "across channels (3- and 5-tap rows reuse each input vector across 16 "
-                "pixels); grad-input as a rotated forward (stride 1) or a scatter, "
-                "grad-weight per channel",
+                "pixels); grad-input as a rotated forward (stride 1), by stride phases "
+                "(NCHW stride 2) or a scatter, grad-weight per channel (NCHW in the "
+                "forward's tiles)",
         kernels={"cpu": CppKernels("depthwise")},
         check=_depthwise,
     ),

@@ -3,8 +3,8 @@
 // generic direct kernel fills its vectors with output channels of one group, which for
 // depthwise layers is m of them: mostly empty lanes. Here every lane does useful work:
 //
-//   * NCHW, 3x3 and 5x5 at stride 1 or 2, rows over half a vector: register tiles of
-//     output rows x one vector along the width, each input row loaded once per vector for
+//   * NCHW, float, 3x3 and 5x5 at stride 1 or 2, rows over half a vector: register tiles
+//     of output rows x one vector along the width, each input row loaded once per vector for
 //     all the tile's rows, straight from x (masked loads at the edges).
 //   * NCHW, other rows of 2+ vectors: vectors along the output width, one (image, channel)
 //     plane at a time, staged once into zero-bordered rows split into `stride` phases, so
@@ -15,11 +15,12 @@
 //   * channels_last: vectors along the channels (as XNNPACK and oneDNN do), one output row at
 //     a time, weights packed [tap][k]; taps outside the input read a zero vector. With a
 //     multiplier > 1 each vector of output channels gathers its input channels.
-//   * Grad-input: stride-1, multiplier-1 layers as a forward with rotated filters; strided
-//     ones by scatter in channel blocks; the rest by the direct kernel.
-//   * Grad-weight: narrow maps in channel blocks, others one output channel per work item
-//     with its R*S sums vectorised along the staged planes' rows (no reduction across
-//     threads).
+//   * Grad-input: stride-1, multiplier-1 layers as a forward with rotated filters; NCHW
+//     float stride-2 3x3 / 5x5 by stride phases in register tiles; other strided ones by
+//     scatter in channel blocks; the rest by the direct kernel.
+//   * Grad-weight: one output channel per work item (no reduction across threads), in the
+//     NCHW forward's tiles turned around where they apply, else with its R*S sums vectorised
+//     along the staged planes' rows; 7-wide maps in channel blocks.
 #include <cstring>
 #include <type_traits>
 #include <utility>
