@@ -116,9 +116,8 @@ def test_non_finite_inputs_outside_the_receptive_field_do_not_reach_grad_weight(
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 def test_outputs_larger_than_the_caches(W, channels_last, dtype, isa):
-    # Outputs over 8 MiB are written with non-temporal stores: channels_last rows as
-    # computed; NCHW rows of whole 64-byte lines (W = 128) likewise, other NCHW planes
-    # (W = 130) computed into a buffer and streamed from there.
+    # Outputs over 8 MiB are written with non-temporal stores: channels_last rows, and NCHW
+    # rows of whole 64-byte lines (W = 128; W = 130: plain stores).
     g = torch.Generator().manual_seed(W)
     x = torch.randn(2, 64, 130, W, generator=g, dtype=dtype)
     if channels_last:

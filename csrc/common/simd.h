@@ -604,19 +604,6 @@ inline void keep_in_register(Vec<T>& v) {
 #endif
 }
 
-// dst[0, n) = src[0, n), by non-temporal stores from dst's first vector-aligned address on
-// (plain stores before it and for the last partial vector); stream_fence after.
-template <typename T>
-inline void stream_n(T* dst, const T* src, int64_t n) {
-  constexpr int L = Vec<T>::lanes;
-  const uintptr_t bytes = L * sizeof(T), mis = reinterpret_cast<uintptr_t>(dst) % bytes;
-  const int64_t head = mis ? min64(n, int64_t((bytes - mis) / sizeof(T))) : 0;
-  copy_n(dst, src, head);
-  int64_t i = head;
-  for (; i + L <= n; i += L) Vec<T>::load(src + i).stream(dst + i);
-  copy_n(dst + i, src + i, n - i);
-}
-
 // Orders the stream() stores before what follows (they are weakly ordered).
 inline void stream_fence() {
 #if defined(FASTCONV_ISA_AVX512) || defined(FASTCONV_ISA_AVX2)
