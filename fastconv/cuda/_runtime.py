@@ -1,0 +1,79 @@
+"""numba-cuda, imported lazily, and the bridge from torch tensors to kernel arguments.
+
+On a GPU the kernels take CUDA tensors as they are (``__cuda_array_interface__``: no copies)
+and launch on torch's current stream, so they order with torch's own work. Under numba's
+simulator (``NUMBA_ENABLE_CUDASIM=1``, set before numba is imported) they take CPU tensors,
+whose numpy views the simulated threads read and write in place.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from typing import Optional
+
+import torch
+
+EXTRA = "pip install 'fastconv[cuda]'"
+
+
+@functools.lru_cache(maxsize=1)
+def import_error() -> Optional[str]:
+    """Why numba-cuda cannot be used here, or None when it can."""
+    try:
+        from numba import cuda  # noqa: F401
+    except Exception as e:  # ImportError, or a numba build that cannot load its CUDA target
+        return f"numba-cuda is not installed ({EXTRA}): {type(e).__name__}: {e}"
+    return None
+
+
+def simulated() -> bool:
+    """Whether numba runs CUDA kernels in its simulator (on the CPU, with CPU tensors)."""
+    return os.environ.get("NUMBA_ENABLE_CUDASIM", "0") not in ("", "0")
+
+
+def cuda():
+    """The numba.cuda module (ImportError naming the extra when it is missing)."""
+    reason = import_error()
+    if reason is not None:
+        raise ImportError(f"fastconv.cuda: {reason}")
+    from numba import cuda as numba_cuda
+    return numba_cuda
+
+
+def check_tensor(name: str, t: torch.Tensor) -> None:
+    """A tensor the kernels can take: on the GPU a CUDA tensor; under the simulator a CPU one."""
+    want = "cpu" if simulated() else "cuda"
+    if t.device.type != want:
+        where = "the simulator (NUMBA_ENABLE_CUDASIM=1)" if simulated() else "a GPU"
+        raise ValueError(f"fastconv.cuda: {name} is on {t.device}; on {where} the kernels take "
+                         f"{want} tensors")
+    if t.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"fastconv.cuda: {name} has dtype {t.dtype}; the kernels run float32 "
+                        "and float64")
+
+
+def array(t: torch.Tensor):
+    """The kernel argument for tensor t (a numba device array view, or a numpy view)."""
+    if simulated():
+        return t.detach().numpy()
+    return cuda().as_cuda_array(t.detach())
+
+
+_STREAMS: dict = {}
+
+
+def stream():
+    """torch's current CUDA stream as a numba stream (0, the default, under the simulator);
+    one numba wrapper per torch stream, kept for the next launch."""
+    if simulated():
+        return 0
+    handle = torch.cuda.current_stream().cuda_stream
+    wrapped = _STREAMS.get(handle)
+    if wrapped is None:
+        wrapped = _STREAMS[handle] = cuda().external_stream(handle)
+    return wrapped
+
+
+def launch(kernel, grid, block, shared_bytes: int, *args) -> None:
+    """kernel[grid, block, stream, shared_bytes](*args) on torch's current stream."""
+    kernel[grid, block, stream(), shared_bytes](*args)

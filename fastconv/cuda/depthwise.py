@@ -1,0 +1,186 @@
+"""Depthwise convolution kernels (groups == in_channels, any multiplier, stride, padding and
+dilation), NCHW or any strided 4-D layout, built per float type.
+
+* forward: a block stages its tiles' input halos and weights in shared memory (DepthwiseTile),
+  then each thread computes its column of up to 4 rows from there; bias, the fused activation
+  and, for training, per-block channel statistics in the epilogue.
+* grad-input: a gather per input pixel (the taps whose stride phase matches), reading
+  grad_output through the L1 cache.
+* grad-weight: a block per (channel, slice of the batch's pixels) sums each tap's products,
+  reduces them in shared memory and adds one value per weight atomically.
+"""
+from __future__ import annotations
+
+import functools
+from types import SimpleNamespace
+
+import numpy as np
+from numba import cuda
+
+from ._device import helpers
+from .geometry import THREADS
+
+#: Register budget of the float32 depthwise kernels: 64 lets 8 blocks of 128 threads share
+#: an SM's 64K registers (tests/cuda/test_ptx.py holds them to it; sm_90, ptxas 13.0:
+#: forward 64, grad-input 56, grad-weight 56).
+MAX_REGISTERS = 64
+
+
+@functools.lru_cache(maxsize=None)
+def kernels(dtype: str) -> SimpleNamespace:
+    T = np.dtype(dtype)
+    h = helpers(dtype)
+    activate, welford, merge_lanes = h.activate, h.welford, h.merge_lanes
+    ZERO = h.ZERO
+
+    @cuda.jit
+    def forward(x, w, bias, y, partials, g, tile, has_bias, with_stats):
+        """y = act(depthwise(x, w) + bias); with_stats: partials[slot, k] = (count, mean,
+        M2) of this block's outputs (one plane per block then)."""
+        sm = cuda.shared.array(0, dtype=T)
+        t = cuda.threadIdx.x
+        per_plane = THREADS // tile.planes
+        pz = t // per_plane
+        tx = t % tile.tile_w
+        ty = (t % per_plane) // tile.tile_w
+        tile_h = tile.thread_rows * tile.rows
+        tw_index = cuda.blockIdx.y % tile.tiles_w   # x: groups of planes, y: tiles
+        th_index = cuda.blockIdx.y // tile.tiles_w
+        oh0 = th_index * tile_h
+        ow0 = tw_index * tile.tile_w
+        ih0 = oh0 * g.sh - g.pt
+        iw0 = ow0 * g.sw - g.pl
+        planes_total = g.N * g.K
+        first_plane = cuda.blockIdx.x * tile.planes
+        in_hw = tile.in_h * tile.in_w
+        taps = g.R * g.S
+        w_base = tile.planes * in_hw
+
+        # Stage the halos (zeros outside the image: the padding) and the weights.
+        for i in range(t, tile.planes * in_hw, THREADS):
+            p = first_plane + i // in_hw
+            rem = i % in_hw
+            ih = ih0 + rem // tile.in_w
+            iw = iw0 + rem % tile.in_w
+            v = ZERO
+            if p < planes_total and 0 <= ih < g.H and 0 <= iw < g.W:
+                v = x[p // g.K, (p % g.K) // g.Kg, ih, iw]
+            sm[i] = v
+        for i in range(t, tile.planes * taps, THREADS):
+            p = first_plane + i // taps
+            v = ZERO
+            if p < planes_total:
+                tap = i % taps
+                v = w[p % g.K, 0, tap // g.S, tap % g.S]
+            sm[w_base + i] = v
+        cuda.syncthreads()
+
+        plane = first_plane + pz
+        n_img = plane // g.K
+        k = plane % g.K
+        cnt = ZERO
+        mean = ZERO
+        m2 = ZERO
+        if plane < planes_total and ow0 + tx < g.OW:
+            b = bias[k] if has_bias else ZERO
+            in_base = pz * in_hw
+            wk = w_base + pz * taps
+            for i in range(tile.rows):
+                row = ty + i * tile.thread_rows
+                oh = oh0 + row
+                if oh < g.OH:
+                    acc = b
+                    for r in range(g.R):
+                        src = in_base + (row * g.sh + r * g.dh) * tile.in_w + tx * g.sw
+                        for s in range(g.S):
+                            acc += sm[src + s * g.dw] * sm[wk + r * g.S + s]
+                    acc = activate(acc, g.act)
+                    y[n_img, k, oh, ow0 + tx] = acc
+                    if with_stats:
+                        cnt, mean, m2 = welford(cnt, mean, m2, acc)
+        if with_stats:  # one plane per block: the whole block is one channel
+            cnt, mean, m2 = merge_lanes(sm, t, THREADS, cnt, mean, m2)
+            if t == 0 and plane < planes_total:
+                slot = n_img * (tile.tiles_w * tile.tiles_h) + cuda.blockIdx.y
+                partials[slot, k, 0] = cnt
+                partials[slot, k, 1] = mean
+                partials[slot, k, 2] = m2
+
+    @cuda.jit
+    def grad_input(gy, w, gx, g):
+        """gx[n, c, ih, iw] = sum over the multiplier m and the taps (r, s) whose output
+        (ih + pt - r dh) / sh, (iw + pl - s dw) / sw is whole and inside the map of
+        gy[n, c M + m, oh, ow] w[c M + m, 0, r, s]."""
+        i = cuda.grid(1)
+        total = g.N * g.C * g.H * g.W
+        if i >= total:
+            return
+        iw = i % g.W
+        ih = (i // g.W) % g.H
+        c = (i // (g.W * g.H)) % g.C
+        n_img = i // (g.W * g.H * g.C)
+        acc = ZERO
+        for m in range(g.Kg):
+            k = c * g.Kg + m
+            for r in range(g.R):
+                th = ih + g.pt - r * g.dh
+                if th >= 0 and th % g.sh == 0 and th // g.sh < g.OH:
+                    oh = th // g.sh
+                    for s in range(g.S):
+                        tw = iw + g.pl - s * g.dw
+                        if tw >= 0 and tw % g.sw == 0 and tw // g.sw < g.OW:
+                            acc += gy[n_img, k, oh, tw // g.sw] * w[k, 0, r, s]
+        gx[n_img, c, ih, iw] = acc
+
+    @cuda.jit
+    def grad_weight(gy, x, gw, g, pixels_per_block, rows_per_pass):
+        """gw[k, 0, r, s] += the sum over this block's slice of the (n, oh, ow) pixels of
+        gy[n, k, oh, ow] x[n, k / M, oh sh - pt + r dh, ow sw - pl + s dw] (gw zeroed).
+        Each thread sums the taps of ``rows_per_pass`` filter rows in its own shared-memory
+        slots (one gy load per pixel serves them all), then one tree reduction serves every
+        tap: log2(THREADS) barriers per pass, not per tap."""
+        sm = cuda.shared.array(0, dtype=T)
+        t = cuda.threadIdx.x
+        k = cuda.blockIdx.x
+        c = k // g.Kg
+        pixels = g.N * g.OH * g.OW
+        begin = cuda.blockIdx.y * pixels_per_block
+        end = min(begin + pixels_per_block, pixels)
+        for r0 in range(0, g.R, rows_per_pass):
+            r1 = min(g.R, r0 + rows_per_pass)
+            count = (r1 - r0) * g.S
+            for q in range(count):
+                sm[q * THREADS + t] = ZERO
+            for p in range(begin + t, end, THREADS):
+                ow = p % g.OW
+                oh = (p // g.OW) % g.OH
+                n_img = p // (g.OW * g.OH)
+                grad = gy[n_img, k, oh, ow]
+                ih = oh * g.sh - g.pt + r0 * g.dh
+                iw0 = ow * g.sw - g.pl
+                q = t
+                for r in range(r0, r1):
+                    if 0 <= ih < g.H:
+                        iw = iw0
+                        for s in range(g.S):
+                            if 0 <= iw < g.W:
+                                sm[q] += grad * x[n_img, c, ih, iw]
+                            iw += g.dw
+                            q += THREADS
+                    else:
+                        q += g.S * THREADS
+                    ih += g.dh
+            half = THREADS // 2
+            while half > 0:
+                cuda.syncthreads()
+                if t < half:
+                    for q in range(count):
+                        sm[q * THREADS + t] += sm[q * THREADS + t + half]
+                half //= 2
+            cuda.syncthreads()
+            if t < count:
+                tap = r0 * g.S + t
+                cuda.atomic.add(gw, (k, 0, tap // g.S, tap % g.S), sm[t * THREADS])
+            cuda.syncthreads()
+
+    return SimpleNamespace(forward=forward, grad_input=grad_input, grad_weight=grad_weight)

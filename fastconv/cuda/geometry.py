@@ -1,0 +1,118 @@
+"""Launch geometry of the CUDA kernels: the convolution's sizes as the kernels read them, and
+the tile shapes chosen per problem (no numba here, so choices can be tested anywhere)."""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+#: Threads per block of every kernel: 4 warps keep enough blocks resident per SM for the
+#: loads to overlap, and the simulator (which runs each thread as a Python thread) needs
+#: blocks of at least 128 to exercise the tree reductions.
+THREADS = 128
+
+
+class ConvGeometry(NamedTuple):
+    """A convolution as every kernel reads it (numba passes it as a tuple of int64)."""
+    N: int
+    C: int
+    H: int
+    W: int
+    K: int
+    R: int
+    S: int
+    OH: int
+    OW: int
+    sh: int
+    sw: int
+    pt: int
+    pl: int
+    dh: int
+    dw: int
+    groups: int
+    Cg: int      # input channels per group (1: depthwise)
+    Kg: int      # output channels per group (the depthwise multiplier)
+    act: int     # fused activation (fastconv.backend.ACTIVATIONS)
+
+
+def kernel_arg(fields: NamedTuple) -> NamedTuple:
+    """A geometry as the kernels take it: int32 fields (half the registers of int64 ones;
+    numba widens their products to int64, so indices do not overflow)."""
+    if max(fields, default=0) >= 2 ** 31:
+        raise ValueError(f"fastconv.cuda: a size of {fields} does not fit 32 bits")
+    return type(fields)(*map(np.int32, fields))
+
+
+def conv_geometry(problem, act: int = 0) -> ConvGeometry:
+    """The ConvGeometry of a fastconv.problem.Conv2dProblem."""
+    p = problem
+    return ConvGeometry(p.N, p.C, p.H, p.W, p.K, p.R, p.S, p.OH, p.OW, p.sh, p.sw, p.pt, p.pl,
+                        p.dh, p.dw, p.groups, p.Cg, p.K // p.groups, act)
+
+
+class DepthwiseTile(NamedTuple):
+    """How the depthwise forward splits its output among blocks of THREADS threads.
+
+    A block computes ``planes`` (n, k) planes, each a tile of tile_w x (thread_rows * rows)
+    outputs: thread (x, y) of a plane writes column x of rows y, y + thread_rows, ... (so a
+    warp writes whole row segments). The tile's input halo, in_h x in_w values per plane, and
+    the planes' weights are staged in shared memory once and read R*S times each."""
+    tile_w: int
+    thread_rows: int
+    rows: int
+    planes: int
+    in_h: int
+    in_w: int
+    tiles_w: int
+    tiles_h: int
+
+    @property
+    def tile_h(self) -> int:
+        return self.thread_rows * self.rows
+
+    def shared_values(self, g: ConvGeometry, with_stats: bool) -> int:
+        staged = self.planes * (self.in_h * self.in_w + g.R * g.S)
+        return max(staged, 3 * THREADS) if with_stats else staged
+
+
+def _pow2_at_least(n: int, lo: int, hi: int) -> int:
+    v = lo
+    while v < n and v < hi:
+        v *= 2
+    return v
+
+
+def depthwise_tile(g: ConvGeometry, with_stats: bool = False) -> DepthwiseTile:
+    """The tile for one problem: as wide as the output row (8 to 32, a power of two), and up
+    to 4 rows per thread so that each staged input row serves several output rows. Small
+    maps put several planes in one block rather than leave threads idle (MobileNetV2's 7x7
+    and 14x14 layers); statistics need one plane per block (one channel to reduce)."""
+    tile_w = _pow2_at_least(g.OW, 8, 32)
+    per_plane = THREADS // tile_w           # thread rows if the block held one plane
+    planes = 1
+    if not with_stats:
+        while planes < 16 and per_plane // 2 >= 1 and per_plane // 2 >= g.OH:
+            planes *= 2
+            per_plane //= 2
+    thread_rows = per_plane
+    rows = max(1, min(4, -(-g.OH // thread_rows)))
+    tile_h = thread_rows * rows
+    in_h = (tile_h - 1) * g.sh + (g.R - 1) * g.dh + 1
+    in_w = (tile_w - 1) * g.sw + (g.S - 1) * g.dw + 1
+    return DepthwiseTile(tile_w, thread_rows, rows, planes, in_h, in_w,
+                         -(-g.OW // tile_w), -(-g.OH // tile_h))
+
+
+class GemmTile(NamedTuple):
+    """The implicit-GEMM kernels' block tile: BM rows (channels) x BN columns (pixels) of the
+    output, the reduction staged BK at a time; each of the THREADS threads holds TM x TN
+    accumulators (rows t // (BN / TN) + i * (BM / TM), columns t % (BN / TN) + j * (BN / TN):
+    consecutive threads own consecutive columns, so loads and stores coalesce)."""
+    BM: int = 64
+    BN: int = 64
+    BK: int = 8
+    TM: int = 8
+    TN: int = 4
+
+
+GEMM_TILE = GemmTile()

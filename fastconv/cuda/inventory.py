@@ -1,0 +1,50 @@
+"""Every CUDA kernel with the argument types of its launches, for ahead-of-time compilation
+checks (tests/cuda/test_ptx.py compiles each to PTX and through ptxas) and for listing."""
+from __future__ import annotations
+
+from typing import Iterator, NamedTuple
+
+from .geometry import ConvGeometry, DepthwiseTile
+
+
+class KernelSignature(NamedTuple):
+    name: str        # e.g. "f32_depthwise_forward"
+    kernel: object   # the numba dispatcher
+    signature: tuple  # numba types of its arguments
+    depthwise: bool  # a depthwise kernel (register budget: 64 per thread)
+
+
+def kernels(dtype: str = "float32") -> Iterator[KernelSignature]:
+    import numba
+    import numpy as np
+    from numba import types
+
+    from . import batchnorm, depthwise, gemm
+
+    f = numba.from_dtype(np.dtype(dtype))
+    a1, a2, a3 = (types.Array(f, n, "C") for n in (1, 2, 3))
+    a4 = types.Array(f, 4, "C")
+    geometry = numba.typeof(ConvGeometry(*map(np.int32, range(19))))
+    tile = numba.typeof(DepthwiseTile(*map(np.int32, range(8))))
+    i64, b = types.int64, types.boolean
+    prefix = "f32" if dtype == "float32" else "f64"
+
+    dw = depthwise.kernels(dtype)
+    yield KernelSignature(f"{prefix}_depthwise_forward", dw.forward,
+                          (a4, a4, a1, a4, a3, geometry, tile, b, b), True)
+    yield KernelSignature(f"{prefix}_depthwise_grad_input", dw.grad_input,
+                          (a4, a4, a4, geometry), True)
+    yield KernelSignature(f"{prefix}_depthwise_grad_weight", dw.grad_weight,
+                          (a4, a4, a4, geometry, i64, i64), True)
+    for kind, what in ((gemm.FORWARD, "forward"), (gemm.GRAD_INPUT, "grad_input"),
+                       (gemm.GRAD_WEIGHT, "grad_weight")):
+        yield KernelSignature(f"{prefix}_implicit_gemm_{what}", gemm.kernel(dtype, kind),
+                              (a4, a4, a4, a1, a3, geometry, i64, i64, i64, i64, b, b), False)
+    bn = batchnorm.kernels(dtype)
+    yield KernelSignature(f"{prefix}_bn_finalize", bn.finalize, (a3, i64, f, a1, a1), False)
+    yield KernelSignature(f"{prefix}_bn_normalize", bn.normalize,
+                          (a4, a1, a1, a1, a1, a4, b, b, i64), False)
+    yield KernelSignature(f"{prefix}_bn_grad_sums", bn.grad_sums,
+                          (a4, a4, a4, a1, a1, i64, a2, i64), False)
+    yield KernelSignature(f"{prefix}_bn_grad_z", bn.grad_z,
+                          (a4, a4, a4, a1, a1, a1, b, i64, a2, f, a4), False)

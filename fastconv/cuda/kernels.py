@@ -1,0 +1,83 @@
+"""The registry's view of the CUDA kernels (fastconv.registry: an algorithm's kernels for
+"cuda" tensors): the same calls as the CPU's backend.CppKernels, on CUDA tensors.
+
+The kernels read NCHW; a channels_last operand is made NCHW first, and a channels_last
+output is written through an NCHW buffer (the benchmarks and targets are NCHW). Importing
+this module imports no numba: ``missing()`` says why the kernels cannot run, and the
+registry reports it.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..backend import ACT_NONE, Pass
+
+_FLOATS = (torch.float32, torch.float64)
+
+
+class CudaKernels:
+    """``depthwise`` (the depthwise kernels; the registry's check admits only depthwise
+    problems) or ``implicit_gemm`` (any convolution)."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def missing(self) -> Optional[str]:
+        from . import _runtime
+        if _runtime.simulated():
+            return ("numba's CUDA simulator is on (NUMBA_ENABLE_CUDASIM): it runs fastconv.cuda "
+                    "on CPU tensors, not CUDA ones")
+        return _runtime.import_error()
+
+    def has(self, pass_: Pass, dtype: torch.dtype) -> bool:
+        return dtype in _FLOATS and self.missing() is None
+
+    def workspace_bytes(self, problem, pass_: Pass, dtype: torch.dtype) -> int:
+        if pass_ == Pass.FORWARD:   # the training forward's partial statistics, at most
+            from .geometry import GEMM_TILE
+            slots = -(-problem.N * problem.OH * problem.OW // GEMM_TILE.BN)
+            return 3 * slots * problem.K * torch.finfo(dtype).bits // 8
+        return 0
+
+    def forward(self, problem, x, x_layout, w, b, y, y_layout, packed=None,
+                activation: int = ACT_NONE, stats=None) -> None:
+        from . import launch
+        if packed is not None:
+            raise ValueError("fastconv: the CUDA kernels take no prepacked weights")
+        if stats is not None:
+            raise ValueError("fastconv: the CUDA kernels gather batch statistics through "
+                             "fastconv.cuda.conv_bn_relu_train_forward, not a stats buffer")
+        out = y if y.is_contiguous() else torch.empty_like(y, memory_format=torch.contiguous_format)
+        launch.forward(problem, x.contiguous(), w.contiguous(), b, out, activation,
+                       algorithm=self.name)
+        if out is not y:
+            y.copy_(out)
+
+    def conv_bn_train(self, problem, x, w, b, gamma, beta, eps: float, activation: int):
+        """Training Conv -> BN (batch statistics) -> activation: (y, z, mean, invstd), the
+        statistics reduced in the convolution's epilogue (fastconv.ops.conv2d_bn)."""
+        from . import launch
+        z = torch.empty(problem.output_shape, dtype=x.dtype, device=x.device)
+        if z.numel() == 0:
+            mean = x.new_zeros((problem.K,))
+            return torch.empty_like(z), z, mean, mean.clone()
+        partials = launch.forward(problem, x.contiguous(), w.contiguous(), b, z, ACT_NONE,
+                                  partials=True, algorithm=self.name)
+        mean, invstd = launch.bn_statistics(partials, eps, z)
+        return launch.bn_normalize(z, mean, invstd, gamma, beta, activation), z, mean, invstd
+
+    def grad_input(self, problem, gy, gy_layout, w, gx, gx_layout) -> None:
+        from . import launch
+        out = gx if gx.is_contiguous() else torch.empty_like(gx, memory_format=torch.contiguous_format)
+        launch.grad_input(problem, gy.contiguous(), w.contiguous(), out, algorithm=self.name)
+        if out is not gx:
+            gx.copy_(out)
+
+    def grad_weight(self, problem, gy, gy_layout, x, x_layout, gw, gb=None) -> None:
+        from . import launch
+        gy = gy.contiguous()
+        launch.grad_weight(problem, gy, x.contiguous(), gw, algorithm=self.name)
+        if gb is not None:
+            torch.sum(gy, dim=(0, 2, 3), out=gb)

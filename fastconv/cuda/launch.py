@@ -1,0 +1,195 @@
+"""Launches of the CUDA kernels on validated problems (fastconv.problem.Conv2dProblem) and
+torch tensors: geometry, grids, shared memory and the partial-statistics buffers. The
+public functions (fastconv.cuda) and the registry's kernels (fastconv.cuda.kernels) call
+these."""
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from . import _runtime as rt
+from .geometry import GEMM_TILE, THREADS, conv_geometry, depthwise_tile, kernel_arg
+
+#: Grid dimensions y and z are limited to 65535 blocks.
+_MAX_GRID_YZ = 65535
+#: Enough blocks to fill an H100 twice over (132 SMs): the split of the reductions aims here.
+_TARGET_BLOCKS = 264
+#: Taps whose per-thread sums the depthwise grad-weight keeps in shared memory at once (float32;
+#: half as many in float64): 64 x 128 threads x 4 bytes = 32 KiB, under the 48 KiB a block
+#: gets without opting in.
+_GRAD_WEIGHT_TAPS = 64
+
+
+def _dtype(t: Tensor) -> str:
+    return "float64" if t.dtype == torch.float64 else "float32"
+
+
+def _scalar(t: Tensor, v: float):
+    return np.dtype(_dtype(t)).type(v)
+
+
+def _placeholder(like: Tensor, dims: int) -> Tensor:
+    """A one-element stand-in for an absent optional array (the kernels take a flag)."""
+    return like.new_zeros((1,) * dims)
+
+
+def is_depthwise(problem) -> bool:
+    return problem.Cg == 1 and problem.groups > 1
+
+
+def _depthwise_kernels(problem, algorithm: Optional[str]) -> bool:
+    """Whether a launch runs the depthwise kernels: ``algorithm`` 'depthwise' or
+    'implicit_gemm' as the registry asked, or None to pick by the problem."""
+    if algorithm is None:
+        return is_depthwise(problem)
+    if algorithm == "depthwise" and problem.Cg != 1:
+        raise ValueError("fastconv.cuda: the depthwise kernels need one input channel per group")
+    return algorithm == "depthwise"
+
+
+def forward(problem, x: Tensor, w: Tensor, bias: Optional[Tensor], y: Tensor, act: int = 0,
+            partials: bool = False, algorithm: Optional[str] = None) -> Optional[Tensor]:
+    """y = act(conv(x, w) + bias). With ``partials``, also returns each block's per-channel
+    (count, mean, M2) of y for batchnorm.finalize (shape slots x K x 3)."""
+    g = conv_geometry(problem, act)
+    b = bias if bias is not None else _placeholder(x, 1)
+    if _depthwise_kernels(problem, algorithm):
+        from .depthwise import kernels
+        tile = depthwise_tile(g, with_stats=partials)
+        tiles = tile.tiles_w * tile.tiles_h
+        if tiles > _MAX_GRID_YZ:
+            raise ValueError(f"fastconv.cuda: a {g.OH}x{g.OW} output needs {tiles} tiles per "
+                             f"plane; the grid takes {_MAX_GRID_YZ}")
+        part = (x.new_empty((g.N * tiles, g.K, 3)) if partials else _placeholder(x, 3))
+        grid = (-(-(g.N * g.K) // tile.planes), tiles)
+        rt.launch(kernels(_dtype(x)).forward, grid, THREADS,
+                  tile.shared_values(g, partials) * x.element_size(),
+                  rt.array(x), rt.array(w), rt.array(b), rt.array(y), rt.array(part),
+                  kernel_arg(g), kernel_arg(tile), bias is not None, partials)
+        return part if partials else None
+    from .gemm import FORWARD, kernel
+    columns = g.N * g.OH * g.OW
+    blocks_x = -(-columns // GEMM_TILE.BN)
+    part = x.new_empty((blocks_x, g.K, 3)) if partials else _placeholder(x, 3)
+    grid = (blocks_x, -(-g.Kg // GEMM_TILE.BM), g.groups)
+    _check_grid(grid)
+    depth = g.Cg * g.R * g.S
+    rt.launch(kernel(_dtype(x), FORWARD), grid, THREADS, 0, rt.array(w), rt.array(x),
+              rt.array(y), rt.array(b), rt.array(part), kernel_arg(g), g.Kg, columns, depth, depth,
+              bias is not None, partials)
+    return part if partials else None
+
+
+def grad_input(problem, gy: Tensor, w: Tensor, gx: Tensor,
+               algorithm: Optional[str] = None) -> None:
+    g = conv_geometry(problem)
+    if _depthwise_kernels(problem, algorithm):
+        from .depthwise import kernels
+        total = g.N * g.C * g.H * g.W
+        rt.launch(kernels(_dtype(gy)).grad_input, -(-total // THREADS), THREADS, 0,
+                  rt.array(gy), rt.array(w), rt.array(gx), kernel_arg(g))
+        return
+    from .gemm import GRAD_INPUT, kernel
+    columns = g.N * g.H * g.W
+    grid = (-(-columns // GEMM_TILE.BN), -(-g.Cg // GEMM_TILE.BM), g.groups)
+    _check_grid(grid)
+    depth = g.Kg * g.R * g.S
+    rt.launch(kernel(_dtype(gy), GRAD_INPUT), grid, THREADS, 0, rt.array(w), rt.array(gy),
+              rt.array(gx), rt.array(_placeholder(gy, 1)), rt.array(_placeholder(gy, 3)),
+              kernel_arg(g), g.Cg, columns, depth, depth, False, False)
+
+
+def grad_weight(problem, gy: Tensor, x: Tensor, gw: Tensor,
+                algorithm: Optional[str] = None) -> None:
+    """gw (zeroed here) = the weight gradient; the reduction over the batch's pixels is split
+    across blocks whose sums are added atomically."""
+    g = conv_geometry(problem)
+    gw.zero_()
+    pixels = g.N * g.OH * g.OW
+    if _depthwise_kernels(problem, algorithm):
+        from .depthwise import kernels
+        splits = max(1, min(_MAX_GRID_YZ, -(-pixels // (THREADS * 16)),
+                            -(-_TARGET_BLOCKS // g.K)))
+        per_block = -(-pixels // splits)
+        taps = _GRAD_WEIGHT_TAPS * 4 // gy.element_size()
+        rows = max(1, min(g.R, taps // g.S))
+        if rows * g.S > taps:
+            raise ValueError(f"fastconv.cuda: the depthwise grad-weight takes filter rows of "
+                             f"at most {taps} taps, got {g.S}")
+        rt.launch(kernels(_dtype(gy)).grad_weight, (g.K, -(-pixels // per_block)), THREADS,
+                  rows * g.S * THREADS * gy.element_size(), rt.array(gy), rt.array(x),
+                  rt.array(gw), kernel_arg(g), per_block, rows)
+        return
+    from .gemm import GRAD_WEIGHT, kernel
+    columns = g.Cg * g.R * g.S
+    base = -(-columns // GEMM_TILE.BN) * -(-g.Kg // GEMM_TILE.BM) * g.groups
+    # Slices of at least 32 stages of the reduction each.
+    most = max(1, pixels // (32 * GEMM_TILE.BK))
+    splits = max(1, min(most, -(-_TARGET_BLOCKS // base), _MAX_GRID_YZ // g.groups))
+    per_split = -(-pixels // splits)
+    per_split = -(-per_split // GEMM_TILE.BK) * GEMM_TILE.BK
+    splits = -(-pixels // per_split)
+    grid = (-(-columns // GEMM_TILE.BN), -(-g.Kg // GEMM_TILE.BM), g.groups * splits)
+    _check_grid(grid)
+    rt.launch(kernel(_dtype(gy), GRAD_WEIGHT), grid, THREADS, 0, rt.array(gy), rt.array(x),
+              rt.array(gw), rt.array(_placeholder(gy, 1)), rt.array(_placeholder(gy, 3)),
+              kernel_arg(g), g.Kg, columns, pixels, per_split, False, False)
+
+
+def _check_grid(grid) -> None:
+    if grid[1] > _MAX_GRID_YZ or grid[2] > _MAX_GRID_YZ:
+        raise ValueError(f"fastconv.cuda: grid {grid} exceeds {_MAX_GRID_YZ} blocks in y or z")
+
+
+# --------------------------------------------------------------------------------------------
+# Batch norm (training)
+# --------------------------------------------------------------------------------------------
+
+def bn_statistics(partials: Tensor, eps: float, like: Tensor):
+    """(mean, invstd) per channel from the forward's partials."""
+    from .batchnorm import kernels
+    slots, K, _ = partials.shape
+    mean, invstd = like.new_empty((K,)), like.new_empty((K,))
+    if K:
+        rt.launch(kernels(_dtype(like)).finalize, K, THREADS, 0, rt.array(partials), slots,
+                  _scalar(like, eps), rt.array(mean), rt.array(invstd))
+    return mean, invstd
+
+
+def bn_normalize(z: Tensor, mean: Tensor, invstd: Tensor, gamma: Optional[Tensor],
+                 beta: Optional[Tensor], act: int) -> Tensor:
+    from .batchnorm import kernels
+    y = torch.empty_like(z)
+    if z.numel():
+        rt.launch(kernels(_dtype(z)).normalize, -(-z.numel() // THREADS), THREADS, 0,
+                  rt.array(z), rt.array(mean), rt.array(invstd),
+                  rt.array(gamma if gamma is not None else _placeholder(z, 1)),
+                  rt.array(beta if beta is not None else _placeholder(z, 1)), rt.array(y),
+                  gamma is not None, beta is not None, act)
+    return y
+
+
+def bn_backward(grad_y: Tensor, y: Tensor, z: Tensor, mean: Tensor, invstd: Tensor,
+                gamma: Optional[Tensor], act: int):
+    """(grad_z, grad_gamma, grad_beta) of y = act(BN(z)) with batch statistics."""
+    from .batchnorm import kernels
+    N, K, OH, OW = z.shape
+    k = kernels(_dtype(z))
+    sums = z.new_zeros((2, K))
+    grad_z = torch.empty_like(z)
+    pixels = N * OH * OW
+    if z.numel():
+        splits = max(1, min(_MAX_GRID_YZ, -(-pixels // (THREADS * 16)),
+                            -(-_TARGET_BLOCKS // K)))
+        per_block = -(-pixels // splits)
+        rt.launch(k.grad_sums, (K, -(-pixels // per_block)), THREADS, 0, rt.array(grad_y),
+                  rt.array(y), rt.array(z), rt.array(mean), rt.array(invstd), act,
+                  rt.array(sums), per_block)
+        rt.launch(k.grad_z, -(-z.numel() // THREADS), THREADS, 0, rt.array(grad_y),
+                  rt.array(y), rt.array(z), rt.array(mean), rt.array(invstd),
+                  rt.array(gamma if gamma is not None else _placeholder(z, 1)),
+                  gamma is not None, act, rt.array(sums), _scalar(z, pixels), rt.array(grad_z))
+    return grad_z, sums[1].clone(), sums[0].clone()
