@@ -63,6 +63,9 @@ def winograd_tile(problem: Conv2dProblem, device_type: str = "cpu",
     maps with few channels; on few pixels F2's 16 GEMMs (and 4x smaller transformed
     filters, rebuilt every call) beat F4's 36.
     """
+    if device_type != "cpu":
+        return _choose_on_gpu(problem, device_type, dtype, pass_)
+
     def runs(name: str) -> bool:
         return _runs(name, problem, device_type, dtype, pass_)
 
@@ -78,6 +81,26 @@ def winograd_tile(problem: Conv2dProblem, device_type: str = "cpu",
     order = ("winograd_f2", "winograd_f4") if p.N * p.OH * p.OW < f2_below else \
         ("winograd_f4", "winograd_f2")
     return next((BY_NAME[n] for n in order + ("winograd_f6",) if runs(n)), None)
+
+
+def leaves_to_torch(device_type: str, weight_shape, groups: int) -> bool:
+    """Whether ``auto`` in fastconv.conv2d, conv2d_bn and the modules runs torch's own
+    convolution for this layer although fastconv has kernels for the device: on a GPU,
+    every layer but depthwise ones. cuDNN's dense convolutions run on tensor cores (TF32 by
+    default for float32), which the Numba implicit GEMM does not use; fastconv's CUDA kernels
+    serve depthwise layers, fused or not, and dense layers only when asked by name
+    (algo="im2col"). Not yet measured on a GPU: revisit with numbers."""
+    depthwise = weight_shape[1] == 1 and groups > 1
+    return device_type != "cpu" and not depthwise
+
+
+def _choose_on_gpu(problem: Conv2dProblem, device_type: str, dtype: torch.dtype,
+                   pass_: Pass) -> Optional[Algorithm]:
+    """``auto`` for the custom ops on a GPU: the depthwise kernels for depthwise layers,
+    else the implicit GEMM (registered as im2col's CUDA kernels), the one that runs any."""
+    names = ("depthwise", "im2col") if problem.Cg == 1 and problem.groups > 1 else ("im2col",)
+    return next((BY_NAME[n] for n in names if _runs(n, problem, device_type, dtype, pass_)),
+                None)
 
 
 def choose(problem: Conv2dProblem, device_type: str = "cpu",
@@ -134,6 +157,9 @@ def choose(problem: Conv2dProblem, device_type: str = "cpu",
     3x3/2 512 @14 2.24 vs 2.79, 2.07; 3x3/2 256 @28, 752 weights per pixel, 1.46 vs 1.61,
     1.40, within the noise). Stride 1 keeps direct (3x3 512 @7: 2.22 vs 2.44, 1.32).
     """
+    if device_type != "cpu":
+        return _choose_on_gpu(problem, device_type, dtype, pass_)
+
     def runs(name: str) -> bool:
         return _runs(name, problem, device_type, dtype, pass_)
 

@@ -117,8 +117,7 @@ def _has_fastconv_kernels(input: Tensor) -> bool:
     """Whether some algorithm has kernels for input's device and dtype, outside autocast
     (under autocast torch casts a convolution's operands: only torch's own conv does that)."""
     device = ops.device_type(input)
-    return ((device, input.dtype) in registry.RUNNABLE
-            and not torch.is_autocast_enabled(device))
+    return registry.runnable(device, input.dtype) and not torch.is_autocast_enabled(device)
 
 
 def conv2d(input: Tensor, weight: Union[Tensor, PackedWeight], bias: Optional[Tensor] = None, stride: IntPair = 1,
@@ -175,7 +174,8 @@ def conv2d_activation(input: Tensor, weight: Union[Tensor, PackedWeight],
                         "fastconv.prepack)")
     if bias is not None and not isinstance(bias, Tensor):
         raise TypeError("fastconv: bias must be a tensor or None")
-    if algo == "auto" and not _has_fastconv_kernels(input):
+    if algo == "auto" and (not _has_fastconv_kernels(input) or dispatch.leaves_to_torch(
+            ops.device_type(input), weight.shape, groups)):
         return _torch_activation(F.conv2d(input, weight, bias, stride, padding, dilation, groups),
                                  activation)
     unbatched = input.dim() == 3
@@ -243,7 +243,8 @@ def conv2d_bn(input: Tensor, weight: Tensor, bias: Optional[Tensor],
         raise InvalidConvolution(f"fastconv: conv2d_bn expects a 4-D (N, C, H, W) input, got "
                                  f"shape {tuple(input.shape)}")
     batch_stats = training or running_mean is None or running_var is None
-    if algo == "auto" and not _has_fastconv_kernels(input):
+    if algo == "auto" and (not _has_fastconv_kernels(input) or dispatch.leaves_to_torch(
+            ops.device_type(input), weight.shape, groups)):
         z = F.conv2d(input, weight, bias, stride, padding, dilation, groups)
         return _torch_activation(F.batch_norm(z, running_mean, running_var, bn_weight, bn_bias,
                                               batch_stats, momentum, eps), activation)

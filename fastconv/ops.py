@@ -419,7 +419,7 @@ def _check_grad_bias(grad_output: Tensor) -> None:
     if grad_output.dtype not in DTYPE_CODES:
         raise UnsupportedTensor(f"fastconv: grad_bias has no {grad_output.dtype} kernel "
                                 "(float32, float64)")
-    if grad_output.device.type not in ("cpu", "meta"):
+    if grad_output.device.type not in ("cpu", "meta", "cuda"):
         raise UnsupportedTensor(f"fastconv: grad_bias has no kernel for {grad_output.device}")
 
 
@@ -427,6 +427,8 @@ def grad_bias_forward(grad_output: Tensor) -> Tensor:
     """The body of the conv2d_grad_bias op (also called directly by fastconv.autograd)."""
     _check_grad_bias(grad_output)
     N, K, OH, OW = grad_output.shape
+    if not grad_output.is_cpu:  # a plain reduction: torch's own kernel
+        return grad_output.sum((0, 2, 3))
     gb = grad_output.new_empty((K,))
     if gb.numel() == 0:
         return gb
@@ -540,6 +542,14 @@ def conv2d_bn_forward(input, weight, bias, bn_weight, bn_bias, stride, padding, 
     act = _activation_code(activation)
     K = weight.shape[0]
     _check_bn_params(K, input, bn_weight=bn_weight, bn_bias=bn_bias)
+    if not input.is_cpu:  # the CUDA kernels reduce float32 (count, mean, M2) per block
+        problem, kernels = _forward_plan(input, weight, bias, stride, padding, dilation, groups,
+                                         algo)
+        y, z, mean, invstd = kernels.conv_bn_train(problem, input, weight, bias, bn_weight,
+                                                   bn_bias, eps, act)
+        if _channels_last(input) or _channels_last(weight):  # the layout the fake promises
+            y, z = (t.contiguous(memory_format=torch.channels_last) for t in (y, z))
+        return y, z, mean, invstd
     stats = torch.empty(2 * K, dtype=torch.float64)
     z = conv2d_forward(input, weight, bias, stride, padding, dilation, groups, algo,
                        stats=stats)
@@ -618,6 +628,12 @@ def bn_act_backward(grad_y: Tensor, y: Tensor, z: Tensor, mean: Tensor, invstd: 
     differentiable: conv2d_bn has no double backward."""
     act = _activation_code(activation)
     K = z.shape[1]
+    if not z.is_cpu:
+        from .cuda import launch
+        grad_z, grad_gamma, grad_beta = launch.bn_backward(
+            grad_y.contiguous(), y.contiguous(), z.contiguous(), mean, invstd, bn_weight, act)
+        fmt = torch.channels_last if _channels_last(z) else torch.contiguous_format
+        return grad_z.contiguous(memory_format=fmt), grad_gamma, grad_beta
     z = z.contiguous(memory_format=torch.channels_last) if _channels_last(z) else z.contiguous()
     layout = NHWC if _channels_last(z) else NCHW
     fmt = torch.channels_last if layout == NHWC else torch.contiguous_format

@@ -26,6 +26,7 @@ from typing import Callable, Mapping, Optional
 import torch
 
 from .backend import CppKernels, NaiveKernels, Pass
+from .cuda.kernels import CudaKernels
 from .errors import AlgorithmUnavailable
 from .problem import Conv2dProblem
 
@@ -40,8 +41,9 @@ def _runs_everything(problem: Conv2dProblem) -> Optional[str]:
 class Algorithm:
     name: str
     summary: str
-    #: Kernels per torch device type ("cpu", later "cuda"): objects with forward,
-    #: grad_input, grad_weight, has(pass, dtype) and workspace_bytes(problem, pass, dtype).
+    #: Kernels per torch device type ("cpu", "cuda"): objects with forward, grad_input,
+    #: grad_weight, has(pass, dtype) and workspace_bytes(problem, pass, dtype), and
+    #: optionally missing() (why they cannot run in this process, or None).
     kernels: Mapping[str, object]
     dtypes: tuple = FLOATS
     #: The reason this algorithm cannot run a (valid) problem, or None if it can.
@@ -62,6 +64,10 @@ class Algorithm:
         or None when it can."""
         if device_type not in self.kernels:
             return f"it has no kernels for {device_type} tensors (only {', '.join(self.devices)})"
+        missing = getattr(self.kernels[device_type], "missing", None)
+        reason = missing() if missing is not None else None
+        if reason is not None:  # an optional dependency (numba-cuda) is absent
+            return f"its {device_type} kernels cannot run: {reason}"
         if dtype not in self.dtypes:
             names = ", ".join(str(d).replace("torch.", "") for d in self.dtypes)
             return f"it has no {str(dtype).replace('torch.', '')} kernels (only {names})"
@@ -133,8 +139,9 @@ ALGORITHMS: tuple = (
     Algorithm(
         name="im2col",
         summary="im2col (implicit for large NCHW maps) + BLIS-style packed GEMM; 1x1 layers "
-                "read the activation as the GEMM operand",
-        kernels={"cpu": CppKernels("im2col")},
+                "read the activation as the GEMM operand. On CUDA: an implicit GEMM (Numba, "
+                "64x64 tiles), any groups",
+        kernels={"cpu": CppKernels("im2col"), "cuda": CudaKernels("implicit_gemm")},
     ),
     _winograd(2, "the most accurate tile; all three passes"),
     _winograd(4, "all three passes"),
@@ -147,7 +154,7 @@ ALGORITHMS: tuple = (
                 "pixels); grad-input as a rotated forward (stride 1), by stride phases "
                 "(NCHW stride 2) or a scatter, grad-weight per channel (NCHW in the "
                 "forward's tiles)",
-        kernels={"cpu": CppKernels("depthwise")},
+        kernels={"cpu": CppKernels("depthwise"), "cuda": CudaKernels("depthwise")},
         check=_depthwise,
     ),
     Algorithm(
@@ -176,6 +183,31 @@ FAMILIES = {f: tuple(a for a in ALGORITHMS if a.family == f)
 DEVICE_TYPES = tuple(sorted({d for a in ALGORITHMS for d in a.devices}))
 #: (device type, dtype) pairs that some algorithm has kernels for.
 RUNNABLE = frozenset((d, t) for a in ALGORITHMS for d in a.devices for t in a.dtypes)
+
+
+def _can_run(device_type: str, dtype: torch.dtype) -> bool:
+    return any(device_type in a.kernels and dtype in a.dtypes
+               and a.kernels[device_type].has(Pass.FORWARD, dtype) for a in ALGORITHMS)
+
+
+#: (device type, dtype) -> whether some algorithm's kernels can run in this process. The CPU
+#: entries are known at import, so torch.compile reads a dict (it cannot trace into _C).
+_RUNNABLE_NOW = {("cpu", t): _can_run("cpu", t) for t in FLOATS}
+
+
+def runnable(device_type: str, dtype: torch.dtype) -> bool:
+    """Whether some algorithm's kernels for that device and dtype can run in this process
+    (the CUDA ones need numba-cuda, an optional extra). Cached: it is asked on every call."""
+    known = _RUNNABLE_NOW.get((device_type, dtype))
+    if known is None:
+        known = _RUNNABLE_NOW[(device_type, dtype)] = _can_run(device_type, dtype)
+    return known
+
+
+def forget_runnable() -> None:
+    """Ask the kernels again (after numba-cuda's availability changed: tests)."""
+    for key in [k for k in _RUNNABLE_NOW if k[0] != "cpu"]:
+        del _RUNNABLE_NOW[key]
 
 
 def get(name: str) -> Algorithm:

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import fastconv
+import fastconv.cuda
 from fastconv.backend import CppKernels
 from fastconv import dispatch, registry
 from fastconv.backend import Pass, _C
@@ -105,7 +106,8 @@ def test_auto_per_pass_on_grouped_layers(layer, grad_weight):
 def test_auto_finds_nothing_for_dtypes_without_kernels():
     problem = _problem(NETWORKS["resnet50"][1])
     assert dispatch.choose(problem, "cpu", torch.float16) is None
-    assert dispatch.choose(problem, "cuda", torch.float32) is None
+    assert dispatch.choose(problem, "cuda", torch.float16) is None
+    assert dispatch.choose(problem, "mps", torch.float32) is None
 
 
 @pytest.mark.parametrize("shape,weight,kw", [
@@ -148,7 +150,12 @@ def test_every_entry_declares_its_domain(algo):
             assert a.workspace_bytes(problem, pass_, torch.float32) >= 0
     reason = a.unsupported(problem, "cpu", torch.float16)
     assert reason and "float16" in reason
-    assert "cuda" in a.unsupported(problem, "cuda", torch.float32)
+    on_cuda = a.unsupported(problem, "cuda", torch.float32)
+    if "cuda" not in a.devices:
+        assert "cuda" in on_cuda
+    elif fastconv.cuda.unavailable() is None or "no CUDA device" in fastconv.cuda.unavailable():
+        # numba-cuda installed: the same domain on both devices
+        assert on_cuda == a.unsupported(problem, "cpu", torch.float32)
 
 
 def test_explain_names_choice_flops_and_workspace():
