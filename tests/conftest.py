@@ -5,6 +5,7 @@ Which problems an algorithm runs comes from its registry entry (``supported``), 
 per-algorithm lists in the tests: a case outside an algorithm's domain checks the error."""
 from __future__ import annotations
 
+import os
 import threading
 
 import pytest
@@ -14,6 +15,11 @@ import fastconv
 from fastconv import registry
 from fastconv.backend import Pass
 from fastconv.errors import AlgorithmUnavailable
+
+# The simulated CUDA kernels run in a process of their own (NUMBA_ENABLE_CUDASIM must be set
+# before numba is imported): NUMBA_ENABLE_CUDASIM=1 python -m pytest tests/cuda_sim.
+collect_ignore = [] if os.environ.get("NUMBA_ENABLE_CUDASIM", "0") not in ("", "0") else [
+    "cuda_sim"]
 
 ALL_ISAS = ("avx512", "avx2", "scalar")
 ALGOS = [a.name for a in registry.ALGORITHMS]
@@ -176,3 +182,15 @@ def run_in_threads(body, count: int) -> None:
         t.join()
     if errors:
         raise errors[0]
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The CUDA kernels' registers per thread (sm_90), when tests/test_cuda_ptx.py ran."""
+    import sys
+    ptx = sys.modules.get("test_cuda_ptx")
+    if ptx is None or not ptx.REGISTERS:
+        return
+    terminalreporter.section(f"CUDA kernels, ptxas sm_90: {len(ptx.REGISTERS)} compiled")
+    for name, (registers, spills) in sorted(ptx.REGISTERS.items()):
+        terminalreporter.write_line(f"{name:34s} {registers:4d} registers, {spills} bytes "
+                                    "spilled")
