@@ -83,3 +83,35 @@ def test_launchers_without_a_gpu_or_simulator():
     assert "no CUDA device" in fc.unavailable()
     with pytest.raises(RuntimeError, match="no CUDA device"):
         fc.depthwise_conv2d_forward(torch.randn(1, 2, 4, 4), torch.randn(2, 1, 3, 3))
+
+
+def test_depthwise_launch_geometry():
+    """Tiles as wide as the row, several planes per block on small maps (one when reducing
+    statistics), fewer rows when the halo would pass 48 KiB, none when one row would."""
+    from fastconv.cuda import geometry
+    small = geometry.conv_geometry(conv2d_problem((2, 6, 7, 7), (6, 1, 3, 3), (1, 1),
+                                                  (1, 1, 1, 1), (1, 1), 6))
+    tile = geometry.depthwise_tile(small)
+    assert (tile.tile_w, tile.planes, tile.thread_rows) == (8, 2, 8)
+    assert geometry.depthwise_tile(small, with_stats=True).planes == 1
+    big = geometry.conv_geometry(conv2d_problem((1, 4, 112, 112), (4, 1, 3, 3), (1, 1),
+                                                (1, 1, 1, 1), (1, 1), 4))
+    tile = geometry.depthwise_tile(big)
+    assert (tile.tile_w, tile.thread_rows, tile.rows, tile.planes) == (32, 4, 4, 1)
+    assert tile.shared_values(big, False) == 18 * 34 + 9
+    dilated = geometry.conv_geometry(conv2d_problem((1, 1, 200, 200), (1, 1, 3, 3), (1, 1),
+                                                    (0, 0, 0, 0), (45, 45), 1))
+    tile = geometry.depthwise_tile(dilated)
+    assert tile.rows < 4 and tile.shared_values(dilated, False) * 4 <= geometry.SHARED_BYTES
+    huge = geometry.conv_geometry(conv2d_problem((1, 1, 400, 400), (1, 1, 3, 3), (1, 1),
+                                                 (0, 0, 0, 0), (150, 150), 1))
+    assert geometry.depthwise_tile(huge) is None
+
+
+def test_kernel_geometry_is_int32():
+    import numpy as np
+    from fastconv.cuda import geometry
+    g = geometry.kernel_arg(geometry.conv_geometry(DENSE))
+    assert all(isinstance(v, np.int32) for v in g) and g.K == 4
+    with pytest.raises(ValueError, match="32 bits"):
+        geometry.kernel_arg(g._replace(N=2 ** 31))

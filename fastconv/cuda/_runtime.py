@@ -56,7 +56,9 @@ def array(t: torch.Tensor):
     """The kernel argument for tensor t (a numba device array view, or a numpy view)."""
     if simulated():
         return t.detach().numpy()
-    return cuda().as_cuda_array(t.detach())
+    # sync=False: the kernels run on torch's current stream, which already orders them after
+    # the work that wrote t; numba's default would synchronise the host on t's stream.
+    return cuda().as_cuda_array(t.detach(), sync=False)
 
 
 _STREAMS: dict = {}

@@ -2,7 +2,7 @@
 the tile shapes chosen per problem (no numba here, so choices can be tested anywhere)."""
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import numpy as np
 
@@ -82,11 +82,18 @@ def _pow2_at_least(n: int, lo: int, hi: int) -> int:
     return v
 
 
-def depthwise_tile(g: ConvGeometry, with_stats: bool = False) -> DepthwiseTile:
+#: Shared memory a block may take without opting in to more (every CUDA GPU since sm_20).
+SHARED_BYTES = 48 * 1024
+
+
+def depthwise_tile(g: ConvGeometry, with_stats: bool = False,
+                   itemsize: int = 4) -> Optional[DepthwiseTile]:
     """The tile for one problem: as wide as the output row (8 to 32, a power of two), and up
     to 4 rows per thread so that each staged input row serves several output rows. Small
     maps put several planes in one block rather than leave threads idle (MobileNetV2's 7x7
-    and 14x14 layers); statistics need one plane per block (one channel to reduce)."""
+    and 14x14 layers); statistics need one plane per block (one channel to reduce). Fewer
+    rows where the staged halo would pass SHARED_BYTES; None where even one row would (huge
+    kernels or dilations: the caller runs the implicit GEMM instead)."""
     tile_w = _pow2_at_least(g.OW, 8, 32)
     per_plane = THREADS // tile_w           # thread rows if the block held one plane
     planes = 1
@@ -95,12 +102,15 @@ def depthwise_tile(g: ConvGeometry, with_stats: bool = False) -> DepthwiseTile:
             planes *= 2
             per_plane //= 2
     thread_rows = per_plane
-    rows = max(1, min(4, -(-g.OH // thread_rows)))
-    tile_h = thread_rows * rows
-    in_h = (tile_h - 1) * g.sh + (g.R - 1) * g.dh + 1
     in_w = (tile_w - 1) * g.sw + (g.S - 1) * g.dw + 1
-    return DepthwiseTile(tile_w, thread_rows, rows, planes, in_h, in_w,
-                         -(-g.OW // tile_w), -(-g.OH // tile_h))
+    for rows in range(max(1, min(4, -(-g.OH // thread_rows))), 0, -1):
+        tile_h = thread_rows * rows
+        in_h = (tile_h - 1) * g.sh + (g.R - 1) * g.dh + 1
+        tile = DepthwiseTile(tile_w, thread_rows, rows, planes, in_h, in_w,
+                             -(-g.OW // tile_w), -(-g.OH // tile_h))
+        if tile.shared_values(g, with_stats) * itemsize <= SHARED_BYTES:
+            return tile
+    return None
 
 
 class GemmTile(NamedTuple):

@@ -56,13 +56,14 @@ def forward(problem, x: Tensor, w: Tensor, bias: Optional[Tensor], y: Tensor, ac
     (count, mean, M2) of y for batchnorm.finalize (shape slots x K x 3)."""
     g = conv_geometry(problem, act)
     b = bias if bias is not None else _placeholder(x, 1)
+    tile = None
     if _depthwise_kernels(problem, algorithm):
+        tile = depthwise_tile(g, partials, x.element_size())
+        if tile is not None and tile.tiles_w * tile.tiles_h > _MAX_GRID_YZ:
+            tile = None   # a map too large for grid.y: the implicit GEMM runs it
+    if tile is not None:  # (None: the halo does not fit in shared memory either)
         from .depthwise import kernels
-        tile = depthwise_tile(g, with_stats=partials)
         tiles = tile.tiles_w * tile.tiles_h
-        if tiles > _MAX_GRID_YZ:
-            raise ValueError(f"fastconv.cuda: a {g.OH}x{g.OW} output needs {tiles} tiles per "
-                             f"plane; the grid takes {_MAX_GRID_YZ}")
         part = (x.new_empty((g.N * tiles, g.K, 3)) if partials else _placeholder(x, 3))
         grid = (-(-(g.N * g.K) // tile.planes), tiles)
         rt.launch(kernels(_dtype(x)).forward, grid, THREADS,
@@ -109,16 +110,15 @@ def grad_weight(problem, gy: Tensor, x: Tensor, gw: Tensor,
     g = conv_geometry(problem)
     gw.zero_()
     pixels = g.N * g.OH * g.OW
+    rows = 0
     if _depthwise_kernels(problem, algorithm):
+        taps = _GRAD_WEIGHT_TAPS * 4 // gy.element_size()
+        rows = min(g.R, taps // g.S)
+    if rows > 0:   # depthwise (0: a filter row longer than the shared slots; implicit GEMM)
         from .depthwise import kernels
         splits = max(1, min(_MAX_GRID_YZ, -(-pixels // (THREADS * 16)),
                             -(-_TARGET_BLOCKS // g.K)))
         per_block = -(-pixels // splits)
-        taps = _GRAD_WEIGHT_TAPS * 4 // gy.element_size()
-        rows = max(1, min(g.R, taps // g.S))
-        if rows * g.S > taps:
-            raise ValueError(f"fastconv.cuda: the depthwise grad-weight takes filter rows of "
-                             f"at most {taps} taps, got {g.S}")
         rt.launch(kernels(_dtype(gy)).grad_weight, (g.K, -(-pixels // per_block)), THREADS,
                   rows * g.S * THREADS * gy.element_size(), rt.array(gy), rt.array(x),
                   rt.array(gw), kernel_arg(g), per_block, rows)

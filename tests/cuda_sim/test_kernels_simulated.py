@@ -15,7 +15,6 @@ import torch.nn.functional as F
 
 import fastconv.cuda as fc
 from fastconv import reference
-from fastconv.cuda import geometry
 from fastconv.problem import conv2d_problem
 
 from conftest import assert_close, tolerances
@@ -261,11 +260,20 @@ def test_errors_are_clear():
         fc.depthwise_conv2d_forward(x, w, padding=-1)
 
 
-def test_launch_geometry_packs_small_maps():
-    g = geometry.conv_geometry(DEPTHWISE[5].problem)
-    tile = geometry.depthwise_tile(g)
-    assert tile.planes > 1 and tile.tile_w == 8
-    assert geometry.depthwise_tile(g, with_stats=True).planes == 1
+def test_depthwise_beyond_shared_memory_runs_the_implicit_gemm():
+    """A dilation whose halo would not fit in 48 KiB of shared memory (forward), and a filter
+    row longer than grad-weight's shared slots: both run the implicit GEMM, same results."""
+    case = Case("dilation 60", 1, 1, 1, 125, 125, 3, 3, dilation=(60, 60))
+    x, w, b = case.tensors()
+    y = fc.depthwise_conv2d_forward(x, w, b, case.stride, case.padding, case.dilation)
+    assert_close(y, reference.conv2d(x, w, b, *case.args, 1), atol=1e-5, rtol=1e-5,
+                 what="forward, dilation 60")
+    row = Case("1x65 filter", 1, 2, 2, 2, 70, 1, 65, groups=2)
+    x, w, _ = row.tensors()
+    gy = torch.randn(row.problem.output_shape)
+    gw = fc.depthwise_conv2d_grad_weight(gy, x, w.shape, *row.args)
+    assert_close(gw, reference.conv2d_grad_weight(gy, x, w.shape, *row.args, 2), atol=1e-5,
+                 rtol=1e-5, what="grad-weight, 65 taps per row")
 
 
 @pytest.mark.parametrize("name", ["depthwise", "implicit_gemm"])
