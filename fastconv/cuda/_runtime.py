@@ -36,7 +36,10 @@ def cuda():
     reason = import_error()
     if reason is not None:
         raise ImportError(f"fastconv.cuda: {reason}")
+    from numba import config
     from numba import cuda as numba_cuda
+    # Small grids (a finalize over 64 channels) are deliberate: no warning on every call.
+    config.CUDA_LOW_OCCUPANCY_WARNINGS = 0
     return numba_cuda
 
 
@@ -64,18 +67,28 @@ def array(t: torch.Tensor):
 _STREAMS: dict = {}
 
 
-def stream():
-    """torch's current CUDA stream as a numba stream (0, the default, under the simulator);
-    one numba wrapper per torch stream, kept for the next launch."""
+def stream(device: torch.device):
+    """torch's current CUDA stream of ``device`` as a numba stream (0, the default, under the
+    simulator); one numba wrapper per torch stream, kept for the next launch."""
     if simulated():
         return 0
-    handle = torch.cuda.current_stream().cuda_stream
-    wrapped = _STREAMS.get(handle)
+    handle = torch.cuda.current_stream(device).cuda_stream
+    wrapped = _STREAMS.get((device.index, handle))
     if wrapped is None:
-        wrapped = _STREAMS[handle] = cuda().external_stream(handle)
+        wrapped = _STREAMS[(device.index, handle)] = cuda().external_stream(handle)
     return wrapped
 
 
 def launch(kernel, grid, block, shared_bytes: int, *args) -> None:
-    """kernel[grid, block, stream, shared_bytes](*args) on torch's current stream."""
-    kernel[grid, block, stream(), shared_bytes](*args)
+    """kernel[grid, block, stream, shared_bytes](*args) on the current stream of the tensors'
+    device, torch tensors among ``args`` passed as arrays. The device is made current first:
+    custom ops do not switch devices, and numba takes its context from the thread's current
+    one (a model on cuda:1 while cuda:0 is current would otherwise launch in the wrong one)."""
+    device = next(a.device for a in args if isinstance(a, torch.Tensor))
+    if simulated():
+        kernel[grid, block, 0, shared_bytes](*(array(a) if isinstance(a, torch.Tensor) else a
+                                               for a in args))
+        return
+    with torch.cuda.device(device):
+        arrays = [array(a) if isinstance(a, torch.Tensor) else a for a in args]
+        kernel[grid, block, stream(device), shared_bytes](*arrays)

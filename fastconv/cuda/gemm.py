@@ -29,6 +29,10 @@ from .geometry import GEMM_TILE, THREADS
 BM, BN, BK, TM, TN = GEMM_TILE
 COL_THREADS = BN // TN   # threads along a row of the tile (consecutive thread indices)
 ROW_THREADS = BM // TM
+#: Padding of A's shared rows: consecutive threads store A along the reduction (column mm,
+#: rows kq), a stride of BM values, 8 of them on one bank without it.
+PAD = 4
+A_COLS = BM + PAD  # (shared shapes must be module constants)
 STATS_VALUES = 3 * TM * THREADS  # (count, mean, M2) per accumulator row and thread
 FORWARD, GRAD_INPUT, GRAD_WEIGHT = 0, 1, 2
 
@@ -106,7 +110,7 @@ def kernel(dtype: str, kind: int):
     @cuda.jit
     def gemm(a_src, b_src, out, bias, partials, g, M, columns, depth, depth_per_split,
              has_bias, with_stats):
-        sa = cuda.shared.array((BK, BM), dtype=T)
+        sa = cuda.shared.array((BK, A_COLS), dtype=T)
         sb = cuda.shared.array((BK, BN), dtype=T)
         ss = cuda.shared.array(STATS_VALUES, dtype=T)  # the statistics' merges
         t = cuda.threadIdx.x

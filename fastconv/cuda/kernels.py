@@ -61,8 +61,8 @@ class CudaKernels:
         from . import launch
         z = torch.empty(problem.output_shape, dtype=x.dtype, device=x.device)
         if z.numel() == 0:
-            mean = x.new_zeros((problem.K,))
-            return torch.empty_like(z), z, mean, mean.clone()
+            mean = x.new_zeros((problem.K,))   # as the CPU's: no values, mean 0, var 0
+            return torch.empty_like(z), z, mean, torch.full_like(mean, eps).rsqrt_()
         partials = launch.forward(problem, x.contiguous(), w.contiguous(), b, z, ACT_NONE,
                                   partials=True, algorithm=self.name)
         mean, invstd = launch.bn_statistics(partials, eps, z)

@@ -67,8 +67,7 @@ def forward(problem, x: Tensor, w: Tensor, bias: Optional[Tensor], y: Tensor, ac
         part = (x.new_empty((g.N * tiles, g.K, 3)) if partials else _placeholder(x, 3))
         grid = (-(-(g.N * g.K) // tile.planes), tiles)
         rt.launch(kernels(_dtype(x)).forward, grid, THREADS,
-                  tile.shared_values(g, partials) * x.element_size(),
-                  rt.array(x), rt.array(w), rt.array(b), rt.array(y), rt.array(part),
+                  tile.shared_values(g, partials) * x.element_size(), x, w, b, y, part,
                   kernel_arg(g), kernel_arg(tile), bias is not None, partials)
         return part if partials else None
     from .gemm import FORWARD, kernel
@@ -78,9 +77,8 @@ def forward(problem, x: Tensor, w: Tensor, bias: Optional[Tensor], y: Tensor, ac
     grid = (blocks_x, -(-g.Kg // GEMM_TILE.BM), g.groups)
     _check_grid(grid)
     depth = g.Cg * g.R * g.S
-    rt.launch(kernel(_dtype(x), FORWARD), grid, THREADS, 0, rt.array(w), rt.array(x),
-              rt.array(y), rt.array(b), rt.array(part), kernel_arg(g), g.Kg, columns, depth, depth,
-              bias is not None, partials)
+    rt.launch(kernel(_dtype(x), FORWARD), grid, THREADS, 0, w, x, y, b, part, kernel_arg(g),
+              g.Kg, columns, depth, depth, bias is not None, partials)
     return part if partials else None
 
 
@@ -91,16 +89,16 @@ def grad_input(problem, gy: Tensor, w: Tensor, gx: Tensor,
         from .depthwise import kernels
         total = g.N * g.C * g.H * g.W
         rt.launch(kernels(_dtype(gy)).grad_input, -(-total // THREADS), THREADS, 0,
-                  rt.array(gy), rt.array(w), rt.array(gx), kernel_arg(g))
+                  gy, w, gx, kernel_arg(g))
         return
     from .gemm import GRAD_INPUT, kernel
     columns = g.N * g.H * g.W
     grid = (-(-columns // GEMM_TILE.BN), -(-g.Cg // GEMM_TILE.BM), g.groups)
     _check_grid(grid)
     depth = g.Kg * g.R * g.S
-    rt.launch(kernel(_dtype(gy), GRAD_INPUT), grid, THREADS, 0, rt.array(w), rt.array(gy),
-              rt.array(gx), rt.array(_placeholder(gy, 1)), rt.array(_placeholder(gy, 3)),
-              kernel_arg(g), g.Cg, columns, depth, depth, False, False)
+    rt.launch(kernel(_dtype(gy), GRAD_INPUT), grid, THREADS, 0, w, gy, gx,
+              _placeholder(gy, 1), _placeholder(gy, 3), kernel_arg(g), g.Cg, columns, depth,
+              depth, False, False)
 
 
 def grad_weight(problem, gy: Tensor, x: Tensor, gw: Tensor,
@@ -110,6 +108,8 @@ def grad_weight(problem, gy: Tensor, x: Tensor, gw: Tensor,
     g = conv_geometry(problem)
     gw.zero_()
     pixels = g.N * g.OH * g.OW
+    if pixels == 0:
+        return
     rows = 0
     if _depthwise_kernels(problem, algorithm):
         taps = _GRAD_WEIGHT_TAPS * 4 // gy.element_size()
@@ -120,8 +120,8 @@ def grad_weight(problem, gy: Tensor, x: Tensor, gw: Tensor,
                             -(-_TARGET_BLOCKS // g.K)))
         per_block = -(-pixels // splits)
         rt.launch(kernels(_dtype(gy)).grad_weight, (g.K, -(-pixels // per_block)), THREADS,
-                  rows * g.S * THREADS * gy.element_size(), rt.array(gy), rt.array(x),
-                  rt.array(gw), kernel_arg(g), per_block, rows)
+                  rows * g.S * THREADS * gy.element_size(), gy, x,
+                  gw, kernel_arg(g), per_block, rows)
         return
     from .gemm import GRAD_WEIGHT, kernel
     columns = g.Cg * g.R * g.S
@@ -134,8 +134,8 @@ def grad_weight(problem, gy: Tensor, x: Tensor, gw: Tensor,
     splits = -(-pixels // per_split)
     grid = (-(-columns // GEMM_TILE.BN), -(-g.Kg // GEMM_TILE.BM), g.groups * splits)
     _check_grid(grid)
-    rt.launch(kernel(_dtype(gy), GRAD_WEIGHT), grid, THREADS, 0, rt.array(gy), rt.array(x),
-              rt.array(gw), rt.array(_placeholder(gy, 1)), rt.array(_placeholder(gy, 3)),
+    rt.launch(kernel(_dtype(gy), GRAD_WEIGHT), grid, THREADS, 0, gy, x,
+              gw, _placeholder(gy, 1), _placeholder(gy, 3),
               kernel_arg(g), g.Kg, columns, pixels, per_split, False, False)
 
 
@@ -154,8 +154,8 @@ def bn_statistics(partials: Tensor, eps: float, like: Tensor):
     slots, K, _ = partials.shape
     mean, invstd = like.new_empty((K,)), like.new_empty((K,))
     if K:
-        rt.launch(kernels(_dtype(like)).finalize, K, THREADS, 0, rt.array(partials), slots,
-                  _scalar(like, eps), rt.array(mean), rt.array(invstd))
+        rt.launch(kernels(_dtype(like)).finalize, K, THREADS, 0, partials, slots,
+                  _scalar(like, eps), mean, invstd)
     return mean, invstd
 
 
@@ -165,9 +165,8 @@ def bn_normalize(z: Tensor, mean: Tensor, invstd: Tensor, gamma: Optional[Tensor
     y = torch.empty_like(z)
     if z.numel():
         rt.launch(kernels(_dtype(z)).normalize, -(-z.numel() // THREADS), THREADS, 0,
-                  rt.array(z), rt.array(mean), rt.array(invstd),
-                  rt.array(gamma if gamma is not None else _placeholder(z, 1)),
-                  rt.array(beta if beta is not None else _placeholder(z, 1)), rt.array(y),
+                  z, mean, invstd, gamma if gamma is not None else _placeholder(z, 1),
+                  beta if beta is not None else _placeholder(z, 1), y,
                   gamma is not None, beta is not None, act)
     return y
 
@@ -185,11 +184,9 @@ def bn_backward(grad_y: Tensor, y: Tensor, z: Tensor, mean: Tensor, invstd: Tens
         splits = max(1, min(_MAX_GRID_YZ, -(-pixels // (THREADS * 16)),
                             -(-_TARGET_BLOCKS // K)))
         per_block = -(-pixels // splits)
-        rt.launch(k.grad_sums, (K, -(-pixels // per_block)), THREADS, 0, rt.array(grad_y),
-                  rt.array(y), rt.array(z), rt.array(mean), rt.array(invstd), act,
-                  rt.array(sums), per_block)
-        rt.launch(k.grad_z, -(-z.numel() // THREADS), THREADS, 0, rt.array(grad_y),
-                  rt.array(y), rt.array(z), rt.array(mean), rt.array(invstd),
-                  rt.array(gamma if gamma is not None else _placeholder(z, 1)),
-                  gamma is not None, act, rt.array(sums), _scalar(z, pixels), rt.array(grad_z))
+        rt.launch(k.grad_sums, (K, -(-pixels // per_block)), THREADS, 0, grad_y, y, z, mean,
+                  invstd, act, sums, per_block)
+        rt.launch(k.grad_z, -(-z.numel() // THREADS), THREADS, 0, grad_y, y, z, mean, invstd,
+                  gamma if gamma is not None else _placeholder(z, 1),
+                  gamma is not None, act, sums, _scalar(z, pixels), grad_z)
     return grad_z, sums[1].clone(), sums[0].clone()

@@ -308,3 +308,15 @@ def test_registry_adapter(name):
     with pytest.raises(ValueError, match="stats buffer"):
         k.forward(p, x, NCHW, w, b, torch.empty(p.output_shape), NCHW, None, 0,
                   torch.empty(2 * p.K, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("name", ["depthwise", "implicit_gemm"])
+def test_empty_batch_gradients(name):
+    """An empty batch: grad-weight is zeros (no launch over zero pixels), as on the CPU."""
+    from fastconv.backend import NCHW
+    from fastconv.cuda.kernels import CudaKernels
+    p = conv2d_problem((0, 4, 5, 5), (4, 1, 3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 4)
+    gw = torch.full(p.weight_shape, 7.0)
+    CudaKernels(name).grad_weight(p, torch.empty(p.output_shape), NCHW,
+                                  torch.empty(p.input_shape), NCHW, gw)
+    assert torch.equal(gw, torch.zeros(p.weight_shape))
