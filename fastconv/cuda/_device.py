@@ -20,6 +20,18 @@ from numba import cuda
 ACT_RELU, ACT_RELU6 = 1, 2
 
 
+@cuda.jit(device=True, inline="always")
+def unravel_pixel(p, H, W):
+    """(n, h, w) of flat pixel index p over N x H x W."""
+    return p // (H * W), (p // W) % H, p % W
+
+
+@cuda.jit(device=True, inline="always")
+def unravel_nchw(i, C, H, W):
+    """(n, c, h, w) of flat index i over N x C x H x W."""
+    return i // (C * H * W), (i // (H * W)) % C, (i // W) % H, i % W
+
+
 @functools.lru_cache(maxsize=None)
 def helpers(dtype: str) -> SimpleNamespace:
     """The helpers for one float type ('float32' or 'float64'). Built per type because numba

@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import numpy as np
 from numba import cuda
 
-from ._device import helpers
+from ._device import helpers, unravel_nchw, unravel_pixel
 from .geometry import THREADS
 
 TRIPLES = 3 * THREADS  # shared values of one block's merges (shapes must be literals)
@@ -54,10 +54,7 @@ def kernels(dtype: str) -> SimpleNamespace:
         i = cuda.grid(1)
         if i >= N * K * OH * OW:
             return
-        ow = i % OW
-        oh = (i // OW) % OH
-        k = (i // (OW * OH)) % K
-        n = i // (OW * OH * K)
+        n, k, oh, ow = unravel_nchw(i, K, OH, OW)
         scale = invstd[k] * (gamma[k] if has_gamma else ONE)
         v = (z[n, k, oh, ow] - mean[k]) * scale + (beta[k] if has_beta else ZERO)
         y[n, k, oh, ow] = activate(v, act)
@@ -75,9 +72,7 @@ def kernels(dtype: str) -> SimpleNamespace:
         sg = ZERO
         sgx = ZERO
         for p in range(begin + t, end, THREADS):
-            ow = p % OW
-            oh = (p // OW) % OH
-            n = p // (OW * OH)
+            n, oh, ow = unravel_pixel(p, OH, OW)
             if activation_passes(y[n, k, oh, ow], act):
                 g = grad_y[n, k, oh, ow]
                 sg += g
@@ -93,10 +88,7 @@ def kernels(dtype: str) -> SimpleNamespace:
         i = cuda.grid(1)
         if i >= N * K * OH * OW:
             return
-        ow = i % OW
-        oh = (i // OW) % OH
-        k = (i // (OW * OH)) % K
-        n = i // (OW * OH * K)
+        n, k, oh, ow = unravel_nchw(i, K, OH, OW)
         g = grad_y[n, k, oh, ow] if activation_passes(y[n, k, oh, ow], act) else ZERO
         xhat = (z[n, k, oh, ow] - mean[k]) * invstd[k]
         scale = invstd[k] * (gamma[k] if has_gamma else ONE)

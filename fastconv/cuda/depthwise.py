@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import numpy as np
 from numba import cuda
 
-from ._device import helpers
+from ._device import helpers, unravel_nchw, unravel_pixel
 from .geometry import THREADS
 
 #: Register budget of the float32 depthwise kernels: 64 lets 8 blocks of 128 threads share
@@ -115,10 +115,7 @@ def kernels(dtype: str) -> SimpleNamespace:
         total = g.N * g.C * g.H * g.W
         if i >= total:
             return
-        iw = i % g.W
-        ih = (i // g.W) % g.H
-        c = (i // (g.W * g.H)) % g.C
-        n_img = i // (g.W * g.H * g.C)
+        n_img, c, ih, iw = unravel_nchw(i, g.C, g.H, g.W)
         acc = ZERO
         for m in range(g.Kg):
             k = c * g.Kg + m
@@ -152,9 +149,7 @@ def kernels(dtype: str) -> SimpleNamespace:
             for q in range(count):
                 sm[q * THREADS + t] = ZERO
             for p in range(begin + t, end, THREADS):
-                ow = p % g.OW
-                oh = (p // g.OW) % g.OH
-                n_img = p // (g.OW * g.OH)
+                n_img, oh, ow = unravel_pixel(p, g.OH, g.OW)
                 grad = gy[n_img, k, oh, ow]
                 ih = oh * g.sh - g.pt + r0 * g.dh
                 iw0 = ow * g.sw - g.pl

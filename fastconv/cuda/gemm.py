@@ -23,7 +23,7 @@ import functools
 import numpy as np
 from numba import cuda
 
-from ._device import helpers
+from ._device import helpers, unravel_pixel
 from .geometry import GEMM_TILE, THREADS
 
 BM, BN, BK, TM, TN = GEMM_TILE
@@ -48,9 +48,7 @@ def _loaders(dtype: str):
     @cuda.jit(device=True, inline="always")
     def image_column(x, g, grp, kk, p):        # forward B: im2col(x)[kk = (c, r, s), p]
         rs = g.R * g.S
-        ow = p % g.OW
-        oh = (p // g.OW) % g.OH
-        n = p // (g.OW * g.OH)
+        n, oh, ow = unravel_pixel(p, g.OH, g.OW)
         ih = oh * g.sh - g.pt + ((kk % rs) // g.S) * g.dh
         iw = ow * g.sw - g.pl + (kk % g.S) * g.dw
         if 0 <= ih < g.H and 0 <= iw < g.W:
@@ -65,9 +63,7 @@ def _loaders(dtype: str):
     @cuda.jit(device=True, inline="always")
     def gathered_grad(gy, g, grp, kk, p):      # grad-input B: gy at the tap's output, if any
         rs = g.R * g.S
-        iw = p % g.W
-        ih = (p // g.W) % g.H
-        n = p // (g.W * g.H)
+        n, ih, iw = unravel_pixel(p, g.H, g.W)
         th = ih + g.pt - ((kk % rs) // g.S) * g.dh
         tw = iw + g.pl - (kk % g.S) * g.dw
         if th >= 0 and tw >= 0 and th % g.sh == 0 and tw % g.sw == 0:
@@ -79,21 +75,12 @@ def _loaders(dtype: str):
 
     @cuda.jit(device=True, inline="always")
     def grad_row(gy, g, grp, m, kk):           # grad-weight A: gy[n, grp Kg + m, oh, ow], kk = pixel
-        ow = kk % g.OW
-        oh = (kk // g.OW) % g.OH
-        return gy[kk // (g.OW * g.OH), grp * g.Kg + m, oh, ow]
+        n, oh, ow = unravel_pixel(kk, g.OH, g.OW)
+        return gy[n, grp * g.Kg + m, oh, ow]
 
     @cuda.jit(device=True, inline="always")
     def image_row(x, g, grp, kk, col):         # grad-weight B: im2col(x)^T[pixel kk, (c, r, s)]
-        rs = g.R * g.S
-        ow = kk % g.OW
-        oh = (kk // g.OW) % g.OH
-        n = kk // (g.OW * g.OH)
-        ih = oh * g.sh - g.pt + ((col % rs) // g.S) * g.dh
-        iw = ow * g.sw - g.pl + (col % g.S) * g.dw
-        if 0 <= ih < g.H and 0 <= iw < g.W:
-            return x[n, grp * g.Cg + col // rs, ih, iw]
-        return ZERO
+        return image_column(x, g, grp, col, kk)
 
     return {FORWARD: (weight_row, image_column), GRAD_INPUT: (weight_column, gathered_grad),
             GRAD_WEIGHT: (grad_row, image_row)}
@@ -164,9 +151,8 @@ def kernel(dtype: str, kind: int):
                         p = n0 + tc + j * COL_THREADS
                         if p < columns:
                             v = activate(acc[i, j] + bk, g.act)
-                            ow = p % g.OW
-                            oh = (p // g.OW) % g.OH
-                            out[p // (g.OW * g.OH), k, oh, ow] = v
+                            n, oh, ow = unravel_pixel(p, g.OH, g.OW)
+                            out[n, k, oh, ow] = v
                             if with_stats:
                                 cnt, mean, m2 = welford(cnt, mean, m2, v)
                 if with_stats:
@@ -207,9 +193,8 @@ def kernel(dtype: str, kind: int):
                     for j in range(TN):
                         p = n0 + tc + j * COL_THREADS
                         if p < columns:
-                            iw = p % g.W
-                            ih = (p // g.W) % g.H
-                            out[p // (g.W * g.H), grp * g.Cg + c, ih, iw] = acc[i, j]
+                            n, ih, iw = unravel_pixel(p, g.H, g.W)
+                            out[n, grp * g.Cg + c, ih, iw] = acc[i, j]
         else:
             rs = g.R * g.S
             for i in range(TM):
