@@ -153,7 +153,8 @@ ALGORITHMS: tuple = (
                 "across channels (3- and 5-tap rows reuse each input vector across 16 "
                 "pixels); grad-input as a rotated forward (stride 1), by stride phases "
                 "(NCHW stride 2) or a scatter, grad-weight per channel (NCHW in the "
-                "forward's tiles)",
+                "forward's tiles). On CUDA (Numba): shared-memory halo tiles, a gather "
+                "grad-input, a per-block grad-weight",
         kernels={"cpu": CppKernels("depthwise"), "cuda": CudaKernels("depthwise")},
         check=_depthwise,
     ),
