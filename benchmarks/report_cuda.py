@@ -129,7 +129,8 @@ def conv_bn_relu_section(batch: int, rounds: int, algo: str) -> list:
         def step(f):
             return lambda: f().sum().backward()
 
-        t = interleaved({"fastconv eval": no_grad(ours(False)), "torch eval": no_grad(torch3(False)),
+        t = interleaved({"fastconv eval": no_grad(ours(False)),
+                         "torch eval": no_grad(torch3(False)),
                          "fastconv train": step(ours(True)), "torch train": step(torch3(True))},
                         rounds)
         rows.append(dict(layer=layer.id, batch=batch, **{f"{k} ms": v for k, v in t.items()},

@@ -278,8 +278,15 @@ def explain(input_shape, weight_shape, stride=1, padding=0, dilation=1, groups: 
         ws = a.workspace_bytes(problem, Pass.FORWARD, dtype, device_type) if reason is None else 0
         candidates.append(Candidate(a.name, reason, ws))
     chosen = choose(problem, device_type, dtype, prepacked)
-    if chosen is None:
+    to_torch = chosen is not None and leaves_to_torch(device_type, weight_shape, groups)
+    if to_torch:
+        chosen = None
+        why = (f"a dense layer on {device_type}: fastconv.conv2d runs torch's convolution "
+               "(cuDNN) under auto; algo='im2col' runs fastconv's implicit GEMM")
+    elif chosen is None:
         why = "no fastconv algorithm can run it, so fastconv.conv2d calls torch's convolution"
+    elif device_type != "cpu":
+        why = f"{chosen.name} runs it on {device_type} (fastconv's CUDA kernels)"
     elif chosen.name == "im2col" and problem.R == problem.S == 1:
         why = "1x1 without groups: the packed GEMM beats the direct kernel on every such layer"
     elif chosen.name == "im2col" and problem.C <= 4:
@@ -313,8 +320,9 @@ def explain(input_shape, weight_shape, stride=1, padding=0, dilation=1, groups: 
                                                                      key=lambda i: i[1]))
             why = f"autotune measured it fastest ({times or 'the only candidate'})"
             choice = entry.algo
-    grad_input, grad_weight = (choose(problem, device_type, dtype, False, p)
-                               for p in (Pass.GRAD_INPUT, Pass.GRAD_WEIGHT))
+    grad_input, grad_weight = (
+        None if to_torch else choose(problem, device_type, dtype, False, p)
+        for p in (Pass.GRAD_INPUT, Pass.GRAD_WEIGHT))
     return Explanation(problem=problem, choice=choice, why=why, candidates=tuple(candidates),
                        grad_input_choice=grad_input.name if grad_input else None,
                        grad_weight_choice=grad_weight.name if grad_weight else None)

@@ -115,3 +115,13 @@ def test_kernel_geometry_is_int32():
     assert all(isinstance(v, np.int32) for v in g) and g.K == 4
     with pytest.raises(ValueError, match="32 bits"):
         geometry.kernel_arg(g._replace(N=2 ** 31))
+
+
+@pytest.mark.skipif(_runtime.import_error() is not None, reason="numba-cuda is not installed")
+def test_explain_on_a_gpu():
+    import fastconv
+    dense = fastconv.explain((2, 8, 9, 9), (4, 8, 3, 3), padding=1, device="cuda")
+    assert dense.choice is None and "cuDNN" in dense.why and dense.grad_weight_choice is None
+    dw = fastconv.explain((2, 8, 9, 9), (8, 1, 3, 3), padding=1, groups=8, device="cuda")
+    assert dw.choice == "depthwise" and "CUDA" in dw.why
+    assert dw.grad_input_choice == dw.grad_weight_choice == "depthwise"

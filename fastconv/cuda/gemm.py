@@ -56,7 +56,7 @@ def _loaders(dtype: str):
         return ZERO
 
     @cuda.jit(device=True, inline="always")
-    def weight_column(w, g, grp, c, kk):       # grad-input A: w[grp Kg + k, c, r, s], kk = (k, r, s)
+    def weight_column(w, g, grp, c, kk):       # grad-input A: w[grp Kg + k, c, r, s], kk=(k,r,s)
         rs = g.R * g.S
         return w[grp * g.Kg + kk // rs, c, (kk % rs) // g.S, kk % g.S]
 
@@ -74,7 +74,7 @@ def _loaders(dtype: str):
         return ZERO
 
     @cuda.jit(device=True, inline="always")
-    def grad_row(gy, g, grp, m, kk):           # grad-weight A: gy[n, grp Kg + m, oh, ow], kk = pixel
+    def grad_row(gy, g, grp, m, kk):           # grad-weight A: gy[n, grp Kg + m, oh, ow], kk=pixel
         n, oh, ow = unravel_pixel(kk, g.OH, g.OW)
         return gy[n, grp * g.Kg + m, oh, ow]
 

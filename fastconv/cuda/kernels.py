@@ -49,7 +49,7 @@ class CudaKernels:
         if stats is not None:
             raise ValueError("fastconv: the CUDA kernels gather batch statistics through "
                              "fastconv.cuda.conv_bn_relu_train_forward, not a stats buffer")
-        out = y if y.is_contiguous() else torch.empty_like(y, memory_format=torch.contiguous_format)
+        out = y if y.is_contiguous() else torch.empty(y.shape, dtype=y.dtype, device=y.device)
         launch.forward(problem, x.contiguous(), w.contiguous(), b, out, activation,
                        algorithm=self.name)
         if out is not y:
@@ -70,7 +70,7 @@ class CudaKernels:
 
     def grad_input(self, problem, gy, gy_layout, w, gx, gx_layout) -> None:
         from . import launch
-        out = gx if gx.is_contiguous() else torch.empty_like(gx, memory_format=torch.contiguous_format)
+        out = gx if gx.is_contiguous() else torch.empty(gx.shape, dtype=gx.dtype, device=gx.device)
         launch.grad_input(problem, gy.contiguous(), w.contiguous(), out, algorithm=self.name)
         if out is not gx:
             gx.copy_(out)
