@@ -125,3 +125,16 @@ def test_explain_on_a_gpu():
     dw = fastconv.explain((2, 8, 9, 9), (8, 1, 3, 3), padding=1, groups=8, device="cuda")
     assert dw.choice == "depthwise" and "CUDA" in dw.why
     assert dw.grad_input_choice == dw.grad_weight_choice == "depthwise"
+
+
+def test_gpu_report_says_why_it_cannot_run(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the report would run")
+    import importlib.util
+    import pathlib
+    path = pathlib.Path(__file__).parent.parent / "benchmarks" / "report_cuda.py"
+    spec = importlib.util.spec_from_file_location("report_cuda", path)
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    assert report.main([]) == 2
+    assert "needs a GPU" in capsys.readouterr().err
