@@ -63,9 +63,6 @@ def winograd_tile(problem: Conv2dProblem, device_type: str = "cpu",
     maps with few channels; on few pixels F2's 16 GEMMs (and 4x smaller transformed
     filters, rebuilt every call) beat F4's 36.
     """
-    if device_type != "cpu":
-        return _choose_on_gpu(problem, device_type, dtype, pass_)
-
     def runs(name: str) -> bool:
         return _runs(name, problem, device_type, dtype, pass_)
 

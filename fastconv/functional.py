@@ -264,9 +264,15 @@ def conv2d_bn(input: Tensor, weight: Tensor, bias: Optional[Tensor],
     y, _, mean, invstd = ops.conv2d_bn(input, weight, bias, bn_weight, bn_bias, stride, pad,
                                        dilation, groups, name, float(eps), activation)
     if training and running_mean is not None and running_var is not None and count > 0:
-        with torch.no_grad():
-            # The unbiased variance, as F.batch_norm keeps in its running estimate.
-            var = (invstd.double().pow(-2) - eps) * (count / (count - 1))
-            running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
-            running_var.mul_(1 - momentum).add_(var.to(running_var.dtype), alpha=momentum)
+        update_running_stats(running_mean, running_var, mean, invstd, eps, count, momentum)
     return y
+
+
+def update_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor,
+                         invstd: Tensor, eps: float, count: int, momentum: float) -> None:
+    """running = (1 - momentum) running + momentum batch, in place; the variance unbiased
+    (count / (count - 1)), as F.batch_norm keeps it in its running estimate."""
+    with torch.no_grad():
+        var = (invstd.double().pow(-2) - eps) * (count / (count - 1))
+        running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
+        running_var.mul_(1 - momentum).add_(var.to(running_var.dtype), alpha=momentum)

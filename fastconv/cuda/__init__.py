@@ -103,10 +103,6 @@ def _check(**tensors: Optional[Tensor]) -> None:
                             f"{first[1].dtype}")
 
 
-def _nchw(t: Tensor) -> Tensor:
-    return t.contiguous()
-
-
 def _activation(name: str) -> int:
     from ..backend import ACTIVATIONS
     if name not in ACTIVATIONS:
@@ -130,7 +126,7 @@ def depthwise_conv2d_forward(x: Tensor, w: Tensor, bias: Optional[Tensor] = None
     problem = _depthwise_problem(x.shape, w.shape, stride, padding, dilation)
     y = x.new_empty(problem.output_shape)
     if y.numel():
-        launch.forward(problem, _nchw(x), _nchw(w), bias, y, _activation(activation))
+        launch.forward(problem, x.contiguous(), w.contiguous(), bias, y, _activation(activation))
     return y
 
 
@@ -144,7 +140,7 @@ def depthwise_conv2d_grad_input(grad_output: Tensor, w: Tensor, input_shape: Seq
     _check_shape("grad_output", grad_output, problem.output_shape)
     gx = grad_output.new_empty(problem.input_shape)
     if gx.numel():
-        launch.grad_input(problem, _nchw(grad_output), _nchw(w), gx)
+        launch.grad_input(problem, grad_output.contiguous(), w.contiguous(), gx)
     return gx
 
 
@@ -158,7 +154,7 @@ def depthwise_conv2d_grad_weight(grad_output: Tensor, x: Tensor, weight_shape: S
     _check_shape("grad_output", grad_output, problem.output_shape)
     gw = x.new_zeros(problem.weight_shape)
     if gw.numel() and grad_output.numel():
-        launch.grad_weight(problem, _nchw(grad_output), _nchw(x), gw)
+        launch.grad_weight(problem, grad_output.contiguous(), x.contiguous(), gw)
     return gw
 
 
@@ -186,7 +182,7 @@ def conv_bn_relu_forward(x: Tensor, w: Tensor, b: Optional[Tensor], running_mean
         folded_w, folded_b = fold_batch_norm(w, b, running_mean, running_var, gamma, beta, eps)
     y = x.new_empty(problem.output_shape)
     if y.numel():
-        launch.forward(problem, _nchw(x), folded_w.contiguous(), folded_b.contiguous(), y, act)
+        launch.forward(problem, x.contiguous(), folded_w.contiguous(), folded_b.contiguous(), y, act)
     return y
 
 
@@ -211,26 +207,11 @@ def conv_bn_relu_train_forward(x: Tensor, w: Tensor, b: Optional[Tensor],
     if count <= 1:
         raise ValueError("Expected more than 1 value per channel when training, got input "
                          f"size {torch.Size(problem.output_shape)}")
-    z = x.new_empty(problem.output_shape)
-    if z.numel() == 0:
-        empty = x.new_empty((problem.K,))
-        return torch.empty_like(z), z, empty, empty.clone()
-    partials = launch.forward(problem, _nchw(x), _nchw(w), b, z, 0, partials=True)
-    mean, invstd = launch.bn_statistics(partials, eps, z)
-    y = launch.bn_normalize(z, mean, invstd, gamma, beta, act)
+    y, z, mean, invstd = launch.conv_bn_train(problem, x, w, b, gamma, beta, eps, act)
     if running_mean is not None and running_var is not None:
+        from ..functional import update_running_stats
         update_running_stats(running_mean, running_var, mean, invstd, eps, count, momentum)
     return y, z, mean, invstd
-
-
-def update_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor,
-                         invstd: Tensor, eps: float, count: int, momentum: float) -> None:
-    """running = (1 - momentum) running + momentum batch, with the unbiased batch variance,
-    as F.batch_norm does."""
-    with torch.no_grad():
-        var = (invstd.double().pow(-2) - eps) * (count / (count - 1))
-        running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
-        running_var.mul_(1 - momentum).add_(var.to(running_var.dtype), alpha=momentum)
 
 
 def conv_bn_relu_backward(grad_y: Tensor, x: Tensor, w: Tensor, y: Tensor, z: Tensor,

@@ -59,14 +59,7 @@ class CudaKernels:
         """Training Conv -> BN (batch statistics) -> activation: (y, z, mean, invstd), the
         statistics reduced in the convolution's epilogue (fastconv.ops.conv2d_bn)."""
         from . import launch
-        z = torch.empty(problem.output_shape, dtype=x.dtype, device=x.device)
-        if z.numel() == 0:
-            mean = x.new_zeros((problem.K,))   # as the CPU's: no values, mean 0, var 0
-            return torch.empty_like(z), z, mean, torch.full_like(mean, eps).rsqrt_()
-        partials = launch.forward(problem, x.contiguous(), w.contiguous(), b, z, ACT_NONE,
-                                  partials=True, algorithm=self.name)
-        mean, invstd = launch.bn_statistics(partials, eps, z)
-        return launch.bn_normalize(z, mean, invstd, gamma, beta, activation), z, mean, invstd
+        return launch.conv_bn_train(problem, x, w, b, gamma, beta, eps, activation, self.name)
 
     def grad_input(self, problem, gy, gy_layout, w, gx, gx_layout) -> None:
         from . import launch

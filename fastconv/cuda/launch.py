@@ -159,6 +159,21 @@ def bn_statistics(partials: Tensor, eps: float, like: Tensor):
     return mean, invstd
 
 
+def conv_bn_train(problem, x: Tensor, w: Tensor, b: Optional[Tensor],
+                  gamma: Optional[Tensor], beta: Optional[Tensor], eps: float, act: int,
+                  algorithm: Optional[str] = None):
+    """Training Conv -> BN (batch statistics) -> activation: (y, z, mean, invstd), the
+    statistics reduced in the convolution's epilogue, then merged, then one normalise pass."""
+    z = x.new_empty(problem.output_shape)
+    if z.numel() == 0:
+        mean = x.new_zeros((problem.K,))   # as the CPU's: no values, mean 0, var 0
+        return torch.empty_like(z), z, mean, torch.full_like(mean, eps).rsqrt_()
+    partials = forward(problem, x.contiguous(), w.contiguous(), b, z, 0, partials=True,
+                       algorithm=algorithm)
+    mean, invstd = bn_statistics(partials, eps, z)
+    return bn_normalize(z, mean, invstd, gamma, beta, act), z, mean, invstd
+
+
 def bn_normalize(z: Tensor, mean: Tensor, invstd: Tensor, gamma: Optional[Tensor],
                  beta: Optional[Tensor], act: int) -> Tensor:
     from .batchnorm import kernels
