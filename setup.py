@@ -10,6 +10,7 @@ FASTCONV_SANITIZE=1 builds with -fsanitize=address,undefined (see README: "Sanit
 import glob
 import os
 import platform
+from concurrent.futures import ThreadPoolExecutor
 
 from Cython.Build import cythonize
 from pybind11.setup_helpers import Pybind11Extension
@@ -46,22 +47,30 @@ if SANITIZE:
 
 
 class BuildPerIsa(build_ext):
-    """Compiles KERNEL_SOURCES once per ISA and links the objects into the extension."""
+    """Compiles KERNEL_SOURCES once per ISA and links the objects into the extension.
+
+    The (source, ISA) pairs compile in parallel, one compiler process per CPU
+    (FASTCONV_BUILD_JOBS overrides): the build is ~60 objects, serial it took 2.5 min here."""
 
     def build_extension(self, ext):
         if ext.name != "fastconv._C":
             return super().build_extension(ext)
-        objects = []
-        for isa, flags in ISA_FLAGS.items():
-            objects += self.compiler.compile(
-                KERNEL_SOURCES,
+
+        def compile_one(job):
+            isa, source = job
+            return self.compiler.compile(
+                [source],
                 output_dir=os.path.join(self.build_temp, "isa_" + isa),
                 macros=[("FASTCONV_ISA_" + isa.upper(), "1")] + ISA_MACROS,
                 include_dirs=["csrc"],
-                extra_postargs=COMPILE_ARGS + flags,
+                extra_postargs=COMPILE_ARGS + ISA_FLAGS[isa],
                 depends=ext.depends,
             )
-        ext.extra_objects = objects
+
+        jobs = [(isa, source) for isa in ISA_FLAGS for source in KERNEL_SOURCES]
+        workers = int(os.environ.get("FASTCONV_BUILD_JOBS", "0")) or os.cpu_count() or 1
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            ext.extra_objects = [obj for objs in pool.map(compile_one, jobs) for obj in objs]
         super().build_extension(ext)
 
 
