@@ -23,6 +23,16 @@ def import_error() -> Optional[str]:
         from numba import cuda  # noqa: F401
     except Exception as e:  # ImportError, or a numba build that cannot load its CUDA target
         return f"numba-cuda is not installed ({EXTRA}): {type(e).__name__}: {e}"
+    if not simulated():
+        # numba-cuda loads its typing registries at the first compile; load them now so that an
+        # incompatible numpy is reported here, not as an AttributeError from inside a launch
+        # (seen: numba-cuda 0.30.4 with numpy 2.5, which removed np.row_stack).
+        try:
+            from numba.cuda.np import arrayobj  # noqa: F401
+        except Exception as e:
+            import numpy
+            return (f"numba-cuda cannot load its CUDA target with numpy {numpy.__version__}: "
+                    f"{type(e).__name__}: {e}")
     return None
 
 
