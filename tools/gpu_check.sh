@@ -1,0 +1,34 @@
+#!/bin/bash
+# One call on a lent GPU machine (see README "CUDA kernels"): versions, a build of the
+# extension for that machine's Python, the GPU tests, then the GPU report. Logs go to $OUT.
+#   [STEPS=tests,profile,report] bash tools/gpu_check.sh [report args...]
+# FASTCONV_PORTABLE=1 builds the scalar CPU kernels only (faster; the GPU steps need no others).
+# Carried wheels in .whl/ are installed only where numba-cuda does not load there (seen
+# 2026-11-26: numba-cuda 0.30.4 with numpy 2.5.2; carry numpy 2.4). Each step has its own time limit so a slow one still leaves the rest.
+set -u
+OUT=${OUT:-/tmp/gpu_check}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH=.
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv
+start=$(date +%s)
+FASTCONV_BUILD_JOBS=16 python3 setup.py -q build_ext --inplace > "$OUT/build.log" 2>&1 \
+    || { tail -40 "$OUT/build.log"; exit 1; }
+echo "built in $(( $(date +%s) - start )) s"
+if ! python3 -c "from fastconv.cuda import _runtime as r; e = r.import_error(); print(e or 'numba-cuda loads'); exit(e is not None)"; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
+        && export PYTHONPATH=/tmp/site:. && echo "installed the carried wheels: $(ls .whl)"
+fi
+python3 -c "import torch, numpy, numba, numba_cuda, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'numpy', numpy.__version__, 'numba', numba.__version__, 'numba-cuda', numba_cuda.__version__)"
+STEPS=${STEPS:-tests,report}
+if [[ ,$STEPS, == *,tests,* ]]; then
+    timeout "${TEST_LIMIT:-240}" python3 -m pytest -q -p no:cacheprovider -rs --durations=8 \
+        tests/test_cuda_device.py 2>&1 | tee "$OUT/tests.log" | tail -40
+fi
+if [[ ,$STEPS, == *,profile,* ]]; then
+    timeout "${PROFILE_LIMIT:-120}" python3 benchmarks/profile_cuda.py 2>&1 | tee "$OUT/profile.log"
+fi
+if [[ ,$STEPS, == *,report,* ]]; then
+    timeout "${REPORT_LIMIT:-240}" python3 benchmarks/report_cuda.py --json "$OUT/report.json" "$@" \
+        2> "$OUT/report.err" | tee "$OUT/report.log"
+    tail -5 "$OUT/report.err"
+fi
