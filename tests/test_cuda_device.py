@@ -164,3 +164,42 @@ def test_launchers_take_cuda_tensors():
                  what="launcher")
     with pytest.raises(ValueError, match="take cuda tensors"):
         fc.depthwise_conv2d_forward(x.cpu(), w.cpu())
+
+
+def _train_step(dtype):
+    """Outputs and gradients of a depthwise layer and a dense Conv-BN-ReLU (implicit GEMM):
+    every kind of kernel (depthwise, GEMM, batchnorm) launched once."""
+    from fastconv.functional import conv2d_bn
+    gen = torch.Generator(device=DEV).manual_seed(0)
+    x = torch.randn(2, 8, 13, 11, device=DEV, dtype=dtype, generator=gen, requires_grad=True)
+    wd = torch.randn(16, 1, 3, 3, device=DEV, dtype=dtype, generator=gen, requires_grad=True)
+    wg = torch.randn(12, 16, 3, 3, device=DEV, dtype=dtype, generator=gen, requires_grad=True)
+    gamma = torch.rand(12, device=DEV, dtype=dtype, generator=gen, requires_grad=True)
+    beta = torch.randn(12, device=DEV, dtype=dtype, generator=gen, requires_grad=True)
+    mean, var = torch.zeros(12, device=DEV, dtype=dtype), torch.ones(12, device=DEV, dtype=dtype)
+    h = fastconv.conv2d(x, wd, None, 2, 1, 1, 8)
+    y = conv2d_bn(h, wg, None, mean, var, gamma, beta, True, 0.1, 1e-5, "relu", padding=1,
+                  algo="im2col")
+    grads = torch.autograd.grad(y.square().sum(), (x, wd, wg, gamma, beta))
+    return (y.detach(),) + grads
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_direct_launch_matches_numba_launch(monkeypatch, dtype):
+    """The direct launch (fastconv.cuda._runtime.LaunchPlan), taken from the second launch of
+    a signature on, gives numba's launch's results; and every kernel the ops launch has a plan
+    (none left to numba's ~0.5 ms-per-call path)."""
+    from fastconv.cuda import _runtime as rt
+    monkeypatch.setenv("FASTCONV_CUDA_LAUNCH", "numba")
+    monkeypatch.setattr(rt, "_PLANS", {})
+    through_numba = _train_step(dtype)
+    assert rt._PLANS and all(p is None for p in rt._PLANS.values())
+    monkeypatch.delenv("FASTCONV_CUDA_LAUNCH")
+    rt._PLANS.clear()
+    _train_step(dtype)
+    unplanned = [k[0] for k, p in rt._PLANS.items() if p is None]
+    assert not unplanned, f"launched through numba's slow path: {unplanned}"
+    direct = _train_step(dtype)
+    tol = 1e-5 if dtype == torch.float32 else 1e-12   # atomics: the summation order varies
+    for name, a, b in zip(("y", "gx", "gwd", "gwg", "ggamma", "gbeta"), through_numba, direct):
+        assert_close(b, a, atol=tol, rtol=tol, what=f"direct launch, {name}")

@@ -87,7 +87,8 @@ def test_launchers_without_a_gpu_or_simulator():
 
 def test_depthwise_launch_geometry():
     """Tiles as wide as the row, several planes per block on small maps (one when reducing
-    statistics), fewer rows when the halo would pass 48 KiB, none when one row would."""
+    statistics), fewer rows when the halo would pass 48 KiB, none when one row would;
+    narrower where a halo row would pass THREADS columns (one thread stages one column)."""
     from fastconv.cuda import geometry
     small = geometry.conv_geometry(conv2d_problem((2, 6, 7, 7), (6, 1, 3, 3), (1, 1),
                                                   (1, 1, 1, 1), (1, 1), 6))
@@ -106,6 +107,10 @@ def test_depthwise_launch_geometry():
     huge = geometry.conv_geometry(conv2d_problem((1, 1, 400, 400), (1, 1, 3, 3), (1, 1),
                                                  (0, 0, 0, 0), (150, 150), 1))
     assert geometry.depthwise_tile(huge) is None
+    strided = geometry.conv_geometry(conv2d_problem((1, 1, 5, 100), (1, 1, 3, 3), (5, 5),
+                                                    (1, 1, 1, 1), (1, 1), 1))
+    tile = geometry.depthwise_tile(strided)   # 32 outputs would stage 158 > 128 halo columns
+    assert (tile.tile_w, tile.in_w) == (16, 78)
 
 
 def test_kernel_geometry_is_int32():
@@ -138,3 +143,41 @@ def test_gpu_report_says_why_it_cannot_run(capsys):
     spec.loader.exec_module(report)
     assert report.main([]) == 2
     assert "needs a GPU" in capsys.readouterr().err
+
+
+# The direct launch (fastconv.cuda._runtime.LaunchPlan) flattens arguments as numba-cuda's
+# Kernel._prepare_args does; on a GPU test_cuda_device.py checks its results against numba's
+# launch. Here: the parameters themselves, for each argument type the kernels take.
+def test_launch_parameters_of_a_contiguous_tensor():
+    t = torch.empty(2, 3, 1, 5)[:, :, :, :]
+    out = []
+    _runtime._tensor_parameters(t, out)
+    assert out == [0, 0, 30, 4, t.data_ptr(), 2, 3, 1, 5, 60, 20, 20, 4]
+
+
+def test_launch_parameters_of_scalars_and_tuples():
+    pytest.importorskip("numba")
+    import ctypes
+
+    import numpy as np
+    from numba.cuda import types
+    from numba.cuda.typing.typeof import Purpose, typeof
+
+    from fastconv.cuda.geometry import DepthwiseTile
+    tile = DepthwiseTile(*map(np.int32, range(8)))
+    values = (tile, 7, True, np.float32(0.5), 0.25, np.int32(-3))
+    out = []
+    for v in values:
+        _runtime._flattener(typeof(v, Purpose.argument))(v, out)
+    assert [type(p) for p in out] == [ctypes.c_int32] * 8 + [
+        ctypes.c_int64, bool, ctypes.c_float, ctypes.c_double, ctypes.c_int32]
+    assert [getattr(p, "value", p) for p in out] == list(range(8)) + [7, True, 0.5, 0.25, -3]
+    with pytest.raises(_runtime._NoPlan):
+        _runtime._flattener(types.Array(types.float32, 2, "A"))
+
+
+def test_launch_signature_keys():
+    c, t = torch.empty(2, 3), torch.empty(3, 2).t()
+    assert _runtime._signature_key(c) != _runtime._signature_key(t)
+    assert _runtime._signature_key(c) == _runtime._signature_key(torch.empty(5, 1))
+    assert _runtime._signature_key((1, 2)) != _runtime._signature_key((1, True))

@@ -26,6 +26,7 @@ Kernels and launch geometry (fastconv.cuda.geometry):
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional, Sequence, Union
 
 import torch
@@ -49,6 +50,12 @@ def unavailable() -> Optional[str]:
         return reason
     if simulated():
         return None
+    return _no_device()
+
+
+@functools.lru_cache(maxsize=1)
+def _no_device() -> Optional[str]:
+    # Asked once per process: every launcher checks, and the drivers' answers cost ~0.1 ms.
     if not torch.cuda.is_available():
         return "no CUDA device is available to torch"
     from numba import cuda

@@ -2,6 +2,8 @@
 the tile shapes chosen per problem (no numba here, so choices can be tested anywhere)."""
 from __future__ import annotations
 
+import functools
+
 from typing import NamedTuple, Optional
 
 import numpy as np
@@ -35,6 +37,7 @@ class ConvGeometry(NamedTuple):
     act: int     # fused activation (fastconv.backend.ACTIVATIONS)
 
 
+@functools.lru_cache(maxsize=512)   # a model's layers repeat: ~6 us of numpy casts each call
 def kernel_arg(fields: NamedTuple) -> NamedTuple:
     """A geometry as the kernels take it: int32 fields (half the registers of int64 ones;
     numba widens their products to int64, so indices do not overflow)."""
@@ -95,6 +98,8 @@ def depthwise_tile(g: ConvGeometry, with_stats: bool = False,
     rows where the staged halo would pass SHARED_BYTES; None where even one row would (huge
     kernels or dilations: the caller runs the implicit GEMM instead)."""
     tile_w = _pow2_at_least(g.OW, 8, 32)
+    while tile_w > 8 and (tile_w - 1) * g.sw + (g.S - 1) * g.dw + 1 > THREADS:
+        tile_w //= 2                        # the forward stages one halo row per thread
     per_plane = THREADS // tile_w           # thread rows if the block held one plane
     planes = 1
     if not with_stats:
@@ -103,6 +108,8 @@ def depthwise_tile(g: ConvGeometry, with_stats: bool = False,
             per_plane //= 2
     thread_rows = per_plane
     in_w = (tile_w - 1) * g.sw + (g.S - 1) * g.dw + 1
+    if in_w > THREADS:
+        return None
     for rows in range(max(1, min(4, -(-g.OH // thread_rows))), 0, -1):
         tile_h = thread_rows * rows
         in_h = (tile_h - 1) * g.sh + (g.R - 1) * g.dh + 1

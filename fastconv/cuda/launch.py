@@ -32,8 +32,17 @@ def _scalar(t: Tensor, v: float):
 
 
 def _placeholder(like: Tensor, dims: int) -> Tensor:
-    """A one-element stand-in for an absent optional array (the kernels take a flag)."""
-    return like.new_zeros((1,) * dims)
+    """A one-element stand-in for an absent optional array (the kernels take a flag and
+    neither read nor write it), one per device, dtype and rank: a fresh one would cost a fill
+    kernel per launch."""
+    key = (like.device, like.dtype, dims)
+    t = _PLACEHOLDERS.get(key)
+    if t is None:
+        t = _PLACEHOLDERS[key] = like.new_zeros((1,) * dims)
+    return t
+
+
+_PLACEHOLDERS: dict = {}
 
 
 def is_depthwise(problem) -> bool:
