@@ -56,16 +56,27 @@ def kernels(dtype: str) -> SimpleNamespace:
         taps = g.R * g.S
         w_base = tile.planes * in_hw
 
-        # Stage the halos (zeros outside the image: the padding) and the weights.
-        for i in range(t, tile.planes * in_hw, THREADS):
-            p = first_plane + i // in_hw
-            rem = i % in_hw
-            ih = ih0 + rem // tile.in_w
-            iw = iw0 + rem % tile.in_w
-            v = ZERO
-            if p < planes_total and 0 <= ih < g.H and 0 <= iw < g.W:
-                v = x[p // g.K, (p % g.K) // g.Kg, ih, iw]
-            sm[i] = v
+        # Stage the halos (zeros outside the image: the padding) and the weights. Threads map
+        # to (row, column) once: no element pays an integer division (a ~20-instruction
+        # subroutine on the GPU; a flat index cost four per element).
+        halo_rows = THREADS // tile.in_w               # rows staged side by side (in_w <=
+        first_row = t // tile.in_w                      # THREADS: depthwise_tile)
+        hc = t % tile.in_w
+        iw = iw0 + hc
+        col_inside = 0 <= iw < g.W
+        if first_row >= halo_rows:                      # threads past the last whole row
+            first_row = tile.in_h
+        for q in range(tile.planes):
+            p = first_plane + q
+            if p < planes_total:
+                src_n = p // g.K
+                src_c = (p % g.K) // g.Kg
+                for hr in range(first_row, tile.in_h, halo_rows):
+                    ih = ih0 + hr
+                    v = ZERO
+                    if col_inside and 0 <= ih < g.H:
+                        v = x[src_n, src_c, ih, iw]
+                    sm[q * in_hw + hr * tile.in_w + hc] = v
         for i in range(t, tile.planes * taps, THREADS):
             p = first_plane + i // taps
             v = ZERO
@@ -117,16 +128,19 @@ def kernels(dtype: str) -> SimpleNamespace:
             return
         n_img, c, ih, iw = unravel_nchw(i, g.C, g.H, g.W)
         acc = ZERO
+        # One division per tap and none at stride 1 (a uniform branch): integer division is
+        # a ~20-instruction subroutine here, and this loop is all index arithmetic.
         for m in range(g.Kg):
             k = c * g.Kg + m
             for r in range(g.R):
                 th = ih + g.pt - r * g.dh
-                if th >= 0 and th % g.sh == 0 and th // g.sh < g.OH:
-                    oh = th // g.sh
+                oh = th if g.sh == 1 else th // g.sh
+                if th >= 0 and oh * g.sh == th and oh < g.OH:
                     for s in range(g.S):
                         tw = iw + g.pl - s * g.dw
-                        if tw >= 0 and tw % g.sw == 0 and tw // g.sw < g.OW:
-                            acc += gy[n_img, k, oh, tw // g.sw] * w[k, 0, r, s]
+                        ow = tw if g.sw == 1 else tw // g.sw
+                        if tw >= 0 and ow * g.sw == tw and ow < g.OW:
+                            acc += gy[n_img, k, oh, ow] * w[k, 0, r, s]
         gx[n_img, c, ih, iw] = acc
 
     @cuda.jit

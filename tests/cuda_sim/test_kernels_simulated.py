@@ -67,6 +67,7 @@ DEPTHWISE = [
     Case("7x7 map, planes packed", 2, 6, 6, 7, 7, 3, 3, padding=(1, 1, 1, 1)),
     Case("wide row, two tiles", 1, 1, 1, 3, 37, 3, 3, padding=(1, 1, 1, 1)),
     Case("tall, rows per thread", 1, 1, 2, 40, 8, 3, 3, padding=(1, 1, 1, 1)),
+    Case("stride 5, halo row past THREADS", 1, 1, 1, 6, 100, 3, 3, (5, 5), (1, 1, 1, 1)),
 ]
 DEPTHWISE = [c._replace(groups=c.C) for c in DEPTHWISE]
 
