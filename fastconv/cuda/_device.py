@@ -27,6 +27,16 @@ def unravel_pixel(p, H, W):
 
 
 @cuda.jit(device=True, inline="always")
+def divmod_nonnegative(a, b):
+    """(a // b, a % b) for a >= 0, b >= 1, with no division where b == 1 (a stride of 1:
+    the branch is uniform across a launch)."""
+    if b == 1:
+        return a, a - a
+    q = a // b
+    return q, a - q * b
+
+
+@cuda.jit(device=True, inline="always")
 def unravel_nchw(i, C, H, W):
     """(n, c, h, w) of flat index i over N x C x H x W."""
     return i // (C * H * W), (i // (H * W)) % C, (i // W) % H, i % W

@@ -15,10 +15,12 @@ import functools
 from types import SimpleNamespace
 
 import numpy as np
-from numba import cuda
+from numba import cuda, uint64
 
-from ._device import helpers, unravel_nchw, unravel_pixel
+from ._device import divmod_nonnegative, helpers, unravel_nchw, unravel_pixel
 from .geometry import THREADS
+
+U1 = np.uint64(1)
 
 #: Register budget of the float32 depthwise kernels: 64 lets 8 blocks of 128 threads share
 #: an SM's 64K registers (tests/cuda/test_ptx.py holds them to it; sm_90, ptxas 13.0:
@@ -94,21 +96,32 @@ def kernels(dtype: str) -> SimpleNamespace:
         m2 = ZERO
         if plane < planes_total and ow0 + tx < g.OW:
             b = bias[k] if has_bias else ZERO
-            in_base = pz * in_hw
             wk = w_base + pz * taps
+            # The tap loop was integer-bound (H100, ncu: SM 80 % busy, DRAM 6 %) on 64-bit
+            # index products and numba's negative-index wraparound: offsets here advance by
+            # addition, unsigned (uint64 throughout: numba types uint64 + int as float64).
+            filter_row_step = uint64(g.dh * tile.in_w)
+            out_row_step = uint64(tile.thread_rows * g.sh * tile.in_w)
+            tap_step = uint64(g.dw)
+            src_row = uint64(pz * in_hw + ty * g.sh * tile.in_w + tx * g.sw)
             for i in range(tile.rows):
-                row = ty + i * tile.thread_rows
-                oh = oh0 + row
+                oh = oh0 + ty + i * tile.thread_rows
                 if oh < g.OH:
                     acc = b
+                    src = src_row
+                    wq = uint64(wk)
                     for r in range(g.R):
-                        src = in_base + (row * g.sh + r * g.dh) * tile.in_w + tx * g.sw
+                        q = src
                         for s in range(g.S):
-                            acc += sm[src + s * g.dw] * sm[wk + r * g.S + s]
+                            acc += sm[q] * sm[wq]
+                            q += tap_step
+                            wq += U1
+                        src += filter_row_step
                     acc = activate(acc, g.act)
                     y[n_img, k, oh, ow0 + tx] = acc
                     if with_stats:
                         cnt, mean, m2 = welford(cnt, mean, m2, acc)
+                src_row += out_row_step
         if with_stats:  # one plane per block: the whole block is one channel
             cnt, mean, m2 = merge_lanes(sm, t, THREADS, cnt, mean, m2)
             if t == 0 and plane < planes_total:
@@ -120,16 +133,46 @@ def kernels(dtype: str) -> SimpleNamespace:
     @cuda.jit
     def grad_input(gy, w, gx, g):
         """gx[n, c, ih, iw] = sum over the multiplier m and the taps (r, s) whose output
-        (ih + pt - r dh) / sh, (iw + pl - s dw) / sw is whole and inside the map of
-        gy[n, c M + m, oh, ow] w[c M + m, 0, r, s]."""
+        (ih + pt - r) / sh, (iw + pl - s) / sw is whole and inside the map of
+        gy[n, c M + m, oh, ow] w[c M + m, 0, r, s]. Undilated filters (grad_input_dilated
+        takes the others)."""
         i = cuda.grid(1)
-        total = g.N * g.C * g.H * g.W
-        if i >= total:
+        if i >= g.N * g.C * g.H * g.W:
+            return
+        n_img, c, ih, iw = unravel_nchw(i, g.C, g.H, g.W)
+        # The taps of this pixel's stride phase only: r = r0, r0 + sh, ... reach outputs oh0,
+        # oh0 - 1, ... (likewise s, ow). Two divisions per pixel, none at stride 1; testing
+        # each tap's phase cost two per tap (integer division is a ~20-instruction subroutine
+        # here, and this kernel is all index arithmetic).
+        oh0, r0 = divmod_nonnegative(ih + g.pt, g.sh)
+        ow0, s0 = divmod_nonnegative(iw + g.pl, g.sw)
+        acc = ZERO
+        for m in range(g.Kg):
+            k = c * g.Kg + m
+            oh = oh0
+            r = r0
+            while r < g.R:   # not range(r0, R, sh): numba divides for a stepped range's length
+                if 0 <= oh < g.OH:
+                    ow = ow0
+                    s = s0
+                    while s < g.S:
+                        if 0 <= ow < g.OW:
+                            acc += gy[n_img, k, oh, ow] * w[k, 0, r, s]
+                        ow -= 1
+                        s += g.sw
+                oh -= 1
+                r += g.sh
+        gx[n_img, c, ih, iw] = acc
+
+    @cuda.jit
+    def grad_input_dilated(gy, w, gx, g):
+        """grad_input for any dilation: a tap's stride phase depends on r dh mod sh, so each
+        tap is tested (one division each, none at stride 1)."""
+        i = cuda.grid(1)
+        if i >= g.N * g.C * g.H * g.W:
             return
         n_img, c, ih, iw = unravel_nchw(i, g.C, g.H, g.W)
         acc = ZERO
-        # One division per tap and none at stride 1 (a uniform branch): integer division is
-        # a ~20-instruction subroutine here, and this loop is all index arithmetic.
         for m in range(g.Kg):
             k = c * g.Kg + m
             for r in range(g.R):
@@ -192,4 +235,5 @@ def kernels(dtype: str) -> SimpleNamespace:
                 cuda.atomic.add(gw, (k, 0, tap // g.S, tap % g.S), sm[t * THREADS])
             cuda.syncthreads()
 
-    return SimpleNamespace(forward=forward, grad_input=grad_input, grad_weight=grad_weight)
+    return SimpleNamespace(forward=forward, grad_input=grad_input,
+                           grad_input_dilated=grad_input_dilated, grad_weight=grad_weight)

@@ -34,6 +34,8 @@ def kernels(dtype: str = "float32") -> Iterator[KernelSignature]:
                           (a4, a4, a1, a4, a3, geometry, tile, b, b), True)
     yield KernelSignature(f"{prefix}_depthwise_grad_input", dw.grad_input,
                           (a4, a4, a4, geometry), True)
+    yield KernelSignature(f"{prefix}_depthwise_grad_input_dilated", dw.grad_input_dilated,
+                          (a4, a4, a4, geometry), True)
     yield KernelSignature(f"{prefix}_depthwise_grad_weight", dw.grad_weight,
                           (a4, a4, a4, geometry, i64, i64), True)
     for kind, what in ((gemm.FORWARD, "forward"), (gemm.GRAD_INPUT, "grad_input"),

@@ -97,8 +97,9 @@ def grad_input(problem, gy: Tensor, w: Tensor, gx: Tensor,
     if _depthwise_kernels(problem, algorithm):
         from .depthwise import kernels
         total = g.N * g.C * g.H * g.W
-        rt.launch(kernels(_dtype(gy)).grad_input, -(-total // THREADS), THREADS, 0,
-                  gy, w, gx, kernel_arg(g))
+        k = kernels(_dtype(gy))
+        rt.launch(k.grad_input if g.dh == g.dw == 1 else k.grad_input_dilated,
+                  -(-total // THREADS), THREADS, 0, gy, w, gx, kernel_arg(g))
         return
     from .gemm import GRAD_INPUT, kernel
     columns = g.N * g.H * g.W
