@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import numpy as np
 from numba import cuda
 
-from ._device import helpers, unravel_nchw, unravel_pixel
+from ._device import advance_pixel, helpers, pixel_step, unravel_nchw, unravel_pixel
 from .geometry import THREADS
 
 TRIPLES = 3 * THREADS  # shared values of one block's merges (shapes must be literals)
@@ -71,12 +71,16 @@ def kernels(dtype: str) -> SimpleNamespace:
         end = min(begin + pixels_per_block, pixels)
         sg = ZERO
         sgx = ZERO
-        for p in range(begin + t, end, THREADS):
-            n, oh, ow = unravel_pixel(p, OH, OW)
+        step_n, step_h, step_w = pixel_step(THREADS, OH, OW)
+        p = begin + t
+        n, oh, ow = unravel_pixel(p, OH, OW)
+        while p < end:
             if activation_passes(y[n, k, oh, ow], act):
                 g = grad_y[n, k, oh, ow]
                 sg += g
                 sgx += g * (z[n, k, oh, ow] - mean[k]) * invstd[k]
+            p += THREADS
+            n, oh, ow = advance_pixel(n, oh, ow, step_n, step_h, step_w, OH, OW)
         sg, sgx = sum_lanes(sm, t, THREADS, sg, sgx)
         if t == 0:
             cuda.atomic.add(sums, (0, k), sg)

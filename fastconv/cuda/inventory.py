@@ -2,7 +2,7 @@
 checks (tests/cuda/test_ptx.py compiles each to PTX and through ptxas) and for listing."""
 from __future__ import annotations
 
-from typing import Iterator, NamedTuple
+from typing import Iterator, NamedTuple, Optional
 
 from .geometry import ConvGeometry, DepthwiseTile
 
@@ -11,7 +11,7 @@ class KernelSignature(NamedTuple):
     name: str        # e.g. "f32_depthwise_forward"
     kernel: object   # the numba dispatcher
     signature: tuple  # numba types of its arguments
-    depthwise: bool  # a depthwise kernel (register budget: 64 per thread)
+    max_registers: Optional[int]  # the float32 kernel's register budget, if any
 
 
 def kernels(dtype: str = "float32") -> Iterator[KernelSignature]:
@@ -30,23 +30,24 @@ def kernels(dtype: str = "float32") -> Iterator[KernelSignature]:
     prefix = "f32" if dtype == "float32" else "f64"
 
     dw = depthwise.kernels(dtype)
+    budget = depthwise.MAX_REGISTERS
     yield KernelSignature(f"{prefix}_depthwise_forward", dw.forward,
-                          (a4, a4, a1, a4, a3, geometry, tile, b, b), True)
+                          (a4, a4, a1, a4, a3, geometry, tile, b, b), budget)
     yield KernelSignature(f"{prefix}_depthwise_grad_input", dw.grad_input,
-                          (a4, a4, a4, geometry), True)
+                          (a4, a4, a4, geometry), budget)
     yield KernelSignature(f"{prefix}_depthwise_grad_input_dilated", dw.grad_input_dilated,
-                          (a4, a4, a4, geometry), True)
+                          (a4, a4, a4, geometry), budget)
     yield KernelSignature(f"{prefix}_depthwise_grad_weight", dw.grad_weight,
-                          (a4, a4, a4, geometry, i64, i64), True)
+                          (a4, a4, a4, geometry, i64, i64), depthwise.GRAD_WEIGHT_MAX_REGISTERS)
     for kind, what in ((gemm.FORWARD, "forward"), (gemm.GRAD_INPUT, "grad_input"),
                        (gemm.GRAD_WEIGHT, "grad_weight")):
         yield KernelSignature(f"{prefix}_implicit_gemm_{what}", gemm.kernel(dtype, kind),
-                              (a4, a4, a4, a1, a3, geometry, i64, i64, i64, i64, b, b), False)
+                              (a4, a4, a4, a1, a3, geometry, i64, i64, i64, i64, b, b), None)
     bn = batchnorm.kernels(dtype)
-    yield KernelSignature(f"{prefix}_bn_finalize", bn.finalize, (a3, i64, f, a1, a1), False)
+    yield KernelSignature(f"{prefix}_bn_finalize", bn.finalize, (a3, i64, f, a1, a1), None)
     yield KernelSignature(f"{prefix}_bn_normalize", bn.normalize,
-                          (a4, a1, a1, a1, a1, a4, b, b, i64), False)
+                          (a4, a1, a1, a1, a1, a4, b, b, i64), None)
     yield KernelSignature(f"{prefix}_bn_grad_sums", bn.grad_sums,
-                          (a4, a4, a4, a1, a1, i64, a2, i64), False)
+                          (a4, a4, a4, a1, a1, i64, a2, i64), None)
     yield KernelSignature(f"{prefix}_bn_grad_z", bn.grad_z,
-                          (a4, a4, a4, a1, a1, a1, b, i64, a2, f, a4), False)
+                          (a4, a4, a4, a1, a1, a1, b, i64, a2, f, a4), None)
