@@ -28,6 +28,7 @@ from .geometry import GEMM_TILE, THREADS
 
 BM, BN, BK, TM, TN = GEMM_TILE
 COL_THREADS = BN // TN   # threads along a row of the tile (consecutive thread indices)
+assert THREADS % BN == 0   # each thread stages one B column (gemm's column_of)
 ROW_THREADS = BM // TM
 #: Padding of A's shared rows: consecutive threads store A along the reduction (column mm,
 #: rows kq), a stride of BM values, 8 of them on one bank without it.
@@ -38,22 +39,35 @@ FORWARD, GRAD_INPUT, GRAD_WEIGHT = 0, 1, 2
 
 
 def _loaders(dtype: str):
+    """Per pass: (load_a, column_of, load_b). column_of(g, p) runs once per thread before the
+    main loop (each thread stages the same B column at every stage: THREADS % BN == 0), so
+    the forward's B loader pays no division per element: the pixel comes decomposed from
+    column_of and the tap (c, r dh, s dw) from the taps table (fastconv.cuda.launch builds it
+    per geometry). Integer division is a ~20-instruction subroutine on the GPU; the flat
+    decompositions cost ~48 per 8-deep stage against 256 FMAs."""
     ZERO = helpers(dtype).ZERO
 
     @cuda.jit(device=True, inline="always")
-    def weight_row(w, g, grp, m, kk):          # forward A: w[grp Kg + m, c, r, s], kk = (c, r, s)
-        rs = g.R * g.S
-        return w[grp * g.Kg + m, kk // rs, (kk % rs) // g.S, kk % g.S]
+    def weight_row(w2, g, grp, m, kk):         # forward A: w viewed as K x (Cg R S)
+        return w2[grp * g.Kg + m, kk]
 
     @cuda.jit(device=True, inline="always")
-    def image_column(x, g, grp, kk, p):        # forward B: im2col(x)[kk = (c, r, s), p]
-        rs = g.R * g.S
+    def output_pixel(g, p):                    # forward B's column: (n, ih0, iw0) of pixel p
         n, oh, ow = unravel_pixel(p, g.OH, g.OW)
-        ih = oh * g.sh - g.pt + ((kk % rs) // g.S) * g.dh
-        iw = ow * g.sw - g.pl + (kk % g.S) * g.dw
+        return n, oh * g.sh - g.pt, ow * g.sw - g.pl
+
+    @cuda.jit(device=True, inline="always")
+    def image_column(x, g, grp, kk, column, taps):   # forward B: im2col(x)[kk, column]
+        n, ih0, iw0 = column
+        ih = ih0 + taps[kk, 1]
+        iw = iw0 + taps[kk, 2]
         if 0 <= ih < g.H and 0 <= iw < g.W:
-            return x[n, grp * g.Cg + kk // rs, ih, iw]
+            return x[n, grp * g.Cg + taps[kk, 0], ih, iw]
         return ZERO
+
+    @cuda.jit(device=True, inline="always")
+    def flat_index(g, p):                      # the other passes decompose per element
+        return p
 
     @cuda.jit(device=True, inline="always")
     def weight_column(w, g, grp, c, kk):       # grad-input A: w[grp Kg + k, c, r, s], kk=(k,r,s)
@@ -61,7 +75,7 @@ def _loaders(dtype: str):
         return w[grp * g.Kg + kk // rs, c, (kk % rs) // g.S, kk % g.S]
 
     @cuda.jit(device=True, inline="always")
-    def gathered_grad(gy, g, grp, kk, p):      # grad-input B: gy at the tap's output, if any
+    def gathered_grad(gy, g, grp, kk, p, taps):  # grad-input B: gy at the tap's output, if any
         rs = g.R * g.S
         n, ih, iw = unravel_pixel(p, g.H, g.W)
         th = ih + g.pt - ((kk % rs) // g.S) * g.dh
@@ -79,11 +93,13 @@ def _loaders(dtype: str):
         return gy[n, grp * g.Kg + m, oh, ow]
 
     @cuda.jit(device=True, inline="always")
-    def image_row(x, g, grp, kk, col):         # grad-weight B: im2col(x)^T[pixel kk, (c, r, s)]
-        return image_column(x, g, grp, col, kk)
+    def image_row(x, g, grp, kk, col, taps):   # grad-weight B: im2col(x)^T[pixel kk, col]
+        n, ih0, iw0 = output_pixel(g, kk)
+        return image_column(x, g, grp, col, (n, ih0, iw0), taps)
 
-    return {FORWARD: (weight_row, image_column), GRAD_INPUT: (weight_column, gathered_grad),
-            GRAD_WEIGHT: (grad_row, image_row)}
+    return {FORWARD: (weight_row, output_pixel, image_column),
+            GRAD_INPUT: (weight_column, flat_index, gathered_grad),
+            GRAD_WEIGHT: (grad_row, flat_index, image_row)}
 
 
 @functools.lru_cache(maxsize=None)
@@ -92,10 +108,10 @@ def kernel(dtype: str, kind: int):
     T = np.dtype(dtype)
     h = helpers(dtype)
     activate, welford, chan, ZERO = h.activate, h.welford, h.chan, h.ZERO
-    load_a, load_b = _loaders(dtype)[kind]
+    load_a, column_of, load_b = _loaders(dtype)[kind]
 
     @cuda.jit
-    def gemm(a_src, b_src, out, bias, partials, g, M, columns, depth, depth_per_split,
+    def gemm(a_src, b_src, out, bias, partials, taps, g, M, columns, depth, depth_per_split,
              has_bias, with_stats):
         sa = cuda.shared.array((BK, A_COLS), dtype=T)
         sb = cuda.shared.array((BK, BN), dtype=T)
@@ -114,6 +130,11 @@ def kernel(dtype: str, kind: int):
             for j in range(TN):
                 acc[i, j] = ZERO
 
+        # This thread's B column: the same at every stage (THREADS is a multiple of BN).
+        nn = t % BN
+        column = column_of(g, n0 + nn)
+        column_inside = n0 + nn < columns
+
         # Loop over the reduction: stage BK x BM of A and BK x BN of B, then rank-1 updates.
         for k0 in range(k_begin, k_end, BK):
             for e in range(t, BM * BK, THREADS):   # A: consecutive threads along the reduction
@@ -123,12 +144,10 @@ def kernel(dtype: str, kind: int):
                 if m0 + mm < M and k0 + kq < k_end:
                     v = load_a(a_src, g, grp, m0 + mm, k0 + kq)
                 sa[kq, mm] = v
-            for e in range(t, BN * BK, THREADS):   # B: consecutive threads along the columns
-                kq = e // BN
-                nn = e % BN
+            for kq in range(t // BN, BK, THREADS // BN):   # B: threads along the columns
                 v = ZERO
-                if n0 + nn < columns and k0 + kq < k_end:
-                    v = load_b(b_src, g, grp, k0 + kq, n0 + nn)
+                if column_inside and k0 + kq < k_end:
+                    v = load_b(b_src, g, grp, k0 + kq, column, taps)
                 sb[kq, nn] = v
             cuda.syncthreads()
             for kq in range(BK):
@@ -139,6 +158,13 @@ def kernel(dtype: str, kind: int):
             cuda.syncthreads()
 
         if kind == FORWARD:
+            # The TN output pixels of this thread, decomposed once (not once per row).
+            out_n = cuda.local.array(TN, dtype=np.int64)
+            out_h = cuda.local.array(TN, dtype=np.int64)
+            out_w = cuda.local.array(TN, dtype=np.int64)
+            for j in range(TN):
+                out_n[j], out_h[j], out_w[j] = unravel_pixel(n0 + tc + j * COL_THREADS,
+                                                             g.OH, g.OW)
             for i in range(TM):
                 m = m0 + tr + i * ROW_THREADS
                 k = grp * g.Kg + m
@@ -151,8 +177,7 @@ def kernel(dtype: str, kind: int):
                         p = n0 + tc + j * COL_THREADS
                         if p < columns:
                             v = activate(acc[i, j] + bk, g.act)
-                            n, oh, ow = unravel_pixel(p, g.OH, g.OW)
-                            out[n, k, oh, ow] = v
+                            out[out_n[j], k, out_h[j], out_w[j]] = v
                             if with_stats:
                                 cnt, mean, m2 = welford(cnt, mean, m2, v)
                 if with_stats:

@@ -39,10 +39,13 @@ def kernels(dtype: str = "float32") -> Iterator[KernelSignature]:
                           (a4, a4, a4, geometry), budget)
     yield KernelSignature(f"{prefix}_depthwise_grad_weight", dw.grad_weight,
                           (a4, a4, a4, geometry, i64, i64), depthwise.GRAD_WEIGHT_MAX_REGISTERS)
+    taps = types.Array(types.int32, 2, "C")
     for kind, what in ((gemm.FORWARD, "forward"), (gemm.GRAD_INPUT, "grad_input"),
                        (gemm.GRAD_WEIGHT, "grad_weight")):
+        a_src = a2 if kind == gemm.FORWARD else a4   # the forward reads w as K x (Cg R S)
         yield KernelSignature(f"{prefix}_implicit_gemm_{what}", gemm.kernel(dtype, kind),
-                              (a4, a4, a4, a1, a3, geometry, i64, i64, i64, i64, b, b), None)
+                              (a_src, a4, a4, a1, a3, taps, geometry, i64, i64, i64, i64, b, b),
+                              None)
     bn = batchnorm.kernels(dtype)
     yield KernelSignature(f"{prefix}_bn_finalize", bn.finalize, (a3, i64, f, a1, a1), None)
     yield KernelSignature(f"{prefix}_bn_normalize", bn.normalize,
