@@ -23,12 +23,13 @@ import functools
 import numpy as np
 from numba import cuda
 
-from ._device import helpers, unravel_pixel
+from ._device import divmod_nonnegative, helpers, unravel_pixel
+from ._runtime import simulated
 from .geometry import GEMM_TILE, THREADS
 
 BM, BN, BK, TM, TN = GEMM_TILE
 COL_THREADS = BN // TN   # threads along a row of the tile (consecutive thread indices)
-assert THREADS % BN == 0   # each thread stages one B column (gemm's column_of)
+assert THREADS % BN == 0 and THREADS % BK == 0   # one B column, one A reduction index each
 ROW_THREADS = BM // TM
 #: Padding of A's shared rows: consecutive threads store A along the reduction (column mm,
 #: rows kq), a stride of BM values, 8 of them on one bank without it.
@@ -36,15 +37,22 @@ PAD = 4
 A_COLS = BM + PAD  # (shared shapes must be module constants)
 STATS_VALUES = 3 * TM * THREADS  # (count, mean, M2) per accumulator row and thread
 FORWARD, GRAD_INPUT, GRAD_WEIGHT = 0, 1, 2
+#: 168 registers (whole 256-register warp allocations) lets 3 blocks of 128 threads share an
+#: SM's 64K; 170 allows 2. The float32 forward and grad-weight are capped there (ptxas 13.0:
+#: 168 and 170 uncapped, no spills at 168); the grad-input (176) spills at 168 and runs
+#: uncapped. tests/test_cuda_ptx.py compiles them with these caps.
+MAX_REGISTERS_F32 = 168
 
 
 def _loaders(dtype: str):
-    """Per pass: (load_a, column_of, load_b). column_of(g, p) runs once per thread before the
-    main loop (each thread stages the same B column at every stage: THREADS % BN == 0), so
-    the forward's B loader pays no division per element: the pixel comes decomposed from
-    column_of and the tap (c, r dh, s dw) from the taps table (fastconv.cuda.launch builds it
-    per geometry). Integer division is a ~20-instruction subroutine on the GPU; the flat
-    decompositions cost ~48 per 8-deep stage against 256 FMAs."""
+    """Per pass: (row_of, load_a, column_of, load_b). Each thread stages the same B column
+    at every stage (THREADS % BN == 0) and the same A reduction offset (THREADS % BK == 0):
+    column_of decomposes its column once before the main loop, row_of its A reduction index
+    once per stage, and the taps (channel, r dh, s dw) of a reduction index come from the
+    taps table (fastconv.cuda.launch._taps). So no loader divides per element but the
+    grad-weight's B (a pixel per element).
+    Integer division is a ~20-instruction subroutine on the GPU: the flat decompositions
+    cost ~48 per 8-deep stage against 256 FMAs."""
     ZERO = helpers(dtype).ZERO
 
     @cuda.jit(device=True, inline="always")
@@ -66,40 +74,58 @@ def _loaders(dtype: str):
         return ZERO
 
     @cuda.jit(device=True, inline="always")
-    def flat_index(g, p):                      # the other passes decompose per element
+    def flat_index(g, p):                      # a column taken as it is
         return p
 
     @cuda.jit(device=True, inline="always")
-    def weight_column(w, g, grp, c, kk):       # grad-input A: w[grp Kg + k, c, r, s], kk=(k,r,s)
-        rs = g.R * g.S
-        return w[grp * g.Kg + kk // rs, c, (kk % rs) // g.S, kk % g.S]
+    def reduction_index(g, kk, taps):          # a reduction index taken as it is
+        return kk
 
     @cuda.jit(device=True, inline="always")
-    def gathered_grad(gy, g, grp, kk, p, taps):  # grad-input B: gy at the tap's output, if any
-        rs = g.R * g.S
+    def output_channel_tap(g, kk, taps):       # grad-input A's reduction index: (k, r S + s)
+        k = taps[min(kk, taps.shape[0] - 1), 0]   # (past the end: a stage's padding)
+        return k, kk - k * (g.R * g.S)
+
+    @cuda.jit(device=True, inline="always")
+    def weight_column(w3, g, grp, c, k_tap):   # grad-input A: w viewed as K x Cg x (R S)
+        k, tap = k_tap
+        return w3[grp * g.Kg + k, c, tap]
+
+    @cuda.jit(device=True, inline="always")
+    def input_pixel(g, p):                     # grad-input B's column: (n, ih + pt, iw + pl)
         n, ih, iw = unravel_pixel(p, g.H, g.W)
-        th = ih + g.pt - ((kk % rs) // g.S) * g.dh
-        tw = iw + g.pl - (kk % g.S) * g.dw
-        if th >= 0 and tw >= 0 and th % g.sh == 0 and tw % g.sw == 0:
-            oh = th // g.sh
-            ow = tw // g.sw
-            if oh < g.OH and ow < g.OW:
-                return gy[n, grp * g.Kg + kk // rs, oh, ow]
+        return n, ih + g.pt, iw + g.pl
+
+    @cuda.jit(device=True, inline="always")
+    def gathered_grad(gy, g, grp, kk, column, taps):  # grad-input B: gy at the tap's output
+        n, th0, tw0 = column                   # taps[kk] = (k, r dh, s dw) here
+        th = th0 - taps[kk, 1]
+        tw = tw0 - taps[kk, 2]
+        if th >= 0 and tw >= 0:
+            oh, rh = divmod_nonnegative(th, g.sh)
+            ow, rw = divmod_nonnegative(tw, g.sw)
+            if rh == 0 and rw == 0 and oh < g.OH and ow < g.OW:
+                return gy[n, grp * g.Kg + taps[kk, 0], oh, ow]
         return ZERO
 
     @cuda.jit(device=True, inline="always")
-    def grad_row(gy, g, grp, m, kk):           # grad-weight A: gy[n, grp Kg + m, oh, ow], kk=pixel
-        n, oh, ow = unravel_pixel(kk, g.OH, g.OW)
+    def grad_row(gy, g, grp, m, pixel):        # grad-weight A: gy[n, grp Kg + m, oh, ow]
+        n, oh, ow = pixel
         return gy[n, grp * g.Kg + m, oh, ow]
+
+    @cuda.jit(device=True, inline="always")
+    def output_pixel_of(g, kk, taps):          # grad-weight A's reduction index: a pixel
+        return unravel_pixel(kk, g.OH, g.OW)
 
     @cuda.jit(device=True, inline="always")
     def image_row(x, g, grp, kk, col, taps):   # grad-weight B: im2col(x)^T[pixel kk, col]
         n, ih0, iw0 = output_pixel(g, kk)
         return image_column(x, g, grp, col, (n, ih0, iw0), taps)
 
-    return {FORWARD: (weight_row, output_pixel, image_column),
-            GRAD_INPUT: (weight_column, flat_index, gathered_grad),
-            GRAD_WEIGHT: (grad_row, flat_index, image_row)}
+    # (row_of, load_a, column_of, load_b)
+    return {FORWARD: (reduction_index, weight_row, output_pixel, image_column),
+            GRAD_INPUT: (output_channel_tap, weight_column, input_pixel, gathered_grad),
+            GRAD_WEIGHT: (output_pixel_of, grad_row, flat_index, image_row)}
 
 
 @functools.lru_cache(maxsize=None)
@@ -108,9 +134,11 @@ def kernel(dtype: str, kind: int):
     T = np.dtype(dtype)
     h = helpers(dtype)
     activate, welford, chan, ZERO = h.activate, h.welford, h.chan, h.ZERO
-    load_a, column_of, load_b = _loaders(dtype)[kind]
+    row_of, load_a, column_of, load_b = _loaders(dtype)[kind]
 
-    @cuda.jit
+    capped = dtype == "float32" and kind != GRAD_INPUT and not simulated()  # (no such option)
+
+    @cuda.jit(**({"max_registers": MAX_REGISTERS_F32} if capped else {}))
     def gemm(a_src, b_src, out, bias, partials, taps, g, M, columns, depth, depth_per_split,
              has_bias, with_stats):
         sa = cuda.shared.array((BK, A_COLS), dtype=T)
@@ -132,18 +160,21 @@ def kernel(dtype: str, kind: int):
 
         # This thread's B column: the same at every stage (THREADS is a multiple of BN).
         nn = t % BN
+        a_kq = t % BK
         column = column_of(g, n0 + nn)
         column_inside = n0 + nn < columns
 
         # Loop over the reduction: stage BK x BM of A and BK x BN of B, then rank-1 updates.
         for k0 in range(k_begin, k_end, BK):
-            for e in range(t, BM * BK, THREADS):   # A: consecutive threads along the reduction
-                mm = e // BK
-                kq = e % BK
+            # A: consecutive threads along the reduction; a thread's reduction index is the
+            # same for all its rows (THREADS % BK == 0), decomposed once (row_of) per stage.
+            a_index = row_of(g, k0 + a_kq, taps)
+            a_inside = k0 + a_kq < k_end
+            for mm in range(t // BK, BM, THREADS // BK):
                 v = ZERO
-                if m0 + mm < M and k0 + kq < k_end:
-                    v = load_a(a_src, g, grp, m0 + mm, k0 + kq)
-                sa[kq, mm] = v
+                if m0 + mm < M and a_inside:
+                    v = load_a(a_src, g, grp, m0 + mm, a_index)
+                sa[a_kq, mm] = v
             for kq in range(t // BN, BK, THREADS // BN):   # B: threads along the columns
                 v = ZERO
                 if column_inside and k0 + kq < k_end:
@@ -157,14 +188,17 @@ def kernel(dtype: str, kind: int):
                         acc[i, j] += av * sb[kq, tc + j * COL_THREADS]
             cuda.syncthreads()
 
-        if kind == FORWARD:
-            # The TN output pixels of this thread, decomposed once (not once per row).
-            out_n = cuda.local.array(TN, dtype=np.int64)
-            out_h = cuda.local.array(TN, dtype=np.int64)
-            out_w = cuda.local.array(TN, dtype=np.int64)
+        # The TN output pixels of this thread, decomposed once (not once per row).
+        out_n = cuda.local.array(TN, dtype=np.int64)
+        out_h = cuda.local.array(TN, dtype=np.int64)
+        out_w = cuda.local.array(TN, dtype=np.int64)
+        if kind != GRAD_WEIGHT:
+            map_h = g.OH if kind == FORWARD else g.H
+            map_w = g.OW if kind == FORWARD else g.W
             for j in range(TN):
                 out_n[j], out_h[j], out_w[j] = unravel_pixel(n0 + tc + j * COL_THREADS,
-                                                             g.OH, g.OW)
+                                                             map_h, map_w)
+        if kind == FORWARD:
             for i in range(TM):
                 m = m0 + tr + i * ROW_THREADS
                 k = grp * g.Kg + m
@@ -218,8 +252,7 @@ def kernel(dtype: str, kind: int):
                     for j in range(TN):
                         p = n0 + tc + j * COL_THREADS
                         if p < columns:
-                            n, ih, iw = unravel_pixel(p, g.H, g.W)
-                            out[n, grp * g.Cg + c, ih, iw] = acc[i, j]
+                            out[out_n[j], grp * g.Cg + c, out_h[j], out_w[j]] = acc[i, j]
         else:
             rs = g.R * g.S
             for i in range(TM):

@@ -42,7 +42,8 @@ def kernels(dtype: str = "float32") -> Iterator[KernelSignature]:
     taps = types.Array(types.int32, 2, "C")
     for kind, what in ((gemm.FORWARD, "forward"), (gemm.GRAD_INPUT, "grad_input"),
                        (gemm.GRAD_WEIGHT, "grad_weight")):
-        a_src = a2 if kind == gemm.FORWARD else a4   # the forward reads w as K x (Cg R S)
+        # the forward reads w as K x (Cg R S), the grad-input as K x Cg x (R S)
+        a_src = {gemm.FORWARD: a2, gemm.GRAD_INPUT: a3}.get(kind, a4)
         yield KernelSignature(f"{prefix}_implicit_gemm_{what}", gemm.kernel(dtype, kind),
                               (a_src, a4, a4, a1, a3, taps, geometry, i64, i64, i64, i64, b, b),
                               None)

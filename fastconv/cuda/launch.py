@@ -50,14 +50,15 @@ def _placeholder(like: Tensor, dims: int) -> Tensor:
 _PLACEHOLDERS: dict = {}
 
 
-def _taps(g, device: torch.device) -> Tensor:
-    """The implicit GEMM's taps table: row c R S + r S + s holds (c, r dh, s dw), int32, so its
-    loaders look a reduction index up instead of dividing it; one per device and filter
-    geometry, kept."""
-    key = (device, g.Cg, g.R, g.S, g.dh, g.dw)
+def _taps(channels: int, g, device: torch.device) -> Tensor:
+    """The implicit GEMM's taps table: row c R S + r S + s holds (c, r dh, s dw), int32, for c
+    below ``channels`` (the reduction's: Cg forward and grad-weight, Kg grad-input), so its
+    loaders look a reduction index up instead of dividing it; one per device and geometry,
+    kept."""
+    key = (device, channels, g.R, g.S, g.dh, g.dw)
     table = _TAPS.get(key)
     if table is None:
-        c, r, s = torch.meshgrid(torch.arange(g.Cg), torch.arange(g.R) * g.dh,
+        c, r, s = torch.meshgrid(torch.arange(channels), torch.arange(g.R) * g.dh,
                                  torch.arange(g.S) * g.dw, indexing="ij")
         table = torch.stack((c, r, s), dim=-1).reshape(-1, 3).to(torch.int32)
         if len(_TAPS) > 256:
@@ -111,7 +112,7 @@ def forward(problem, x: Tensor, w: Tensor, bias: Optional[Tensor], y: Tensor, ac
     _check_grid(grid)
     depth = g.Cg * g.R * g.S
     rt.launch(kernel(_dtype(x), FORWARD), grid, THREADS, 0, w.contiguous().view(g.K, depth), x,
-              y, b, part, _taps(g, x.device), kernel_arg(g), g.Kg, columns, depth, depth,
+              y, b, part, _taps(g.Cg, g, x.device), kernel_arg(g), g.Kg, columns, depth, depth,
               bias is not None, partials)
     return part if partials else None
 
@@ -131,9 +132,10 @@ def grad_input(problem, gy: Tensor, w: Tensor, gx: Tensor,
     grid = (-(-columns // GEMM_TILE.BN), -(-g.Cg // GEMM_TILE.BM), g.groups)
     _check_grid(grid)
     depth = g.Kg * g.R * g.S
-    rt.launch(kernel(_dtype(gy), GRAD_INPUT), grid, THREADS, 0, w, gy, gx,
-              _placeholder(gy, 1), _placeholder(gy, 3), _taps(g, gy.device), kernel_arg(g),
-              g.Cg, columns, depth, depth, False, False)
+    rt.launch(kernel(_dtype(gy), GRAD_INPUT), grid, THREADS, 0,
+              w.contiguous().view(g.K, g.Cg, g.R * g.S), gy, gx,
+              _placeholder(gy, 1), _placeholder(gy, 3), _taps(g.Kg, g, gy.device),
+              kernel_arg(g), g.Cg, columns, depth, depth, False, False)
 
 
 def grad_weight(problem, gy: Tensor, x: Tensor, gw: Tensor,
@@ -170,7 +172,7 @@ def grad_weight(problem, gy: Tensor, x: Tensor, gw: Tensor,
     grid = (-(-columns // GEMM_TILE.BN), -(-g.Kg // GEMM_TILE.BM), g.groups * splits)
     _check_grid(grid)
     rt.launch(kernel(_dtype(gy), GRAD_WEIGHT), grid, THREADS, 0, gy, x,
-              gw, _placeholder(gy, 1), _placeholder(gy, 3), _taps(g, gy.device),
+              gw, _placeholder(gy, 1), _placeholder(gy, 3), _taps(g.Cg, g, gy.device),
               kernel_arg(g), g.Kg, columns, pixels, per_split, False, False)
 
 
