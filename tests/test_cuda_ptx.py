@@ -1,6 +1,6 @@
 """Every CUDA kernel compiled ahead of time, without a GPU: PTX for sm_80 and sm_90 (no
 float64 instruction in the float32 kernels), then ptxas for sm_90 (no spills; the float32
-depthwise kernels within their register budgets: fastconv.cuda.depthwise.MAX_REGISTERS). The register counts are printed at the
+depthwise kernels within 64 registers per thread: fastconv.cuda.depthwise.MAX_REGISTERS). The register counts are printed at the
 end of the run (tests/conftest.py: pytest_terminal_summary)."""
 from __future__ import annotations
 

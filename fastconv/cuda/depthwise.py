@@ -17,8 +17,7 @@ from types import SimpleNamespace
 import numpy as np
 from numba import cuda, uint64
 
-from ._device import (advance_pixel, divmod_nonnegative, helpers, pixel_step,
-                      unravel_nchw, unravel_pixel)
+from ._device import divmod_nonnegative, helpers, unravel_nchw, unravel_pixel
 from .geometry import THREADS
 
 U1 = np.uint64(1)
@@ -26,10 +25,9 @@ U_THREADS = np.uint64(THREADS)
 
 #: Register budget of the float32 depthwise kernels: 64 lets 8 blocks of 128 threads share
 #: an SM's 64K registers (tests/test_cuda_ptx.py holds them to it; sm_90, ptxas 13.0:
-#: forward 64, grad-input 46). grad-weight's pixel stepping (advance_pixel: no division per
-#: pixel) takes 69 and spills when capped at 64: 7 blocks per SM for it.
+#: forward 64, grad-input 46, grad-weight 63). grad-weight unravels each pixel: stepping them
+#: (advance_pixel, as batchnorm's grad-sums does) took 69 registers, and spilled at 64.
 MAX_REGISTERS = 64
-GRAD_WEIGHT_MAX_REGISTERS = 72
 
 
 @functools.lru_cache(maxsize=None)
@@ -204,15 +202,13 @@ def kernels(dtype: str) -> SimpleNamespace:
         pixels = g.N * g.OH * g.OW
         begin = cuda.blockIdx.y * pixels_per_block
         end = min(begin + pixels_per_block, pixels)
-        step_n, step_h, step_w = pixel_step(THREADS, g.OH, g.OW)
         for r0 in range(0, g.R, rows_per_pass):
             r1 = min(g.R, r0 + rows_per_pass)
             count = (r1 - r0) * g.S
             for q in range(count):
                 sm[q * THREADS + t] = ZERO
-            p = begin + t
-            n_img, oh, ow = unravel_pixel(p, g.OH, g.OW)
-            while p < end:
+            for p in range(begin + t, end, THREADS):
+                n_img, oh, ow = unravel_pixel(p, g.OH, g.OW)
                 grad = gy[n_img, k, oh, ow]
                 ih = oh * g.sh - g.pt + r0 * g.dh
                 iw0 = ow * g.sw - g.pl
@@ -228,8 +224,6 @@ def kernels(dtype: str) -> SimpleNamespace:
                     else:
                         q += uint64(g.S * THREADS)
                     ih += g.dh
-                p += THREADS
-                n_img, oh, ow = advance_pixel(n_img, oh, ow, step_n, step_h, step_w, g.OH, g.OW)
             half = THREADS // 2
             while half > 0:
                 cuda.syncthreads()

@@ -38,7 +38,7 @@ def kernels(dtype: str = "float32") -> Iterator[KernelSignature]:
     yield KernelSignature(f"{prefix}_depthwise_grad_input_dilated", dw.grad_input_dilated,
                           (a4, a4, a4, geometry), budget)
     yield KernelSignature(f"{prefix}_depthwise_grad_weight", dw.grad_weight,
-                          (a4, a4, a4, geometry, i64, i64), depthwise.GRAD_WEIGHT_MAX_REGISTERS)
+                          (a4, a4, a4, geometry, i64, i64), budget)
     taps = types.Array(types.int32, 2, "C")
     for kind, what in ((gemm.FORWARD, "forward"), (gemm.GRAD_INPUT, "grad_input"),
                        (gemm.GRAD_WEIGHT, "grad_weight")):
