@@ -1,10 +1,13 @@
 #!/bin/bash
-# One call on a lent GPU machine (see README "CUDA kernels"): versions, a build of the
-# extension for that machine's Python, the GPU tests, then the GPU report. Logs go to $OUT.
-#   [STEPS=tests,profile,report] bash tools/gpu_check.sh [report args...]
+# One call on a lent GPU machine (README "CUDA kernels"): versions, a build of the extension
+# for that machine's Python, then the steps named in STEPS (default tests,report; also
+# profile, ncu), each under its own time limit (TEST_LIMIT, PROFILE_LIMIT, REPORT_LIMIT,
+# NCU_LIMIT) so that a slow one leaves the rest. Logs go to $OUT.
+#   [STEPS=tests,profile,report,ncu] bash tools/gpu_check.sh [report_cuda.py args...]
 # FASTCONV_PORTABLE=1 builds the scalar CPU kernels only (faster; the GPU steps need no others).
-# Carried wheels in .whl/ are installed only where numba-cuda does not load there (seen
-# 2026-11-26: numba-cuda 0.30.4 with numpy 2.5.2; carry numpy 2.4). Each step has its own time limit so a slow one still leaves the rest.
+# Wheels carried in .whl/ are installed only where numba-cuda does not load (seen 2026-11-26:
+# numba-cuda 0.30.4 with numpy 2.5.2: carry numpy 2.4). If the direct-launch test fails, the
+# later steps run numba's own launch (FASTCONV_CUDA_LAUNCH=numba).
 set -u
 OUT=${OUT:-/tmp/gpu_check}
 mkdir -p "$OUT"
