@@ -60,7 +60,7 @@ def _loaders(dtype: str):
         return w2[grp * g.Kg + m, kk]
 
     @cuda.jit(device=True, inline="always")
-    def output_pixel(g, p):                    # forward B's column: (n, ih0, iw0) of pixel p
+    def output_pixel(g, p, taps):              # forward B's column: (n, ih0, iw0) of pixel p
         n, oh, ow = unravel_pixel(p, g.OH, g.OW)
         return n, oh * g.sh - g.pt, ow * g.sw - g.pl
 
@@ -74,12 +74,8 @@ def _loaders(dtype: str):
         return ZERO
 
     @cuda.jit(device=True, inline="always")
-    def flat_index(g, p):                      # a column taken as it is
-        return p
-
-    @cuda.jit(device=True, inline="always")
-    def reduction_index(g, kk, taps):          # a reduction index taken as it is
-        return kk
+    def as_is(g, index, taps):                 # a row or column index taken as it is
+        return index
 
     @cuda.jit(device=True, inline="always")
     def output_channel_tap(g, kk, taps):       # grad-input A's reduction index: (k, r S + s)
@@ -92,7 +88,7 @@ def _loaders(dtype: str):
         return w3[grp * g.Kg + k, c, tap]
 
     @cuda.jit(device=True, inline="always")
-    def input_pixel(g, p):                     # grad-input B's column: (n, ih + pt, iw + pl)
+    def input_pixel(g, p, taps):               # grad-input B's column: (n, ih + pt, iw + pl)
         n, ih, iw = unravel_pixel(p, g.H, g.W)
         return n, ih + g.pt, iw + g.pl
 
@@ -119,13 +115,13 @@ def _loaders(dtype: str):
 
     @cuda.jit(device=True, inline="always")
     def image_row(x, g, grp, kk, col, taps):   # grad-weight B: im2col(x)^T[pixel kk, col]
-        n, ih0, iw0 = output_pixel(g, kk)
+        n, ih0, iw0 = output_pixel(g, kk, taps)
         return image_column(x, g, grp, col, (n, ih0, iw0), taps)
 
     # (row_of, load_a, column_of, load_b)
-    return {FORWARD: (reduction_index, weight_row, output_pixel, image_column),
+    return {FORWARD: (as_is, weight_row, output_pixel, image_column),
             GRAD_INPUT: (output_channel_tap, weight_column, input_pixel, gathered_grad),
-            GRAD_WEIGHT: (output_pixel_of, grad_row, flat_index, image_row)}
+            GRAD_WEIGHT: (output_pixel_of, grad_row, as_is, image_row)}
 
 
 @functools.lru_cache(maxsize=None)
@@ -161,7 +157,7 @@ def kernel(dtype: str, kind: int):
         # This thread's B column: the same at every stage (THREADS is a multiple of BN).
         nn = t % BN
         a_kq = t % BK
-        column = column_of(g, n0 + nn)
+        column = column_of(g, n0 + nn, taps)
         column_inside = n0 + nn < columns
 
         # Loop over the reduction: stage BK x BM of A and BK x BN of B, then rank-1 updates.
