@@ -58,6 +58,8 @@ def host_section(batch: int) -> None:
     x = torch.randn(batch, 144, 56, 56, device="cuda")
     w = torch.randn(144, 1, 3, 3, device="cuda")
     geometry = tuple(range(20))
+    xs = torch.randn(batch, 960, 7, 7, device="cuda", requires_grad=True)
+    ws = torch.randn(960, 1, 3, 3, device="cuda", requires_grad=True)
     s = rt.stream(t.device)
     rows = {
         "torch.cuda.current_stream": lambda: torch.cuda.current_stream(),
@@ -68,12 +70,17 @@ def host_section(batch: int) -> None:
         "bare launch, 5 tensors + 20-int tuple + 6 scalars": lambda: rt.launch(
             many, 16, 256, 0, t, t, t, t, t, geometry, 1, 2, 3, 4, True, False),
         "fc.depthwise_conv2d_forward 144@56": lambda: fc.depthwise_conv2d_forward(x, w, None, 1, 1),
-        "fastconv.conv2d (custom op) 144@56": lambda: fastconv.conv2d(x, w, None, 1, 1, 1, 144),
+        "fastconv.conv2d 144@56 (eager, no grad)": lambda: fastconv.conv2d(x, w, None, 1, 1, 1, 144),
+        "torch.ops.fastconv.conv2d (custom op) 144@56": lambda: torch.ops.fastconv.conv2d(
+            x, w, None, [1, 1], [1, 1, 1, 1], [1, 1], 144, "auto"),
         "F.conv2d 144@56": lambda: F.conv2d(x, w, None, 1, 1, 1, 144),
+        "fastconv fwd+bwd 960@7": lambda: fastconv.conv2d(xs, ws, None, 1, 1, 1, 960).sum(
+            ).backward(),
+        "torch fwd+bwd 960@7": lambda: F.conv2d(xs, ws, None, 1, 1, 1, 960).sum().backward(),
     }
     print("\n== host microseconds per call (median of 200, no sync)")
-    with torch.no_grad():
-        for name, fn in rows.items():
+    for name, fn in rows.items():
+        with torch.set_grad_enabled("fwd+bwd" in name):
             print(f"  {host_us(fn):9.1f} us  {name}")
 
 

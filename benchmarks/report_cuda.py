@@ -6,7 +6,10 @@ interleaved, medians of CUDA-event timings:
   the device's copy bandwidth measured in the same run (target: depthwise >= 1.5x torch,
   within 2x of the copy bandwidth);
 * conv-bn-relu: the ResNet-50 Conv-BN-ReLU layers, eval (BN folded, one kernel) and train
-  (forward + backward), against torch eager's three ops (target >= 1.3x);
+  (forward + backward), against torch eager's three ops (target >= 1.3x); eval also against
+  torch with cuDNN's TF32 off (torch.backends.cudnn.allow_tf32 is on by default: its
+  convolutions then multiply on the tensor cores in TF32, which the float32 kernels here
+  do not);
 * mobilenet: whole MobileNetV2 after fastconv.convert + fastconv.fuse, eval and a training
   step.
 
@@ -129,12 +132,23 @@ def conv_bn_relu_section(batch: int, rounds: int, algo: str) -> list:
         def step(f):
             return lambda: f().sum().backward()
 
+        def strict_fp32(f):   # cuDNN's convolutions run TF32 by default (allow_tf32)
+            def run():
+                torch.backends.cudnn.allow_tf32 = False
+                try:
+                    f()
+                finally:
+                    torch.backends.cudnn.allow_tf32 = True
+            return run
+
         t = interleaved({"fastconv eval": no_grad(ours(False)),
                          "torch eval": no_grad(torch3(False)),
+                         "torch eval fp32": strict_fp32(no_grad(torch3(False))),
                          "fastconv train": step(ours(True)), "torch train": step(torch3(True))},
                         rounds)
         rows.append(dict(layer=layer.id, batch=batch, **{f"{k} ms": v for k, v in t.items()},
                          eval_speedup=t["torch eval"] / t["fastconv eval"],
+                         eval_speedup_fp32=t["torch eval fp32"] / t["fastconv eval"],
                          train_speedup=t["torch train"] / t["fastconv train"]))
     return rows
 

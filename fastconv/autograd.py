@@ -2,8 +2,8 @@
 
 torch's custom-op autograd wrapper costs tens of microseconds per call (argument defaults are
 rebuilt from the schema on every call), which dominates small training steps. In eager mode,
-fastconv.conv2d therefore records this torch.autograd.Function instead, whose forward and
-backward call the op bodies directly. Its backward runs through the custom ops when a graph
+fastconv.conv2d (and fastconv.functional.conv2d_bn in training) therefore record these
+torch.autograd.Functions instead, whose forward and backward call the op bodies directly. Its backward runs through the custom ops when a graph
 is being built (create_graph=True), so double backward keeps working; torch.compile, dispatch
 modes and functorch transforms always use the custom ops themselves (fastconv.functional).
 """
@@ -28,3 +28,22 @@ class Conv2dFunction(torch.autograd.Function):
     def backward(ctx, grad):
         # Grad mode is on inside backward only when the caller builds a graph of it.
         return ops.conv2d_backward(ctx, grad, differentiable=torch.is_grad_enabled())
+
+
+class ConvBNFunction(torch.autograd.Function):
+    """fastconv.ops.conv2d_bn (Conv -> BN with batch statistics -> activation) in eager mode:
+    its body forward, and the bodies of its backward unless a graph of the backward is being
+    built (then the ops, as conv2d_bn's own autograd does)."""
+
+    @staticmethod
+    def forward(ctx, input, weight, bias, bn_weight, bn_bias, stride, padding, dilation,
+                groups, algo, eps, activation):
+        inputs = (input, weight, bias, bn_weight, bn_bias, stride, padding, dilation, groups,
+                  algo, eps, activation)
+        outputs = ops.conv2d_bn_forward(*inputs)
+        ops.conv2d_bn_setup(ctx, inputs, outputs)
+        return outputs
+
+    @staticmethod
+    def backward(ctx, grad_y, _grad_z, _grad_mean, _grad_invstd):
+        return ops.conv2d_bn_backward(ctx, grad_y, differentiable=torch.is_grad_enabled())

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import backend, dispatch, ops, registry
-from .autograd import Conv2dFunction
+from .autograd import Conv2dFunction, ConvBNFunction
 from .errors import InvalidConvolution
 from .weight_cache import PackedWeight
 
@@ -97,20 +97,21 @@ def _normalized(weight_shape, stride, padding, dilation, groups, algo) -> tuple:
     return args
 
 
-def _plain_eager(input: Tensor, weight: Tensor, bias: Optional[Tensor]) -> bool:
-    """True when the kernels may be called without the dispatcher: CPU tensors, no
+def _plain_eager(input: Tensor, weight: Tensor, *others: Optional[Tensor]) -> bool:
+    """True when the kernels may be called without the dispatcher: CPU or CUDA tensors, no
     torch.compile tracing, no __torch_function__ override, dispatch mode or functorch
-    transform. Then a call that needs no gradient runs the kernel directly (saves 6-11 us),
-    and one that does records fastconv.autograd.Conv2dFunction (saves the custom-op autograd
-    wrapper's tens of microseconds)."""
+    transform. Then a call that needs no gradient runs the kernel directly (saves 6-11 us on
+    the CPU, ~160 us on an H100), and one that does records an autograd.Function of
+    fastconv.autograd (saves the custom-op autograd wrapper's tens of microseconds). Tensors
+    on different devices take this path too: the op bodies raise the ops' error."""
     if torch.compiler.is_compiling():
         return False
-    tensors = (input, weight) if bias is None else (input, weight, bias)
+    tensors = (input, weight, *(t for t in others if t is not None))
     if torch.overrides.has_torch_function(tensors):
         return False
     if torch._C._len_torch_dispatch_stack() or torch._C._are_functorch_transforms_active():
         return False
-    return input.is_cpu and weight.is_cpu
+    return (input.is_cpu and weight.is_cpu) or (input.is_cuda and weight.is_cuda)
 
 
 def _has_fastconv_kernels(input: Tensor) -> bool:
@@ -261,8 +262,10 @@ def conv2d_bn(input: Tensor, weight: Tensor, bias: Optional[Tensor],
     if count == 1:  # torch's rule (F.batch_norm)
         raise ValueError("Expected more than 1 value per channel when training, got input "
                          f"size {torch.Size(out_shape)}")
-    y, _, mean, invstd = ops.conv2d_bn(input, weight, bias, bn_weight, bn_bias, stride, pad,
-                                       dilation, groups, name, float(eps), activation)
+    op = (ConvBNFunction.apply if _plain_eager(input, weight, bias, bn_weight, bn_bias)
+          else ops.conv2d_bn)
+    y, _, mean, invstd = op(input, weight, bias, bn_weight, bn_bias, stride, pad, dilation,
+                            groups, name, float(eps), activation)
     if training and running_mean is not None and running_var is not None and count > 0:
         update_running_stats(running_mean, running_var, mean, invstd, eps, count, momentum)
     return y

@@ -594,7 +594,7 @@ def _(input, weight, bias, bn_weight, bn_bias, stride, padding, dilation, groups
     return torch.empty_like(z), z, input.new_empty((problem.K,)), input.new_empty((problem.K,))
 
 
-def _conv2d_bn_setup(ctx, inputs, output):
+def conv2d_bn_setup(ctx, inputs, output):
     (input, weight, bias, bn_weight, bn_bias, stride, padding, dilation, groups, algo, eps,
      activation) = inputs
     y, z, mean, invstd = output
@@ -607,25 +607,28 @@ def _conv2d_bn_setup(ctx, inputs, output):
     ctx.mark_non_differentiable(z, mean, invstd)
 
 
-def _conv2d_bn_backward(ctx, grad_y, _grad_z, _grad_mean, _grad_invstd):
+def conv2d_bn_backward(ctx, grad_y, differentiable: bool = True):
+    """The gradients of conv2d_bn from its saved context: through the ops, or (plain eager
+    backward, fastconv.autograd.ConvBNFunction) through their bodies."""
     _, _, y, z, mean, invstd, bn_weight = ctx.saved_tensors
-    grad_z, grad_gamma, grad_beta = bn_act_backward(grad_y, y, z, mean, invstd, bn_weight,
-                                                    ctx.activation)
-    gx, gw, gb = conv2d_backward(ctx, grad_z)[:3]
+    f = bn_act_backward if differentiable else bn_act_backward_forward
+    grad_z, grad_gamma, grad_beta = f(grad_y, y, z, mean, invstd, bn_weight, ctx.activation)
+    gx, gw, gb = conv2d_backward(ctx, grad_z, differentiable)[:3]
     return (gx, gw, gb, grad_gamma if ctx.affine[0] else None,
             grad_beta if ctx.affine[1] else None, None, None, None, None, None, None, None)
 
 
-conv2d_bn.register_autograd(_conv2d_bn_backward, setup_context=_conv2d_bn_setup)
+def _conv2d_bn_backward(ctx, grad_y, _grad_z, _grad_mean, _grad_invstd):
+    return conv2d_bn_backward(ctx, grad_y)
 
 
-@torch.library.custom_op("fastconv::bn_act_backward", mutates_args=())
-def bn_act_backward(grad_y: Tensor, y: Tensor, z: Tensor, mean: Tensor, invstd: Tensor,
-                    bn_weight: Optional[Tensor], activation: str
-                    ) -> tuple[Tensor, Tensor, Tensor]:
-    """The backward of conv2d_bn's normalise + activation: (grad_z, grad_gamma, grad_beta)
-    from the saved statistics, in two passes (per-channel sums, then grad_z). Not itself
-    differentiable: conv2d_bn has no double backward."""
+conv2d_bn.register_autograd(_conv2d_bn_backward, setup_context=conv2d_bn_setup)
+
+
+def bn_act_backward_forward(grad_y: Tensor, y: Tensor, z: Tensor, mean: Tensor,
+                            invstd: Tensor, bn_weight: Optional[Tensor], activation: str
+                            ) -> tuple[Tensor, Tensor, Tensor]:
+    """The body of the bn_act_backward op."""
     act = _activation_code(activation)
     K = z.shape[1]
     if not z.is_cpu:
@@ -648,6 +651,16 @@ def bn_act_backward(grad_y: Tensor, y: Tensor, z: Tensor, mean: Tensor, invstd: 
             grad_z.data_ptr(), grad_gamma.data_ptr(), grad_beta.data_ptr(),
             torch.get_num_threads())
     return grad_z, grad_gamma, grad_beta
+
+
+@torch.library.custom_op("fastconv::bn_act_backward", mutates_args=())
+def bn_act_backward(grad_y: Tensor, y: Tensor, z: Tensor, mean: Tensor, invstd: Tensor,
+                    bn_weight: Optional[Tensor], activation: str
+                    ) -> tuple[Tensor, Tensor, Tensor]:
+    """The backward of conv2d_bn's normalise + activation: (grad_z, grad_gamma, grad_beta)
+    from the saved statistics, in two passes (per-channel sums, then grad_z). Not itself
+    differentiable: conv2d_bn has no double backward."""
+    return bn_act_backward_forward(grad_y, y, z, mean, invstd, bn_weight, activation)
 
 
 @bn_act_backward.register_fake

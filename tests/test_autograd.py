@@ -1,5 +1,5 @@
-"""The eager autograd path (fastconv.autograd.Conv2dFunction) against the custom ops' own
-autograd: the same gradients to the bit, double backward and checkpointing. (torch.compile
+"""The eager autograd path (fastconv.autograd.Conv2dFunction, ConvBNFunction) against the
+custom ops' own autograd: the same gradients to the bit, double backward and checkpointing. (torch.compile
 keeps the custom ops: tests/test_ops.py.)"""
 from __future__ import annotations
 
@@ -38,6 +38,35 @@ def test_eager_path_gives_the_ops_gradients_exactly(case, algo):
         # conv2d_grad_bias op (float32 partial sums of a few hundred pixels, totals in
         # float64 in both), so the two agree to float32 summation error, not to the bit.
         torch.testing.assert_close(got[2], ref[2], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("activation", ["relu", "none"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_training_conv_bn_eager_path_gives_the_ops_results(activation, channels_last):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 4, 9, 8, generator=g, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    params = [x, torch.randn(6, 4, 3, 3, generator=g, dtype=torch.float64),
+              torch.randn(6, generator=g, dtype=torch.float64),
+              torch.rand(6, generator=g, dtype=torch.float64) + 0.5,
+              torch.randn(6, generator=g, dtype=torch.float64)]
+    for t in params:
+        t.requires_grad_()
+    conv = ([2, 1], [1, 1, 0, 0], [1, 1], 1, "auto", 1e-5, activation)
+    mean, var = torch.zeros(6, dtype=torch.float64), torch.ones(6, dtype=torch.float64)
+    y = fastconv.functional.conv2d_bn(params[0], params[1], params[2], mean, var, params[3],
+                                      params[4], True, 0.1, 1e-5, activation, stride=(2, 1),
+                                      padding=(1, 0))
+    assert type(y.grad_fn).__name__ == "ConvBNFunctionBackward"
+    y_op, z_op, _, _ = ops.conv2d_bn(*params, *conv)
+    assert torch.equal(y, y_op)
+    assert y.is_contiguous(memory_format=torch.channels_last) == channels_last
+    gy = torch.randn(y.shape, generator=g, dtype=torch.float64)
+    got = torch.autograd.grad(y, params, gy)
+    ref = torch.autograd.grad(y_op, params, gy)
+    for name, a, e in zip(("x", "w", "b", "gamma", "beta"), got, ref):
+        assert_close(a, e, atol=1e-12, rtol=1e-12, what=f"eager conv-bn grad {name}")
 
 
 def test_double_backward_through_the_eager_path():

@@ -145,9 +145,10 @@ def test_gpu_report_says_why_it_cannot_run(capsys):
     assert "needs a GPU" in capsys.readouterr().err
 
 
-# The direct launch (fastconv.cuda._runtime.LaunchPlan) flattens arguments as numba-cuda's
-# Kernel._prepare_args does; on a GPU test_cuda_device.py checks its results against numba's
-# launch. Here: the parameters themselves, for each argument type the kernels take.
+# The direct launch (fastconv.cuda._runtime.LaunchPlan) packs parameters as numba-cuda's
+# Kernel._prepare_args passes them, one 8-byte slot each; on a GPU test_cuda_device.py checks
+# its results against numba's launch. Here: the parameters themselves, for each argument type
+# the kernels take.
 def test_launch_parameters_of_a_contiguous_tensor():
     t = torch.empty(2, 3, 1, 5)[:, :, :, :]
     out = []
@@ -157,23 +158,29 @@ def test_launch_parameters_of_a_contiguous_tensor():
 
 def test_launch_parameters_of_scalars_and_tuples():
     pytest.importorskip("numba")
-    import ctypes
-
     import numpy as np
     from numba.cuda import types
     from numba.cuda.typing.typeof import Purpose, typeof
 
     from fastconv.cuda.geometry import DepthwiseTile
     tile = DepthwiseTile(*map(np.int32, range(8)))
-    values = (tile, 7, True, np.float32(0.5), 0.25, np.int32(-3))
-    out = []
-    for v in values:
-        _runtime._flattener(typeof(v, Purpose.argument))(v, out)
-    assert [type(p) for p in out] == [ctypes.c_int32] * 8 + [
-        ctypes.c_int64, bool, ctypes.c_float, ctypes.c_double, ctypes.c_int32]
-    assert [getattr(p, "value", p) for p in out] == list(range(8)) + [7, True, 0.5, 0.25, -3]
+    t = torch.empty(3, 4, dtype=torch.float64)
+    values = (tile, 7, True, np.float32(0.5), 0.25, np.int32(-3), t)
+    packers = [_runtime._packer(typeof(v, Purpose.argument)) for v in values]
+    plan = _runtime.LaunchPlan(None, packers)
+    assert plan.layout.size == 8 * (8 + 5 + 9), "one 8-byte slot per parameter"
+    slots = np.frombuffer(plan.layout.pack(*plan.pack(values)), np.uint64)
+    assert list(slots[:8]) == list(range(8))
+    assert slots[8] == 7 and slots[9] == 1
+    assert slots[10:11].view(np.float32)[0] == 0.5
+    assert slots[11:12].view(np.float64)[0] == 0.25
+    assert slots[12:13].view(np.int32)[0] == -3
+    assert list(slots[13:]) == [0, 0, 12, 8, t.data_ptr(), 3, 4, 32, 8]
+    # cuLaunchKernel's void**: the address of each slot of the reused buffer
+    assert list(plan._addresses - plan._addresses[0]) == [8 * i for i in range(22)]
+    assert plan._addresses[0] == plan._values.ctypes.data
     with pytest.raises(_runtime._NoPlan):
-        _runtime._flattener(types.Array(types.float32, 2, "A"))
+        _runtime._packer(types.Array(types.float32, 2, "A"))
 
 
 def test_launch_signature_keys():

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import functools
 import os
+import struct
+import threading
 from typing import Optional
 
 import torch
@@ -91,31 +93,32 @@ def stream(device: torch.device):
 
 def launch(kernel, grid, block, shared_bytes: int, *args) -> None:
     """kernel[grid, block, stream, shared_bytes](*args) on the current stream of the tensors'
-    device, torch tensors among ``args`` passed as arrays. The device is made current first:
-    custom ops do not switch devices, and numba takes its context from the thread's current
-    one (a model on cuda:1 while cuda:0 is current would otherwise launch in the wrong one).
+    device, torch tensors among ``args`` passed as arrays.
 
     numba's own launch costs ~80 us of Python per call plus ~13 us per array and ~5 us per
     tuple element (H100, numba-cuda 0.30.4: 511 us for 5 arrays and a 20-int geometry), far
-    more than the kernels here take. So the first launch of each argument signature goes
-    through numba (which compiles and types it) and leaves a LaunchPlan; later ones flatten
-    the arguments as numba would and call cuda.core's launch directly (FASTCONV_CUDA_LAUNCH=
-    numba keeps numba's path throughout)."""
+    more than most kernels here take. So only the first launch of each argument signature goes
+    through numba (which compiles and types it) and leaves a LaunchPlan; later ones pack the
+    parameters as numba would and call the driver's cuLaunchKernel (FASTCONV_CUDA_LAUNCH=numba
+    keeps numba's path throughout)."""
     device = next(a.device for a in args if isinstance(a, torch.Tensor))
     if simulated():
         kernel[grid, block, 0, shared_bytes](*(array(a) if isinstance(a, torch.Tensor) else a
                                                for a in args))
         return
-    with torch.cuda.device(device):
-        key = (kernel, tuple(map(_signature_key, args)))
-        plan = _PLANS.get(key, _UNPLANNED)
-        if plan is _UNPLANNED or plan is None:
+    key = (kernel, tuple(map(_signature_key, args)))
+    plan = _PLANS.get(key, _UNPLANNED)
+    if plan is _UNPLANNED or plan is None:
+        # The device is made current first: custom ops do not switch devices, and numba takes
+        # its context from the thread's current one (a model on cuda:1 while cuda:0 is
+        # current would otherwise launch in the wrong one).
+        with torch.cuda.device(device):
             arrays = [array(a) if isinstance(a, torch.Tensor) else a for a in args]
             kernel[grid, block, stream(device), shared_bytes](*arrays)
             if plan is _UNPLANNED:
                 _PLANS[key] = LaunchPlan.of(kernel, arrays)
-            return
-        plan.launch(device, stream(device), grid, block, shared_bytes, args)
+        return
+    plan.launch(device.index, grid, block, shared_bytes, args)
 
 
 def _signature_key(a):
@@ -133,59 +136,100 @@ _PLANS: dict = {}   # (kernel, argument signature keys) -> LaunchPlan, or None: 
 
 
 class _NoPlan(Exception):
-    """An argument type the direct launch does not flatten: numba launches these."""
+    """An argument type the direct launch does not pack: numba launches these."""
 
 
-def _flattener(ty):
-    """A function(value, params) that appends ``value``'s kernel parameters as numba's
-    Kernel._prepare_args does for numba type ``ty`` (numba-cuda 0.30)."""
-    import ctypes
+def _append(v, out: list) -> None:
+    out.append(v)
+
+
+def _extend(v, out: list) -> None:
+    out.extend(v)
+
+
+_INTEGER_CODES = {8: "b", 16: "h", 32: "i", 64: "q"}
+
+
+def _packer(ty) -> tuple:
+    """(struct format, flatten) of the kernel parameters of numba type ``ty``, as numba's
+    Kernel._prepare_args passes them (numba-cuda 0.30): an array as meminfo, parent, size,
+    itemsize, data pointer, shape and strides (intp each); a scalar as its C type; a tuple
+    element by element. ``flatten(value, out)`` appends the values; each parameter fills an
+    8-byte slot of its own (cuLaunchKernel reads each through its own pointer, taking the
+    size the kernel's image gives)."""
     from numba.cuda import types
     if isinstance(ty, types.Array):
         if ty.layout != "C":
             raise _NoPlan(ty)
-        return _tensor_parameters
+        return "q" * (5 + 2 * ty.ndim), _tensor_parameters
     if ty == types.boolean:
-        return lambda v, out: out.append(bool(v))
+        return "?7x", _append
     if isinstance(ty, types.Integer):
-        c_int = getattr(ctypes, f"c_{ty}")
-        return lambda v, out: out.append(c_int(v))
-    if ty in (types.float32, types.float64):
-        c_float = ctypes.c_float if ty == types.float32 else ctypes.c_double
-        return lambda v, out: out.append(c_float(v))
+        code = _INTEGER_CODES[ty.bitwidth]
+        code = code if ty.signed else code.upper()
+        return (code if ty.bitwidth == 64 else f"{code}{8 - ty.bitwidth // 8}x"), _append
+    if ty == types.float32:
+        return "f4x", _append
+    if ty == types.float64:
+        return "d", _append
     if isinstance(ty, types.BaseTuple):
-        parts = tuple(map(_flattener, ty))
+        parts = tuple(map(_packer, ty))
+        fmt = "".join(f for f, _ in parts)
+        if all(flatten is _append for _, flatten in parts):
+            return fmt, _extend
         def flatten_tuple(v, out):
-            for flatten, item in zip(parts, v):
+            for (_, flatten), item in zip(parts, v):
                 flatten(item, out)
-        return flatten_tuple
+        return fmt, flatten_tuple
     raise _NoPlan(ty)
 
 
-def _tensor_parameters(t: torch.Tensor, out: list) -> None:
-    """A contiguous tensor as numba passes a 'C' array: meminfo, parent, size, itemsize, data
-    pointer, shape, then C-order strides in bytes (from the shape: a size-1 dimension's torch
+@functools.lru_cache(maxsize=1024)
+def _c_strides(shape: torch.Size, itemsize: int) -> tuple:
+    """C-order strides in bytes of ``shape`` (from the shape: a size-1 dimension's torch
     stride may be anything)."""
-    shape = t.shape
-    itemsize = t.element_size()
     strides = [itemsize] * len(shape)
     for i in range(len(shape) - 1, 0, -1):
         strides[i - 1] = strides[i] * shape[i]
-    out += (0, 0, t.numel(), itemsize, t.data_ptr(), *shape, *strides)
+    return tuple(strides)
+
+
+def _tensor_parameters(t: torch.Tensor, out: list) -> None:
+    """A contiguous tensor as numba passes a 'C' array."""
+    shape = t.shape
+    itemsize = t.element_size()
+    out += (0, 0, t.numel(), itemsize, t.data_ptr(), *shape, *_c_strides(shape, itemsize))
+
+
+def _dim3(d) -> tuple:
+    """A grid or block size as three Python ints (ours may be numpy's)."""
+    if not isinstance(d, tuple):
+        return int(d), 1, 1
+    return tuple(map(int, d)) + (1,) * (3 - len(d))
 
 
 class LaunchPlan:
-    """One compiled kernel and how to flatten its arguments (see launch)."""
+    """One compiled kernel and how to pack its parameters for cuLaunchKernel (see launch):
+    into one buffer of 8-byte slots, whose slot addresses are the void** the driver takes.
+    The driver copies the parameters during the call, so the buffer is reused, under a lock
+    for callers on several threads."""
 
-    def __init__(self, compiled, flatteners):
+    def __init__(self, compiled, packers):
+        import numpy as np
         self.compiled = compiled        # numba's _Kernel for this argument signature
-        self.flatteners = flatteners
-        self.functions = {}             # device index -> cuda.core Kernel
+        self.flatteners = tuple(flatten for _, flatten in packers)
+        self.layout = struct.Struct("<" + "".join(fmt for fmt, _ in packers))
+        slots = self.layout.size // 8
+        self._values = np.zeros(max(slots, 1), np.uint64)
+        self._addresses = (self._values.ctypes.data
+                           + 8 * np.arange(len(self._values), dtype=np.uint64))
+        self._lock = threading.Lock()
+        self.handles = {}               # device index -> the kernel's CUkernel
 
     @classmethod
     def of(cls, kernel, arrays) -> Optional["LaunchPlan"]:
         """The plan of the launch numba just made with ``arrays``, or None where numba picked
-        an overload of other types (a conversion) or an argument is not flattened here."""
+        an overload of other types (a conversion) or an argument is not packed here."""
         if os.environ.get("FASTCONV_CUDA_LAUNCH", "") == "numba":
             return None
         types = tuple(kernel.typeof_pyval(a) for a in arrays)
@@ -193,23 +237,44 @@ class LaunchPlan:
         if compiled is None:
             return None
         try:
-            return cls(compiled, tuple(map(_flattener, types)))
+            return cls(compiled, tuple(map(_packer, types)))
         except _NoPlan:
             return None
 
-    def launch(self, device, stream_, grid, block, shared_bytes, args) -> None:
-        from cuda.core import LaunchConfig, launch as core_launch
-        function = self.functions.get(device.index)
-        if function is None:   # numba's cubin loaded in this device's context
-            function = self.functions[device.index] = (
-                self.compiled._codelibrary.get_cufunc().kernel)
+    def pack(self, args) -> list:
+        """The kernel's parameter values for ``args``, in order."""
         params = []
         for flatten, a in zip(self.flatteners, args):
             flatten(a, params)
-        config = LaunchConfig(grid=_dims(grid), block=_dims(block), shmem_size=shared_bytes)
-        core_launch(stream_, config, function, *params)
+        return params
+
+    def launch(self, device_index: int, grid, block, shared_bytes: int, args) -> None:
+        from cuda.bindings import driver
+        handle = self.handles.get(device_index)
+        if handle is None:
+            with torch.cuda.device(device_index):   # numba's cubin, loaded in that context
+                handle = self.handles[device_index] = (
+                    self.compiled._codelibrary.get_cufunc().handle)
+        params = self.pack(args)
+        launch_args = (handle, *_dim3(grid), *_dim3(block), int(shared_bytes),
+                       torch._C._cuda_getCurrentRawStream(device_index), self._addresses, 0)
+        with self._lock:
+            self.layout.pack_into(self._values, 0, *params)
+            err, = driver.cuLaunchKernel(*launch_args)
+            if err == driver.CUresult.CUDA_ERROR_INVALID_CONTEXT:
+                # A thread whose CUDA context was never made current (torch's current device
+                # is then 0 without a context): make the device's primary context current.
+                _make_current(device_index)
+                err, = driver.cuLaunchKernel(*launch_args)
+        if err != driver.CUresult.CUDA_SUCCESS:
+            name = getattr(self.compiled.py_func, "__name__", "a kernel")
+            raise RuntimeError(f"fastconv.cuda: cuLaunchKernel failed for {name}: {err.name}")
 
 
-def _dims(d):
-    """A grid or block size as cuda.core takes it: Python ints (ours may be numpy's)."""
-    return tuple(map(int, d)) if isinstance(d, tuple) else int(d)
+def _make_current(device_index: int) -> None:
+    """The device's primary context (torch's and numba's) current on this thread; retained,
+    not released: it lives as long as the process, as torch keeps it."""
+    from cuda.bindings import driver
+    err, context = driver.cuDevicePrimaryCtxRetain(driver.cuDeviceGet(device_index)[1])
+    if err == driver.CUresult.CUDA_SUCCESS:
+        driver.cuCtxSetCurrent(context)
