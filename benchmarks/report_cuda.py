@@ -195,15 +195,15 @@ def main(argv=None) -> int:
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, copy "
           f"bandwidth {copy_gbs:.0f} GB/s, batch {args.batch}, {args.rounds} rounds (medians)")
     out = {"device": torch.cuda.get_device_name(), "copy_gbs": copy_gbs, "sections": {}}
-    sections = args.section.split(",")
-    if "depthwise" in sections:
-        out["sections"]["depthwise"] = depthwise_section(args.batch, args.rounds, copy_gbs)
-    if "conv-bn-relu" in sections:
-        out["sections"]["conv-bn-relu"] = conv_bn_relu_section(args.batch, args.rounds,
-                                                               args.gemm_algo)
-    if "mobilenet" in sections:
-        out["sections"]["mobilenet"] = mobilenet_section(args.batch, args.rounds)
-    for name, rows in out["sections"].items():
+    runs = {"depthwise": lambda: depthwise_section(args.batch, args.rounds, copy_gbs),
+            "conv-bn-relu": lambda: conv_bn_relu_section(args.batch, args.rounds,
+                                                         args.gemm_algo),
+            "mobilenet": lambda: mobilenet_section(args.batch, args.rounds)}
+    for name in args.section.split(","):
+        if name not in runs:
+            p.error(f"unknown section {name!r}; expected some of {', '.join(runs)}")
+    for name in args.section.split(","):   # each printed (and saved) when done
+        rows = out["sections"][name] = runs[name]()
         print(f"\n== {name}")
         for r in rows:
             print("  " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
@@ -212,9 +212,9 @@ def main(argv=None) -> int:
         if speedups:
             geo = statistics.geometric_mean(speedups)
             print(f"  geometric mean speedup {geo:.2f}x over {len(speedups)} measurements")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(out, f, indent=1)
     return 0
 
 

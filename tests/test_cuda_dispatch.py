@@ -113,6 +113,42 @@ def test_depthwise_launch_geometry():
     assert (tile.tile_w, tile.in_w) == (16, 78)
 
 
+def test_depthwise_rows_geometry():
+    """The generated kernels' shapes: 4 output rows per thread where the loads stay within
+    ROWS_MAX_LOADS (3x3: 6 input rows, 18 loads), fewer on longer reaches or shorter maps,
+    rows between a dilated filter's taps not loaded; none past ROWS_MAX_TAPS."""
+    from fastconv.cuda import geometry
+
+    def rows(x_shape, k, stride=1, dilation=1):
+        g = geometry.conv_geometry(conv2d_problem(x_shape, (x_shape[1], 1, k, k),
+                                                  (stride,) * 2, (0, 0, 0, 0),
+                                                  (dilation,) * 2, x_shape[1]))
+        return geometry.depthwise_rows(g)
+
+    spec = rows((1, 4, 56, 56), 3)
+    assert (spec.rows, spec.in_rows, spec.loads) == (4, 6, 18)
+    assert spec.taps(2) == [(0, 2), (1, 1), (2, 0)]
+    assert rows((1, 4, 56, 56), 5, stride=2).loads == 55      # 11 rows x 5
+    assert rows((1, 4, 56, 56), 5, stride=3).rows == 2     # 4 rows: 14 x 5 = 70 loads
+    assert rows((1, 4, 5, 5), 3).rows == 3                   # a 3-row output
+    dilated = rows((1, 4, 300, 300), 3, dilation=60)
+    assert dilated.rows == 4 and dilated.loads == 36         # 124 rows reached, 12 read
+    assert rows((1, 4, 56, 56), 7) is None
+
+
+def test_grad_input_as_forward():
+    """Stride-1, multiplier-1 depthwise grad-inputs as forwards of the turned filter: padding
+    = reach - padding (negative past the reach), the maps swapped; others None."""
+    from fastconv.cuda import geometry
+    g = geometry.conv_geometry(conv2d_problem((2, 3, 9, 8), (3, 1, 3, 5), (1, 1),
+                                              (4, 0, 1, 2), (2, 1), 3))
+    f = geometry.grad_input_as_forward(g)
+    assert (f.H, f.W, f.OH, f.OW) == (g.OH, g.OW, 9, 8)
+    assert (f.pt, f.pl) == (2 * 2 - 4, 4 - 1)
+    assert geometry.grad_input_as_forward(g._replace(sh=2)) is None
+    assert geometry.grad_input_as_forward(g._replace(Kg=2, K=6)) is None
+
+
 def test_kernel_geometry_is_int32():
     import numpy as np
     from fastconv.cuda import geometry

@@ -1,9 +1,13 @@
 """Depthwise convolution kernels (groups == in_channels, any multiplier, stride, padding and
 dilation), NCHW or any strided 4-D layout, built per float type.
 
-* forward: a block stages its tiles' input halos and weights in shared memory (DepthwiseTile),
-  then each thread computes its column of up to 4 rows from there; bias, the fused activation
-  and, for training, per-block channel statistics in the epilogue.
+* forward: a kernel generated per filter shape, stride and dilation (forward_rows,
+  DepthwiseRows): each thread computes up to 4 outputs of one column with its weights and
+  accumulators in registers, loading each input value once for all of them; the loads are
+  independent, so many are in flight per thread. Training's forward, which also leaves
+  per-block channel statistics, and filters over 25 taps run the tiled kernel (``forward``):
+  a block stages its tiles' input halos and weights in shared memory (DepthwiseTile), then
+  each thread computes its column of up to 4 rows from there.
 * grad-input: a gather per input pixel (the taps whose stride phase matches), reading
   grad_output through the L1 cache.
 * grad-weight: a block per (channel, slice of the batch's pixels) sums each tap's products,
@@ -17,8 +21,10 @@ from types import SimpleNamespace
 import numpy as np
 from numba import cuda, uint64
 
-from ._device import divmod_nonnegative, helpers, unravel_nchw, unravel_pixel
-from .geometry import THREADS
+from ._device import (advance_pixel, divmod_nonnegative, helpers, pixel_step,
+                      unravel_nchw, unravel_pixel)
+from ._runtime import simulated
+from .geometry import REGISTER_WEIGHTS, THREADS, DepthwiseRows
 
 U1 = np.uint64(1)
 U_THREADS = np.uint64(THREADS)
@@ -28,6 +34,7 @@ U_THREADS = np.uint64(THREADS)
 #: forward 64, grad-input 46, grad-weight 63). grad-weight unravels each pixel: stepping them
 #: (advance_pixel, as batchnorm's grad-sums does) took 69 registers, and spilled at 64.
 MAX_REGISTERS = 64
+
 
 
 @functools.lru_cache(maxsize=None)
@@ -239,3 +246,156 @@ def kernels(dtype: str) -> SimpleNamespace:
 
     return SimpleNamespace(forward=forward, grad_input=grad_input,
                            grad_input_dilated=grad_input_dilated, grad_weight=grad_weight)
+
+
+def forward_rows_source(spec: DepthwiseRows) -> str:
+    """The Python source of the forward kernel for ``spec`` (a DepthwiseRows), every tap and
+    output row unrolled, so that weights, accumulators and loaded values are named scalars
+    (registers); numba compiles it per spec. For 3x3, stride 1, 2 rows it reads::
+
+        ...
+        w0_0 = w[wk + 0]  ... w2_2 = w[wk + 8]
+        a0 = a1 = bias
+        c0 = 0 <= iw0 + 0 < g.W  ... c2          # columns inside the map
+        ih = ih0 + 0; inside = 0 <= ih < g.H; p = x0 + ih * g.W
+        v0 = x[uint64(p + 0)] if inside and c0 else ZERO  ... v2
+        a0 += v0 * w0_0  ... a0 += v2 * w0_2     # input row 0: filter row 0 of output row 0
+        ih = ih0 + 1; ...
+        a0 += v0 * w1_0 ... a1 += v0 * w0_0 ...   # input row 1 serves both output rows
+        ...
+
+    The arrays are flat (x: N C H W, w: K R S, y: N K OH OW); indices are computed signed
+    and cast to uint64 at the load, which numba then does not wrap."""
+    R, S, V = spec.R, spec.S, spec.rows
+    lines = [
+        "def forward_rows(x, w, bias, y, g, has_bias):",
+        "    i = cuda.grid(1)",
+        f"    row_blocks = (g.OH + {V - 1}) // {V}",
+        "    if i >= g.N * g.K * row_blocks * g.OW:",
+        "        return",
+        "    ow = i % g.OW",
+        "    rest = i // g.OW",
+        f"    oh0 = (rest % row_blocks) * {V}",
+        "    plane = rest // row_blocks",
+        "    k = plane % g.K",
+        f"    ih0 = oh0 * {spec.sh} - g.pt",
+        f"    iw0 = ow * {spec.sw} - g.pl",
+        "    x0 = ((plane // g.K) * g.C + k // g.Kg) * g.H * g.W + iw0",
+        f"    wk = k * {R * S}",
+    ]
+    if R * S <= REGISTER_WEIGHTS:
+        lines += [f"    w{r}_{c} = w[wk + {r * S + c}]" for r in range(R) for c in range(S)]
+        weight = "w{r}_{c}".format
+    else:   # read where used (the same address across a warp: one cached load each)
+        weight = "w[wk + {i}]".format
+    lines.append("    b = bias[k] if has_bias else ZERO")
+    lines += [f"    a{v} = b" for v in range(V)]
+    lines += [f"    c{c} = 0 <= iw0 + {c * spec.dw} < g.W" for c in range(S)]
+    for j in range(spec.in_rows):
+        taps = spec.taps(j)
+        if not taps:   # a row between dilated taps: no output reads it
+            continue
+        lines += [f"    ih = ih0 + {j}",
+                  "    inside = 0 <= ih < g.H",
+                  "    p = x0 + ih * g.W"]
+        lines += [f"    v{c} = x[uint64(p + {c * spec.dw})] if inside and c{c} else ZERO"
+                  for c in range(S)]
+        lines += [f"    a{v} += v{c} * {weight(r=r, c=c, i=r * S + c)}" for v, r in taps
+                  for c in range(S)]
+    lines.append("    out = (plane * g.OH + oh0) * g.OW + ow")
+    for v in range(V):
+        lines += [f"    if oh0 + {v} < g.OH:",
+                  f"        y[uint64(out + {v} * g.OW)] = activate(a{v}, g.act)"]
+    return "\n".join(lines) + "\n"
+
+
+@functools.lru_cache(maxsize=None)
+def forward_rows(dtype: str, spec: DepthwiseRows):
+    """The forward kernel for one DepthwiseRows spec (compiled at its first launch):
+    ``forward_rows(x, w, bias, y, g, has_bias)``, x, w and y flat, one thread per ``rows``
+    outputs of a column (THREADS per block, as many blocks as that takes)."""
+    h = helpers(dtype)
+    namespace = {"cuda": cuda, "uint64": uint64, "ZERO": h.ZERO, "activate": h.activate}
+    exec(compile(forward_rows_source(spec), f"<depthwise forward_rows {tuple(spec)}>", "exec"),
+         namespace)
+    # 5x5 filters took 80-84 registers uncapped (sm_90); at 64 they do not spill.
+    capped = dtype == "float32" and not simulated()   # (the simulator has no such option)
+    return cuda.jit(**({"max_registers": MAX_REGISTERS} if capped else {}))(
+        namespace["forward_rows"])
+
+
+def grad_weight_rows_source(spec: DepthwiseRows) -> str:
+    """The Python source of the grad-weight kernel for ``spec``, unrolled as
+    forward_rows_source's: a block per (channel k, slice of the items n, row block, column),
+    each thread summing all R x S taps in registers (s{r}_{c} += e{v} * v{c}: e the
+    ``rows`` grad_output values of its item, v each input value loaded once), then one tree
+    reduction in shared memory for every tap and one atomic add per weight and block. Items
+    advance by THREADS with carries (advance_pixel), not divisions."""
+    R, S, V = spec.R, spec.S, spec.rows
+    taps = [(r, c) for r in range(R) for c in range(S)]
+    lines = [
+        "def grad_weight_rows(gy, x, gw, g, items_per_block):",
+        "    sm = cuda.shared.array(0, dtype=T)",
+        "    t = cuda.threadIdx.x",
+        "    k = cuda.blockIdx.x",
+        "    ck = k // g.Kg",
+        f"    row_blocks = (g.OH + {V - 1}) // {V}",
+        "    begin = cuda.blockIdx.y * items_per_block + t",
+        "    end = min(cuda.blockIdx.y * items_per_block + items_per_block,"
+        " g.N * row_blocks * g.OW)",
+        "    n, rb, ow = unravel_pixel(begin, row_blocks, g.OW)",
+        "    dn, drb, dow = pixel_step(THREADS, row_blocks, g.OW)",
+    ]
+    lines += [f"    s{r}_{c} = ZERO" for r, c in taps]
+    lines += [
+        "    for i in range(begin, end, THREADS):",
+        f"        oh0 = rb * {V}",
+        f"        ih0 = oh0 * {spec.sh} - g.pt",
+        f"        iw0 = ow * {spec.sw} - g.pl",
+        "        x0 = (n * g.C + ck) * g.H * g.W + iw0",
+        "        y0 = ((n * g.K + k) * g.OH + oh0) * g.OW + ow",
+    ]
+    lines += [f"        e{v} = gy[uint64(y0 + {v} * g.OW)] if oh0 + {v} < g.OH else ZERO"
+              for v in range(V)]
+    lines += [f"        c{c} = 0 <= iw0 + {c * spec.dw} < g.W" for c in range(S)]
+    for j in range(spec.in_rows):
+        row_taps = spec.taps(j)
+        if not row_taps:
+            continue
+        lines += [f"        ih = ih0 + {j}",
+                  "        inside = 0 <= ih < g.H",
+                  "        p = x0 + ih * g.W"]
+        lines += [f"        v{c} = x[uint64(p + {c * spec.dw})] if inside and c{c} else ZERO"
+                  for c in range(S)]
+        lines += [f"        s{r}_{c} += e{v} * v{c}" for v, r in row_taps for c in range(S)]
+    lines.append("        n, rb, ow = advance_pixel(n, rb, ow, dn, drb, dow, row_blocks, g.OW)")
+    lines += [f"    sm[{i} * THREADS + t] = s{r}_{c}" for i, (r, c) in enumerate(taps)]
+    lines += [
+        "    half = THREADS // 2",
+        "    while half > 0:",
+        "        cuda.syncthreads()",
+        "        if t < half:",
+        f"            for q in range({R * S}):",
+        "                sm[q * THREADS + t] += sm[q * THREADS + t + half]",
+        "        half //= 2",
+        "    cuda.syncthreads()",
+        f"    if t < {R * S}:",
+        f"        cuda.atomic.add(gw, k * {R * S} + t, sm[t * THREADS])",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+@functools.lru_cache(maxsize=None)
+def grad_weight_rows(dtype: str, spec: DepthwiseRows):
+    """The grad-weight kernel for one DepthwiseRows spec: ``grad_weight_rows(gy, x, gw, g,
+    items_per_block)``, all flat, gw zeroed; grid (K, slices), THREADS per block, R S THREADS
+    values of shared memory."""
+    h = helpers(dtype)
+    namespace = {"cuda": cuda, "uint64": uint64, "ZERO": h.ZERO, "T": np.dtype(dtype),
+                 "THREADS": THREADS, "unravel_pixel": unravel_pixel,
+                 "pixel_step": pixel_step, "advance_pixel": advance_pixel}
+    exec(compile(grad_weight_rows_source(spec),
+                 f"<depthwise grad_weight_rows {tuple(spec)}>", "exec"), namespace)
+    capped = dtype == "float32" and not simulated()
+    return cuda.jit(**({"max_registers": MAX_REGISTERS} if capped else {}))(
+        namespace["grad_weight_rows"])

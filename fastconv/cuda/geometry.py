@@ -53,6 +53,17 @@ def conv_geometry(problem, act: int = 0) -> ConvGeometry:
                         p.dh, p.dw, p.groups, p.Cg, p.K // p.groups, act)
 
 
+def grad_input_as_forward(g: ConvGeometry) -> Optional[ConvGeometry]:
+    """The depthwise grad-input of a stride-1, multiplier-1 problem as the geometry of a
+    forward: gx = gy convolved with the filter turned 180 degrees, gy padded by the filter's
+    reach less the forward's padding (negative where the forward padded past the reach: the
+    kernels' bounds tests read no such rows). None for other problems."""
+    if g.sh != 1 or g.sw != 1 or g.Kg != 1 or g.Cg != 1:
+        return None
+    return g._replace(H=g.OH, W=g.OW, OH=g.H, OW=g.W, pt=(g.R - 1) * g.dh - g.pt,
+                      pl=(g.S - 1) * g.dw - g.pl, act=0)
+
+
 class DepthwiseTile(NamedTuple):
     """How the depthwise forward splits its output among blocks of THREADS threads.
 
@@ -117,6 +128,64 @@ def depthwise_tile(g: ConvGeometry, with_stats: bool = False,
                              -(-g.OW // tile_w), -(-g.OH // tile_h))
         if tile.shared_values(g, with_stats) * itemsize <= SHARED_BYTES:
             return tile
+    return None
+
+
+class DepthwiseRows(NamedTuple):
+    """The shape of a depthwise forward kernel generated for one filter (fastconv.cuda.
+    depthwise.forward_rows): each thread computes ``rows`` vertically adjacent outputs of one
+    column, its R x S weights and accumulators held in registers, each input value it reads
+    loaded once for every output row it serves. Warps run along output rows (coalesced)."""
+    R: int
+    S: int
+    sh: int
+    sw: int
+    dh: int
+    dw: int
+    rows: int
+
+    @property
+    def in_rows(self) -> int:
+        """Input rows a thread reads: those under its ``rows`` outputs' filters."""
+        return (self.rows - 1) * self.sh + (self.R - 1) * self.dh + 1
+
+    def taps(self, j: int) -> list:
+        """(output row, filter row) pairs that read input row j (none between the taps of a
+        dilated filter)."""
+        return [(v, (j - v * self.sh) // self.dh) for v in range(self.rows)
+                if j >= v * self.sh and (j - v * self.sh) % self.dh == 0
+                and (j - v * self.sh) // self.dh < self.R]
+
+    @property
+    def loads(self) -> int:
+        """Input values a thread loads: S for each row some tap reads."""
+        return sum(self.S for j in range(self.in_rows) if self.taps(j))
+
+
+#: The generated kernels unroll every load and multiply-add: these bound their code and
+#: registers (5x5 at stride 2 is MobileNet's and EfficientNet's largest: 11 rows x 5 = 55
+#: loads at 4 rows per thread). Larger filters take the tiled kernel (DepthwiseTile).
+ROWS_MAX_TAPS = 25
+ROWS_MAX_LOADS = 64
+
+#: forward_rows keeps a filter of up to this many taps in registers (3x3: 40-48 registers in
+#: all, sm_90); larger ones are read from memory where used: 5x5 in registers took 80-84, and
+#: at the 64 cap spilled 4-48 bytes depending on rows and stride. grad_weight_rows, whose
+#: per-tap sums must stay in registers, exists up to this size only (5x5 spilled 200-280
+#: bytes at 64): larger filters take the shared-memory grad_weight.
+REGISTER_WEIGHTS = 9
+
+
+def depthwise_rows(g: ConvGeometry) -> Optional[DepthwiseRows]:
+    """The generated kernel for one depthwise problem: 4 output rows per thread (3x3 at
+    stride 1: 6 input rows, 18 loads for 4 outputs, not 36), fewer where the loads would pass
+    ROWS_MAX_LOADS or the map is shorter; None for filters above ROWS_MAX_TAPS taps."""
+    if g.R * g.S > ROWS_MAX_TAPS:
+        return None
+    for rows in (4, 2, 1):
+        spec = DepthwiseRows(g.R, g.S, g.sh, g.sw, g.dh, g.dw, min(rows, max(g.OH, 1)))
+        if spec.loads <= ROWS_MAX_LOADS:
+            return spec
     return None
 
 

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from typing import Iterator, NamedTuple, Optional
 
-from .geometry import ConvGeometry, DepthwiseTile
+from .geometry import ConvGeometry, DepthwiseRows, DepthwiseTile
+
+#: The generated depthwise forwards checked ahead of time: MobileNetV2's and EfficientNet-B0's
+#: filters at 4 rows per thread, and the 2- and 1-row shapes of longer reaches.
+ROWS_SPECS = (DepthwiseRows(3, 3, 1, 1, 1, 1, 4), DepthwiseRows(3, 3, 2, 2, 1, 1, 4),
+              DepthwiseRows(5, 5, 1, 1, 1, 1, 4), DepthwiseRows(5, 5, 2, 2, 1, 1, 4),
+              DepthwiseRows(5, 5, 3, 3, 1, 1, 2), DepthwiseRows(3, 3, 1, 1, 2, 2, 1))
 
 
 class KernelSignature(NamedTuple):
@@ -37,6 +43,15 @@ def kernels(dtype: str = "float32") -> Iterator[KernelSignature]:
                           (a4, a4, a4, geometry), budget)
     yield KernelSignature(f"{prefix}_depthwise_grad_input_dilated", dw.grad_input_dilated,
                           (a4, a4, a4, geometry), budget)
+    for spec in ROWS_SPECS:
+        name = (f"{prefix}_depthwise_forward_{spec.R}x{spec.S}s{spec.sh}d{spec.dh}"
+                f"__rows{spec.rows}")
+        yield KernelSignature(name, depthwise.forward_rows(dtype, spec),
+                              (a1, a1, a1, a1, geometry, b), budget)
+        if spec.R * spec.S <= depthwise.REGISTER_WEIGHTS:
+            yield KernelSignature(name.replace("forward", "grad_weight"),
+                                  depthwise.grad_weight_rows(dtype, spec),
+                                  (a1, a1, a1, geometry, i64), budget)
     yield KernelSignature(f"{prefix}_depthwise_grad_weight", dw.grad_weight,
                           (a4, a4, a4, geometry, i64, i64), budget)
     taps = types.Array(types.int32, 2, "C")

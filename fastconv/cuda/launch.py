@@ -11,7 +11,8 @@ import torch
 from torch import Tensor
 
 from . import _runtime as rt
-from .geometry import GEMM_TILE, THREADS, conv_geometry, depthwise_tile, kernel_arg
+from .geometry import (GEMM_TILE, REGISTER_WEIGHTS, THREADS, conv_geometry, depthwise_rows,
+                       depthwise_tile, grad_input_as_forward, kernel_arg)
 
 #: Grid dimensions y and z are limited to 65535 blocks.
 _MAX_GRID_YZ = 65535
@@ -91,7 +92,15 @@ def forward(problem, x: Tensor, w: Tensor, bias: Optional[Tensor], y: Tensor, ac
     g = conv_geometry(problem, act)
     b = bias if bias is not None else _placeholder(x, 1)
     tile = None
-    if _depthwise_kernels(problem, algorithm):
+    depthwise = _depthwise_kernels(problem, algorithm)
+    rows = depthwise_rows(g) if depthwise and not partials else None
+    if rows is not None:   # the generated kernel (no statistics: training takes the tiled)
+        from .depthwise import forward_rows
+        threads = g.N * g.K * -(-g.OH // rows.rows) * g.OW
+        rt.launch(forward_rows(_dtype(x), rows), -(-threads // THREADS), THREADS, 0,
+                  x.view(-1), w.view(-1), b, y.view(-1), kernel_arg(g), bias is not None)
+        return None
+    if depthwise:
         tile = depthwise_tile(g, partials, x.element_size())
         if tile is not None and tile.tiles_w * tile.tiles_h > _MAX_GRID_YZ:
             tile = None   # a map too large for grid.y: the implicit GEMM runs it
@@ -121,7 +130,15 @@ def grad_input(problem, gy: Tensor, w: Tensor, gx: Tensor,
                algorithm: Optional[str] = None) -> None:
     g = conv_geometry(problem)
     if _depthwise_kernels(problem, algorithm):
-        from .depthwise import kernels
+        from .depthwise import forward_rows, kernels
+        flipped = grad_input_as_forward(g)
+        rows = depthwise_rows(flipped) if flipped is not None else None
+        if rows is not None:   # stride 1, multiplier 1: the forward's generated kernel
+            threads = g.N * g.C * -(-g.H // rows.rows) * g.W
+            rt.launch(forward_rows(_dtype(gy), rows), -(-threads // THREADS), THREADS, 0,
+                      gy.view(-1), w.flip((2, 3)).contiguous().view(-1),
+                      _placeholder(gy, 1), gx.view(-1), kernel_arg(flipped), False)
+            return
         total = g.N * g.C * g.H * g.W
         k = kernels(_dtype(gy))
         rt.launch(k.grad_input if g.dh == g.dw == 1 else k.grad_input_dilated,
@@ -148,7 +165,19 @@ def grad_weight(problem, gy: Tensor, x: Tensor, gw: Tensor,
     if pixels == 0:
         return
     rows = 0
-    if _depthwise_kernels(problem, algorithm):
+    depthwise = _depthwise_kernels(problem, algorithm)
+    spec = depthwise_rows(g) if depthwise else None
+    if spec is not None and spec.R * spec.S <= REGISTER_WEIGHTS:   # the generated kernel
+        from .depthwise import grad_weight_rows
+        items = g.N * -(-g.OH // spec.rows) * g.OW
+        splits = max(1, min(_MAX_GRID_YZ, -(-items // (THREADS * 4)),
+                            -(-_REDUCTION_BLOCKS // g.K)))
+        per_block = -(-items // splits)
+        rt.launch(grad_weight_rows(_dtype(gy), spec), (g.K, -(-items // per_block)), THREADS,
+                  spec.R * spec.S * THREADS * gy.element_size(), gy.view(-1), x.view(-1),
+                  gw.view(-1), kernel_arg(g), per_block)
+        return
+    if depthwise:
         taps = _GRAD_WEIGHT_TAPS * 4 // gy.element_size()
         rows = min(g.R, taps // g.S)
     if rows > 0:   # depthwise (0: a filter row longer than the shared slots; implicit GEMM)

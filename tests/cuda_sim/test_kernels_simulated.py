@@ -68,6 +68,9 @@ DEPTHWISE = [
     Case("wide row, two tiles", 1, 1, 1, 3, 37, 3, 3, padding=(1, 1, 1, 1)),
     Case("tall, rows per thread", 1, 1, 2, 40, 8, 3, 3, padding=(1, 1, 1, 1)),
     Case("stride 5, halo row past THREADS", 1, 1, 1, 6, 100, 3, 3, (5, 5), (1, 1, 1, 1)),
+    Case("5x5 stride 3, 2 rows per thread", 1, 2, 2, 13, 12, 5, 5, (3, 3), (2, 2, 2, 2)),
+    Case("7x7 filter, tiled forward", 1, 2, 2, 9, 10, 7, 7, padding=(3, 3, 3, 3)),
+    Case("padding past the filter's reach", 1, 2, 2, 6, 7, 3, 3, padding=(3, 2, 0, 4)),
 ]
 DEPTHWISE = [c._replace(groups=c.C) for c in DEPTHWISE]
 
@@ -262,13 +265,19 @@ def test_errors_are_clear():
 
 
 def test_depthwise_beyond_shared_memory_runs_the_implicit_gemm():
-    """A dilation whose halo would not fit in 48 KiB of shared memory (forward), and a filter
-    row longer than grad-weight's shared slots: both run the implicit GEMM, same results."""
-    case = Case("dilation 60", 1, 1, 1, 125, 125, 3, 3, dilation=(60, 60))
+    """A dilation whose halo would not fit in 48 KiB of shared memory (the tiled forward,
+    which training's statistics take; the eval forward's generated kernel reads no halo),
+    and a filter row longer than grad-weight's shared slots: both run the implicit GEMM,
+    same results."""
+    case = Case("dilation 60", 2, 2, 2, 125, 125, 3, 3, dilation=(60, 60), groups=2)
     x, w, b = case.tensors()
+    z_ref = reference.conv2d(x, w, b, *case.args, 2)
     y = fc.depthwise_conv2d_forward(x, w, b, case.stride, case.padding, case.dilation)
-    assert_close(y, reference.conv2d(x, w, b, *case.args, 1), atol=1e-5, rtol=1e-5,
-                 what="forward, dilation 60")
+    assert_close(y, z_ref, atol=1e-5, rtol=1e-5, what="forward, dilation 60")
+    y, z, mean, invstd = fc.conv_bn_relu_train_forward(x, w, b, None, None, 1e-5, case.stride,
+                                                       case.padding, case.dilation, 2)
+    assert_close(z, z_ref, atol=1e-5, rtol=1e-5, what="training forward, dilation 60")
+    assert_close(mean, z_ref.mean((0, 2, 3)), atol=1e-5, rtol=1e-5, what="batch mean")
     row = Case("1x65 filter", 1, 2, 2, 2, 70, 1, 65, groups=2)
     x, w, _ = row.tensors()
     gy = torch.randn(row.problem.output_shape)
