@@ -1,5 +1,7 @@
 """Batch-norm kernels of the fused Conv-BN-activation in training, built per float type:
 
+* channel_stats: per-block (count, mean, M2) of each channel of z, for forwards whose kernel
+  does not gather them in its epilogue (the depthwise forward_rows);
 * finalize: merges the forward's per-block (count, mean, M2) into each channel's mean and
   1 / sqrt(biased variance + eps) (one block per channel);
 * normalize: y = act((z - mean) invstd gamma + beta), one thread per value;
@@ -28,8 +30,34 @@ def kernels(dtype: str) -> SimpleNamespace:
     T = np.dtype(dtype)
     h = helpers(dtype)
     ZERO, ONE = h.ZERO, h.ONE
-    chan, merge_lanes, sum_lanes = h.chan, h.merge_lanes, h.sum_lanes
+    chan, merge_lanes, sum_lanes, welford = h.chan, h.merge_lanes, h.sum_lanes, h.welford
     activate, activation_passes = h.activate, h.activation_passes
+
+    @cuda.jit
+    def channel_stats(z, partials, pixels_per_block):
+        """partials[j, k] = (count, mean, M2) of z[:, k] over slice j of the N x OH x OW
+        pixels (grid: channels x slices)."""
+        sm = cuda.shared.array(TRIPLES, dtype=T)
+        N, K, OH, OW = z.shape
+        t = cuda.threadIdx.x
+        k = cuda.blockIdx.x
+        begin = cuda.blockIdx.y * pixels_per_block
+        end = min(begin + pixels_per_block, N * OH * OW)
+        cnt = ZERO
+        mean = ZERO
+        m2 = ZERO
+        step_n, step_h, step_w = pixel_step(THREADS, OH, OW)
+        p = begin + t
+        n, oh, ow = unravel_pixel(p, OH, OW)
+        while p < end:
+            cnt, mean, m2 = welford(cnt, mean, m2, z[n, k, oh, ow])
+            p += THREADS
+            n, oh, ow = advance_pixel(n, oh, ow, step_n, step_h, step_w, OH, OW)
+        cnt, mean, m2 = merge_lanes(sm, t, THREADS, cnt, mean, m2)
+        if t == 0:
+            partials[cuda.blockIdx.y, k, 0] = cnt
+            partials[cuda.blockIdx.y, k, 1] = mean
+            partials[cuda.blockIdx.y, k, 2] = m2
 
     @cuda.jit
     def finalize(partials, slots, eps, mean_out, invstd_out):
@@ -98,5 +126,5 @@ def kernels(dtype: str) -> SimpleNamespace:
         scale = invstd[k] * (gamma[k] if has_gamma else ONE)
         out[n, k, oh, ow] = scale * (g - sums[0, k] / count - xhat * (sums[1, k] / count))
 
-    return SimpleNamespace(finalize=finalize, normalize=normalize, grad_sums=grad_sums,
-                           grad_z=grad_z)
+    return SimpleNamespace(channel_stats=channel_stats, finalize=finalize, normalize=normalize,
+                           grad_sums=grad_sums, grad_z=grad_z)

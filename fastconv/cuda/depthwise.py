@@ -283,8 +283,11 @@ def forward_rows_source(spec: DepthwiseRows) -> str:
         "    x0 = ((plane // g.K) * g.C + k // g.Kg) * g.H * g.W + iw0",
         f"    wk = k * {R * S}",
     ]
+    def at(r, c):   # the filter's tap (r, c) in w
+        return (R * S - 1 - r * S - c) if spec.turned else r * S + c
+
     if R * S <= REGISTER_WEIGHTS:
-        lines += [f"    w{r}_{c} = w[wk + {r * S + c}]" for r in range(R) for c in range(S)]
+        lines += [f"    w{r}_{c} = w[wk + {at(r, c)}]" for r in range(R) for c in range(S)]
         weight = "w{r}_{c}".format
     else:   # read where used (the same address across a warp: one cached load each)
         weight = "w[wk + {i}]".format
@@ -300,7 +303,7 @@ def forward_rows_source(spec: DepthwiseRows) -> str:
                   "    p = x0 + ih * g.W"]
         lines += [f"    v{c} = x[uint64(p + {c * spec.dw})] if inside and c{c} else ZERO"
                   for c in range(S)]
-        lines += [f"    a{v} += v{c} * {weight(r=r, c=c, i=r * S + c)}" for v, r in taps
+        lines += [f"    a{v} += v{c} * {weight(r=r, c=c, i=at(r, c))}" for v, r in taps
                   for c in range(S)]
     lines.append("    out = (plane * g.OH + oh0) * g.OW + ow")
     for v in range(V):

@@ -143,6 +143,7 @@ class DepthwiseRows(NamedTuple):
     dh: int
     dw: int
     rows: int
+    turned: bool = False   # weight (r, s) read at (R-1-r, S-1-s)
 
     @property
     def in_rows(self) -> int:
@@ -176,14 +177,20 @@ ROWS_MAX_LOADS = 64
 REGISTER_WEIGHTS = 9
 
 
-def depthwise_rows(g: ConvGeometry) -> Optional[DepthwiseRows]:
+def depthwise_rows(g: ConvGeometry, turned: bool = False) -> Optional[DepthwiseRows]:
     """The generated kernel for one depthwise problem: 4 output rows per thread (3x3 at
     stride 1: 6 input rows, 18 loads for 4 outputs, not 36), fewer where the loads would pass
-    ROWS_MAX_LOADS or the map is shorter; None for filters above ROWS_MAX_TAPS taps."""
-    if g.R * g.S > ROWS_MAX_TAPS:
+    ROWS_MAX_LOADS or the map is shorter; None for filters above ROWS_MAX_TAPS taps.
+    ``turned``: the kernel reads the filter turned 180 degrees (grad_input_as_forward)."""
+    return _depthwise_rows(g.R, g.S, g.sh, g.sw, g.dh, g.dw, g.OH, turned)
+
+
+@functools.lru_cache(maxsize=512)   # every launch asks; the load count costs ~20 us
+def _depthwise_rows(R, S, sh, sw, dh, dw, OH, turned) -> Optional[DepthwiseRows]:
+    if R * S > ROWS_MAX_TAPS:
         return None
     for rows in (4, 2, 1):
-        spec = DepthwiseRows(g.R, g.S, g.sh, g.sw, g.dh, g.dw, min(rows, max(g.OH, 1)))
+        spec = DepthwiseRows(R, S, sh, sw, dh, dw, min(rows, max(OH, 1)), turned)
         if spec.loads <= ROWS_MAX_LOADS:
             return spec
     return None

@@ -10,7 +10,8 @@ from .geometry import ConvGeometry, DepthwiseRows, DepthwiseTile
 #: filters at 4 rows per thread, and the 2- and 1-row shapes of longer reaches.
 ROWS_SPECS = (DepthwiseRows(3, 3, 1, 1, 1, 1, 4), DepthwiseRows(3, 3, 2, 2, 1, 1, 4),
               DepthwiseRows(5, 5, 1, 1, 1, 1, 4), DepthwiseRows(5, 5, 2, 2, 1, 1, 4),
-              DepthwiseRows(5, 5, 3, 3, 1, 1, 2), DepthwiseRows(3, 3, 1, 1, 2, 2, 1))
+              DepthwiseRows(5, 5, 3, 3, 1, 1, 2), DepthwiseRows(3, 3, 1, 1, 2, 2, 1),
+              DepthwiseRows(3, 3, 1, 1, 1, 1, 4, turned=True))   # a stride-1 grad-input
 
 
 class KernelSignature(NamedTuple):
@@ -45,10 +46,10 @@ def kernels(dtype: str = "float32") -> Iterator[KernelSignature]:
                           (a4, a4, a4, geometry), budget)
     for spec in ROWS_SPECS:
         name = (f"{prefix}_depthwise_forward_{spec.R}x{spec.S}s{spec.sh}d{spec.dh}"
-                f"__rows{spec.rows}")
+                f"__rows{spec.rows}{'_turned' if spec.turned else ''}")
         yield KernelSignature(name, depthwise.forward_rows(dtype, spec),
                               (a1, a1, a1, a1, geometry, b), budget)
-        if spec.R * spec.S <= depthwise.REGISTER_WEIGHTS:
+        if spec.R * spec.S <= depthwise.REGISTER_WEIGHTS and not spec.turned:
             yield KernelSignature(name.replace("forward", "grad_weight"),
                                   depthwise.grad_weight_rows(dtype, spec),
                                   (a1, a1, a1, geometry, i64), budget)
@@ -63,6 +64,7 @@ def kernels(dtype: str = "float32") -> Iterator[KernelSignature]:
                               (a_src, a4, a4, a1, a3, taps, geometry, i64, i64, i64, i64, b, b),
                               None)
     bn = batchnorm.kernels(dtype)
+    yield KernelSignature(f"{prefix}_bn_channel_stats", bn.channel_stats, (a4, a3, i64), None)
     yield KernelSignature(f"{prefix}_bn_finalize", bn.finalize, (a3, i64, f, a1, a1), None)
     yield KernelSignature(f"{prefix}_bn_normalize", bn.normalize,
                           (a4, a1, a1, a1, a1, a4, b, b, i64), None)

@@ -93,13 +93,13 @@ def forward(problem, x: Tensor, w: Tensor, bias: Optional[Tensor], y: Tensor, ac
     b = bias if bias is not None else _placeholder(x, 1)
     tile = None
     depthwise = _depthwise_kernels(problem, algorithm)
-    rows = depthwise_rows(g) if depthwise and not partials else None
-    if rows is not None:   # the generated kernel (no statistics: training takes the tiled)
+    rows = depthwise_rows(g) if depthwise else None
+    if rows is not None:   # the generated kernel; statistics in a pass over y of their own
         from .depthwise import forward_rows
         threads = g.N * g.K * -(-g.OH // rows.rows) * g.OW
         rt.launch(forward_rows(_dtype(x), rows), -(-threads // THREADS), THREADS, 0,
                   x.view(-1), w.view(-1), b, y.view(-1), kernel_arg(g), bias is not None)
-        return None
+        return channel_stats(y) if partials else None
     if depthwise:
         tile = depthwise_tile(g, partials, x.element_size())
         if tile is not None and tile.tiles_w * tile.tiles_h > _MAX_GRID_YZ:
@@ -131,13 +131,13 @@ def grad_input(problem, gy: Tensor, w: Tensor, gx: Tensor,
     g = conv_geometry(problem)
     if _depthwise_kernels(problem, algorithm):
         from .depthwise import forward_rows, kernels
-        flipped = grad_input_as_forward(g)
-        rows = depthwise_rows(flipped) if flipped is not None else None
+        turned = grad_input_as_forward(g)
+        rows = depthwise_rows(turned, turned=True) if turned is not None else None
         if rows is not None:   # stride 1, multiplier 1: the forward's generated kernel
             threads = g.N * g.C * -(-g.H // rows.rows) * g.W
             rt.launch(forward_rows(_dtype(gy), rows), -(-threads // THREADS), THREADS, 0,
-                      gy.view(-1), w.flip((2, 3)).contiguous().view(-1),
-                      _placeholder(gy, 1), gx.view(-1), kernel_arg(flipped), False)
+                      gy.view(-1), w.view(-1), _placeholder(gy, 1), gx.view(-1),
+                      kernel_arg(turned), False)
             return
         total = g.N * g.C * g.H * g.W
         k = kernels(_dtype(gy))
@@ -213,6 +213,24 @@ def _check_grid(grid) -> None:
 # --------------------------------------------------------------------------------------------
 # Batch norm (training)
 # --------------------------------------------------------------------------------------------
+
+def channel_stats(z: Tensor) -> Tensor:
+    """Per-block (count, mean, M2) of each channel of z (slices x K x 3), as the forwards
+    that gather statistics in their epilogue leave them. A pass of its own reads z once
+    more (H200: ~4 TB/s copy bandwidth), less than what the tiled kernel, the depthwise
+    forward that gathers them, loses against the generated one (~3x at 3x3)."""
+    from .batchnorm import kernels
+    N, K, OH, OW = z.shape
+    pixels = N * OH * OW
+    splits = max(1, min(_MAX_GRID_YZ, -(-pixels // (THREADS * 16)),
+                        -(-_REDUCTION_BLOCKS // K)))
+    per_block = -(-pixels // splits)
+    slices = -(-pixels // per_block)
+    partials = z.new_empty((slices, K, 3))
+    rt.launch(kernels(_dtype(z)).channel_stats, (K, slices), THREADS, 0, z, partials,
+              per_block)
+    return partials
+
 
 def bn_statistics(partials: Tensor, eps: float, like: Tensor):
     """(mean, invstd) per channel from the forward's partials."""

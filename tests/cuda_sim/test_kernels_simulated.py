@@ -173,7 +173,9 @@ def test_grad_weight_split_across_blocks():
                  **_tol(torch.float32, 2304, 48), what="depthwise grad-weight, split")
 
 
-BN_CASES = [DEPTHWISE[1], DENSE[1]]
+# a generated depthwise forward (statistics in a pass of their own), the tiled one (in its
+# epilogue: filters over 25 taps), an implicit GEMM
+BN_CASES = [DEPTHWISE[1], next(c for c in DEPTHWISE if c.R == 7), DENSE[1]]
 
 
 @pytest.mark.parametrize("case", BN_CASES, ids=lambda c: c.name)
@@ -228,7 +230,10 @@ def test_conv_bn_train_steps_and_backward(case):
 
 
 @pytest.mark.parametrize("case", [
-    Case("depthwise, 6 tiles per plane", 1, 2, 2, 33, 40, 3, 3, padding=(1, 1, 1, 1), groups=2),
+    Case("depthwise, 2 slices per channel", 2, 2, 2, 33, 40, 3, 3, padding=(1, 1, 1, 1),
+         groups=2),
+    Case("depthwise 7x7 (tiled), 6 tiles per plane", 1, 2, 2, 33, 40, 7, 7,
+         padding=(3, 3, 3, 3), groups=2),
     Case("implicit GEMM, 2 pixel blocks", 1, 2, 3, 9, 9, 1, 1),
 ], ids=lambda c: c.name)
 def test_statistics_merge_many_blocks(case):
