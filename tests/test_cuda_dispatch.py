@@ -136,6 +136,25 @@ def test_depthwise_rows_geometry():
     assert rows((1, 4, 56, 56), 7) is None
 
 
+def test_depthwise_grad_rows_geometry():
+    """The generated grad-inputs: whole stride phases per thread (rows a multiple of sh, sw
+    columns), as many rows as GRAD_ROWS_MAX_VALUES allows; the taps of each phase and the
+    grad_output offsets they read fixed by the padding modulo the stride."""
+    from fastconv.cuda import geometry
+
+    def spec(k, stride, pad, multiplier=1):
+        g = geometry.conv_geometry(conv2d_problem((1, 4, 20, 20), (4 * multiplier, 1, k, k),
+                                                  (stride,) * 2, (pad,) * 4, (1, 1), 4))
+        return geometry.depthwise_grad_rows(g)
+
+    s2 = spec(3, 2, 1)
+    assert (s2.rows, s2.ph, len(s2.loads)) == (4, 1, 6)
+    assert s2.row_taps(0) == [(1, 0)] and s2.row_taps(1) == [(0, 1), (2, 0)]
+    assert spec(3, 1, 1, multiplier=2).rows == 2     # 4 rows: 18 loads + 4 sums + 9 weights
+    assert spec(3, 3, 0).rows == 3
+    assert spec(5, 2, 2) is None                     # 25 weights: the gather kernel
+
+
 def test_grad_input_as_forward():
     """Stride-1, multiplier-1 depthwise grad-inputs as forwards of the turned filter: padding
     = reach - padding (negative past the reach), the maps swapped; others None."""

@@ -1,17 +1,25 @@
 """Depthwise convolution kernels (groups == in_channels, any multiplier, stride, padding and
-dilation), NCHW or any strided 4-D layout, built per float type.
+dilation), NCHW, built per float type.
 
-* forward: a kernel generated per filter shape, stride and dilation (forward_rows,
-  DepthwiseRows): each thread computes up to 4 outputs of one column with its weights and
-  accumulators in registers, loading each input value once for all of them; the loads are
-  independent, so many are in flight per thread. Training's forward, which also leaves
-  per-block channel statistics, and filters over 25 taps run the tiled kernel (``forward``):
-  a block stages its tiles' input halos and weights in shared memory (DepthwiseTile), then
-  each thread computes its column of up to 4 rows from there.
-* grad-input: a gather per input pixel (the taps whose stride phase matches), reading
-  grad_output through the L1 cache.
-* grad-weight: a block per (channel, slice of the batch's pixels) sums each tap's products,
-  reduces them in shared memory and adds one value per weight atomically.
+Most launches run kernels generated per filter shape, stride and dilation (their Python
+source written here, every tap unrolled, then compiled by numba): weights, sums and loaded
+values are named scalars, so they live in registers, and every load is independent of the
+others, so many are in flight per thread. The launch geometry is in fastconv.cuda.geometry.
+
+* forward (forward_rows, DepthwiseRows): a thread computes up to 4 outputs of one column,
+  loading each input value once for all of them (3x3: 18 loads for 4 outputs). Training
+  gathers the batch statistics in a pass of its own (batchnorm.channel_stats).
+* grad-input: at stride 1 without a multiplier, forward_rows on grad_output with the filter
+  turned; otherwise grad_input_rows (DepthwiseGradRows): a thread computes whole stride
+  phases (rows x sw input pixels), so each pixel's taps are fixed when the kernel is built.
+* grad-weight (3x3 and smaller: grad_weight_rows): a block per (channel, slice of the
+  batch), each thread summing every tap in registers, one tree reduction, one atomic add per
+  weight and block.
+
+Filters the generated kernels do not take (over 25 taps forward, over 9 backward) run the
+shared-memory kernels of ``kernels``: a tiled forward that stages halos in shared memory
+(DepthwiseTile) and gathers statistics in its epilogue, a gather per input pixel for
+grad-input, and a grad-weight summing taps in shared-memory slots.
 """
 from __future__ import annotations
 
@@ -24,7 +32,7 @@ from numba import cuda, uint64
 from ._device import (advance_pixel, divmod_nonnegative, helpers, pixel_step,
                       unravel_nchw, unravel_pixel)
 from ._runtime import simulated
-from .geometry import REGISTER_WEIGHTS, THREADS, DepthwiseRows
+from .geometry import REGISTER_WEIGHTS, THREADS, DepthwiseGradRows, DepthwiseRows
 
 U1 = np.uint64(1)
 U_THREADS = np.uint64(THREADS)
@@ -402,3 +410,73 @@ def grad_weight_rows(dtype: str, spec: DepthwiseRows):
     capped = dtype == "float32" and not simulated()
     return cuda.jit(**({"max_registers": MAX_REGISTERS} if capped else {}))(
         namespace["grad_weight_rows"])
+
+
+def grad_input_rows_source(spec: DepthwiseGradRows) -> str:
+    """The Python source of the grad-input kernel for ``spec`` (a DepthwiseGradRows): thread
+    i computes input pixels (rb rows + a, cb sw + b), a < rows, b < sw, of one (n, c) plane:
+    for each channel k = c Kg + m of the multiplier, it loads the grad_output values its taps
+    reach (at compile-time offsets from (rb rows / sh + pt // sh, cb + pl // sw)) once, then
+    adds each to the pixels it reaches through the taps of their stride phase. No divisions
+    but the thread's unravelling."""
+    R, S, V, sw = spec.R, spec.S, spec.rows, spec.sw
+    loads = spec.loads
+    name = {ij: f"e{n}" for n, ij in enumerate(loads)}
+    rows = sorted({i for i, _ in loads})
+    cols = sorted({j for _, j in loads})
+    lines = [
+        "def grad_input_rows(gy, w, gx, g):",
+        "    i = cuda.grid(1)",
+        f"    row_blocks = (g.H + {V - 1}) // {V}",
+        f"    col_blocks = (g.W + {sw - 1}) // {sw}",
+        "    if i >= g.N * g.C * row_blocks * col_blocks:",
+        "        return",
+        "    cb = i % col_blocks",
+        "    rest = i // col_blocks",
+        "    rb = rest % row_blocks",
+        "    plane = rest // row_blocks",
+        "    n = plane // g.C",
+        "    c = plane % g.C",
+        f"    oh0 = rb * {V // spec.sh} + g.pt // {spec.sh}",
+        f"    ow0 = cb + g.pl // {sw}",
+    ]
+    lines += [f"    r{i - rows[0]} = 0 <= oh0 + {i} < g.OH" for i in rows]
+    lines += [f"    q{j - cols[0]} = 0 <= ow0 + {j} < g.OW" for j in cols]
+    lines += [f"    a{a}_{b} = ZERO" for a in range(V) for b in range(sw)]
+    lines += [
+        "    for m in range(g.Kg):",
+        "        k = c * g.Kg + m",
+        "        y0 = (n * g.K + k) * g.OH * g.OW + oh0 * g.OW + ow0",
+        f"        wk = k * {R * S}",
+    ]
+    in_registers = R * S <= REGISTER_WEIGHTS
+    if in_registers:
+        lines += [f"        w{r}_{c} = w[wk + {r * S + c}]" for r in range(R) for c in range(S)]
+    lines += [f"        {name[i, j]} = gy[uint64(y0 + {i} * g.OW + {j})]"
+              f" if r{i - rows[0]} and q{j - cols[0]} else ZERO" for i, j in loads]
+    for a in range(V):
+        for b in range(sw):
+            for r, i in spec.row_taps(a):
+                for c, j in spec.col_taps(b):
+                    weight = f"w{r}_{c}" if in_registers else f"w[wk + {r * S + c}]"
+                    lines.append(f"        a{a}_{b} += {name[i, j]} * {weight}")
+    lines += [f"    ih0 = rb * {V}", f"    iw0 = cb * {sw}",
+              "    x0 = plane * g.H * g.W + ih0 * g.W + iw0"]
+    for a in range(V):
+        for b in range(sw):
+            lines += [f"    if ih0 + {a} < g.H and iw0 + {b} < g.W:",
+                      f"        gx[uint64(x0 + {a} * g.W + {b})] = a{a}_{b}"]
+    return "\n".join(lines) + "\n"
+
+
+@functools.lru_cache(maxsize=None)
+def grad_input_rows(dtype: str, spec: DepthwiseGradRows):
+    """The grad-input kernel for one DepthwiseGradRows spec: ``grad_input_rows(gy, w, gx,
+    g)``, all flat, one thread per rows x sw input pixels."""
+    h = helpers(dtype)
+    namespace = {"cuda": cuda, "uint64": uint64, "ZERO": h.ZERO}
+    exec(compile(grad_input_rows_source(spec), f"<depthwise grad_input_rows {tuple(spec)}>",
+                 "exec"), namespace)
+    capped = dtype == "float32" and not simulated()
+    return cuda.jit(**({"max_registers": MAX_REGISTERS} if capped else {}))(
+        namespace["grad_input_rows"])

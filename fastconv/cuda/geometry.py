@@ -64,6 +64,65 @@ def grad_input_as_forward(g: ConvGeometry) -> Optional[ConvGeometry]:
                       pl=(g.S - 1) * g.dw - g.pl, act=0)
 
 
+class DepthwiseGradRows(NamedTuple):
+    """The shape of a depthwise grad-input kernel generated for one filter and stride
+    (fastconv.cuda.depthwise.grad_input_rows): each thread computes ``rows`` x sw input
+    pixels (whole stride phases: ``rows`` a multiple of sh), so which taps reach each of them,
+    and from which grad_output offset, is known when the kernel is built; ``ph``, ``pw`` are
+    the padding modulo the stride, which decides that too. Each grad_output value a thread
+    needs is loaded once per channel of the multiplier."""
+    R: int
+    S: int
+    sh: int
+    sw: int
+    dh: int
+    dw: int
+    ph: int
+    pw: int
+    rows: int
+
+    def row_taps(self, a: int) -> list:
+        """(filter row, grad_output row offset) pairs reaching input row a of a block."""
+        return [(r, (a + self.ph - r * self.dh) // self.sh) for r in range(self.R)
+                if (a + self.ph - r * self.dh) % self.sh == 0]
+
+    def col_taps(self, b: int) -> list:
+        return [(c, (b + self.pw - c * self.dw) // self.sw) for c in range(self.S)
+                if (b + self.pw - c * self.dw) % self.sw == 0]
+
+    @property
+    def loads(self) -> list:
+        """The (row, column) grad_output offsets a thread reads (from its block's base)."""
+        rows = sorted({i for a in range(self.rows) for _, i in self.row_taps(a)})
+        cols = sorted({j for b in range(self.sw) for _, j in self.col_taps(b)})
+        return [(i, j) for i in rows for j in cols]
+
+
+#: Values a generated grad-input thread may hold (grad_output loads + sums + weights): at 31
+#: (3x3, stride 1, 4 rows) it spilled at 64 registers, at 23 (3x3 stride 2, 4 rows; stride 1,
+#: 2 rows) it did not (sm_90, ptxas 13.0).
+GRAD_ROWS_MAX_VALUES = 28
+
+
+def depthwise_grad_rows(g: ConvGeometry) -> Optional[DepthwiseGradRows]:
+    """The generated grad-input kernel of one depthwise problem: up to 4 input rows per
+    thread (a multiple of sh), sw columns, as many as GRAD_ROWS_MAX_VALUES allows; None for
+    filters over REGISTER_WEIGHTS taps (5x5 spilled 28-148 bytes at any rows: the gather
+    kernel runs those)."""
+    return _depthwise_grad_rows(g.R, g.S, g.sh, g.sw, g.dh, g.dw, g.pt % g.sh, g.pl % g.sw)
+
+
+@functools.lru_cache(maxsize=512)
+def _depthwise_grad_rows(R, S, sh, sw, dh, dw, ph, pw) -> Optional[DepthwiseGradRows]:
+    if R * S > REGISTER_WEIGHTS:
+        return None
+    for rows in (4, 2, 1):
+        spec = DepthwiseGradRows(R, S, sh, sw, dh, dw, ph, pw, sh * max(1, rows // sh))
+        if len(spec.loads) + spec.rows * sw + R * S <= GRAD_ROWS_MAX_VALUES:
+            return spec
+    return None
+
+
 class DepthwiseTile(NamedTuple):
     """How the depthwise forward splits its output among blocks of THREADS threads.
 

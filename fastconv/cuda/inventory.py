@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Iterator, NamedTuple, Optional
 
-from .geometry import ConvGeometry, DepthwiseRows, DepthwiseTile
+from .geometry import ConvGeometry, DepthwiseGradRows, DepthwiseRows, DepthwiseTile
 
 #: The generated depthwise forwards checked ahead of time: MobileNetV2's and EfficientNet-B0's
 #: filters at 4 rows per thread, and the 2- and 1-row shapes of longer reaches.
@@ -12,6 +12,11 @@ ROWS_SPECS = (DepthwiseRows(3, 3, 1, 1, 1, 1, 4), DepthwiseRows(3, 3, 2, 2, 1, 1
               DepthwiseRows(5, 5, 1, 1, 1, 1, 4), DepthwiseRows(5, 5, 2, 2, 1, 1, 4),
               DepthwiseRows(5, 5, 3, 3, 1, 1, 2), DepthwiseRows(3, 3, 1, 1, 2, 2, 1),
               DepthwiseRows(3, 3, 1, 1, 1, 1, 4, turned=True))   # a stride-1 grad-input
+#: The generated depthwise grad-inputs checked ahead of time: 3x3 at stride 2 (MobileNetV2's
+#: and EfficientNet-B0's), at stride 3, and at stride 1 with a multiplier.
+GRAD_ROWS_SPECS = (DepthwiseGradRows(3, 3, 2, 2, 1, 1, 1, 1, 4),
+                   DepthwiseGradRows(3, 3, 3, 3, 1, 1, 0, 0, 3),
+                   DepthwiseGradRows(3, 3, 1, 1, 1, 1, 0, 0, 2))
 
 
 class KernelSignature(NamedTuple):
@@ -53,6 +58,11 @@ def kernels(dtype: str = "float32") -> Iterator[KernelSignature]:
             yield KernelSignature(name.replace("forward", "grad_weight"),
                                   depthwise.grad_weight_rows(dtype, spec),
                                   (a1, a1, a1, geometry, i64), budget)
+    for spec in GRAD_ROWS_SPECS:
+        yield KernelSignature(f"{prefix}_depthwise_grad_input_{spec.R}x{spec.S}s{spec.sh}"
+                              f"p{spec.ph}__rows{spec.rows}",
+                              depthwise.grad_input_rows(dtype, spec), (a1, a1, a1, geometry),
+                              budget)
     yield KernelSignature(f"{prefix}_depthwise_grad_weight", dw.grad_weight,
                           (a4, a4, a4, geometry, i64, i64), budget)
     taps = types.Array(types.int32, 2, "C")

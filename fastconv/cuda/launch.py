@@ -11,8 +11,9 @@ import torch
 from torch import Tensor
 
 from . import _runtime as rt
-from .geometry import (GEMM_TILE, REGISTER_WEIGHTS, THREADS, conv_geometry, depthwise_rows,
-                       depthwise_tile, grad_input_as_forward, kernel_arg)
+from .geometry import (GEMM_TILE, REGISTER_WEIGHTS, THREADS, conv_geometry,
+                       depthwise_grad_rows, depthwise_rows, depthwise_tile,
+                       grad_input_as_forward, kernel_arg)
 
 #: Grid dimensions y and z are limited to 65535 blocks.
 _MAX_GRID_YZ = 65535
@@ -138,6 +139,13 @@ def grad_input(problem, gy: Tensor, w: Tensor, gx: Tensor,
             rt.launch(forward_rows(_dtype(gy), rows), -(-threads // THREADS), THREADS, 0,
                       gy.view(-1), w.view(-1), _placeholder(gy, 1), gx.view(-1),
                       kernel_arg(turned), False)
+            return
+        spec = depthwise_grad_rows(g)
+        if spec is not None:   # other strides and multipliers: whole stride phases
+            from .depthwise import grad_input_rows
+            threads = g.N * g.C * -(-g.H // spec.rows) * -(-g.W // spec.sw)
+            rt.launch(grad_input_rows(_dtype(gy), spec), -(-threads // THREADS), THREADS, 0,
+                      gy.view(-1), w.view(-1), gx.view(-1), kernel_arg(g))
             return
         total = g.N * g.C * g.H * g.W
         k = kernels(_dtype(gy))

@@ -70,6 +70,8 @@ DEPTHWISE = [
     Case("stride 5, halo row past THREADS", 1, 1, 1, 6, 100, 3, 3, (5, 5), (1, 1, 1, 1)),
     Case("5x5 stride 3, 2 rows per thread", 1, 2, 2, 13, 12, 5, 5, (3, 3), (2, 2, 2, 2)),
     Case("7x7 filter, tiled forward", 1, 2, 2, 9, 10, 7, 7, padding=(3, 3, 3, 3)),
+    Case("7x7 dilated stride 2, gathered grad-input", 1, 2, 2, 16, 15, 7, 7, (2, 2),
+         (3, 3, 3, 3), (2, 2)),
     Case("padding past the filter's reach", 1, 2, 2, 6, 7, 3, 3, padding=(3, 2, 0, 4)),
 ]
 DEPTHWISE = [c._replace(groups=c.C) for c in DEPTHWISE]
