@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 
 from ..backend import ACT_NONE, Pass
+from . import launch   # numba-free: it imports numba-cuda at the first launch
 
 _FLOATS = (torch.float32, torch.float64)
 
@@ -43,7 +44,6 @@ class CudaKernels:
 
     def forward(self, problem, x, x_layout, w, b, y, y_layout, packed=None,
                 activation: int = ACT_NONE, stats=None) -> None:
-        from . import launch
         if packed is not None:
             raise ValueError("fastconv: the CUDA kernels take no prepacked weights")
         if stats is not None:
@@ -58,18 +58,15 @@ class CudaKernels:
     def conv_bn_train(self, problem, x, w, b, gamma, beta, eps: float, activation: int):
         """Training Conv -> BN (batch statistics) -> activation: (y, z, mean, invstd), the
         statistics reduced in the convolution's epilogue (fastconv.ops.conv2d_bn)."""
-        from . import launch
         return launch.conv_bn_train(problem, x, w, b, gamma, beta, eps, activation, self.name)
 
     def grad_input(self, problem, gy, gy_layout, w, gx, gx_layout) -> None:
-        from . import launch
         out = gx if gx.is_contiguous() else torch.empty(gx.shape, dtype=gx.dtype, device=gx.device)
         launch.grad_input(problem, gy.contiguous(), w.contiguous(), out, algorithm=self.name)
         if out is not gx:
             gx.copy_(out)
 
     def grad_weight(self, problem, gy, gy_layout, x, x_layout, gw, gb=None) -> None:
-        from . import launch
         gy = gy.contiguous()
         launch.grad_weight(problem, gy, x.contiguous(), gw, algorithm=self.name)
         if gb is not None:

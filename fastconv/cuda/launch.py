@@ -4,7 +4,8 @@ public functions (fastconv.cuda) and the registry's kernels (fastconv.cuda.kerne
 these."""
 from __future__ import annotations
 
-from typing import Optional
+import functools
+from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -86,21 +87,78 @@ def _depthwise_kernels(problem, algorithm: Optional[str]) -> bool:
     return algorithm == "depthwise"
 
 
+class Generated(NamedTuple):
+    """A launch of a generated kernel (fastconv.cuda.depthwise), all but its tensors: worked
+    out once per problem (the launches of a network repeat; this took ~10 us per call)."""
+    kernel: object
+    grid: object
+    geometry: tuple          # kernel_arg of the ConvGeometry the kernel reads
+    shared_bytes: int = 0
+    extra: tuple = ()        # the arguments after the geometry
+    as_forward: bool = False  # a grad-input run by the forward's kernel
+
+def _blocks(threads: int) -> int:
+    return -(-threads // THREADS)
+
+
+@functools.lru_cache(maxsize=1024)
+def _rows_forward(problem, act: int, dtype: str) -> Optional[Generated]:
+    from .depthwise import forward_rows
+    g = conv_geometry(problem, act)
+    spec = depthwise_rows(g)
+    if spec is None:
+        return None
+    return Generated(forward_rows(dtype, spec),
+                     _blocks(g.N * g.K * -(-g.OH // spec.rows) * g.OW), kernel_arg(g))
+
+
+@functools.lru_cache(maxsize=1024)
+def _rows_grad_input(problem, dtype: str) -> Optional[Generated]:
+    from .depthwise import forward_rows, grad_input_rows
+    g = conv_geometry(problem)
+    turned = grad_input_as_forward(g)
+    spec = depthwise_rows(turned, turned=True) if turned is not None else None
+    if spec is not None:   # stride 1, multiplier 1: the forward's kernel, no bias
+        return Generated(forward_rows(dtype, spec),
+                         _blocks(g.N * g.C * -(-g.H // spec.rows) * g.W), kernel_arg(turned),
+                         as_forward=True)
+    spec = depthwise_grad_rows(g)
+    if spec is not None:   # other strides and multipliers: whole stride phases
+        return Generated(grad_input_rows(dtype, spec),
+                         _blocks(g.N * g.C * -(-g.H // spec.rows) * -(-g.W // spec.sw)),
+                         kernel_arg(g))
+    return None
+
+
+@functools.lru_cache(maxsize=1024)
+def _rows_grad_weight(problem, dtype: str) -> Optional[Generated]:
+    from .depthwise import grad_weight_rows
+    g = conv_geometry(problem)
+    spec = depthwise_rows(g)
+    if spec is None or spec.R * spec.S > REGISTER_WEIGHTS:
+        return None
+    items = g.N * -(-g.OH // spec.rows) * g.OW
+    splits = max(1, min(_MAX_GRID_YZ, -(-items // (THREADS * 4)),
+                        -(-_REDUCTION_BLOCKS // g.K)))
+    per_block = -(-items // splits)
+    return Generated(grad_weight_rows(dtype, spec), (g.K, -(-items // per_block)),
+                     kernel_arg(g), spec.R * spec.S * THREADS * np.dtype(dtype).itemsize,
+                     extra=(per_block,))
+
+
 def forward(problem, x: Tensor, w: Tensor, bias: Optional[Tensor], y: Tensor, act: int = 0,
             partials: bool = False, algorithm: Optional[str] = None) -> Optional[Tensor]:
     """y = act(conv(x, w) + bias). With ``partials``, also returns each block's per-channel
     (count, mean, M2) of y for batchnorm.finalize (shape slots x K x 3)."""
-    g = conv_geometry(problem, act)
-    b = bias if bias is not None else _placeholder(x, 1)
-    tile = None
     depthwise = _depthwise_kernels(problem, algorithm)
-    rows = depthwise_rows(g) if depthwise else None
+    b = bias if bias is not None else _placeholder(x, 1)
+    rows = _rows_forward(problem, act, _dtype(x)) if depthwise else None
     if rows is not None:   # the generated kernel; statistics in a pass over y of their own
-        from .depthwise import forward_rows
-        threads = g.N * g.K * -(-g.OH // rows.rows) * g.OW
-        rt.launch(forward_rows(_dtype(x), rows), -(-threads // THREADS), THREADS, 0,
-                  x.view(-1), w.view(-1), b, y.view(-1), kernel_arg(g), bias is not None)
+        rt.launch(rows.kernel, rows.grid, THREADS, 0, x.view(-1), w.view(-1), b, y.view(-1),
+                  rows.geometry, bias is not None)
         return channel_stats(y) if partials else None
+    g = conv_geometry(problem, act)
+    tile = None
     if depthwise:
         tile = depthwise_tile(g, partials, x.element_size())
         if tile is not None and tile.tiles_w * tile.tiles_h > _MAX_GRID_YZ:
@@ -129,24 +187,19 @@ def forward(problem, x: Tensor, w: Tensor, bias: Optional[Tensor], y: Tensor, ac
 
 def grad_input(problem, gy: Tensor, w: Tensor, gx: Tensor,
                algorithm: Optional[str] = None) -> None:
+    depthwise = _depthwise_kernels(problem, algorithm)
+    rows = _rows_grad_input(problem, _dtype(gy)) if depthwise else None
+    if rows is not None and rows.as_forward:   # forward_rows, the filter turned, no bias
+        rt.launch(rows.kernel, rows.grid, THREADS, 0, gy.view(-1), w.view(-1),
+                  _placeholder(gy, 1), gx.view(-1), rows.geometry, False)
+        return
+    if rows is not None:   # grad_input_rows
+        rt.launch(rows.kernel, rows.grid, THREADS, 0, gy.view(-1), w.view(-1), gx.view(-1),
+                  rows.geometry)
+        return
     g = conv_geometry(problem)
-    if _depthwise_kernels(problem, algorithm):
-        from .depthwise import forward_rows, kernels
-        turned = grad_input_as_forward(g)
-        rows = depthwise_rows(turned, turned=True) if turned is not None else None
-        if rows is not None:   # stride 1, multiplier 1: the forward's generated kernel
-            threads = g.N * g.C * -(-g.H // rows.rows) * g.W
-            rt.launch(forward_rows(_dtype(gy), rows), -(-threads // THREADS), THREADS, 0,
-                      gy.view(-1), w.view(-1), _placeholder(gy, 1), gx.view(-1),
-                      kernel_arg(turned), False)
-            return
-        spec = depthwise_grad_rows(g)
-        if spec is not None:   # other strides and multipliers: whole stride phases
-            from .depthwise import grad_input_rows
-            threads = g.N * g.C * -(-g.H // spec.rows) * -(-g.W // spec.sw)
-            rt.launch(grad_input_rows(_dtype(gy), spec), -(-threads // THREADS), THREADS, 0,
-                      gy.view(-1), w.view(-1), gx.view(-1), kernel_arg(g))
-            return
+    if depthwise:
+        from .depthwise import kernels
         total = g.N * g.C * g.H * g.W
         k = kernels(_dtype(gy))
         rt.launch(k.grad_input if g.dh == g.dw == 1 else k.grad_input_dilated,
@@ -174,16 +227,10 @@ def grad_weight(problem, gy: Tensor, x: Tensor, gw: Tensor,
         return
     rows = 0
     depthwise = _depthwise_kernels(problem, algorithm)
-    spec = depthwise_rows(g) if depthwise else None
-    if spec is not None and spec.R * spec.S <= REGISTER_WEIGHTS:   # the generated kernel
-        from .depthwise import grad_weight_rows
-        items = g.N * -(-g.OH // spec.rows) * g.OW
-        splits = max(1, min(_MAX_GRID_YZ, -(-items // (THREADS * 4)),
-                            -(-_REDUCTION_BLOCKS // g.K)))
-        per_block = -(-items // splits)
-        rt.launch(grad_weight_rows(_dtype(gy), spec), (g.K, -(-items // per_block)), THREADS,
-                  spec.R * spec.S * THREADS * gy.element_size(), gy.view(-1), x.view(-1),
-                  gw.view(-1), kernel_arg(g), per_block)
+    generated = _rows_grad_weight(problem, _dtype(gy)) if depthwise else None
+    if generated is not None:
+        rt.launch(generated.kernel, generated.grid, THREADS, generated.shared_bytes,
+                  gy.view(-1), x.view(-1), gw.view(-1), generated.geometry, *generated.extra)
         return
     if depthwise:
         taps = _GRAD_WEIGHT_TAPS * 4 // gy.element_size()
