@@ -10,10 +10,11 @@ interleaved, medians of CUDA-event timings:
   torch with cuDNN's TF32 off (torch.backends.cudnn.allow_tf32 is on by default: its
   convolutions then multiply on the tensor cores in TF32, which the float32 kernels here
   do not);
+* depthwise-graphs: the same forwards replayed from CUDA graphs, the GPU's time alone;
 * mobilenet: whole MobileNetV2 after fastconv.convert + fastconv.fuse, eval and a training
   step.
 
-    python benchmarks/report_cuda.py [--section depthwise,conv-bn-relu,mobilenet]
+    python benchmarks/report_cuda.py [--section depthwise,depthwise-graphs,conv-bn-relu,mobilenet]
         [--batch 32] [--rounds 5] [--json out.json]
 
 Needs a GPU and numba-cuda (pip install 'fastconv[cuda]'); says so and exits 2 otherwise.
@@ -101,6 +102,53 @@ def depthwise_section(batch: int, rounds: int, copy_gbs: float) -> list:
                          fwd_speedup=t["torch fwd"] / t["fastconv fwd"],
                          train_speedup=t["torch fwd+bwd"] / t["fastconv fwd+bwd"],
                          fwd_gbs=gbs, copy_fraction=gbs / copy_gbs))
+    return rows
+
+
+def graph_ms(fn, iters: int = 20) -> float:
+    """Median milliseconds of one replay of a CUDA graph of fn(): the GPU's time alone (no
+    launch overhead: the host replays the whole graph in one call)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):   # warm-up (compiles, plans) off the capture
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return gpu_ms(graph.replay, iters=iters)
+
+
+def depthwise_graphs_section(batch: int, rounds: int, copy_gbs: float) -> list:
+    """The depthwise forwards' GPU time alone, each replayed from a CUDA graph: what the
+    kernels take without the Python in front of them (which the eager timings include
+    wherever the host is slower than the kernel)."""
+    rows = []
+    layers = [l for net in ("mobilenet_v2", "efficientnet_b0") for l in shapes.NETWORKS[net]
+              if l.groups == l.C and l.groups > 1]
+    for layer in tqdm(layers, desc="depthwise graphs", file=sys.stderr):
+        x = torch.randn(layer.input_shape(batch), device="cuda")
+        w = torch.randn(layer.weight_shape(), device="cuda")
+        args = (None, layer.stride, layer.padding, 1, layer.groups)
+
+        def fwd(f):
+            def run():
+                with torch.no_grad():
+                    f(x, w, *args)
+            return run
+
+        try:
+            t = {name: statistics.median(graph_ms(fn) for _ in range(rounds)) for name, fn in
+                 (("fastconv fwd", fwd(fastconv.conv2d)), ("torch fwd", fwd(F.conv2d)))}
+        except Exception as e:   # a capture that fails is reported, not fatal
+            rows.append(dict(layer=layer.id, batch=batch, error=f"{type(e).__name__}: {e}"))
+            continue
+        moved = (x.numel() + w.numel() + F.conv2d(x, w, *args).numel()) * 4
+        rows.append(dict(layer=layer.id, batch=batch, **{f"{k} ms": v for k, v in t.items()},
+                         fwd_speedup=t["torch fwd"] / t["fastconv fwd"],
+                         fwd_gbs=moved / t["fastconv fwd"] / 1e6,
+                         copy_fraction=moved / t["fastconv fwd"] / 1e6 / copy_gbs))
     return rows
 
 
@@ -196,6 +244,8 @@ def main(argv=None) -> int:
           f"bandwidth {copy_gbs:.0f} GB/s, batch {args.batch}, {args.rounds} rounds (medians)")
     out = {"device": torch.cuda.get_device_name(), "copy_gbs": copy_gbs, "sections": {}}
     runs = {"depthwise": lambda: depthwise_section(args.batch, args.rounds, copy_gbs),
+            "depthwise-graphs": lambda: depthwise_graphs_section(args.batch, args.rounds,
+                                                                 copy_gbs),
             "conv-bn-relu": lambda: conv_bn_relu_section(args.batch, args.rounds,
                                                          args.gemm_algo),
             "mobilenet": lambda: mobilenet_section(args.batch, args.rounds)}
