@@ -256,6 +256,26 @@ def kernels(dtype: str) -> SimpleNamespace:
                            grad_input_dilated=grad_input_dilated, grad_weight=grad_weight)
 
 
+def _input_row(spec, j: int, indent: str) -> list:
+    """Source lines loading input row ih0 + j of a thread's columns into v0, v1, ...: zero
+    where the row or a column (c0, c1, ... computed before) lies in the padding."""
+    return [f"{indent}ih = ih0 + {j}",
+            f"{indent}inside = 0 <= ih < g.H",
+            f"{indent}p = x0 + ih * g.W"] + [
+        f"{indent}v{c} = x[uint64(p + {c * spec.dw})] if inside and c{c} else ZERO"
+        for c in range(spec.S)]
+
+
+def _jit_generated(dtype: str, source: str, spec, namespace: dict):
+    """The numba kernel of a generated ``source`` (its one function, names resolved in
+    ``namespace``), float32 ones capped at MAX_REGISTERS (uncapped, 5x5 forwards took 80-84
+    registers on sm_90; at 64 none spills; the simulator has no such option)."""
+    name = source[len("def "):source.index("(")]
+    exec(compile(source, f"<depthwise {name} {tuple(spec)}>", "exec"), namespace)
+    capped = dtype == "float32" and not simulated()
+    return cuda.jit(**({"max_registers": MAX_REGISTERS} if capped else {}))(namespace[name])
+
+
 def forward_rows_source(spec: DepthwiseRows) -> str:
     """The Python source of the forward kernel for ``spec`` (a DepthwiseRows), every tap and
     output row unrolled, so that weights, accumulators and loaded values are named scalars
@@ -306,11 +326,7 @@ def forward_rows_source(spec: DepthwiseRows) -> str:
         taps = spec.taps(j)
         if not taps:   # a row between dilated taps: no output reads it
             continue
-        lines += [f"    ih = ih0 + {j}",
-                  "    inside = 0 <= ih < g.H",
-                  "    p = x0 + ih * g.W"]
-        lines += [f"    v{c} = x[uint64(p + {c * spec.dw})] if inside and c{c} else ZERO"
-                  for c in range(S)]
+        lines += _input_row(spec, j, "    ")
         lines += [f"    a{v} += v{c} * {weight(r=r, c=c, i=at(r, c))}" for v, r in taps
                   for c in range(S)]
     lines.append("    out = (plane * g.OH + oh0) * g.OW + ow")
@@ -327,12 +343,7 @@ def forward_rows(dtype: str, spec: DepthwiseRows):
     outputs of a column (THREADS per block, as many blocks as that takes)."""
     h = helpers(dtype)
     namespace = {"cuda": cuda, "uint64": uint64, "ZERO": h.ZERO, "activate": h.activate}
-    exec(compile(forward_rows_source(spec), f"<depthwise forward_rows {tuple(spec)}>", "exec"),
-         namespace)
-    # 5x5 filters took 80-84 registers uncapped (sm_90); at 64 they do not spill.
-    capped = dtype == "float32" and not simulated()   # (the simulator has no such option)
-    return cuda.jit(**({"max_registers": MAX_REGISTERS} if capped else {}))(
-        namespace["forward_rows"])
+    return _jit_generated(dtype, forward_rows_source(spec), spec, namespace)
 
 
 def grad_weight_rows_source(spec: DepthwiseRows) -> str:
@@ -373,11 +384,7 @@ def grad_weight_rows_source(spec: DepthwiseRows) -> str:
         row_taps = spec.taps(j)
         if not row_taps:
             continue
-        lines += [f"        ih = ih0 + {j}",
-                  "        inside = 0 <= ih < g.H",
-                  "        p = x0 + ih * g.W"]
-        lines += [f"        v{c} = x[uint64(p + {c * spec.dw})] if inside and c{c} else ZERO"
-                  for c in range(S)]
+        lines += _input_row(spec, j, "        ")
         lines += [f"        s{r}_{c} += e{v} * v{c}" for v, r in row_taps for c in range(S)]
     lines.append("        n, rb, ow = advance_pixel(n, rb, ow, dn, drb, dow, row_blocks, g.OW)")
     lines += [f"    sm[{i} * THREADS + t] = s{r}_{c}" for i, (r, c) in enumerate(taps)]
@@ -405,11 +412,7 @@ def grad_weight_rows(dtype: str, spec: DepthwiseRows):
     namespace = {"cuda": cuda, "uint64": uint64, "ZERO": h.ZERO, "T": np.dtype(dtype),
                  "THREADS": THREADS, "unravel_pixel": unravel_pixel,
                  "pixel_step": pixel_step, "advance_pixel": advance_pixel}
-    exec(compile(grad_weight_rows_source(spec),
-                 f"<depthwise grad_weight_rows {tuple(spec)}>", "exec"), namespace)
-    capped = dtype == "float32" and not simulated()
-    return cuda.jit(**({"max_registers": MAX_REGISTERS} if capped else {}))(
-        namespace["grad_weight_rows"])
+    return _jit_generated(dtype, grad_weight_rows_source(spec), spec, namespace)
 
 
 def grad_input_rows_source(spec: DepthwiseGradRows) -> str:
@@ -475,8 +478,4 @@ def grad_input_rows(dtype: str, spec: DepthwiseGradRows):
     g)``, all flat, one thread per rows x sw input pixels."""
     h = helpers(dtype)
     namespace = {"cuda": cuda, "uint64": uint64, "ZERO": h.ZERO}
-    exec(compile(grad_input_rows_source(spec), f"<depthwise grad_input_rows {tuple(spec)}>",
-                 "exec"), namespace)
-    capped = dtype == "float32" and not simulated()
-    return cuda.jit(**({"max_registers": MAX_REGISTERS} if capped else {}))(
-        namespace["grad_input_rows"])
+    return _jit_generated(dtype, grad_input_rows_source(spec), spec, namespace)
