@@ -97,6 +97,7 @@ class Generated(NamedTuple):
     extra: tuple = ()        # the arguments after the geometry
     as_forward: bool = False  # a grad-input run by the forward's kernel
 
+
 def _blocks(threads: int) -> int:
     return -(-threads // THREADS)
 
