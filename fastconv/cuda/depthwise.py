@@ -44,7 +44,6 @@ U_THREADS = np.uint64(THREADS)
 MAX_REGISTERS = 64
 
 
-
 @functools.lru_cache(maxsize=None)
 def kernels(dtype: str) -> SimpleNamespace:
     T = np.dtype(dtype)
@@ -266,6 +265,12 @@ def _input_row(spec, j: int, indent: str) -> list:
         for c in range(spec.S)]
 
 
+def _weights(R: int, S: int, at, indent: str) -> list:
+    """Source lines loading the filter of channel k (from w[wk]) into w{r}_{c}: tap (r, c)
+    at w[wk + at(r, c)]."""
+    return [f"{indent}w{r}_{c} = w[wk + {at(r, c)}]" for r in range(R) for c in range(S)]
+
+
 def _jit_generated(dtype: str, source: str, spec, namespace: dict):
     """The numba kernel of a generated ``source`` (its one function, names resolved in
     ``namespace``), float32 ones capped at MAX_REGISTERS (uncapped, 5x5 forwards took 80-84
@@ -315,7 +320,7 @@ def forward_rows_source(spec: DepthwiseRows) -> str:
         return (R * S - 1 - r * S - c) if spec.turned else r * S + c
 
     if R * S <= REGISTER_WEIGHTS:
-        lines += [f"    w{r}_{c} = w[wk + {at(r, c)}]" for r in range(R) for c in range(S)]
+        lines += _weights(R, S, at, "    ")
         weight = "w{r}_{c}".format
     else:   # read where used (the same address across a warp: one cached load each)
         weight = "w[wk + {i}]".format
@@ -452,17 +457,14 @@ def grad_input_rows_source(spec: DepthwiseGradRows) -> str:
         "        y0 = (n * g.K + k) * g.OH * g.OW + oh0 * g.OW + ow0",
         f"        wk = k * {R * S}",
     ]
-    in_registers = R * S <= REGISTER_WEIGHTS
-    if in_registers:
-        lines += [f"        w{r}_{c} = w[wk + {r * S + c}]" for r in range(R) for c in range(S)]
+    lines += _weights(R, S, lambda r, c: r * S + c, "        ")   # (R S <= REGISTER_WEIGHTS)
     lines += [f"        {name[i, j]} = gy[uint64(y0 + {i} * g.OW + {j})]"
               f" if r{i - rows[0]} and q{j - cols[0]} else ZERO" for i, j in loads]
     for a in range(V):
         for b in range(sw):
             for r, i in spec.row_taps(a):
                 for c, j in spec.col_taps(b):
-                    weight = f"w{r}_{c}" if in_registers else f"w[wk + {r * S + c}]"
-                    lines.append(f"        a{a}_{b} += {name[i, j]} * {weight}")
+                    lines.append(f"        a{a}_{b} += {name[i, j]} * w{r}_{c}")
     lines += [f"    ih0 = rb * {V}", f"    iw0 = cb * {sw}",
               "    x0 = plane * g.H * g.W + ih0 * g.W + iw0"]
     for a in range(V):

@@ -102,6 +102,16 @@ def _blocks(threads: int) -> int:
     return -(-threads // THREADS)
 
 
+def _split(items: int, channels: int, per_thread: int) -> tuple:
+    """(items per block, slices per channel) of a reduction run by blocks of (channel, slice
+    of ``items``): slices of at least ``per_thread`` items per thread, as many as make
+    _REDUCTION_BLOCKS blocks in all, at most _MAX_GRID_YZ per channel."""
+    splits = max(1, min(_MAX_GRID_YZ, -(-items // (THREADS * per_thread)),
+                        -(-_REDUCTION_BLOCKS // channels)))
+    per_block = -(-items // splits)
+    return per_block, -(-items // per_block)
+
+
 @functools.lru_cache(maxsize=1024)
 def _rows_forward(problem, act: int, dtype: str) -> Optional[Generated]:
     from .depthwise import forward_rows
@@ -138,12 +148,8 @@ def _rows_grad_weight(problem, dtype: str) -> Optional[Generated]:
     spec = depthwise_rows(g)
     if spec is None or spec.R * spec.S > REGISTER_WEIGHTS:
         return None
-    items = g.N * -(-g.OH // spec.rows) * g.OW
-    splits = max(1, min(_MAX_GRID_YZ, -(-items // (THREADS * 4)),
-                        -(-_REDUCTION_BLOCKS // g.K)))
-    per_block = -(-items // splits)
-    return Generated(grad_weight_rows(dtype, spec), (g.K, -(-items // per_block)),
-                     kernel_arg(g), spec.R * spec.S * THREADS * np.dtype(dtype).itemsize,
+    per_block, slices = _split(g.N * -(-g.OH // spec.rows) * g.OW, g.K, 4)
+    return Generated(grad_weight_rows(dtype, spec), (g.K, slices), kernel_arg(g), spec.R * spec.S * THREADS * np.dtype(dtype).itemsize,
                      extra=(per_block,))
 
 
@@ -238,10 +244,8 @@ def grad_weight(problem, gy: Tensor, x: Tensor, gw: Tensor,
         rows = min(g.R, taps // g.S)
     if rows > 0:   # depthwise (0: a filter row longer than the shared slots; implicit GEMM)
         from .depthwise import kernels
-        splits = max(1, min(_MAX_GRID_YZ, -(-pixels // (THREADS * 16)),
-                            -(-_REDUCTION_BLOCKS // g.K)))
-        per_block = -(-pixels // splits)
-        rt.launch(kernels(_dtype(gy)).grad_weight, (g.K, -(-pixels // per_block)), THREADS,
+        per_block, slices = _split(pixels, g.K, 16)
+        rt.launch(kernels(_dtype(gy)).grad_weight, (g.K, slices), THREADS,
                   rows * g.S * THREADS * gy.element_size(), gy, x,
                   gw, kernel_arg(g), per_block, rows)
         return
@@ -277,11 +281,7 @@ def channel_stats(z: Tensor) -> Tensor:
     forward that gathers them, loses against the generated one (~3x at 3x3)."""
     from .batchnorm import kernels
     N, K, OH, OW = z.shape
-    pixels = N * OH * OW
-    splits = max(1, min(_MAX_GRID_YZ, -(-pixels // (THREADS * 16)),
-                        -(-_REDUCTION_BLOCKS // K)))
-    per_block = -(-pixels // splits)
-    slices = -(-pixels // per_block)
+    per_block, slices = _split(N * OH * OW, K, 16)
     partials = z.new_empty((slices, K, 3))
     rt.launch(kernels(_dtype(z)).channel_stats, (K, slices), THREADS, 0, z, partials,
               per_block)
@@ -336,10 +336,8 @@ def bn_backward(grad_y: Tensor, y: Tensor, z: Tensor, mean: Tensor, invstd: Tens
     grad_z = torch.empty_like(z)
     pixels = N * OH * OW
     if z.numel():
-        splits = max(1, min(_MAX_GRID_YZ, -(-pixels // (THREADS * 16)),
-                            -(-_REDUCTION_BLOCKS // K)))
-        per_block = -(-pixels // splits)
-        rt.launch(k.grad_sums, (K, -(-pixels // per_block)), THREADS, 0, grad_y, y, z, mean,
+        per_block, slices = _split(pixels, K, 16)
+        rt.launch(k.grad_sums, (K, slices), THREADS, 0, grad_y, y, z, mean,
                   invstd, act, sums, per_block)
         rt.launch(k.grad_z, -(-z.numel() // THREADS), THREADS, 0, grad_y, y, z, mean, invstd,
                   gamma if gamma is not None else _placeholder(z, 1),
