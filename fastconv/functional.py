@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import backend, dispatch, ops, registry
-from .autograd import Conv2dFunction, ConvBNFunction
+from .autograd import record_conv2d, record_conv_bn
 from .errors import InvalidConvolution
 from .weight_cache import PackedWeight
 
@@ -195,7 +195,7 @@ def conv2d_activation(input: Tensor, weight: Union[Tensor, PackedWeight],
     elif not _plain_eager(input, weight, bias):
         out = ops.conv2d(input, weight, bias, stride, pad, dilation, groups, name)
     elif needs_grad:
-        out = Conv2dFunction.apply(input, weight, bias, stride, pad, dilation, groups, name)
+        out = record_conv2d(input, weight, bias, stride, pad, dilation, groups, name)
     else:  # no gradient: the only calls that may use the weight cache
         out = ops.conv2d_forward(input, weight, bias, stride, pad, dilation, groups, name,
                                  cache, activation=backend.ACTIVATIONS[activation])
@@ -262,7 +262,7 @@ def conv2d_bn(input: Tensor, weight: Tensor, bias: Optional[Tensor],
     if count == 1:  # torch's rule (F.batch_norm)
         raise ValueError("Expected more than 1 value per channel when training, got input "
                          f"size {torch.Size(out_shape)}")
-    op = (ConvBNFunction.apply if _plain_eager(input, weight, bias, bn_weight, bn_bias)
+    op = (record_conv_bn if _plain_eager(input, weight, bias, bn_weight, bn_bias)
           else ops.conv2d_bn)
     y, _, mean, invstd = op(input, weight, bias, bn_weight, bn_bias, stride, pad, dilation,
                             groups, name, float(eps), activation)
