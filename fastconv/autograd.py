@@ -18,14 +18,12 @@ from . import ops
 # unwrap_dead_wrappers over the arguments: ~3.5 us of a tiny convolution's ~20 us forward.
 # The eager path calls these Functions only outside functorch transforms
 # (functional._plain_eager), so it records them through the C++ apply directly.
-_BASE_APPLY = getattr(torch._C._FunctionBase, "__dict__", {}).get("apply")
+_BASE_APPLY = vars(torch._C._FunctionBase).get("apply")  # a classmethod descriptor
 
 
 def _record(function: type):
     """function.apply without the Python wrapper (function.apply itself if torch has none)."""
-    if _BASE_APPLY is None or not hasattr(_BASE_APPLY, "__get__"):
-        return function.apply
-    return _BASE_APPLY.__get__(None, function)
+    return function.apply if _BASE_APPLY is None else _BASE_APPLY.__get__(None, function)
 
 
 class Conv2dFunction(torch.autograd.Function):
