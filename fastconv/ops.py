@@ -235,29 +235,49 @@ def conv2d_backward(ctx, grad, differentiable: bool = True):
     """The gradients of conv2d (input, weight, bias) from its saved context: through the ops
     (differentiable: double backward works) or through their bodies (plain eager backward,
     no dispatcher; fastconv.autograd)."""
+    if not differentiable:
+        return _conv2d_backward_eager(ctx, grad)
     input, weight = ctx.saved_tensors[:2]
     conv = ctx.conv
     gx = gw = gb = None
-    if not differentiable:
-        # Once for both passes: autograd often hands over an expanded or strided grad (the
-        # backward of y.sum() is a stride-0 view), which each pass would copy again.
-        grad = _dense(grad)[0]
     if ctx.needs_input_grad[0]:
-        f = conv2d_grad_input if differentiable else grad_input_forward
-        gx = f(grad, weight, list(input.shape), *conv)
-    wants_bias = ctx.bias_size is not None and ctx.needs_input_grad[2]
-    if (not differentiable and ctx.needs_input_grad[1] and wants_bias
-            and grad.shape[1] == ctx.bias_size):
-        gw, gb = grad_weight_bias_forward(grad, input, list(weight.shape), *conv)
-        return gx, gw, gb, None, None, None, None, None
+        gx = conv2d_grad_input(grad, weight, list(input.shape), *conv)
     if ctx.needs_input_grad[1]:
-        f = conv2d_grad_weight if differentiable else grad_weight_forward
-        gw = f(grad, input, list(weight.shape), *conv)
+        gw = conv2d_grad_weight(grad, input, list(weight.shape), *conv)
     if ctx.bias_size is not None and ctx.needs_input_grad[2]:
         # With no input channels the output has no channels (torch's rule), so grad has
         # none to sum: the bias gradient is zero.
-        f = conv2d_grad_bias if differentiable else grad_bias_forward
-        gb = f(grad) if grad.shape[1] == ctx.bias_size else grad.new_zeros((ctx.bias_size,))
+        gb = (conv2d_grad_bias(grad) if grad.shape[1] == ctx.bias_size
+              else grad.new_zeros((ctx.bias_size,)))
+    return gx, gw, gb, None, None, None, None, None
+
+
+def _conv2d_backward_eager(ctx, grad):
+    """conv2d_backward through the op bodies' parts. The forward checked the operands, and
+    autograd hands over a grad of the output's shape, dtype and device, so only the plans are
+    looked up (the checks cost ~2.5 us per pass on a tiny convolution)."""
+    input, weight = ctx.saved_tensors[:2]
+    needs = ctx.needs_input_grad
+    conv = ctx.conv
+    device, dtype, algo = device_type(input), input.dtype, conv[-1]
+    # Once for both passes: autograd often hands over an expanded or strided grad (the
+    # backward of y.sum() is a stride-0 view), which each pass would copy again.
+    gy, gy_layout = _dense(grad)
+    gx = gw = gb = None
+    if needs[0]:
+        plan = _plan(Pass.GRAD_INPUT, input.shape, weight.shape, *conv, device, dtype, False,
+                     _layout_key(algo, gy, gy, weight), True)
+        gx = _grad_input_run(plan, gy, gy_layout, weight)
+    wants_bias = ctx.bias_size is not None and needs[2]
+    fused_bias = wants_bias and gy.shape[1] == ctx.bias_size
+    if needs[1]:
+        plan = _plan(Pass.GRAD_WEIGHT, input.shape, weight.shape, *conv, device, dtype, False,
+                     _layout_key(algo, input, gy), True)
+        gw, gb = _grad_weight_run(plan, gy, gy_layout, input, fused_bias)
+    elif fused_bias:
+        gb = grad_bias_forward(gy)
+    if wants_bias and not fused_bias:  # no input channels: see conv2d_backward
+        gb = gy.new_zeros((ctx.bias_size,))
     return gx, gw, gb, None, None, None, None, None
 
 
@@ -284,15 +304,20 @@ def _grad_input_plan(grad_output, weight, input_size, stride, padding, dilation,
 
 def grad_input_forward(grad_output: Tensor, weight: Tensor, input_size, stride, padding,
                        dilation, groups: int, algo: str) -> Tensor:
-    """The body of the conv2d_grad_input op (also called directly by fastconv.autograd)."""
-    problem, kernels = _grad_input_plan(grad_output, weight, input_size, stride, padding,
-                                        dilation, groups, algo, tune=True)
-    out_cl = _channels_last(grad_output) or _channels_last(weight)
-    gx = _output(problem.input_shape, grad_output, out_cl)
-    if gx.numel() == 0:
-        return gx
-    gy, gy_layout = _dense(grad_output)
-    kernels.grad_input(problem, gy, gy_layout, weight.contiguous(), gx, NHWC if out_cl else NCHW)
+    """The body of the conv2d_grad_input op."""
+    plan = _grad_input_plan(grad_output, weight, input_size, stride, padding, dilation, groups,
+                            algo, tune=True)
+    return _grad_input_run(plan, *_dense(grad_output), weight)
+
+
+def _grad_input_run(plan: Plan, gy: Tensor, gy_layout: int, weight: Tensor) -> Tensor:
+    """grad-input from a dense grad_output: allocates grad_x and runs the plan's kernel."""
+    problem, kernels = plan
+    out_cl = gy_layout == NHWC or _channels_last(weight)
+    gx = _output(problem.input_shape, gy, out_cl)
+    if gx.numel():
+        kernels.grad_input(problem, gy, gy_layout, weight.contiguous(), gx,
+                           NHWC if out_cl else NCHW)
     return gx
 
 
@@ -349,7 +374,7 @@ def _grad_weight_plan(grad_output, input, weight_size, stride, padding, dilation
 
 def grad_weight_forward(grad_output: Tensor, input: Tensor, weight_size, stride, padding,
                         dilation, groups: int, algo: str) -> Tensor:
-    """The body of the conv2d_grad_weight op (also called directly by fastconv.autograd)."""
+    """The body of the conv2d_grad_weight op."""
     return _grad_weight_body(grad_output, input, weight_size, stride, padding, dilation,
                              groups, algo, False)[0]
 
@@ -358,21 +383,27 @@ def grad_weight_bias_forward(grad_output: Tensor, input: Tensor, weight_size, st
                              dilation, groups: int, algo: str):
     """(grad-weight, grad-bias) in one kernel call: algorithms whose grad-weight sweeps
     grad_output in a cache-friendly order sum the bias gradient in that sweep instead of a
-    second pass over grad_output (the eager backward, fastconv.autograd, when both are
-    needed; the ops stay separate for double backward and torch.compile)."""
+    second pass over grad_output (as the eager backward does when both are needed; the ops
+    stay separate for double backward and torch.compile)."""
     return _grad_weight_body(grad_output, input, weight_size, stride, padding, dilation,
                              groups, algo, True)
 
 
 def _grad_weight_body(grad_output, input, weight_size, stride, padding, dilation, groups, algo,
                       with_bias: bool):
-    problem, kernels = _grad_weight_plan(grad_output, input, weight_size, stride, padding,
-                                         dilation, groups, algo, tune=True)
+    plan = _grad_weight_plan(grad_output, input, weight_size, stride, padding, dilation, groups,
+                             algo, tune=True)
+    return _grad_weight_run(plan, *_dense(grad_output), input, with_bias)
+
+
+def _grad_weight_run(plan: Plan, gy: Tensor, gy_layout: int, input: Tensor, with_bias: bool):
+    """(grad-weight, grad-bias or None) from a dense grad_output: allocates them and runs the
+    plan's kernel."""
+    problem, kernels = plan
     gw = input.new_empty(problem.weight_shape)
-    gb = grad_output.new_empty((problem.K,)) if with_bias else None
+    gb = gy.new_empty((problem.K,)) if with_bias else None
     if gw.numel() == 0 and (gb is None or gb.numel() == 0):
         return gw, gb
-    gy, gy_layout = _dense(grad_output)
     x, x_layout = _dense(input)
     kernels.grad_weight(problem, gy, gy_layout, x, x_layout, gw, gb)
     return gw, gb
