@@ -269,14 +269,14 @@ def _conv2d_backward_eager(ctx, grad):
                      _layout_key(algo, gy, gy, weight), True)
         gx = _grad_input_run(plan, gy, gy_layout, weight)
     wants_bias = ctx.bias_size is not None and needs[2]
-    fused_bias = wants_bias and gy.shape[1] == ctx.bias_size
+    bias_from_grad = wants_bias and gy.shape[1] == ctx.bias_size
     if needs[1]:
         plan = _plan(Pass.GRAD_WEIGHT, input.shape, weight.shape, *conv, device, dtype, False,
                      _layout_key(algo, input, gy), True)
-        gw, gb = _grad_weight_run(plan, gy, gy_layout, input, fused_bias)
-    elif fused_bias:
+        gw, gb = _grad_weight_run(plan, gy, gy_layout, input, bias_from_grad)
+    elif bias_from_grad:
         gb = grad_bias_forward(gy)
-    if wants_bias and not fused_bias:  # no input channels: see conv2d_backward
+    if wants_bias and not bias_from_grad:  # no input channels: see conv2d_backward
         gb = gy.new_zeros((ctx.bias_size,))
     return gx, gw, gb, None, None, None, None, None
 
