@@ -265,14 +265,14 @@ def _conv2d_backward_eager(ctx, grad):
     gy, gy_layout = _dense(grad)
     gx = gw = gb = None
     if needs[0]:
-        plan = _plan(Pass.GRAD_INPUT, input.shape, weight.shape, *conv, device, dtype, False,
-                     _layout_key(algo, gy, gy, weight), True)
+        plan = _plan(Pass.GRAD_INPUT, input.shape, weight.shape, *conv, device, dtype,
+                     layout=_layout_key(algo, gy, gy, weight), tune=True)
         gx = _grad_input_run(plan, gy, gy_layout, weight)
     wants_bias = ctx.bias_size is not None and needs[2]
     bias_from_grad = wants_bias and gy.shape[1] == ctx.bias_size
     if needs[1]:
-        plan = _plan(Pass.GRAD_WEIGHT, input.shape, weight.shape, *conv, device, dtype, False,
-                     _layout_key(algo, input, gy), True)
+        plan = _plan(Pass.GRAD_WEIGHT, input.shape, weight.shape, *conv, device, dtype,
+                     layout=_layout_key(algo, input, gy), tune=True)
         gw, gb = _grad_weight_run(plan, gy, gy_layout, input, bias_from_grad)
     elif bias_from_grad:
         gb = grad_bias_forward(gy)
