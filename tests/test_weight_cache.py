@@ -403,10 +403,11 @@ def test_mismatched_packing_is_refused():
     w, x = torch.randn(8, 4, 3, 3), torch.randn(1, 4, 6, 6)
     problem = fastconv.explain(x.shape, w.shape, padding=1).problem
     kernels = fastconv.registry.get("direct").kernels["cpu"]
-    other = fastconv.explain(x.shape, (40, 4, 3, 3), padding=1).problem  # more 16-blocks
+    # 200 filters: more channel blocks than 8 filters need, whatever the block width
+    other = fastconv.explain(x.shape, (200, 4, 3, 3), padding=1).problem
     packing = kernels.weight_packing(other, torch.float32, NCHW, NCHW)
     out = torch.empty(packing.elements)
-    kernels.pack_weights(other, NCHW, NCHW, torch.randn(40, 4, 3, 3), out)
+    kernels.pack_weights(other, NCHW, NCHW, torch.randn(200, 4, 3, 3), out)
     entry = weight_cache.Packing(out, packing, (), out)
     with pytest.raises(ValueError, match="prepacked weights do not match"):
         kernels.forward(problem, x, NCHW, w, None, torch.empty(1, 8, 6, 6), NCHW, entry)

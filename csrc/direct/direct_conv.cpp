@@ -18,6 +18,7 @@
 //   * Grad-weight holds a URC x NBK tile of dW (URC input channels of one tap, NBK vectors of
 //     output channels) in registers and sweeps a chunk of output pixels.
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "../common/layout.h"
@@ -31,16 +32,32 @@ namespace FASTCONV_ISA {
 namespace {
 
 // Register blocking: UR pixels x NBK channel vectors. UR * NBK accumulators + NBK weight
-// vectors + one broadcast fill the register file. (Chosen, not swept: the f32 AVX-512 tile
-// reaches 92-94 % of peak on 3x3 128 @28 and 256 @14 at batch 8, report_layers.py.)
+// vectors + one broadcast fill the register file. Any UR >= 1 and NBK >= 1 that fit are
+// valid: a block of kv < NBK * lanes channels runs the kernel instantiated for its
+// ceil(kv / lanes) vectors (with_vectors).
+// AVX-512: 6 x 4 replaced 12 x 2 (chosen on Zen 5) after an interleaved sweep on the Xeon
+// VM (family 6 model 207; 12x2, 6x4, 8x3, 9x3, 4x6, 14x2, 7x4; forward vs torch, median of
+// 9-15 rounds, 3 alternating runs): ResNet-50 N=8 3x3/2 128 @56 0.82-0.92x (12x2:
+// 0.75-0.84x), 3x3/2 256 @28 0.85-0.97x (0.84-0.88x), 3x3/2 512 @14 even; N=1 3x3 512 @7
+// 1.01-1.09x (0.83-0.97x). Half the broadcasts per FMA; 4 vectors of 16 channels per block.
 #if defined(FASTCONV_ISA_AVX512)
-constexpr int kUr = 12, kNbk = 2;  // 24 accumulators of 32 zmm
+constexpr int kUr = 6, kNbk = 4;  // 24 accumulators of 32 zmm
 #elif defined(FASTCONV_ISA_AVX2)
 constexpr int kUr = 6, kNbk = 2;  // 12 accumulators of 16 ymm
 #else
 constexpr int kUr = 4, kNbk = 2;
 #endif
 constexpr int kUrc = kUr;  // grad-weight: input channels per tile
+static_assert(kUr >= 1 && kNbk >= 1, "direct: empty register tile");
+
+// Calls f(std::integral_constant<int, V>) for the V = nv in [1, NBK] vectors of a channel
+// block, so each partial block runs a kernel of exactly its width.
+template <int NBK, typename F>
+inline void with_vectors(int64_t nv, F&& f) {
+  if constexpr (NBK > 1)
+    if (nv < NBK) return with_vectors<NBK - 1>(nv, f);
+  f(std::integral_constant<int, NBK>{});
+}
 
 // ---------------------------------------------------------------------------------------
 // Weight packing
@@ -118,24 +135,22 @@ inline void f_direct_tile(const Taps& taps, int64_t ntaps, int64_t Cg, const T* 
     for (int b = 0; b < NBK; ++b) acc[j][b].store(out + (j * NBK + b) * L);
 }
 
-// f_direct_tile for a tile with m valid pixels (wide: NBK channel vectors, else one): the
-// full UR = kUr kernel, or for the last tile of the batch's flattened pixels the smallest of
-// kUr/3, 2 kUr/3 that covers it (ResNet-50's 7x7 maps at batch 1 are 4 tiles of 12 pixels
-// and one of 1: a full tile there computed 60 pixels for 49).
+// f_direct_tile for a tile with m valid pixels and nv channel vectors: the full UR = kUr
+// kernel, or for the last tile of the batch's flattened pixels the smallest of kUr/3,
+// 2 kUr/3 that covers it (a 7x7 map at batch 1 is 8 tiles of 6 pixels and one of 1, which
+// runs the 2-pixel kernel; when tiles were 12 pixels a full last tile computed 60 for 49).
 template <typename T, typename Taps>
-inline void f_direct_tile_for(const Taps& taps, int64_t m, bool wide, int64_t ntaps, int64_t Cg,
-                              const T* w, T* out) {
+inline void f_direct_tile_for(const Taps& taps, int64_t m, int64_t nv, int64_t ntaps,
+                              int64_t Cg, const T* w, T* out) {
   constexpr int U1 = kUr % 3 == 0 ? kUr / 3 : kUr, U2 = kUr % 3 == 0 ? 2 * kUr / 3 : kUr;
-#define FASTCONV_F_TILE(UR)                                                  \
-  (wide ? f_direct_tile<T, UR, kNbk>(taps, ntaps, Cg, w, out)               \
-        : f_direct_tile<T, UR, 1>(taps, ntaps, Cg, w, out))
-  if (m <= U1)
-    FASTCONV_F_TILE(U1);
-  else if (m <= U2)
-    FASTCONV_F_TILE(U2);
-  else
-    FASTCONV_F_TILE(kUr);
-#undef FASTCONV_F_TILE
+  with_vectors<kNbk>(nv, [&](auto v) {
+    if (m <= U1)
+      f_direct_tile<T, U1, decltype(v)::value>(taps, ntaps, Cg, w, out);
+    else if (m <= U2)
+      f_direct_tile<T, U2, decltype(v)::value>(taps, ntaps, Cg, w, out);
+    else
+      f_direct_tile<T, kUr, decltype(v)::value>(taps, ntaps, Cg, w, out);
+  });
 }
 
 // Tap pointers of a tile whose every tap lies inside the input: one add per pixel.
@@ -228,10 +243,10 @@ void forward_nhwc(const ConvGeom& p, const NhwcOperands<T>& op, int nthreads) {
       }
       const int64_t k0 = kb * BK, kv = min64(BK, Kg - k0);
       const T* w = op.wp + blk * RS * Cg * BK;
-      const bool wide = kv > L * (kNbk - 1);
+      const int64_t nv = ceil_div(kv, int64_t(L));  // the block's packed width is nv * L
       if (interior) {
         const InteriorTaps<T> taps{px, tap_off};
-        f_direct_tile_for(taps, m, wide, RS, Cg, w, tile);
+        f_direct_tile_for(taps, m, nv, RS, Cg, w, tile);
       } else {
         BorderTaps<T> taps;
         taps.x = xg;
@@ -244,7 +259,7 @@ void forward_nhwc(const ConvGeom& p, const NhwcOperands<T>& op, int nthreads) {
         taps.W = p.W;
         taps.C = p.C;
         taps.zeros = zeros;
-        f_direct_tile_for(taps, m, wide, RS, Cg, w, tile);
+        f_direct_tile_for(taps, m, nv, RS, Cg, w, tile);
       }
       const int64_t bw = round_up(kv, L), kg0 = g * Kg + k0;
       // Epilogue (bias, activation, statistics) on the tile's valid pixels, in L1, then
@@ -681,19 +696,13 @@ void grad_weight_bias(const ConvGeom& g, const T* gy, int gy_layout, const T* x,
             const T* gyb = gyn + n * g.OH * g.OW * ldg + gi * kgs + kb * BK;
             const int64_t kv = min64(BK, Kg - kb * BK);
             T* a = accum + u * kUrc * BK;
-            if (kv > L * (kNbk - 1))
-              gw_tile<T, kUrc, kNbk>(xb, g.sh * Wp * Cp, g.sw * Cp, gyb, g.OW * ldg, ldg, oh0,
-                                     oh1, g.OW, a);
-            else
-              gw_tile<T, kUrc, 1>(xb, g.sh * Wp * Cp, g.sw * Cp, gyb, g.OW * ldg, ldg, oh0, oh1,
-                                  g.OW, a);
-            if (bias_accum && t == 0 && tile == 0) {  // one unit per channel block
-              double* o = bias_accum + blk * BK;
-              if (kv > L * (kNbk - 1))
-                gy_sum_tile<T, kNbk>(gyb, g.OW * ldg, ldg, oh0, oh1, g.OW, o);
-              else
-                gy_sum_tile<T, 1>(gyb, g.OW * ldg, ldg, oh0, oh1, g.OW, o);
-            }
+            const bool with_bias = bias_accum && t == 0 && tile == 0;  // one unit per block
+            with_vectors<kNbk>(ceil_div(kv, int64_t(L)), [&](auto v) {
+              gw_tile<T, kUrc, decltype(v)::value>(xb, g.sh * Wp * Cp, g.sw * Cp, gyb, g.OW * ldg, ldg, oh0,
+                                    oh1, g.OW, a);
+              if (with_bias)
+                gy_sum_tile<T, decltype(v)::value>(gyb, g.OW * ldg, ldg, oh0, oh1, g.OW, bias_accum + blk * BK);
+            });
           }
         }
     });
@@ -703,7 +712,7 @@ void grad_weight_bias(const ConvGeom& g, const T* gy, int gy_layout, const T* x,
   for (int64_t u = 0; u < units; ++u) {
     const int64_t tile = u % tiles, t = (u / tiles) % taps, blk = u / (tiles * taps);
     const int64_t gi = blk / KB, kb = blk % KB;
-    const int64_t kv = min64(BK, Kg - kb * BK), bw = kv > L * (kNbk - 1) ? BK : L;
+    const int64_t kv = min64(BK, Kg - kb * BK), bw = round_up(kv, int64_t(L));  // as gw_tile wrote
     const T* a = accum + u * kUrc * BK;
     for (int64_t j = 0; j < kUrc; ++j) {
       const int64_t row = tile * kUrc + j;
