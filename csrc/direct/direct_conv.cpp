@@ -38,8 +38,9 @@ namespace {
 // AVX-512: 6 x 4 replaced 12 x 2 (chosen on Zen 5) after an interleaved sweep on the Xeon
 // VM (family 6 model 207; 12x2, 6x4, 8x3, 9x3, 4x6, 14x2, 7x4; forward vs torch, median of
 // 9-15 rounds, 3 alternating runs): ResNet-50 N=8 3x3/2 128 @56 0.82-0.92x (12x2:
-// 0.75-0.84x), 3x3/2 256 @28 0.85-0.97x (0.84-0.88x), 3x3/2 512 @14 even; N=1 3x3 512 @7
-// 1.01-1.09x (0.83-0.97x). Half the broadcasts per FMA; 4 vectors of 16 channels per block.
+// 0.75-0.84x), 3x3/2 256 @28 0.85-0.97x (0.84-0.88x), 3x3/2 512 @14 even there and 0.92x
+// against 0.77x in report_passes.py; N=1 3x3 512 @7 1.01-1.09x (0.83-0.97x). Half the
+// broadcasts per FMA. benchmarks/results/direct_tile_ab_2026-11-27-xeon.txt has the runs.
 #if defined(FASTCONV_ISA_AVX512)
 constexpr int kUr = 6, kNbk = 4;  // 24 accumulators of 32 zmm
 #elif defined(FASTCONV_ISA_AVX2)
@@ -144,12 +145,13 @@ inline void f_direct_tile_for(const Taps& taps, int64_t m, int64_t nv, int64_t n
                               int64_t Cg, const T* w, T* out) {
   constexpr int U1 = kUr % 3 == 0 ? kUr / 3 : kUr, U2 = kUr % 3 == 0 ? 2 * kUr / 3 : kUr;
   with_vectors<kNbk>(nv, [&](auto v) {
+    constexpr int V = decltype(v)::value;
     if (m <= U1)
-      f_direct_tile<T, U1, decltype(v)::value>(taps, ntaps, Cg, w, out);
+      f_direct_tile<T, U1, V>(taps, ntaps, Cg, w, out);
     else if (m <= U2)
-      f_direct_tile<T, U2, decltype(v)::value>(taps, ntaps, Cg, w, out);
+      f_direct_tile<T, U2, V>(taps, ntaps, Cg, w, out);
     else
-      f_direct_tile<T, kUr, decltype(v)::value>(taps, ntaps, Cg, w, out);
+      f_direct_tile<T, kUr, V>(taps, ntaps, Cg, w, out);
   });
 }
 
@@ -698,10 +700,11 @@ void grad_weight_bias(const ConvGeom& g, const T* gy, int gy_layout, const T* x,
             T* a = accum + u * kUrc * BK;
             const bool with_bias = bias_accum && t == 0 && tile == 0;  // one unit per block
             with_vectors<kNbk>(ceil_div(kv, int64_t(L)), [&](auto v) {
-              gw_tile<T, kUrc, decltype(v)::value>(xb, g.sh * Wp * Cp, g.sw * Cp, gyb, g.OW * ldg, ldg, oh0,
-                                    oh1, g.OW, a);
+              constexpr int V = decltype(v)::value;
+              gw_tile<T, kUrc, V>(xb, g.sh * Wp * Cp, g.sw * Cp, gyb, g.OW * ldg, ldg, oh0, oh1,
+                                  g.OW, a);
               if (with_bias)
-                gy_sum_tile<T, decltype(v)::value>(gyb, g.OW * ldg, ldg, oh0, oh1, g.OW, bias_accum + blk * BK);
+                gy_sum_tile<T, V>(gyb, g.OW * ldg, ldg, oh0, oh1, g.OW, bias_accum + blk * BK);
             });
           }
         }
@@ -712,7 +715,8 @@ void grad_weight_bias(const ConvGeom& g, const T* gy, int gy_layout, const T* x,
   for (int64_t u = 0; u < units; ++u) {
     const int64_t tile = u % tiles, t = (u / tiles) % taps, blk = u / (tiles * taps);
     const int64_t gi = blk / KB, kb = blk % KB;
-    const int64_t kv = min64(BK, Kg - kb * BK), bw = round_up(kv, int64_t(L));  // as gw_tile wrote
+    // bw: the row width gw_tile wrote
+    const int64_t kv = min64(BK, Kg - kb * BK), bw = round_up(kv, int64_t(L));
     const T* a = accum + u * kUrc * BK;
     for (int64_t j = 0; j < kUrc; ++j) {
       const int64_t row = tile * kUrc + j;
