@@ -407,6 +407,7 @@ constexpr TuningField kTuningFields[] = {
     {"im2col_native_min_pixels_spatial", &Tuning::im2col_native_min_pixels_spatial},
     {"im2col_native_min_pixels_strided_1x1", &Tuning::im2col_native_min_pixels_strided_1x1},
     {"pointwise_grad_weight_dw_per_pixel", &Tuning::pointwise_grad_weight_dw_per_pixel},
+    {"direct_blocks_fastest_max_weight_bytes", &Tuning::direct_blocks_fastest_max_weight_bytes},
     {"direct_grad_weight_chunk_pixels", &Tuning::direct_grad_weight_chunk_pixels},
     {"winograd_tile_block", &Tuning::winograd_tile_block},
     {"winograd_channel_block", &Tuning::winograd_channel_block},

@@ -33,6 +33,11 @@ struct Tuning {
   // the pixels (partial dW copies added at the end) when dW has more than this many
   // elements per pixel of the batch. Measured: see im2col_conv.cpp.
   int64_t pointwise_grad_weight_dw_per_pixel = 256;
+  // direct forward (and grad-input): a thread's (tile, channel block) units run the
+  // channel blocks of one pixel tile back to back (the tile's input read once, from L1) when
+  // all the packed weights fit in this many bytes of L2; otherwise the tiles of one block
+  // (that block's weights read from L2 by every tile, the input once per block).
+  int64_t direct_blocks_fastest_max_weight_bytes = int64_t(1) << 20;
   // direct grad-weight: output pixels per chunk that every dW tile sweeps (x and grad_y of a
   // chunk stay in L2).
   int64_t direct_grad_weight_chunk_pixels = 512;
