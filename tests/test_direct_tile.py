@@ -14,9 +14,10 @@ from conftest import assert_close, tolerances
 # 1..4 vectors of 16 lanes (float32) and of 8 (float64), each width partial, full and past
 # the block; 100 and 129 span several blocks of any width in use.
 CHANNELS = (1, 7, 8, 9, 15, 16, 17, 24, 31, 33, 47, 48, 49, 63, 64, 65, 100, 129)
-# (N, H, W) of a 3x3, padding 1, stride 1 output: 1 to 13 pixels, 16 and 30 (two images).
-MAPS = ((1, 1, 1), (1, 1, 2), (1, 1, 5), (1, 2, 3), (1, 1, 7), (1, 1, 11), (1, 1, 13),
-        (1, 4, 4), (2, 3, 5))
+# (N, H, W) of the output: 1, 2, 3, 5, 6, 7, 11, 13, 16 and 30 pixels (two images), every
+# remainder of 6- and 4-pixel tiles and most of 12.
+MAPS = ((1, 1, 1), (1, 1, 2), (1, 1, 3), (1, 1, 5), (1, 2, 3), (1, 1, 7), (1, 1, 11),
+        (1, 1, 13), (1, 4, 4), (2, 3, 5))
 DTYPES = [torch.float32, torch.float64]
 
 
@@ -24,16 +25,12 @@ def _rand(*shape, dtype, seed):
     return torch.randn(*shape, dtype=dtype, generator=torch.Generator().manual_seed(seed))
 
 
-def _conv(stride):
-    return (stride, stride), (1, 1, 1, 1), (1, 1), 1, "direct"
-
-
 def _check_all_passes(n, c, h, w, k, stride, dtype):
     x = _rand(n, c, h, w, dtype=dtype, seed=0)
     wt = _rand(k, c, 3, 3, dtype=dtype, seed=1)
     b = _rand(k, dtype=dtype, seed=2)
-    conv = _conv(stride)
-    args = ((stride, stride), (1, 1, 1, 1), (1, 1), 1)
+    args = ((stride, stride), (1, 1, 1, 1), (1, 1), 1)  # 3x3, padding 1, one group
+    conv = (*args, "direct")
     shape = f"x {tuple(x.shape)} w {tuple(wt.shape)} stride {stride} {dtype}"
     y = ops.conv2d_forward(x, wt, b, *conv)
     ref = reference.conv2d(x.double(), wt.double(), b.double(), *args)

@@ -203,7 +203,7 @@ void forward_nhwc(const ConvGeom& p, const NhwcOperands<T>& op, int nthreads) {
   constexpr int L = Vec<T>::lanes, BK = kNbk * L;
   const int64_t K = p.K, Cg = p.Cg(), Kg = p.Kg(), KB = ceil_div(Kg, BK), RS = p.R * p.S;
   const int64_t OHW = p.OH * p.OW, P = p.N * OHW, NT = ceil_div(P, kUr);
-  const int64_t units = p.groups * KB * NT;
+  const int64_t blocks = p.groups * KB, units = blocks * NT;
   if (P == 0 || K == 0) return;
 
   // Per-tap tables, and a row of zeros that out-of-range taps read.
@@ -223,7 +223,7 @@ void forward_nhwc(const ConvGeom& p, const NhwcOperands<T>& op, int nthreads) {
   // 3x3/2 128 @56, batch 8 (590 KiB of weights, 2 blocks), best of 25 calls in three
   // alternating runs, ms: NCHW 11.30 11.90 11.67 -> 9.89 10.92 11.01, channels_last 8.88
   // 9.54 9.53 -> 8.26 9.06 9.06 (the Xeon VM, host loaded).
-  const bool blocks_fastest = units / NT * RS * Cg * BK * int64_t(sizeof(T)) <=
+  const bool blocks_fastest = blocks * RS * Cg * BK * int64_t(sizeof(T)) <=
                               tuning().direct_blocks_fastest_max_weight_bytes;
   parallel(threads_for(2 * P * K * Cg * RS, nthreads), [&](int tid, int nth) {
     int64_t u0, u1;
@@ -232,8 +232,8 @@ void forward_nhwc(const ConvGeom& p, const NhwcOperands<T>& op, int nthreads) {
     const T* px[kUr];
     int64_t pn[kUr], pq[kUr], ih0[kUr], iw0[kUr], n_off[kUr];
     for (int64_t u = u0; u < u1; ++u) {
-      const int64_t tile_i = blocks_fastest ? u / (p.groups * KB) : u % NT;
-      const int64_t blk = blocks_fastest ? u % (p.groups * KB) : u / NT;
+      const int64_t tile_i = blocks_fastest ? u / blocks : u % NT;
+      const int64_t blk = blocks_fastest ? u % blocks : u / NT;
       const int64_t g = blk / KB, kb = blk % KB;
       const int64_t first = tile_i * kUr, m = min64(kUr, P - first);
       const T* xg = op.x + g * Cg;
