@@ -41,6 +41,8 @@ namespace {
 // 0.75-0.84x), 3x3/2 256 @28 0.85-0.97x (0.84-0.88x), 3x3/2 512 @14 even there and 0.92x
 // against 0.77x in report_passes.py; N=1 3x3 512 @7 1.01-1.09x (0.83-0.97x). Half the
 // broadcasts per FMA. benchmarks/results/direct_tile_ab_2026-11-27-xeon.txt has the runs.
+// On Zen 4 (2026-12-06) 6 x 4 is as good or 4-9 % faster than 12 x 2 on the same strided
+// forwards (benchmarks/results/direct_tile_ab_2026-12-06-zen4.txt).
 #if defined(FASTCONV_ISA_AVX512)
 constexpr int kUr = 6, kNbk = 4;  // 24 accumulators of 32 zmm
 #elif defined(FASTCONV_ISA_AVX2)
