@@ -109,6 +109,10 @@ CASES = [
     Case("groups_multiplier_strided", (2, 8, 9, 9), (12, 2, 3, 3), stride=(2, 1), padding=1,
          groups=4),
     Case("groups_channel_tiles", (1, 32, 15, 15), (44, 16, 3, 3), padding=1, groups=2),
+    # 32 channels per group: whole GEMM panels, so im2col's grad-weight reads channel-blocked
+    # images (the panel width: 32 f32 on AVX-512, 16 f64 or AVX2, 8 scalar).
+    Case("groups_channel_blocks", (2, 64, 11, 9), (40, 32, 3, 3), stride=2, padding=(1, 2),
+         dilation=(1, 2), groups=2),
     Case("noncontiguous", (2, 4, 8, 8), (6, 4, 3, 3), padding=1, noncontiguous=True),
     Case("channels_last", (2, 8, 9, 9), (12, 8, 3, 3), padding=1, channels_last=True),
     Case("channels_last_strided_groups", (2, 8, 9, 9), (12, 4, 3, 3), stride=2, groups=2,

@@ -23,7 +23,7 @@ from conftest import assert_close, supported, tolerances
 PATH_CASES = [CASES[CASE_IDS.index(n)] for n in (
     "dilated_asym_padded", "groups_strided", "depthwise_multiplier", "same_even_dilated",
     "pointwise", "pointwise_strided", "pointwise_strided_groups", "stem_like",
-    "channel_tails", "large_map_dilated_strided",
+    "channel_tails", "groups_channel_blocks", "large_map_dilated_strided",
     "channels_last_strided_groups", "noncontiguous")]
 
 HUGE = 1 << 40
