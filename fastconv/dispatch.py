@@ -148,11 +148,14 @@ def choose(problem: Conv2dProblem, device_type: str = "cpu",
       3.9 vs direct 25.0, 3x3/2 256 g32 @56 5.9 vs 11.7, 256 g32 @28 4.4 vs 7.5), direct
       from 16 (512 g32 @14 2.2 vs 4.2: its tiles sum 16 channels' taps at once).
 
-    Grad-input of strided, weight-bound layers (8192+ weights per input pixel of the batch)
-    runs on the packed GEMM, whose one GEMM sweeps the filters once where direct's stride
-    phases each make their own small convolution (batch 1, ms, im2col vs direct, torch:
-    3x3/2 512 @14 2.24 vs 2.79, 2.07; 3x3/2 256 @28, 752 weights per pixel, 1.46 vs 1.61,
-    1.40, within the noise). Stride 1 keeps direct (3x3 512 @7: 2.22 vs 2.44, 1.32).
+    Grad-input of strided, weight-bound layers on small batches (512+ weights per input
+    pixel, at most 1024 input pixels in the batch) runs on the packed GEMM, whose one GEMM
+    sweeps the filters once where direct's stride phases each make their own small
+    convolution. Interleaved, 25 rounds, ms, im2col vs direct, torch (Zen 4, 2 threads):
+    3x3/2 256 @28 batch 1 (752 weights per pixel) 1.48-1.57 vs 1.68-1.75, 1.52-1.60;
+    3x3/2 512 @14 batch 1 2.38-2.60 vs 2.69-2.94, 2.15-2.25; batch 2 and 4 within 4 %
+    (3.79 vs 3.63, 6.16 vs 5.95); batch 8 (1568 pixels) 12.3 vs 10.8; 3x3/2 128 @56 batch
+    1 (3136 pixels) 1.56 vs 1.55. Stride 1 keeps direct (3x3 512 @7: 2.22 vs 2.44, 1.32).
     """
     if device_type != "cpu":
         return _choose_on_gpu(problem, device_type, dtype, pass_)
@@ -169,9 +172,9 @@ def choose(problem: Conv2dProblem, device_type: str = "cpu",
         return BY_NAME["im2col"]
     if grad_weight and p.groups == 1 and p.stride != (1, 1) and runs("im2col"):
         return BY_NAME["im2col"]
-    weights = p.K * p.Cg * p.R * p.S
+    weights, pixels = p.K * p.Cg * p.R * p.S, p.N * p.H * p.W
     if (pass_ == Pass.GRAD_INPUT and p.groups == 1 and p.stride != (1, 1)
-            and weights >= 8192 * p.N * p.H * p.W and runs("im2col")):
+            and weights >= 512 * pixels and pixels <= 1024 and runs("im2col")):
         return BY_NAME["im2col"]
     min_pixels = 49 if prepacked or grad_weight else 392
     if p.groups == 1 and min(p.Cg, p.Kg) >= 16 and p.N * p.OH * p.OW >= min_pixels:

@@ -25,6 +25,8 @@ def _choice(layer, batch=1):
     ("3x3/2 128 @56", 8, "direct", "direct", "im2col"),               # strided spatial
     ("3x3/2 512 @14", 1, "direct", "im2col", "im2col"),               # weight-bound
     ("3x3/2 512 @14", 8, "direct", "direct", "im2col"),
+    ("3x3/2 256 @28", 1, "direct", "im2col", "im2col"),               # 784 input pixels
+    ("3x3/2 128 @56", 1, "direct", "direct", "im2col"),               # 3136
     ("3x3 256 @14", 1, "direct", "direct", "winograd_f2"),
     ("1x1/2 downsample 256>512 @56", 1, "im2col", "im2col", "im2col"),
     ("3x3 512 @7", 1, "direct", "direct", "winograd_f2"),             # 49 pixels
