@@ -41,6 +41,9 @@ SETTINGS = {
     # every loop over groups and chunks runs several times, with ragged last pieces.
     # Direct's units run the tiles of one channel block back to back (the default runs a
     # tile's blocks back to back wherever the weights fit in L2, as on these small cases).
+    # Direct's forward units run block by block, each thread packing the weight blocks it
+    # reaches (what weight-bound layers, 9 MiB of 3x3 weights, do at their real size).
+    "direct_block_by_block": dict(direct_blocks_fastest_max_weight_bytes=1),
     "tiny_budgets": dict({t: HUGE for t in NATIVE_THRESHOLDS}, layout_budget_bytes=1,
                          im2col_column_budget_bytes=1000, direct_grad_weight_chunk_pixels=5,
                          direct_blocks_fastest_max_weight_bytes=1),
@@ -115,10 +118,16 @@ ESTIMATE_CASES = [CASES[CASE_IDS.index(n)] for n in (
     "channel_tails", "many_channels", "large_map_dilated_strided", "large_map_groups")]
 
 
+@pytest.mark.parametrize("setting", ["default", "direct_block_by_block"])
 @pytest.mark.parametrize("case", ESTIMATE_CASES, ids=lambda c: c.name)
-def test_workspace_estimate_bounds_what_a_call_takes(case, algo):
+def test_workspace_estimate_bounds_what_a_call_takes(case, algo, setting):
     if not supported(algo, case, torch.float32):
         return
+    with tuning(**SETTINGS.get(setting, {})):
+        _check_workspace_estimate(case, algo)
+
+
+def _check_workspace_estimate(case, algo):
     a = registry.get(algo)
     problem = case.problem()
     x, w, b = case.make(torch.float32)

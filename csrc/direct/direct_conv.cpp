@@ -191,11 +191,64 @@ struct BorderTaps {
 template <typename T>
 struct NhwcOperands {
   const T* x = nullptr;     // (n, h, w, c) at x[((n * H + h) * W + w) * C + c]
-  const T* wp = nullptr;    // packed as in pack_weights with BK = kNbk * lanes
+  const T* wp = nullptr;    // packed as in pack_weights with BK = kNbk * lanes, or null:
+  const T* w = nullptr;     //   the OIHW weights, each thread packing the blocks it reaches
+  T* block_buf = nullptr;   //   into its own block of this (packs_block_by_block)
   Epilogue<T> epi;          // bias (epi.shift), activation, statistics
   T* y = nullptr;           // N x K x OH x OW in y_layout
   int y_layout = kNCHW;
 };
+
+// The forward's packed [tap][c][BK] blocks from torch's OIHW weights in one pass (a gather
+// with stride C*R*S was most of the call on the weight-bound layers, 3x3 512 @7 at batch 1;
+// a tap-major copy first doubled the memory traffic). For 16 filters and 16 input channels
+// at a time: each filter's 16 c x RS piece (contiguous in OIHW, the 16 filters read as 16
+// in-order streams) is transposed to [tap][c], then each tap's 16 k x 16 c block to [c][k].
+template <typename T>
+void pack_weight_block_oihw(const T* w, int64_t Kg, int64_t Cg, int64_t RS, int64_t BK, int lanes,
+                            int64_t blk, T* d) {
+  const int64_t KB = ceil_div(Kg, BK), B = kTransposeBlock;
+  const int64_t g = blk / KB, kb = blk % KB;
+  const int64_t k0 = kb * BK, kv = min64(BK, Kg - k0), bw = round_up(kv, lanes);
+  T* pieces = thread_scratch<T>(B * RS * B);  // [k of 16][tap][c of 16]
+  for (int64_t kk = 0; kk < kv; kk += B) {
+    const int krows = int(min64(B, kv - kk));
+    for (int64_t c0 = 0; c0 < Cg; c0 += B) {
+      const int crows = int(min64(B, Cg - c0));
+      for (int k = 0; k < krows; ++k) {
+        const T* src = w + ((g * Kg + k0 + kk + k) * Cg + c0) * RS;  // (c, tap): c * RS + tap
+        filter_piece_tap_major(src, RS, crows, pieces + k * RS * B);
+      }
+      for (int64_t t = 0; t < RS; ++t)  // (k, c) of tap t at pieces[(k * RS + t) * 16 + c]
+        transpose_block(pieces + t * B, RS * B, d + (t * Cg + c0) * bw + kk, bw, krows, crows);
+    }
+  }
+  if (bw > kv)
+    for (int64_t tc = 0; tc < RS * Cg; ++tc) zero_n(d + tc * bw + kv, bw - kv);
+}
+
+// Whether all of a forward's packed weights fit in the L2 budget (tuning.h), so that a
+// pixel tile runs its channel blocks back to back.
+template <typename T>
+bool weights_fit_l2(const ConvGeom& p) {
+  constexpr int64_t BK = kNbk * Vec<T>::lanes;
+  return p.groups * ceil_div(p.Kg(), BK) * p.R * p.S * p.Cg() * BK * int64_t(sizeof(T)) <=
+         tuning().direct_blocks_fastest_max_weight_bytes;
+}
+
+// Whether a forward without prepacked weights packs each block of them as its units reach
+// it, into a per-thread buffer, rather than all of them first. Taken where the units run
+// block by block (the weights overflow L2) and the call converts its input in one image
+// group, so each block is packed once (twice at most where a thread's units begin inside
+// one): the packed copy is then read from L2 instead of written to memory and read back.
+// Batch 1, ms, two alternating runs each, packed first / block by block / prepacked (the
+// weight cache) / torch: 3x3 512 @7 (9 MiB of weights) 1.84 1.83 / 1.46 1.44 / 0.95 0.91 /
+// 1.27 1.25; 3x3/2 512 @14 1.80 1.87 / 1.45 1.58 / 1.11 1.13 / 1.38 1.47.
+template <typename T>
+bool packs_block_by_block(const ConvGeom& p) {
+  const int64_t image = p.C * p.H * p.W;
+  return !weights_fit_l2<T>(p) && images_per_group(image * int64_t(sizeof(T))) >= p.N;
+}
 
 // The convolution `p` of an NHWC input: output (oh, ow) reads input rows oh*sh - pt + r*dh
 // and columns ow*sw - pl + s*dw; anything outside H x W is zero (pt, pl may be negative;
@@ -225,11 +278,12 @@ void forward_nhwc(const ConvGeom& p, const NhwcOperands<T>& op, int nthreads) {
   // 3x3/2 128 @56, batch 8 (590 KiB of weights, 2 blocks), best of 25 calls in three
   // alternating runs, ms: NCHW 11.30 11.90 11.67 -> 9.89 10.92 11.01, channels_last 8.88
   // 9.54 9.53 -> 8.26 9.06 9.06 (the Xeon VM, host loaded).
-  const bool blocks_fastest = blocks * RS * Cg * BK * int64_t(sizeof(T)) <=
-                              tuning().direct_blocks_fastest_max_weight_bytes;
+  const bool blocks_fastest = weights_fit_l2<T>(p);
   parallel(threads_for(2 * P * K * Cg * RS, nthreads), [&](int tid, int nth) {
     int64_t u0, u1;
     split_range(units, nth, tid, &u0, &u1);
+    T* own_block = op.wp ? nullptr : op.block_buf + tid * RS * Cg * BK;
+    int64_t own_blk = -1;  // the block own_block holds
     alignas(64) T tile[kUr * BK];
     const T* px[kUr];
     int64_t pn[kUr], pq[kUr], ih0[kUr], iw0[kUr], n_off[kUr];
@@ -254,7 +308,13 @@ void forward_nhwc(const ConvGeom& p, const NhwcOperands<T>& op, int nthreads) {
         if (interior) px[j] = xg + n_off[j] + (ih0[j] * p.W + iw0[j]) * p.C;
       }
       const int64_t k0 = kb * BK, kv = min64(BK, Kg - k0);
-      const T* w = op.wp + blk * RS * Cg * BK;
+      const T* w = own_block;
+      if (op.wp) {
+        w = op.wp + blk * RS * Cg * BK;
+      } else if (blk != own_blk) {
+        pack_weight_block_oihw(op.w, Kg, Cg, RS, BK, L, blk, own_block);
+        own_blk = blk;
+      }
       const int64_t nv = ceil_div(kv, int64_t(L));  // the block's packed width is nv * L
       if (interior) {
         const InteriorTaps<T> taps{px, tap_off};
@@ -295,35 +355,13 @@ void forward_nhwc(const ConvGeom& p, const NhwcOperands<T>& op, int nthreads) {
   });
 }
 
-// The forward's packed [tap][c][BK] blocks from torch's OIHW weights in one pass (a gather
-// with stride C*R*S was most of the call on the weight-bound layers, 3x3 512 @7 at batch 1;
-// a tap-major copy first doubled the memory traffic). For 16 filters and 16 input channels
-// at a time: each filter's 16 c x RS piece (contiguous in OIHW, the 16 filters read as 16
-// in-order streams) is transposed to [tap][c], then each tap's 16 k x 16 c block to [c][k].
+// All the blocks, threads taking whole blocks.
 template <typename T>
 void pack_weights_oihw(const T* w, int64_t G, int64_t Kg, int64_t Cg, int64_t RS, int64_t BK,
                        int lanes, T* wp, int nthreads) {
-  const int64_t KB = ceil_div(Kg, BK), B = kTransposeBlock;
   const int nt = threads_for(G * Kg * Cg * RS * 4, nthreads);
-  parallel_for(G * KB, nt, [&](int64_t blk) {
-    const int64_t g = blk / KB, kb = blk % KB;
-    const int64_t k0 = kb * BK, kv = min64(BK, Kg - k0), bw = round_up(kv, lanes);
-    T* d = wp + blk * RS * Cg * BK;
-    T* pieces = thread_scratch<T>(B * RS * B);  // [k of 16][tap][c of 16]
-    for (int64_t kk = 0; kk < kv; kk += B) {
-      const int krows = int(min64(B, kv - kk));
-      for (int64_t c0 = 0; c0 < Cg; c0 += B) {
-        const int crows = int(min64(B, Cg - c0));
-        for (int k = 0; k < krows; ++k) {
-          const T* src = w + ((g * Kg + k0 + kk + k) * Cg + c0) * RS;  // (c, tap): c * RS + tap
-          filter_piece_tap_major(src, RS, crows, pieces + k * RS * B);
-        }
-        for (int64_t t = 0; t < RS; ++t)  // (k, c) of tap t at pieces[(k * RS + t) * 16 + c]
-          transpose_block(pieces + t * B, RS * B, d + (t * Cg + c0) * bw + kk, bw, krows, crows);
-      }
-    }
-    if (bw > kv)
-      for (int64_t tc = 0; tc < RS * Cg; ++tc) zero_n(d + tc * bw + kv, bw - kv);
+  parallel_for(G * ceil_div(Kg, BK), nt, [&](int64_t blk) {
+    pack_weight_block_oihw(w, Kg, Cg, RS, BK, lanes, blk, wp + blk * RS * Cg * BK);
   });
 }
 
@@ -342,11 +380,16 @@ void pack_forward_weights(const ConvGeom& g, int, int, const T* w, T* wp, int nt
 template <typename T>
 void forward(const ConvGeom& g, const T* x, int x_layout, const T* w, const T* packed,
              const Epilogue<T>& epi, T* y, int y_layout, int nthreads) {
-  packed = packed_or_pack_now(packed, g, x_layout, y_layout, w, kWsPackedWeights,
-                              &weight_packing<T>, &pack_forward_weights<T>, nthreads);
   NhwcOperands<T> op;
+  if (!packed && packs_block_by_block<T>(g)) {
+    constexpr int64_t BK = kNbk * Vec<T>::lanes;
+    op.w = w;
+    op.block_buf = workspace_as<T>(kWsPackedWeights, nthreads * g.R * g.S * g.Cg() * BK);
+  } else {
+    op.wp = packed_or_pack_now(packed, g, x_layout, y_layout, w, kWsPackedWeights,
+                               &weight_packing<T>, &pack_forward_weights<T>, nthreads);
+  }
   op.x = x;
-  op.wp = packed;
   op.epi = epi;
   op.y = y;
   op.y_layout = y_layout;
@@ -758,9 +801,10 @@ int64_t workspace_bytes(const ConvGeom& g, Pass pass) {
   switch (pass) {
     case Pass::kForward: {
       const int64_t image = g.C * g.H * g.W;
-      return E * (packed_weight_count<T>(G, Kg, Cg, RS) +
-                  min64(images_per_group(image * E), g.N) * image) +
-             tap_tables(g.C);
+      const int64_t weights = packs_block_by_block<T>(g)
+                                  ? omp_get_max_threads() * RS * Cg * BK  // a block per thread
+                                  : packed_weight_count<T>(G, Kg, Cg, RS);
+      return E * (weights + min64(images_per_group(image * E), g.N) * image) + tap_tables(g.C);
     }
     case Pass::kGradInput: {
       const bool strided = g.sh != 1 || g.sw != 1;
