@@ -67,6 +67,24 @@ def test_across_cache_blocks(dtype, isa):
            _rand(blk["kc"] + 7, blk["nr"] * 2 + 3, dtype=dtype, seed=1), what="kc+7")
 
 
+@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+def test_narrow_products_split_rows_between_threads(dtype, threads, isa):
+    """A few hundred columns at most: each thread packs and runs its own rows (gemm.cpp,
+    splits_rows), over several MC blocks of its rows and several K blocks."""
+    blk = ops.gemm_blocking(dtype)
+    m, n, k = 2 * blk["mc"] + 5 * blk["mr"] + 3, 3 * blk["nr"] - 2, 2 * blk["kc"] + 3
+    a, b = _rand(m, k, dtype=dtype), _rand(k, n, dtype=dtype, seed=1)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _check(a, b, what="split rows")
+        _check(a, b, _rand(m, n, dtype=dtype, seed=2), accumulate=True,
+               shift=_rand(m, dtype=dtype, seed=3), relu=True, what="split rows, accumulate")
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
 def test_strided_and_transposed_operands(dtype, isa):
     M, N, K = 29, 45, 67
