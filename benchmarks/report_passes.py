@@ -6,9 +6,10 @@
 torch's passes are aten.convolution_backward with one output mask each (what autograd runs
 for that gradient). fastconv's are the op bodies (fastconv.ops.*_forward) with the algorithm
 that 'auto' picks. torch and fastconv alternate for --rounds rounds; the table gives medians
-and the median of the per-round speedups. The last row of each layer, fwd+bwd, is one
+and the median of the per-round speedups. The first row of each layer, fwd+bwd, is one
 training step of the layer through autograd (forward, then input, weight and bias gradients;
-its GFLOP/s count 3x the forward's FLOPs).
+its GFLOP/s count 3x the forward's FLOPs). A network's first layer (3 input channels) takes
+no input gradient in training, so its step is forward, weight and bias gradients (2x).
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import torch
 import fastconv
 from fastconv import ops
 from fastconv.bench import measure
+from fastconv.bench.runner import Operands
 from fastconv.shapes import ALL_LAYERS, NETWORKS, RESNET50_DIRECT_TARGETS, WINOGRAD_TARGETS
 
 LAYER_SETS = dict(NETWORKS, targets=RESNET50_DIRECT_TARGETS, winograd=WINOGRAD_TARGETS,
@@ -41,7 +43,8 @@ def passes(layer, batch: int, algo: str) -> dict:
             gy, x, w, None, [s, s], [p, p], [1, 1], False, [0, 0], layer.groups, mask)
 
     b = torch.randn(layer.K, generator=g)
-    leaves = [t.clone().requires_grad_(True) for t in (x, w, b)]
+    leaves = [x.clone().requires_grad_(Operands.needs_input_grad(layer))] + \
+        [t.clone().requires_grad_(True) for t in (w, b)]
 
     def train_step(conv_fn):
         def step():
@@ -85,7 +88,8 @@ def main() -> None:
                     t_ours.append(measure(ours, min_time=0.15, min_reps=3).median)
                 speedup = statistics.median(a / b for a, b in zip(t_torch, t_ours))
                 ms = statistics.median(t_ours)
-                flops = layer.flops(args.batch) * (3 if name == "fwd+bwd" else 1)
+                step = 3 if Operands.needs_input_grad(layer) else 2
+                flops = layer.flops(args.batch) * (step if name == "fwd+bwd" else 1)
                 print(f"{layer.name:40s} {name:12s} {statistics.median(t_torch) * 1e3:9.2f} "
                       f"{ms * 1e3:9.2f} {flops / ms / 1e9:6.0f} {speedup:5.2f}x")
 
