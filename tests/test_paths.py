@@ -37,13 +37,13 @@ SETTINGS = {
     # with the pixels split over threads.
     "im2col_nhwc": dict({t: HUGE for t in NATIVE_THRESHOLDS},
                         pointwise_grad_weight_dw_per_pixel=HUGE),
+    # Direct's forward units run block by block, each thread packing the weight blocks it
+    # reaches (what weight-bound layers, 9 MiB of 3x3 weights, do at their real size).
+    "direct_block_by_block": dict(direct_blocks_fastest_max_weight_bytes=1),
     # One image per layout group, a few pixels per column chunk and per grad-weight chunk:
     # every loop over groups and chunks runs several times, with ragged last pieces.
     # Direct's units run the tiles of one channel block back to back (the default runs a
     # tile's blocks back to back wherever the weights fit in L2, as on these small cases).
-    # Direct's forward units run block by block, each thread packing the weight blocks it
-    # reaches (what weight-bound layers, 9 MiB of 3x3 weights, do at their real size).
-    "direct_block_by_block": dict(direct_blocks_fastest_max_weight_bytes=1),
     "tiny_budgets": dict({t: HUGE for t in NATIVE_THRESHOLDS}, layout_budget_bytes=1,
                          im2col_column_budget_bytes=1000, direct_grad_weight_chunk_pixels=5,
                          direct_blocks_fastest_max_weight_bytes=1),

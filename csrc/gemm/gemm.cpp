@@ -311,13 +311,8 @@ void gemm_own_rows(const GemmArgs<T>& g, int nt, T* abuf, T* bbuf) {
           ablk = g.a_packed + pc * round_up(g.M, MR) + (ic / MR) * kc * MR;
         else
           pack_a<T, MR>(g, ic, mc, pc, kc, own_a, 0, ma);
-        for (int64_t jr = 0; jr < nb; ++jr)                      // JR and IR loops
-          for (int64_t ir = 0; ir < ma; ++ir) {
-            const int64_t row = ic + ir * MR, col = jr * NR;
-            tile<T>(kc, ablk + ir * kc * MR, bblk + jr * kc * NR, g.c + row * g.ldc + col,
-                    g.ldc, min64(MR, g.M - row), min64(NR, g.N - col), accumulate, last, g.epi,
-                    row, col);
-          }
+        gemm_macro_kernel<T>(mc, g.N, kc, ablk, bblk, g.c + ic * g.ldc, g.ldc, accumulate,
+                             last, g.epi, ic, 0);                // JR and IR loops
       }
       if (!g.b_packed) {
 #pragma omp barrier  // B is repacked next

@@ -616,6 +616,7 @@ struct ImplicitPixelCols {
   const ConvGeom* g;
   const T* x;                 // the images of the group: channel gi * Cg first
   const PixelWindow* pixels;  // one per output pixel of the group
+  bool blocked;               // x is channel-blocked ([n][C / nr][H][W][nr]), else NHWC
 };
 
 template <typename T>
@@ -624,13 +625,14 @@ inline void prefetch_run(const T* p, int64_t n) {
 }
 
 template <typename T>
-void pack_implicit_nhwc_cols(const void* ctx, int64_t k0, int64_t kc, int64_t j0, int64_t cols,
-                             int64_t nr, T* dst) {
+void pack_implicit_cols_from_pixels(const void* ctx, int64_t k0, int64_t kc, int64_t j0,
+                                    int64_t cols, int64_t nr, T* dst) {
   const ImplicitPixelCols<T>& src = *static_cast<const ImplicitPixelCols<T>*>(ctx);
   const ConvGeom& g = *src.g;
-  const int64_t Cg = g.Cg();
+  const int64_t Cg = g.Cg(), pixel = src.blocked ? nr : g.C;  // values between two pixels
   // The panel's columns as runs of channels within one tap: (first column, length, offset of
-  // the tap's pixel from the window corner, first channel).
+  // the tap's pixel from the window corner, offset of the first channel). Blocked, the panel
+  // is one run: one tap of one channel block.
   constexpr int kMaxRuns = 64;
   int64_t run_j[kMaxRuns], run_len[kMaxRuns], run_dh[kMaxRuns], run_dw[kMaxRuns], run_c[kMaxRuns];
   int runs = 0;
@@ -640,14 +642,14 @@ void pack_implicit_nhwc_cols(const void* ctx, int64_t k0, int64_t kc, int64_t j0
     run_len[runs] = len;
     run_dh[runs] = (t / g.S) * g.dh;
     run_dw[runs] = (t % g.S) * g.dw;
-    run_c[runs++] = c;
+    run_c[runs++] = src.blocked ? (c / nr) * g.H * g.W * nr + c % nr : c;
     j += len;
   }
   // Run r's values for pixel px, or null in the padding.
   const auto at = [&](const PixelWindow& px, int r) -> const T* {
     const int64_t ih = px.ih0 + run_dh[r], iw = px.iw0 + run_dw[r];
     if (ih < 0 || ih >= g.H || iw < 0 || iw >= g.W) return nullptr;
-    return src.x + px.base + (ih * g.W + iw) * g.C + run_c[r];
+    return src.x + px.base + (ih * g.W + iw) * pixel + run_c[r];
   };
   for (int64_t k = 0; k < kc; ++k) {
     if (k + kPackPrefetchPixels < kc)
@@ -662,30 +664,6 @@ void pack_implicit_nhwc_cols(const void* ctx, int64_t k0, int64_t kc, int64_t j0
         zero_n(d + run_j[r], run_len[r]);
     }
     zero_n(d + cols, nr - cols);
-  }
-}
-
-// The same from channel-blocked images: the panel is one tap of NR channels (cols == nr).
-template <typename T>
-void pack_implicit_blocked_cols(const void* ctx, int64_t k0, int64_t kc, int64_t j0,
-                                int64_t /*cols*/, int64_t nr, T* dst) {
-  const ImplicitPixelCols<T>& src = *static_cast<const ImplicitPixelCols<T>*>(ctx);
-  const ConvGeom& g = *src.g;
-  const int64_t Cg = g.Cg(), t = j0 / Cg, block = (j0 % Cg) / nr;
-  const int64_t dh = (t / g.S) * g.dh, dw = (t % g.S) * g.dw;
-  const T* plane = src.x + block * g.H * g.W * nr;
-  const auto at = [&](const PixelWindow& px) -> const T* {  // null in the padding
-    const int64_t ih = px.ih0 + dh, iw = px.iw0 + dw;
-    if (ih < 0 || ih >= g.H || iw < 0 || iw >= g.W) return nullptr;
-    return plane + px.base + (ih * g.W + iw) * nr;
-  };
-  for (int64_t k = 0; k < kc; ++k) {
-    if (k + kPackPrefetchPixels < kc)
-      if (const T* ahead = at(src.pixels[k0 + k + kPackPrefetchPixels])) prefetch_run(ahead, nr);
-    if (const T* s = at(src.pixels[k0 + k]))
-      copy_n(dst + k * nr, s, nr);
-    else
-      zero_n(dst + k * nr, nr);
   }
 }
 
@@ -734,7 +712,8 @@ void grad_weight(const ConvGeom& g, const T* gy, int gy_layout, const T* x, int 
       });
     }
     for (int64_t gi = 0; gi < G; ++gi) {
-      const ImplicitPixelCols<T> cols{&g, xn + gi * Cg * (blocked ? g.H * g.W : 1), windows};
+      const ImplicitPixelCols<T> cols{&g, xn + gi * Cg * (blocked ? g.H * g.W : 1), windows,
+                                      blocked};
       GemmArgs<T> a{};
       a.M = Kg;
       a.N = RSC;
@@ -747,7 +726,7 @@ void grad_weight(const ConvGeom& g, const T* gy, int gy_layout, const T* x, int 
         a.rs_b = g.C;
         a.cs_b = 1;
       } else {
-        a.pack_b_panel = blocked ? &pack_implicit_blocked_cols<T> : &pack_implicit_nhwc_cols<T>;
+        a.pack_b_panel = &pack_implicit_cols_from_pixels<T>;
         a.pack_b_ctx = &cols;
       }
       a.c = dwt + gi * Kg * RSC;
