@@ -384,8 +384,13 @@ void run_gemm(const SharedKernels<T>& k, py::tuple shape, uintptr_t a, int64_t r
   g.epi.shift = ptr<T>(shift);
   g.epi.per_row = per_row;
   g.epi.act = relu ? kActRelu : kActNone;
-  // K segments (gemm.h): (k_seg, k_seg_first, seg_stride_a, seg_stride_b), or empty.
-  if (segments.size() == 4) {
+  // K segments (gemm.h): (k_seg, k_seg_first, seg_stride_a, seg_stride_b); N segments:
+  // (n_seg, n_seg_stride_b, n_seg_stride_c); or empty.
+  if (segments.size() == 3) {
+    g.n_seg = segments[0].cast<int64_t>();
+    g.n_seg_stride_b = segments[1].cast<int64_t>();
+    g.n_seg_stride_c = segments[2].cast<int64_t>();
+  } else if (segments.size() == 4) {
     g.k_seg = segments[0].cast<int64_t>();
     g.k_seg_first = segments[1].cast<int64_t>();
     g.seg_stride_a = segments[2].cast<int64_t>();

@@ -719,35 +719,61 @@ def gemm(a: Tensor, b: Tensor, c: Optional[Tensor] = None, *, accumulate: bool =
     stride. Not differentiable; for testing and benchmarking the kernel."""
     if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[0]:
         raise ValueError(f"gemm: shapes {tuple(a.shape)} and {tuple(b.shape)} do not multiply")
-    if a.dtype not in DTYPE_CODES or not a.is_cpu:
-        raise UnsupportedTensor(f"gemm: a must be a float32 or float64 CPU tensor, got "
-                                f"{a.dtype} on {a.device}")
-    _check_operand("b", b, a, "a")
     M, K = a.shape
     N = b.shape[1]
-    if c is None:
-        if accumulate:
-            raise ValueError("gemm: accumulate needs c")
-        c = a.new_empty((M, N))
-    if (tuple(c.shape) != (M, N) or (N > 1 and c.stride(1) != 1) or c.dtype != a.dtype
-            or not c.is_cpu):
-        raise ValueError("gemm: c must be a (M, N) CPU tensor of a's dtype with unit column "
-                         "stride")
-    channels = M if per_row else N
-    for name, v in (("scale", scale), ("shift", shift)):
-        if v is not None and (v.dtype != a.dtype or v.dim() != 1 or v.numel() != channels
-                              or v.stride(0) != 1 or not v.is_cpu):
-            raise ValueError(f"gemm: {name} must be a contiguous CPU vector of {channels} "
-                             "values")
+    c = _gemm_output(a, b, c, (M, N), accumulate, scale, shift, M if per_row else N)
     _run_gemm(a, b, c, (M, N, K), (a.stride(0), a.stride(1)), (b.stride(0), b.stride(1)), (),
               accumulate, scale, shift, per_row, relu)
     return c
 
 
+def gemm_column_segments(a: Tensor, b: Tensor, c: Optional[Tensor] = None, *,
+                         accumulate: bool = False, scale: Optional[Tensor] = None,
+                         shift: Optional[Tensor] = None, per_row: bool = True,
+                         relu: bool = False) -> Tensor:
+    """C[s] = A @ B[s] for every s as one GEMM whose N runs over S segments of L columns: a
+    is M x K, b is S x K x L and c is S x M x L (any strides, c's last unit). The GEMM's
+    column segments (csrc/gemm/gemm.h), with which one GEMM covers an NCHW batch's images;
+    the epilogue as in gemm(), per row or per column of the whole S * L columns. For testing
+    the kernel."""
+    if a.dim() != 2 or b.dim() != 3 or a.shape[1] != b.shape[1]:
+        raise ValueError(f"gemm_column_segments: shapes {tuple(a.shape)} and {tuple(b.shape)} "
+                         "are not M x K and S x K x L")
+    M, K = a.shape
+    S, _, L = b.shape
+    c = _gemm_output(a, b, c, (S, M, L), accumulate, scale, shift, M if per_row else S * L)
+    _run_gemm(a, b, c, (M, S * L, K), (a.stride(0), a.stride(1)), (b.stride(1), b.stride(2)),
+              (L, b.stride(0), c.stride(0)), accumulate, scale, shift, per_row, relu,
+              ldc=c.stride(1))
+    return c
+
+
+def _gemm_output(a, b, c, shape, accumulate, scale, shift, channels) -> Tensor:
+    """Checks the operands of a gemm call and returns C (new when c is None)."""
+    if a.dtype not in DTYPE_CODES or not a.is_cpu:
+        raise UnsupportedTensor(f"gemm: a must be a float32 or float64 CPU tensor, got "
+                                f"{a.dtype} on {a.device}")
+    _check_operand("b", b, a, "a")
+    if c is None:
+        if accumulate:
+            raise ValueError("gemm: accumulate needs c")
+        c = a.new_empty(shape)
+    if (tuple(c.shape) != tuple(shape) or (shape[-1] > 1 and c.stride(-1) != 1)
+            or c.dtype != a.dtype or not c.is_cpu):
+        raise ValueError(f"gemm: c must be a {tuple(shape)} CPU tensor of a's dtype with unit "
+                         "column stride")
+    for name, v in (("scale", scale), ("shift", shift)):
+        if v is not None and (v.dtype != a.dtype or v.dim() != 1 or v.numel() != channels
+                              or v.stride(0) != 1 or not v.is_cpu):
+            raise ValueError(f"gemm: {name} must be a contiguous CPU vector of {channels} "
+                             "values")
+    return c
+
+
 def _run_gemm(a, b, c, shape, a_strides, b_strides, segments, accumulate=False, scale=None,
-              shift=None, per_row=True, relu=False) -> None:
+              shift=None, per_row=True, relu=False, ldc=None) -> None:
     backend._C.gemm(DTYPE_CODES[a.dtype], shape, a.data_ptr(), *a_strides, b.data_ptr(),
-                    *b_strides, c.data_ptr(), c.stride(0), accumulate,
+                    *b_strides, c.data_ptr(), c.stride(0) if ldc is None else ldc, accumulate,
                     scale.data_ptr() if scale is not None else 0,
                     shift.data_ptr() if shift is not None else 0, per_row, relu, segments,
                     torch.get_num_threads())

@@ -183,3 +183,50 @@ def test_k_segments(dtype, isa):
             assert_close(out, ref, atol=64 * eps * count_ ** 0.5, rtol=32 * eps,
                          what=f"segments S={S} L={L} first={first} count={count_} "
                               f"transposed={transposed} accumulate={accumulate}")
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+def test_column_segments(dtype, threads, isa):
+    """N running over segments (an NCHW batch's images, gemm.h n_seg): segments shorter than,
+    equal to and longer than a B micro-panel, so that panels and tiles cross one or several
+    segment boundaries; two K blocks (accumulation across them); past NC columns; the narrow
+    split-row path (few columns, many rows) and the epilogue per row and per column."""
+    blk = ops.gemm_blocking(dtype)
+    nr, mr, kc = blk["nr"], blk["mr"], blk["kc"]
+    cases = [  # M, K, S, L
+        (2 * mr + 1, 7, 5, 3),                     # several boundaries inside one panel
+        (5 * mr * 3 + 2, kc + kc // 2 + 1, 8, 49),  # split rows at 2+ threads, two K blocks
+        (mr + 5, 19, 3, nr),                       # boundaries on panel edges
+        (17, 33, 4, 2 * nr + 5),
+        (mr, 11, blk["nc"] // 97 + 2, 97),         # past the NC block
+    ]
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for M, K, S, L in cases:
+            a = _rand(M, K, dtype=dtype)
+            # B with padded strides: rows K + 2 apart per segment, columns L + 3 apart per row.
+            b = _rand(S, K + 2, L + 3, dtype=dtype, seed=1)[:, 1:1 + K, 2:2 + L]
+            c0 = _rand(S, M + 1, L + 4, dtype=dtype, seed=2)[:, :M, 1:1 + L]
+            ref = torch.einsum("mk,skl->sml", a.double(), b.double())
+            eps = torch.finfo(dtype).eps
+            tol = dict(atol=16 * eps * max(1, K) ** 0.5 * 4, rtol=32 * eps)
+            what = f"column segments M={M} K={K} S={S} L={L} threads={threads} {dtype}"
+            for accumulate in (False, True):
+                c = c0.clone()
+                out = ops.gemm_column_segments(a, b, c, accumulate=accumulate)
+                assert out is c
+                assert_close(out, ref + (c0.double() if accumulate else 0), **tol,
+                             what=f"{what} accumulate={accumulate}")
+            scale, shift = _rand(M, dtype=dtype, seed=3), _rand(M, dtype=dtype, seed=4)
+            out = ops.gemm_column_segments(a, b, c0.clone(), accumulate=True, scale=scale,
+                                           shift=shift, relu=True)
+            exp = ((ref + c0.double()) * scale.double()[:, None] + shift.double()[:, None])
+            assert_close(out, exp.clamp_min(0), **tol, what=f"{what} per-row epilogue")
+            col_shift = _rand(S * L, dtype=dtype, seed=5)
+            out = ops.gemm_column_segments(a, b, shift=col_shift, per_row=False)
+            exp = ref + col_shift.double().reshape(S, 1, L)
+            assert_close(out, exp, **tol, what=f"{what} per-column epilogue")
+    finally:
+        torch.set_num_threads(before)

@@ -127,6 +127,37 @@ void pack_a(const GemmArgs<T>& g, int64_t i0, int64_t mc, int64_t p0, int64_t kc
   }
 }
 
+// One B micro-panel, columns [c0, c0 + cols), when N runs over segments (GemmArgs::n_seg):
+// each row of the panel is a few runs of columns, each inside one segment.
+template <typename T, int NR>
+void pack_b_panel_segmented(const GemmArgs<T>& g, int64_t p0, int64_t kc, int64_t c0,
+                            int64_t cols, T* d) {
+  int64_t run_j[NR], run_len[NR], run_base[NR];  // first panel column, length, offset in b
+  int runs = 0;
+  for (int64_t j = 0; j < cols; ++runs) {
+    const int64_t col = c0 + j, pos = col % g.n_seg, len = min64(g.n_seg - pos, cols - j);
+    run_j[runs] = j;
+    run_len[runs] = len;
+    run_base[runs] = (col / g.n_seg) * g.n_seg_stride_b + pos * g.cs_b;
+    j += len;
+  }
+  if (runs == 1)  // inside one segment: the plain panel packer
+    return pack_panel_run<T, NR>(g.b + run_base[0] + p0 * g.rs_b, g.cs_b, g.rs_b, cols, kc, d);
+  for (int64_t k = 0; k < kc; ++k) {
+    const T* bk = g.b + (p0 + k) * g.rs_b;
+    T* dk = d + k * NR;
+    for (int r = 0; r < runs; ++r) {
+      const T* src = bk + run_base[r];
+      T* dst = dk + run_j[r];
+      if (g.cs_b == 1)
+        copy_n(dst, src, run_len[r]);
+      else
+        for (int64_t i = 0; i < run_len[r]; ++i) dst[i] = src[i * g.cs_b];
+    }
+    for (int64_t j = cols; j < NR; ++j) dk[j] = T(0);
+  }
+}
+
 // Pack rows [p0, p0 + kc) x columns [j0, j0 + nc) of B into NR-wide micro-panels,
 // Bp[panel][k][NR], zero-padding the last panel. Only panels [q0, q1) are packed.
 template <typename T, int NR>
@@ -137,6 +168,10 @@ void pack_b(const GemmArgs<T>& g, int64_t p0, int64_t kc, int64_t j0, int64_t nc
     const int64_t c0 = j0 + q * NR, cols = min64(NR, j0 + nc - c0);
     if (g.pack_b_panel) {
       g.pack_b_panel(g.pack_b_ctx, p0, kc, c0, cols, NR, d);
+      continue;
+    }
+    if (g.n_seg > 0) {
+      pack_b_panel_segmented<T, NR>(g, p0, kc, c0, cols, d);
       continue;
     }
     const T* b = g.b + c0 * g.cs_b;
@@ -251,6 +286,53 @@ inline void tile(int64_t kc, const T* ap, const T* bp, T* c, int64_t ldc, int64_
 #undef FASTCONV_TILE
 }
 
+// The tile of C at (row, col) of the whole product, m x n of it valid. With column segments
+// (GemmArgs::n_seg) a tile inside one segment goes straight to its place; one that crosses
+// a segment boundary (a few per segment) is computed into a buffer and added to C run by run.
+template <typename T>
+inline void tile_of(const GemmArgs<T>& g, int64_t kc, const T* ap, const T* bp, int64_t row,
+                    int64_t col, bool accumulate, bool last) {
+  constexpr int MR = Blocking<T>::MR, NR = Blocking<T>::NBV * Vec<T>::lanes;
+  const int64_t m = min64(MR, g.M - row), n = min64(NR, g.N - col);
+  if (g.n_seg <= 0)
+    return tile<T>(kc, ap, bp, g.c + row * g.ldc + col, g.ldc, m, n, accumulate, last, g.epi,
+                   row, col);
+  const int64_t pos = col % g.n_seg;
+  if (pos + n <= g.n_seg)
+    return tile<T>(kc, ap, bp, g.c + (col / g.n_seg) * g.n_seg_stride_c + row * g.ldc + pos,
+                   g.ldc, m, n, accumulate, last, g.epi, row, col);
+  alignas(64) T buf[MR * NR];
+  tile<T>(kc, ap, bp, buf, NR, m, n, false, false, Epilogue<T>{}, row, col);
+  const bool epilogue = last && g.epi.active();
+  for (int64_t j = 0; j < n;) {
+    const int64_t cj = col + j, at = cj % g.n_seg, len = min64(g.n_seg - at, n - j);
+    T* c = g.c + (cj / g.n_seg) * g.n_seg_stride_c + row * g.ldc + at;
+    for (int64_t i = 0; i < m; ++i) {
+      T* ci = c + i * g.ldc;
+      const T* bi = buf + i * NR + j;
+      for (int64_t t = 0; t < len; ++t) ci[t] = bi[t] + (accumulate ? ci[t] : T(0));
+      if (!epilogue) continue;
+      if (g.epi.per_row)
+        finish_channel_run(g.epi, row + i, ci, len);
+      else
+        finish_pixel_run(g.epi, cj, ci, len);
+    }
+    j += len;
+  }
+}
+
+// The JR and IR loops over an m x n block of packed panels: tile_fn(A panel, B panel, ir,
+// jr) for each MR x NR tile, jr outermost so that a B micro-panel stays in L1.
+template <typename T, typename F>
+inline void macro_loops(int64_t m, int64_t n, int64_t kc, const T* ap, const T* bp, F tile_fn) {
+  constexpr int MR = Blocking<T>::MR, NR = Blocking<T>::NBV * Vec<T>::lanes;
+  for (int64_t jr = 0; jr < n; jr += NR, bp += kc * NR) {  // JR
+    const T* a = ap;
+    for (int64_t ir = 0; ir < m; ir += MR, a += kc * MR)   // IR
+      tile_fn(a, bp, ir, jr);
+  }
+}
+
 // C = epilogue(accumulate ? C : 0) for K == 0.
 template <typename T>
 void gemm_empty_k(const GemmArgs<T>& g) {
@@ -311,8 +393,10 @@ void gemm_own_rows(const GemmArgs<T>& g, int nt, T* abuf, T* bbuf) {
           ablk = g.a_packed + pc * round_up(g.M, MR) + (ic / MR) * kc * MR;
         else
           pack_a<T, MR>(g, ic, mc, pc, kc, own_a, 0, ma);
-        gemm_macro_kernel<T>(mc, g.N, kc, ablk, bblk, g.c + ic * g.ldc, g.ldc, accumulate,
-                             last, g.epi, ic, 0);                // JR and IR loops
+        macro_loops<T>(mc, g.N, kc, ablk, bblk, [&](const T* a, const T* b, int64_t ir,
+                                                    int64_t jr) {  // JR and IR loops
+          tile_of<T>(g, kc, a, b, ic + ir, jr, accumulate, last);
+        });
       }
       if (!g.b_packed) {
 #pragma omp barrier  // B is repacked next
@@ -371,9 +455,8 @@ void gemm(const GemmArgs<T>& g, int nthreads) {
           for (int64_t t = t0; t < t1; ++t) {
             const int64_t jr = t / ma, ir = t % ma;
             const int64_t row = ic + ir * MR, col = jc + jr * NR;
-            tile<T>(kc, ablk + ir * kc * MR, bblk + jr * kc * NR, g.c + row * g.ldc + col,
-                    g.ldc, min64(MR, g.M - row), min64(NR, g.N - col), accumulate, last, g.epi,
-                    row, col);
+            tile_of<T>(g, kc, ablk + ir * kc * MR, bblk + jr * kc * NR, row, col, accumulate,
+                       last);
           }
           if (!g.a_packed || !g.b_packed) {
 #pragma omp barrier  // a buffer is repacked next
@@ -453,14 +536,11 @@ template <typename T>
 void gemm_macro_kernel(int64_t m, int64_t n, int64_t kc, const T* ap, const T* bp, T* c,
                        int64_t ldc, bool accumulate, bool last, const Epilogue<T>& epi,
                        int64_t row0, int64_t col0) {
-  using B = Blocking<T>;
-  constexpr int MR = B::MR, NR = B::NBV * Vec<T>::lanes;
-  for (int64_t jr = 0; jr < n; jr += NR, bp += kc * NR) {  // JR: B micro-panel stays in L1
-    const T* a = ap;
-    for (int64_t ir = 0; ir < m; ir += MR, a += kc * MR)   // IR
-      tile<T>(kc, a, bp, c + ir * ldc + jr, ldc, min64(MR, m - ir), min64(NR, n - jr),
-              accumulate, last, epi, row0 + ir, col0 + jr);
-  }
+  constexpr int MR = Blocking<T>::MR, NR = Blocking<T>::NBV * Vec<T>::lanes;
+  macro_loops<T>(m, n, kc, ap, bp, [&](const T* a, const T* b, int64_t ir, int64_t jr) {
+    tile<T>(kc, a, b, c + ir * ldc + jr, ldc, min64(MR, m - ir), min64(NR, n - jr), accumulate,
+            last, epi, row0 + ir, col0 + jr);
+  });
 }
 template void gemm_macro_kernel<float>(int64_t, int64_t, int64_t, const float*, const float*,
                                        float*, int64_t, bool, bool, const Epilogue<float>&,

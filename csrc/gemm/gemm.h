@@ -64,6 +64,13 @@ struct GemmArgs {
   // j * cs_b]: one GEMM sums over several images' pixels. 0: K is one run. Packing only.
   int64_t k_seg = 0, k_seg_first = 0;
   int64_t seg_stride_a = 0, seg_stride_b = 0;
+  // Optional: N runs over segments of n_seg columns each (the images of an NCHW batch, so
+  // that one GEMM covers every image's pixels), so that with s = j / n_seg, jj = j % n_seg,
+  // B(k, j) = b[s * n_seg_stride_b + k * rs_b + jj * cs_b] and C(i, j) = c[s * n_seg_stride_c
+  // + i * ldc + jj]. 0: N is one run. Not with K segments or pack_b_panel. A per-column
+  // epilogue is indexed by j, the column of the whole product.
+  int64_t n_seg = 0;
+  int64_t n_seg_stride_b = 0, n_seg_stride_c = 0;
 };
 
 // Whole-operand packed layout, per KC block of K (pc = 0, KC, 2 KC, ...):
