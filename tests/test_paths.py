@@ -30,8 +30,9 @@ HUGE = 1 << 40
 NATIVE_THRESHOLDS = ("im2col_native_min_pixels_pointwise", "im2col_native_min_pixels_spatial",
                      "im2col_native_min_pixels_strided_1x1")
 SETTINGS = {
-    # im2col NCHW forward (and pointwise grad-input): one GEMM per image with implicit im2col
-    # (or the input as B); 1x1 NCHW grad-weight with the threads inside one GEMM (dW split).
+    # im2col NCHW forward (and pointwise grad-input): one GEMM per image with implicit im2col,
+    # or, pointwise, one GEMM over every image (the images as B's column segments); 1x1 NCHW
+    # grad-weight with the threads inside one GEMM (dW split).
     "im2col_native": dict({t: 1 for t in NATIVE_THRESHOLDS}, pointwise_grad_weight_dw_per_pixel=1),
     # im2col NCHW forward through the NHWC GEMM, whatever the map size; 1x1 NCHW grad-weight
     # with the pixels split over threads.

@@ -317,43 +317,51 @@ void pack_implicit_cols(const void* ctx, int64_t k0, int64_t kc, int64_t j0, int
   }
 }
 
+// NCHW forward, natively. Per group, y[n] (Kg x OHW) = W (Kg x RSC) * cols(x[n]), W packed
+// once. A pointwise layer runs one GEMM over every image (column segments, gemm.h): B and C
+// are the images themselves, so per-image GEMMs' narrow N (49 pixels @7) does not starve
+// the threads or reload W's panels once per image.
 template <typename T>
 void forward_nchw_native(const ConvGeom& g, const T* x, const T* packed, const Epilogue<T>& epi,
                          T* y, int nthreads) {
   const int64_t G = g.groups, Cg = g.Cg(), Kg = g.Kg(), RSC = Cg * g.R * g.S;
   const int64_t HW = g.H * g.W, OHW = g.OH * g.OW;
   const int64_t packed_group = gemm_packed_size_a<T>(Kg, RSC);
-  const bool pointwise = is_pointwise(g);
   for (int64_t gi = 0; gi < G; ++gi) {
     GemmArgs<T> a{};
     a.M = Kg;
-    a.N = OHW;
     a.K = RSC;
     a.a_packed = packed + gi * packed_group;  // the same for every image
     a.ldc = OHW;
     a.epi = epi.from_channel(gi * Kg);
     a.epi.per_row = true;
+    if (is_pointwise(g)) {  // B(c, n*HW + p) = x[n][gi*Cg + c][p]
+      a.N = g.N * HW;
+      a.b = x + gi * Cg * HW;
+      a.rs_b = HW;
+      a.cs_b = 1;
+      a.n_seg = HW;
+      a.n_seg_stride_b = g.C * HW;
+      a.n_seg_stride_c = g.K * OHW;
+      a.c = y + gi * Kg * OHW;
+      gemm(a, nthreads);
+      continue;
+    }
+    a.N = OHW;
+    a.pack_b_panel = &pack_implicit_cols<T>;
     for (int64_t n = 0; n < g.N; ++n) {
-      const T* xg = x + (n * g.C + gi * Cg) * HW;
-      const ImplicitCols<T> cols{xg, &g};
-      if (pointwise) {  // B is the image itself
-        a.b = xg;
-        a.rs_b = HW;
-        a.cs_b = 1;
-      } else {
-        a.pack_b_panel = &pack_implicit_cols<T>;
-        a.pack_b_ctx = &cols;
-      }
+      const ImplicitCols<T> cols{x + (n * g.C + gi * Cg) * HW, &g};
+      a.pack_b_ctx = &cols;
       a.c = y + (n * g.K + gi * Kg) * OHW;
       gemm(a, nthreads);
     }
   }
 }
 
-// Pointwise grad-input on NCHW tensors, natively (from 128 pixels an image, as the forward):
-// one GEMM per image and group (converting grad_y and grad_x to NHWC and back cost more than
-// the GEMMs: 1x1 64>256 @56, batch 8, grad-input 15.5 ms through NHWC against torch's 7.0).
-//   gx[n] (Cg x P) = W^T (Cg x Kg) * gy[n] (Kg x P), W^T packed once
+// Pointwise grad-input on NCHW tensors, natively (as the forward, one GEMM per group over
+// every image; converting grad_y and grad_x to NHWC and back cost more than the GEMMs:
+// 1x1 64>256 @56, batch 8, grad-input 15.5 ms through NHWC against torch's 7.0).
+//   gx (Cg x N*P) = W^T (Cg x Kg) * gy (Kg x N*P), W^T packed once
 template <typename T>
 void grad_input_pointwise_nchw(const ConvGeom& g, const T* gy, const T* w, T* gx, int nthreads) {
   const int64_t Cg = g.Cg(), Kg = g.Kg(), P = g.H * g.W;
@@ -361,21 +369,22 @@ void grad_input_pointwise_nchw(const ConvGeom& g, const T* gy, const T* w, T* gx
   for (int64_t gi = 0; gi < g.groups; ++gi) {
     GemmArgs<T> a{};
     a.M = Cg;
-    a.N = P;
+    a.N = g.N * P;
     a.K = Kg;
     a.a = w + gi * Kg * Cg;  // A(c, k) = w[gi*Kg + k][c]
     a.rs_a = 1;
     a.cs_a = Cg;
     gemm_pack_a(a, packed, nthreads);
     a.a_packed = packed;
+    a.b = gy + gi * Kg * P;  // B(k, n*P + p) = gy[n][gi*Kg + k][p]
     a.rs_b = P;
     a.cs_b = 1;
+    a.n_seg = P;
+    a.n_seg_stride_b = g.K * P;
+    a.c = gx + gi * Cg * P;
     a.ldc = P;
-    for (int64_t n = 0; n < g.N; ++n) {
-      a.b = gy + (n * g.K + gi * Kg) * P;
-      a.c = gx + (n * g.C + gi * Cg) * P;
-      gemm(a, nthreads);
-    }
+    a.n_seg_stride_c = g.C * P;
+    gemm(a, nthreads);
   }
 }
 
@@ -746,11 +755,13 @@ int64_t workspace_bytes(const ConvGeom& g, Pass pass) {
   const int64_t image_in = g.C * g.H * g.W, image_out = g.K * OHW;
   const bool pointwise = is_pointwise(g);
   const int64_t tap_major = g.R * g.S > 1 ? g.K * RSC * E : 0;
+  const int64_t native_n = pointwise ? g.N * OHW : OHW;  // one GEMM over all images or one each
   if (pass == Pass::kForward && runs_native(g))
     return tap_major + g.groups * gemm_packed_size_a<T>(Kg, RSC) * E +
-           gemm_workspace_bytes<T>(Kg, OHW, RSC, true, false);
+           gemm_workspace_bytes<T>(Kg, native_n, RSC, true, false);
   if (pass == Pass::kGradInput && pointwise && runs_native(g))  // natively on NCHW tensors
-    return gemm_packed_size_a<T>(Cg, Kg) * E + gemm_workspace_bytes<T>(Cg, OHW, Kg, true, false);
+    return gemm_packed_size_a<T>(Cg, Kg) * E +
+           gemm_workspace_bytes<T>(Cg, native_n, Kg, true, false);
   if (pass == Pass::kGradWeight && is_unpadded_1x1(g)) {
     // The other threads' partial sums or the GEMM's panels, and a strided one's subsampled
     // images.
