@@ -16,13 +16,16 @@ struct Tuning {
   // 241-306, 4 MiB 265-362, 16 MiB 259-361: below 4 MiB the per-call costs (barriers,
   // parallel regions, edge tiles) dominate; above it nothing is gained.
   int64_t im2col_column_budget_bytes = int64_t(4) << 20;
-  // im2col: NCHW forward runs natively (one GEMM per image, no transposes) when an image has
-  // at least this many output pixels; below, all images form one NHWC GEMM (transposes in
-  // and out). Measured at batch 8, GFLOP/s native vs NHWC: 1x1 1024>256 @14 (196 pixels)
-  // 361 vs 205-351, 1x1 512>2048 @7 (49 pixels) 263 vs 332; 3x3 256 @14 280-363 vs
-  // 438-462, 3x3/2 128 @56 (784 pixels out) 265-353 vs 307-352, 3x3 64 @56 (3136) 313-371
-  // vs 335. For spatial kernels the explicit tap-major columns feed the GEMM faster than
-  // implicit packing unless the map is large enough that the transposes dominate.
+  // im2col: NCHW forward runs natively (no transposes: one GEMM per image, or pointwise one
+  // over every image) when an image has at least this many output pixels; below, all images
+  // form one NHWC GEMM (transposes in and out). Pointwise, batch 8, ms native vs NHWC (one
+  // GEMM over all images, host in a slow phase): 1024>256 @14 4.48 vs 4.63, @7 2048>512
+  // 4.35 vs 4.24, 512>2048 4.08 vs 4.17 (grad-input 4.22 vs 4.10, 4.64 vs 4.36); earlier,
+  // GFLOP/s, with one GEMM per image: 1x1 512>2048 @7 (49 pixels) 263 vs 332; 3x3 256 @14
+  // 280-363 vs 438-462, 3x3/2 128 @56 (784 pixels out) 265-353 vs 307-352, 3x3 64 @56
+  // (3136) 313-371 vs 335. For spatial kernels the explicit tap-major columns feed the GEMM
+  // faster than implicit packing unless the map is large enough that the transposes
+  // dominate.
   int64_t im2col_native_min_pixels_pointwise = 128;
   int64_t im2col_native_min_pixels_spatial = 2048;
   // Strided 1x1 (ResNet's downsample layers) packs its subsampled input straight from NCHW
