@@ -14,6 +14,7 @@ no input gradient in training, so its step is forward, weight and bias gradients
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 
 import torch
@@ -79,6 +80,7 @@ def main() -> None:
     print(f"fastconv {fastconv.__version__} isa={fastconv.get_isa()} torch {torch.__version__} "
           f"threads={torch.get_num_threads()} batch={args.batch} algo={args.algo}")
     print(f"{'layer':40s} {'pass':12s} {'torch ms':>9s} {'ours ms':>9s} {'GF/s':>6s} {'x':>6s}")
+    speedups = {}  # pass -> [(speedup, layer name)]
     for layer in layers:
         with torch.no_grad():
             for name, (ours, theirs) in passes(layer, args.batch, args.algo).items():
@@ -92,6 +94,12 @@ def main() -> None:
                 flops = layer.flops(args.batch) * (step if name == "fwd+bwd" else 1)
                 print(f"{layer.name:40s} {name:12s} {statistics.median(t_torch) * 1e3:9.2f} "
                       f"{ms * 1e3:9.2f} {flops / ms / 1e9:6.0f} {speedup:5.2f}x")
+                speedups.setdefault(name, []).append((speedup, layer.name))
+    for name, xs in speedups.items():
+        geomean = math.exp(statistics.fmean(math.log(x) for x, _ in xs))
+        worst = min(xs)
+        print(f"{name:12s} geomean {geomean:.2f}x over {len(xs)} layers, worst {worst[0]:.2f}x "
+              f"({worst[1]})")
 
 
 if __name__ == "__main__":
