@@ -418,6 +418,7 @@ constexpr TuningField kTuningFields[] = {
     {"winograd_channel_block", &Tuning::winograd_channel_block},
     {"winograd_grad_weight_tile_block", &Tuning::winograd_grad_weight_tile_block},
     {"winograd_grad_weight_channel_block", &Tuning::winograd_grad_weight_channel_block},
+    {"depthwise_stream_min_bytes", &Tuning::depthwise_stream_min_bytes},
 };
 
 }  // namespace

@@ -58,6 +58,9 @@ struct Tuning {
   // times; 64 tiles keep one item's panels in L2.
   int64_t winograd_grad_weight_tile_block = 64;
   int64_t winograd_grad_weight_channel_block = 128;
+  // Depthwise channels_last forward: outputs over this many bytes are written with
+  // non-temporal stores. Measured: see stream_rows in depthwise_conv.cpp.
+  int64_t depthwise_stream_min_bytes = int64_t(3) << 20;
 };
 
 // The process-wide values; set only between calls (fastconv.backend.tuning).

@@ -30,6 +30,7 @@
 #include "../common/plane_staging.h"
 #include "../common/simd.h"
 #include "../common/transpose.h"
+#include "../common/tuning.h"
 #include "../common/workspace.h"
 #include "../isa/kernel_table.h"
 
@@ -502,15 +503,19 @@ void nhwc_row(const ConvGeom& g, const T* ximg, int64_t oh, int64_t k0, const T*
     nhwc_row_plain<T, KV, narrow>(g, ximg, oh, k0, wp, Kp, biasp, epi, yrow, ahead);
 }
 
-// Whether NHWC output rows starting at yrow are written with non-temporal stores: outputs far
+// Whether NHWC output rows starting at yrow are written with non-temporal stores: outputs
 // larger than the caches go around them (on vector-aligned rows), no read-for-ownership of
 // lines that are only written. Batch 8, AVX-512, same process, 3 rounds: 32 channels @112
 // 1.09-1.15 ms streamed vs 1.63-1.76 ms not; 144 @56 1.48-2.11 vs 2.63-3.01; 96 @112
-// stride 2 3.42-3.61 vs 3.88-4.33.
+// stride 2 3.42-3.61 vs 3.88-4.33. Outputs of a few MiB stream too (tuning.h): there the
+// time otherwise swings 2-3x with where y lies against x (a store pattern that stalls
+// later loads from x, by the 4 KiB offset of the two, we think): 144 @56 stride 2, ms over
+// 22 offsets of x, streamed mean 0.29 max 0.35 vs 0.39 and 0.73; 192 @28 0.25 / 0.35 vs
+// 0.29 / 0.48; 576 @14 (3.4 MiB) 0.18 either way.
 template <typename T>
 bool stream_rows(const ConvGeom& g, const T* yrow) {
   constexpr int L = Vec<T>::lanes;
-  return g.N * g.OH * g.OW * g.K * int64_t(sizeof(T)) > (int64_t(8) << 20) &&
+  return g.N * g.OH * g.OW * g.K * int64_t(sizeof(T)) > tuning().depthwise_stream_min_bytes &&
          reinterpret_cast<uintptr_t>(yrow) % (L * sizeof(T)) == 0 && g.K % L == 0;
 }
 
@@ -1159,6 +1164,53 @@ void nhwc_row_reuse(const ConvGeom& g, const T* ximg, int64_t oh, int64_t k0, co
   if (stats) add_stats(epi.stats, k0, V::load(row_stats), V::load(row_stats + L), L);
 }
 
+// nhwc_row_reuse over channel vectors [0, kv * L) at once, pixel-major: each segment of a
+// row's tiles runs every channel vector before the next segment, so that consecutive tiles
+// read neighbouring cache lines of the same pixels (channel-major, each channel vector
+// reads the row's pixels C values apart). Batch 8, 2 threads, ms, mean over 22 alignments
+// of x: 960 @7 0.111 vs 0.135 channel-major, 384 @14 0.133 vs 0.146, 576 @14 0.177 vs
+// 0.194, 192 @28 stride 2 0.110 vs 0.118; 32 @112 the same.
+template <typename T>
+void nhwc_rows_reuse_pixel_major(const ConvGeom& g, const T* ximg, int64_t oh, int64_t kv,
+                                 const T* wp, int64_t Kp, const T* biasp,
+                                 const Epilogue<T>& epi, T* yrow, Ahead ahead) {
+  using V = Vec<T>;
+  constexpr int L = V::lanes;
+  const bool stream_out = stream_rows(g, yrow);
+  const bool stats = epi.stats.sum != nullptr;
+  std::vector<T> row_stats(stats ? 2 * L * kv : 0);  // per channel vector: L sums, L squares
+  const ReuseTiles<T>* tiles = reuse_tiles_for<T>(g);
+  // Segments of pw = ceil(OW / tiles) pixels, as in nhwc_row_reuse.
+  const int64_t nt = ceil_div(g.OW, int64_t(kReusePixels)), pw = ceil_div(g.OW, nt);
+  const auto inside = [&](int64_t ow0, int64_t width) {
+    const int64_t iw0 = ow0 * g.sw - g.pl;
+    return iw0 >= 0 && iw0 + (width - 1) * g.sw + g.S <= g.W;
+  };
+  const int64_t slice = round_up(ceil_div(ahead.bytes, ceil_div(g.OW, pw)), 64);
+  for (int64_t ow0 = 0; ow0 < g.OW; ow0 += pw) {
+    const int64_t width = min64(pw, g.OW - ow0);
+    const ReuseTiles<T> tile = tiles[width - 1 + (inside(ow0, width) ? 0 : kReusePixels)];
+    if (ahead.p && ahead.bytes > 0) {  // the next row's input, a slice per segment
+      const int64_t bytes = min64(slice, ahead.bytes);
+      prefetch_bytes(ahead.p, bytes);
+      ahead.p += bytes, ahead.bytes -= bytes;
+    }
+    for (int64_t v = 0; v < kv; ++v) {
+      const int64_t k0 = v * L;
+      const ReuseRow<T> row{&g,         ximg + k0,  wp + k0,
+                            Kp,         oh * g.sh - g.pt, biasp + k0,
+                            yrow + k0,  ActivationBounds<T>(epi.act), stream_out,
+                            stats ? row_stats.data() + 2 * L * v : nullptr};
+      tile(row, ow0, 1);
+    }
+  }
+  if (stream_out) stream_fence();
+  for (int64_t v = 0; stats && v < kv; ++v) {
+    const T* st = row_stats.data() + 2 * L * v;
+    add_stats(epi.stats, v * L, V::load(st), V::load(st + L), L);
+  }
+}
+
 // One output row, channels [k0, K): a multiplier > 1 (each vector gathers its input
 // channels) or the channel tail, one pixel at a time.
 template <typename T>
@@ -1218,8 +1270,10 @@ void forward_nhwc(const ConvGeom& g, const T* x, const T* wp, const Epilogue<T>&
       ahead.bytes = int64_t(sizeof(T)) * rows * g.W * g.C;
     }
     int64_t k0 = 0;
-    for (; reuse && k0 + L <= plain; k0 += L, ahead = {})
-      nhwc_row_vector(g, ximg, oh, k0, wp, Kp, biasp, epi, yrow, ahead);
+    if (reuse && plain > 0) {
+      nhwc_rows_reuse_pixel_major(g, ximg, oh, plain / L, wp, Kp, biasp, epi, yrow, ahead);
+      k0 = plain, ahead = {};
+    }
     for (; k0 + KV * L <= plain; k0 += KV * L, ahead = {})
       nhwc_row<T, KV>(g, ximg, oh, k0, wp, Kp, biasp, epi, yrow, ahead);
     for (; k0 + 2 * L <= plain; k0 += 2 * L, ahead = {})
