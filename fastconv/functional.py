@@ -10,6 +10,7 @@ from torch import Tensor
 from . import backend, dispatch, ops, registry
 from .autograd import record_conv2d, record_conv_bn
 from .errors import InvalidConvolution
+from .problem import conv2d_problem
 from .weight_cache import PackedWeight
 
 IntPair = Union[int, tuple, list]
@@ -256,8 +257,12 @@ def conv2d_bn(input: Tensor, weight: Tensor, bias: Optional[Tensor],
                                  algo=algo, activation=activation)
     stride, pad, dilation, name = _normalized(weight.shape, stride, padding, dilation, groups,
                                               algo)
-    out_shape = ops._plan(backend.Pass.FORWARD, input.shape, weight.shape, stride, pad,
-                          dilation, groups, name, "meta", input.dtype).problem.output_shape
+    if torch.compiler.is_compiling():  # dynamo cannot guard on _plan's memo (tuple keys)
+        out_shape = conv2d_problem(input.shape, weight.shape, stride, pad, dilation,
+                                   groups).output_shape
+    else:
+        out_shape = ops._plan(backend.Pass.FORWARD, input.shape, weight.shape, stride, pad,
+                              dilation, groups, name, "meta", input.dtype).problem.output_shape
     count = out_shape[0] * out_shape[2] * out_shape[3]
     if count == 1:  # torch's rule (F.batch_norm)
         raise ValueError("Expected more than 1 value per channel when training, got input "
