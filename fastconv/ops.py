@@ -26,6 +26,7 @@ import functools
 from typing import NamedTuple, Optional, Sequence
 
 import torch
+import torch.nn.functional as _F
 from torch import Tensor
 from torch._prims_common import suggest_memory_format
 
@@ -638,21 +639,52 @@ def conv2d_bn_setup(ctx, inputs, output):
     # Without an activation the backward needs no y: z stands in for it, so that y may be
     # changed in place afterwards (an inplace SiLU after Conv -> BN), as torch's BN allows.
     conv2d_setup(ctx, (input, weight, bias, stride, padding, dilation, groups, algo), None,
-                 saved=(y if activation != "none" else z, z, mean, invstd, bn_weight))
+                 saved=(y if activation != "none" else z, z, mean, invstd, bn_weight, bn_bias))
     ctx.activation = activation
+    ctx.eps = eps
     ctx.affine = bn_weight is not None, bn_bias is not None
     ctx.mark_non_differentiable(z, mean, invstd)
 
 
 def conv2d_bn_backward(ctx, grad_y, differentiable: bool = True):
     """The gradients of conv2d_bn from its saved context: through the ops, or (plain eager
-    backward, fastconv.autograd.ConvBNFunction) through their bodies."""
-    _, _, y, z, mean, invstd, bn_weight = ctx.saved_tensors
+    backward, fastconv.autograd.ConvBNFunction) through their bodies. When a graph of the
+    backward is being built (double backward), by recomputation instead (see
+    _conv2d_bn_backward_graph)."""
+    if differentiable and torch.is_grad_enabled():
+        return _conv2d_bn_backward_graph(ctx, grad_y)
+    _, _, y, z, mean, invstd, bn_weight, _ = ctx.saved_tensors
     f = bn_act_backward if differentiable else bn_act_backward_forward
     grad_z, grad_gamma, grad_beta = f(grad_y, y, z, mean, invstd, bn_weight, ctx.activation)
     gx, gw, gb = conv2d_backward(ctx, grad_z, differentiable)[:3]
     return (gx, gw, gb, grad_gamma if ctx.affine[0] else None,
             grad_beta if ctx.affine[1] else None, None, None, None, None, None, None, None)
+
+
+def _conv2d_bn_backward_graph(ctx, grad_y):
+    """conv2d_bn's gradients as a differentiable graph, for double backward (a gradient
+    penalty through a fused layer). The saved statistics are constants to autograd, though
+    they depend on the input and weight through z, so the gradients are recomputed from the
+    saved inputs through differentiable pieces: the conv2d op (whose backward is itself
+    differentiable) and torch's batch norm and activation. The conv's bias only shifts z and
+    its batch mean: the output does not depend on it, its gradient is zero."""
+    input, weight, _, _, _, _, bn_weight, bn_bias = ctx.saved_tensors
+    stride, padding, dilation, groups, algo = ctx.conv
+    with torch.enable_grad():
+        z = conv2d(input, weight, None, list(stride), list(padding), list(dilation), groups,
+                   algo)
+        y = _F.batch_norm(z, None, None, bn_weight, bn_bias, True, 0.0, ctx.eps)
+        if ctx.activation == "relu":
+            y = _F.relu(y)
+        elif ctx.activation == "relu6":
+            y = _F.relu6(y)
+        wanted = {i: t for i, t in ((0, input), (1, weight), (3, bn_weight), (4, bn_bias))
+                  if ctx.needs_input_grad[i]}
+        grads = dict(zip(wanted, torch.autograd.grad(y, list(wanted.values()), grad_y,
+                                                     create_graph=True))) if wanted else {}
+    if ctx.bias_size is not None and ctx.needs_input_grad[2]:
+        grads[2] = grad_y.new_zeros((ctx.bias_size,))
+    return (*(grads.get(i) for i in range(5)), None, None, None, None, None, None, None)
 
 
 def _conv2d_bn_backward(ctx, grad_y, _grad_z, _grad_mean, _grad_invstd):

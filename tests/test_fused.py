@@ -155,6 +155,7 @@ def test_gradcheck_conv2d_bn(bias, affine, activation, channels_last):
         return ops.conv2d_bn(*full, *rest)[0]
 
     torch.autograd.gradcheck(f, present)
+    torch.autograd.gradgradcheck(f, present)
     x, w, b = tensors[:3]
     torch.autograd.gradcheck(
         lambda x, w: ops.conv2d_activation(x, w, b, *rest[:5], activation), (x, w))
@@ -171,6 +172,22 @@ def test_compile_fused_module():
     m.eval(), ref.eval()
     with torch.no_grad():
         assert_close(compiled(x), ref(x), atol=1e-5, rtol=1e-5, what="eval")
+
+
+def test_compile_fused_module_trains():
+    # A compiled training step (dynamo traces conv2d_bn's Python front end) against eager.
+    torch.manual_seed(0)
+    m = ConvBNReLU2d(3, 6, 3, padding=1)
+    ref = _torch_sequence(m)
+    compiled = torch.compile(m, backend="inductor")
+    x = torch.randn(2, 3, 8, 8, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    for step in range(2):
+        compiled(x).square().sum().backward()
+        ref(x_ref).square().sum().backward()
+        assert_close(x.grad, x_ref.grad, atol=1e-4, rtol=1e-4, what=f"step {step} input grad")
+        for (name, p), p_ref in zip(m.named_parameters(), ref.parameters()):
+            assert_close(p.grad, p_ref.grad, atol=1e-4, rtol=1e-4, what=f"step {step} {name}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -251,6 +268,26 @@ def test_module_matches_torch_sequence(options, activation):
             for p, pr in zip(m.parameters(), ref.parameters()):
                 p.mul_(0.9)
                 pr.mul_(0.9)
+
+
+@pytest.mark.parametrize("options", [dict(), dict(affine=False, track_running_stats=False)],
+                         ids=["affine", "plain"])
+@pytest.mark.parametrize("activation", ["relu", "relu6", None])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
+def test_double_backward_matches_torch_sequence(options, activation, bias):
+    # A gradient penalty through the fused layer: the input gradient is differentiated again.
+    torch.manual_seed(0)
+    m = ConvBNReLU2d(3, 4, 3, padding=1, bias=bias, activation=activation, **options).double()
+    ref = _torch_sequence(m)
+    x = torch.randn(2, 3, 5, 6, dtype=torch.float64, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    for model, inp in ((m, x), (ref, x_ref)):
+        y = model(inp)
+        (g,) = torch.autograd.grad((y * y.detach().cos()).sum(), inp, create_graph=True)
+        (g.square().sum() + y.sum()).backward()
+    assert_close(x.grad, x_ref.grad, atol=1e-9, rtol=1e-7, what="input")
+    for (name, p), p_ref in zip(m.named_parameters(), ref.parameters()):
+        assert_close(p.grad, p_ref.grad, atol=1e-9, rtol=1e-7, what=name)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
