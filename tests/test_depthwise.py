@@ -25,6 +25,7 @@ GEOMETRIES = [
     (32, 1, 3, 2, 1, 1, 11, 12),
     (16, 1, 5, 3, (2, 0), 2, 13, 9),
     (48, 1, 3, 1, 1, 1, 14, 14),
+    (80, 1, 3, 1, 1, 1, 7, 7),      # NCHW blocks of 4 vectors, then a ragged one
     # NCHW maps 32+ wide run row by row (narrower ones flat).
     (24, 1, 3, 1, 1, 1, 7, 40),     # rows of 40: two whole vectors and a partial one
     (6, 2, 5, 2, (2, 1), (1, 2), 6, 75),  # strided, dilated rows of 35, multiplier 2
