@@ -410,6 +410,8 @@ constexpr TuningField kTuningFields[] = {
     {"im2col_column_budget_bytes", &Tuning::im2col_column_budget_bytes},
     {"im2col_native_min_pixels_pointwise", &Tuning::im2col_native_min_pixels_pointwise},
     {"im2col_native_min_pixels_spatial", &Tuning::im2col_native_min_pixels_spatial},
+    {"im2col_native_min_batch_pixels_pointwise_forward",
+     &Tuning::im2col_native_min_batch_pixels_pointwise_forward},
     {"im2col_native_min_pixels_strided_1x1", &Tuning::im2col_native_min_pixels_strided_1x1},
     {"pointwise_grad_weight_dw_per_pixel", &Tuning::pointwise_grad_weight_dw_per_pixel},
     {"direct_blocks_fastest_max_weight_bytes", &Tuning::direct_blocks_fastest_max_weight_bytes},

@@ -28,7 +28,8 @@ PATH_CASES = [CASES[CASE_IDS.index(n)] for n in (
 
 HUGE = 1 << 40
 NATIVE_THRESHOLDS = ("im2col_native_min_pixels_pointwise", "im2col_native_min_pixels_spatial",
-                     "im2col_native_min_pixels_strided_1x1")
+                     "im2col_native_min_pixels_strided_1x1",
+                     "im2col_native_min_batch_pixels_pointwise_forward")
 SETTINGS = {
     # im2col NCHW forward (and pointwise grad-input): one GEMM per image with implicit im2col,
     # or, pointwise, one GEMM over every image (the images as B's column segments); 1x1 NCHW

@@ -28,6 +28,11 @@ struct Tuning {
   // dominate.
   int64_t im2col_native_min_pixels_pointwise = 128;
   int64_t im2col_native_min_pixels_spatial = 2048;
+  // ... and a pointwise forward whose batch has this many output pixels (one GEMM over every
+  // image): batch 8 @7 (392 pixels), ms native vs NHWC, 512>2048 4.53 vs 5.03, 2048>512
+  // 4.82 vs 5.05, 1024>2048 8.44 vs 8.49 (grad-input not: 5.66 vs 5.43, 4.72 vs 4.50);
+  // batch 1 @7 NHWC wins (0.62 vs 0.68, 0.66 vs 0.78).
+  int64_t im2col_native_min_batch_pixels_pointwise_forward = 384;
   // Strided 1x1 (ResNet's downsample layers) packs its subsampled input straight from NCHW
   // at 784 output pixels (batch 8, ms, native vs NHWC: 256>512 @56 10.3 vs 12.6, torch
   // 11.7), but not at 196 (512>1024 @28: 10.4 vs 9.4) or 49.

@@ -38,9 +38,14 @@ bool is_pointwise(const ConvGeom& g) {
 // 1x1 and unpadded, any stride: a strided one is a pointwise one on a subsampled input.
 bool is_unpadded_1x1(const ConvGeom& g) { return g.R == 1 && g.S == 1 && !g.padded(); }
 
-// Whether an NCHW forward runs natively (one GEMM per image) rather than in NHWC.
-bool runs_native(const ConvGeom& g) {
+// Whether an NCHW pass (the forward, or a pointwise grad-input) runs natively (no
+// transposes) rather than in NHWC. A pointwise forward also does on small maps when the
+// batch has enough pixels: its one GEMM then spans every image.
+bool runs_native(const ConvGeom& g, Pass pass) {
   const Tuning& t = tuning();
+  if (pass == Pass::kForward && is_pointwise(g) &&
+      g.N * g.OH * g.OW >= t.im2col_native_min_batch_pixels_pointwise_forward)
+    return true;
   const int64_t min_pixels = is_pointwise(g)       ? t.im2col_native_min_pixels_pointwise
                              : is_unpadded_1x1(g) ? t.im2col_native_min_pixels_strided_1x1
                                                    : t.im2col_native_min_pixels_spatial;
@@ -160,7 +165,7 @@ void over_image_groups(const ConvGeom& g, const T* in, int in_layout, int64_t C,
 // Whether a forward runs natively on NCHW tensors (packed A = weights) or in NHWC (packed
 // B = weights): the two layouts its packed weights can have.
 bool forward_native(const ConvGeom& g, int x_layout, int y_layout) {
-  return x_layout == kNCHW && y_layout == kNCHW && runs_native(g);
+  return x_layout == kNCHW && y_layout == kNCHW && runs_native(g, Pass::kForward);
 }
 enum PackedVariant : int { kPackedAsB = 0, kPackedAsA = 1 };
 
@@ -557,7 +562,7 @@ void grad_input(const ConvGeom& g, const T* gy, int gy_layout, const T* w, T* gx
                 int nthreads) {
   const int64_t G = g.groups, Cg = g.Cg(), Kg = g.Kg(), RSC = g.R * g.S * Cg;
   const bool pointwise = is_pointwise(g);
-  if (pointwise && gy_layout == kNCHW && gx_layout == kNCHW && runs_native(g))
+  if (pointwise && gy_layout == kNCHW && gx_layout == kNCHW && runs_native(g, Pass::kGradInput))
     return grad_input_pointwise_nchw(g, gy, w, gx, nthreads);
   over_image_groups<T>(g, gy, gy_layout, g.K, g.OH, g.OW, gx, gx_layout, g.C, g.H * g.W,
                        !pointwise, nthreads, [&](int64_t n0, int64_t n1, const T* gyn, T* gxn) {
@@ -756,10 +761,10 @@ int64_t workspace_bytes(const ConvGeom& g, Pass pass) {
   const bool pointwise = is_pointwise(g);
   const int64_t tap_major = g.R * g.S > 1 ? g.K * RSC * E : 0;
   const int64_t native_n = pointwise ? g.N * OHW : OHW;  // one GEMM over all images or one each
-  if (pass == Pass::kForward && runs_native(g))
+  if (pass == Pass::kForward && runs_native(g, pass))
     return tap_major + g.groups * gemm_packed_size_a<T>(Kg, RSC) * E +
            gemm_workspace_bytes<T>(Kg, native_n, RSC, true, false);
-  if (pass == Pass::kGradInput && pointwise && runs_native(g))  // natively on NCHW tensors
+  if (pass == Pass::kGradInput && pointwise && runs_native(g, pass))  // natively on NCHW tensors
     return gemm_packed_size_a<T>(Cg, Kg) * E +
            gemm_workspace_bytes<T>(Cg, native_n, Kg, true, false);
   if (pass == Pass::kGradWeight && is_unpadded_1x1(g)) {
