@@ -535,25 +535,8 @@ bool reuse_applies(const ConvGeom& g) {
 }
 
 template <typename T>
-void nhwc_row_reuse(const ConvGeom& g, const T* ximg, int64_t oh, int64_t k0, const T* wp,
+void nhwc_row_reuse(const ConvGeom& g, const T* ximg, int64_t oh, int64_t kv, const T* wp,
                     int64_t Kp, const T* biasp, const Epilogue<T>& epi, T* yrow, Ahead ahead);
-
-// One channel vector [k0, k0 + lanes) of an output row, by the best row kernel for g.
-template <typename T>
-void nhwc_row_vector(const ConvGeom& g, const T* ximg, int64_t oh, int64_t k0, const T* wp,
-                     int64_t Kp, const T* biasp, const Epilogue<T>& epi, T* yrow,
-                     Ahead ahead = {}) {
-  if constexpr (kReuseBuilt<T>) {
-    if (reuse_applies<T>(g))
-      return nhwc_row_reuse(g, ximg, oh, k0, wp, Kp, biasp, epi, yrow, ahead);
-  }
-  nhwc_row<T, 1>(g, ximg, oh, k0, wp, Kp, biasp, epi, yrow, ahead);
-}
-
-template <typename T>
-void nhwc_rows_reuse_pixel_major(const ConvGeom& g, const T* ximg, int64_t oh, int64_t kv,
-                                 const T* wp, int64_t Kp, const T* biasp,
-                                 const Epilogue<T>& epi, T* yrow, Ahead ahead);
 
 // Small maps, multiplier 1: blocks of up to 4 channel vectors of one image at a time,
 // transposed into an NHWC tile in L1 (16 x 16 register transposes), convolved there by the
@@ -589,13 +572,12 @@ void forward_nchw_channel_blocks(const ConvGeom& g, const T* x, const T* w,
       T* yrow = yt + oh * g.OW * C;
       if constexpr (kReuseBuilt<T>) {
         if (reuse_applies<T>(blk)) {
-          nhwc_rows_reuse_pixel_major(blk, xt, oh, nv, wp + k0, Kp, bias.data() + k0, e, yrow,
-                                      Ahead{});
+          nhwc_row_reuse(blk, xt, oh, nv, wp + k0, Kp, bias.data() + k0, e, yrow, Ahead{});
           continue;
         }
       }
       for (int64_t v = 0; v < nv; ++v)
-        nhwc_row_vector(blk, xt, oh, v * L, wp + k0, Kp, bias.data() + k0, e, yrow);
+        nhwc_row<T, 1>(blk, xt, oh, v * L, wp + k0, Kp, bias.data() + k0, e, yrow);
     }
     T* ys = y + (n * g.K + k0) * OHW;
     for (int64_t v = 0; v < nv; ++v)
@@ -1146,68 +1128,23 @@ const ReuseTiles<T>* reuse_tiles_for(const ConvGeom& g) {
   return g.sw == 1 ? reuse_tiles<T, 5, 1>(widths) : reuse_tiles<T, 5, 2>(widths);
 }
 
+// One output row, channel vectors [0, kv * L) (ximg, wp, biasp and yrow at the first), in
+// reuse tiles (nhwc_reuse_tiles), pixel-major: each segment of the row's tiles runs every
+// channel vector before the next segment, so that consecutive tiles read neighbouring cache
+// lines of the same pixels (channel-major, each channel vector read the row's pixels C
+// values apart). Batch 8, 2 threads, ms, mean over 22 alignments of x: 960 @7 0.111 vs
+// 0.135 channel-major, 384 @14 0.133 vs 0.146, 576 @14 0.177 vs 0.194, 192 @28 stride 2
+// 0.110 vs 0.118; 32 @112 the same. Segments of pw = ceil(OW / tiles) pixels, the last one
+// narrower: 28 = 14 + 14 (not 16 + 12: the same loads, one tile function).
 template <typename T>
-void nhwc_row_reuse(const ConvGeom& g, const T* ximg, int64_t oh, int64_t k0, const T* wp,
+void nhwc_row_reuse(const ConvGeom& g, const T* ximg, int64_t oh, int64_t kv, const T* wp,
                     int64_t Kp, const T* biasp, const Epilogue<T>& epi, T* yrow, Ahead ahead) {
-  using V = Vec<T>;
-  constexpr int L = V::lanes;
-  const bool stream_out = stream_rows(g, yrow);
-  alignas(64) T row_stats[2 * L];
-  const bool stats = epi.stats.sum != nullptr;
-  if (stats) zero_n(row_stats, 2 * L);
-  const ReuseRow<T> row{&g,         ximg + k0,  wp + k0,
-                        Kp,         oh * g.sh - g.pt, biasp + k0,
-                        yrow + k0,  ActivationBounds<T>(epi.act), stream_out,
-                        stats ? row_stats : nullptr};
-  const ReuseTiles<T>* tiles = reuse_tiles_for<T>(g);
-  // Tiles of pw = ceil(OW / tiles) pixels, the last one narrower: 28 = 14 + 14 (not 16 + 12:
-  // the same loads, one tile function). Consecutive tiles of one width on the same side of
-  // the padding go in one call (first, interior, last).
-  const int64_t nt = ceil_div(g.OW, int64_t(kReusePixels)), pw = ceil_div(g.OW, nt);
-  const auto inside = [&](int64_t ow0, int64_t width) {
-    const int64_t iw0 = ow0 * g.sw - g.pl;
-    return iw0 >= 0 && iw0 + (width - 1) * g.sw + g.S <= g.W;
-  };
-  // The next row's input, a quarter per call (the rest after).
-  const int64_t slice = round_up(ceil_div(ahead.bytes, 4), 64);
-  const auto prefetch_slice = [&](int64_t bytes) {
-    bytes = min64(bytes, ahead.bytes);
-    if (!ahead.p || bytes <= 0) return;
-    prefetch_bytes(ahead.p, bytes);
-    ahead.p += bytes, ahead.bytes -= bytes;
-  };
-  for (int64_t ow0 = 0; ow0 < g.OW;) {
-    const int64_t width = min64(pw, g.OW - ow0);
-    const bool in = inside(ow0, width);
-    int64_t count = 1;
-    while (ow0 + (count + 1) * width <= g.OW && inside(ow0 + count * width, width) == in)
-      ++count;
-    prefetch_slice(slice);
-    tiles[width - 1 + (in ? 0 : kReusePixels)](row, ow0, count);
-    ow0 += count * width;
-  }
-  prefetch_slice(ahead.bytes);
-  if (stream_out) stream_fence();
-  if (stats) add_stats(epi.stats, k0, V::load(row_stats), V::load(row_stats + L), L);
-}
-
-// nhwc_row_reuse over channel vectors [0, kv * L) at once, pixel-major: each segment of a
-// row's tiles runs every channel vector before the next segment, so that consecutive tiles
-// read neighbouring cache lines of the same pixels (channel-major, each channel vector
-// reads the row's pixels C values apart). Batch 8, 2 threads, ms, mean over 22 alignments
-// of x: 960 @7 0.111 vs 0.135 channel-major, 384 @14 0.133 vs 0.146, 576 @14 0.177 vs
-// 0.194, 192 @28 stride 2 0.110 vs 0.118; 32 @112 the same.
-template <typename T>
-void nhwc_rows_reuse_pixel_major(const ConvGeom& g, const T* ximg, int64_t oh, int64_t kv,
-                                 const T* wp, int64_t Kp, const T* biasp,
-                                 const Epilogue<T>& epi, T* yrow, Ahead ahead) {
   using V = Vec<T>;
   constexpr int L = V::lanes;
   const bool stream_out = stream_rows(g, yrow);
   const bool stats = epi.stats.sum != nullptr;
   std::vector<T> row_stats(stats ? 2 * L * kv : 0);  // per channel vector: L sums, L squares
   const ReuseTiles<T>* tiles = reuse_tiles_for<T>(g);
-  // Segments of pw = ceil(OW / tiles) pixels, as in nhwc_row_reuse.
   const int64_t nt = ceil_div(g.OW, int64_t(kReusePixels)), pw = ceil_div(g.OW, nt);
   const auto inside = [&](int64_t ow0, int64_t width) {
     const int64_t iw0 = ow0 * g.sw - g.pl;
@@ -1298,7 +1235,7 @@ void forward_nhwc(const ConvGeom& g, const T* x, const T* wp, const Epilogue<T>&
     }
     int64_t k0 = 0;
     if (reuse && plain > 0) {
-      nhwc_rows_reuse_pixel_major(g, ximg, oh, plain / L, wp, Kp, biasp, epi, yrow, ahead);
+      nhwc_row_reuse(g, ximg, oh, plain / L, wp, Kp, biasp, epi, yrow, ahead);
       k0 = plain, ahead = {};
     }
     for (; k0 + KV * L <= plain; k0 += KV * L, ahead = {})
