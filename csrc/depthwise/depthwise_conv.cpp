@@ -1047,15 +1047,15 @@ struct ReuseRow {  // what the tiles of one row and channel vector share
   T* stats;  // null, or L sums then L sums of squares, accumulated
 };
 
-// `count` tiles of PW pixels from ow0, one after another. Inside: all their input columns
-// lie in the input (no checks); else a tile's first and last S / 2 columns (the only ones
-// that can lie in the padding, see reuse_applies) read zeros there by masked loads. 64
-// channels @28, 1 thread, where both tiles of a row touch the padding: 1.3 G FMA/s with a
-// branch per column, 1.6 with a masked load per column, 2.0 with masked edges only. The
-// whole tile is one unrolled body: with the accumulators passed by reference to a helper,
-// or activated by a switch per vector, GCC kept them on the stack.
+// The tile of PW pixels from ow0. Inside: all its input columns lie in the input (no
+// checks); else its first and last S / 2 columns (the only ones that can lie in the
+// padding, see reuse_applies) read zeros there by masked loads. 64 channels @28, 1 thread,
+// where both tiles of a row touch the padding: 1.3 G FMA/s with a branch per column, 1.6
+// with a masked load per column, 2.0 with masked edges only. The whole tile is one
+// unrolled body: with the accumulators passed by reference to a helper, or activated by a
+// switch per vector, GCC kept them on the stack.
 template <typename T, int S, int SW, int PW, bool Inside>
-void nhwc_reuse_tiles(const ReuseRow<T>& row, int64_t ow0, int64_t count) {
+void nhwc_reuse_tile(const ReuseRow<T>& row, int64_t ow0) {
   using V = Vec<T>;
   constexpr int L = V::lanes, J = (PW - 1) * SW + S;  // input columns per tile
   const ConvGeom& g = *row.g;
@@ -1065,71 +1065,69 @@ void nhwc_reuse_tiles(const ReuseRow<T>& row, int64_t ow0, int64_t count) {
   const T* w = row.w;
   const V bias = V::load(row.bias), lo = row.act.lo, hi = row.act.hi;
   const bool stream = row.stream;
-  for (int64_t t = 0; t < count; ++t, ow0 += PW) {
-    const int64_t iw0 = ow0 * SW - g.pl;
-    V acc[PW];
-    for (int p = 0; p < PW; ++p) acc[p] = bias;
-    for (int64_t r = 0; r < R; ++r) {
-      const int64_t ih = ih0 + r * dh;
-      if (ih < 0 || ih >= H) continue;
-      const T* xr = x + ih * W * C;
-      V wv[S];
-      for (int s = 0; s < S; ++s) wv[s] = V::load(w + (r * S + s) * Kp);
+  const int64_t iw0 = ow0 * SW - g.pl;
+  V acc[PW];
+  for (int p = 0; p < PW; ++p) acc[p] = bias;
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t ih = ih0 + r * dh;
+    if (ih < 0 || ih >= H) continue;
+    const T* xr = x + ih * W * C;
+    V wv[S];
+    for (int s = 0; s < S; ++s) wv[s] = V::load(w + (r * S + s) * Kp);
 #pragma GCC unroll 64
-      for (int j = 0; j < J; ++j) {
-        const int64_t iw = iw0 + j;
-        const bool edge = j < S / 2 || j >= J - S / 2;  // may lie in the padding
-        V xv = Inside || !edge ? V::load(xr + iw * C)
-                               : load_or_zero(xr + iw * C, uint64_t(iw) < uint64_t(W));
-        keep_in_register(xv);
+    for (int j = 0; j < J; ++j) {
+      const int64_t iw = iw0 + j;
+      const bool edge = j < S / 2 || j >= J - S / 2;  // may lie in the padding
+      V xv = Inside || !edge ? V::load(xr + iw * C)
+                             : load_or_zero(xr + iw * C, uint64_t(iw) < uint64_t(W));
+      keep_in_register(xv);
 #pragma GCC unroll 8
-        for (int s = 0; s < S; ++s) {
-          const int d = j - s;  // SW * (the pixel whose tap s reads column j)
-          if (d >= 0 && d % SW == 0 && d / SW < PW) acc[d / SW] = fmadd(xv, wv[s], acc[d / SW]);
-        }
+      for (int s = 0; s < S; ++s) {
+        const int d = j - s;  // SW * (the pixel whose tap s reads column j)
+        if (d >= 0 && d % SW == 0 && d / SW < PW) acc[d / SW] = fmadd(xv, wv[s], acc[d / SW]);
       }
     }
-    for (int p = 0; p < PW; ++p) acc[p] = clamp(lo, hi, acc[p]);
-    T* y = row.y + ow0 * K;
-    if (stream)
-      for (int p = 0; p < PW; ++p) acc[p].stream(y + p * K);
-    else
-      for (int p = 0; p < PW; ++p) acc[p].store(y + p * K);
-    if (!row.stats) continue;
-    V sum = V::load(row.stats), sq = V::load(row.stats + L);
-    for (int p = 0; p < PW; ++p) {
-      sum = add(sum, acc[p]);
-      sq = fmadd(acc[p], acc[p], sq);
-    }
-    sum.store(row.stats);
-    sq.store(row.stats + L);
   }
+  for (int p = 0; p < PW; ++p) acc[p] = clamp(lo, hi, acc[p]);
+  T* y = row.y + ow0 * K;
+  if (stream)
+    for (int p = 0; p < PW; ++p) acc[p].stream(y + p * K);
+  else
+    for (int p = 0; p < PW; ++p) acc[p].store(y + p * K);
+  if (!row.stats) return;
+  V sum = V::load(row.stats), sq = V::load(row.stats + L);
+  for (int p = 0; p < PW; ++p) {
+    sum = add(sum, acc[p]);
+    sq = fmadd(acc[p], acc[p], sq);
+  }
+  sum.store(row.stats);
+  sq.store(row.stats + L);
 }
 
 // Pixels per reuse tile: what the registers hold beside the S weights and the input vector.
 constexpr int kReusePixels = kVectorRegisters >= 32 ? 16 : 8;
 
 template <typename T>
-using ReuseTiles = void (*)(const ReuseRow<T>&, int64_t, int64_t);
+using ReuseTile = void (*)(const ReuseRow<T>&, int64_t);
 
 // The tiles of 1 .. kReusePixels pixels (whose columns lie inside the input, then not) for
 // S taps at stride SW.
 template <typename T, int S, int SW, int... I>
-const ReuseTiles<T>* reuse_tiles(std::integer_sequence<int, I...>) {
-  static const ReuseTiles<T> tiles[] = {&nhwc_reuse_tiles<T, S, SW, I + 1, true>...,
-                                        &nhwc_reuse_tiles<T, S, SW, I + 1, false>...};
+const ReuseTile<T>* reuse_tiles(std::integer_sequence<int, I...>) {
+  static const ReuseTile<T> tiles[] = {&nhwc_reuse_tile<T, S, SW, I + 1, true>...,
+                                        &nhwc_reuse_tile<T, S, SW, I + 1, false>...};
   return tiles;
 }
 
 template <typename T>
-const ReuseTiles<T>* reuse_tiles_for(const ConvGeom& g) {
+const ReuseTile<T>* reuse_tiles_for(const ConvGeom& g) {
   const auto widths = std::make_integer_sequence<int, kReusePixels>{};
   if (g.S == 3) return g.sw == 1 ? reuse_tiles<T, 3, 1>(widths) : reuse_tiles<T, 3, 2>(widths);
   return g.sw == 1 ? reuse_tiles<T, 5, 1>(widths) : reuse_tiles<T, 5, 2>(widths);
 }
 
 // One output row, channel vectors [0, kv * L) (ximg, wp, biasp and yrow at the first), in
-// reuse tiles (nhwc_reuse_tiles), pixel-major: each segment of the row's tiles runs every
+// reuse tiles (nhwc_reuse_tile), pixel-major: each segment of the row's tiles runs every
 // channel vector before the next segment, so that consecutive tiles read neighbouring cache
 // lines of the same pixels (channel-major, each channel vector read the row's pixels C
 // values apart). Batch 8, 2 threads, ms, mean over 22 alignments of x: 960 @7 0.111 vs
@@ -1144,7 +1142,7 @@ void nhwc_row_reuse(const ConvGeom& g, const T* ximg, int64_t oh, int64_t kv, co
   const bool stream_out = stream_rows(g, yrow);
   const bool stats = epi.stats.sum != nullptr;
   std::vector<T> row_stats(stats ? 2 * L * kv : 0);  // per channel vector: L sums, L squares
-  const ReuseTiles<T>* tiles = reuse_tiles_for<T>(g);
+  const ReuseTile<T>* tiles = reuse_tiles_for<T>(g);
   const int64_t nt = ceil_div(g.OW, int64_t(kReusePixels)), pw = ceil_div(g.OW, nt);
   const auto inside = [&](int64_t ow0, int64_t width) {
     const int64_t iw0 = ow0 * g.sw - g.pl;
@@ -1153,7 +1151,7 @@ void nhwc_row_reuse(const ConvGeom& g, const T* ximg, int64_t oh, int64_t kv, co
   const int64_t slice = round_up(ceil_div(ahead.bytes, ceil_div(g.OW, pw)), 64);
   for (int64_t ow0 = 0; ow0 < g.OW; ow0 += pw) {
     const int64_t width = min64(pw, g.OW - ow0);
-    const ReuseTiles<T> tile = tiles[width - 1 + (inside(ow0, width) ? 0 : kReusePixels)];
+    const ReuseTile<T> tile = tiles[width - 1 + (inside(ow0, width) ? 0 : kReusePixels)];
     if (ahead.p && ahead.bytes > 0) {  // the next row's input, a slice per segment
       const int64_t bytes = min64(slice, ahead.bytes);
       prefetch_bytes(ahead.p, bytes);
@@ -1165,7 +1163,7 @@ void nhwc_row_reuse(const ConvGeom& g, const T* ximg, int64_t oh, int64_t kv, co
                             Kp,         oh * g.sh - g.pt, biasp + k0,
                             yrow + k0,  ActivationBounds<T>(epi.act), stream_out,
                             stats ? row_stats.data() + 2 * L * v : nullptr};
-      tile(row, ow0, 1);
+      tile(row, ow0);
     }
   }
   if (stream_out) stream_fence();
