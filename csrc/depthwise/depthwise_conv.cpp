@@ -1141,7 +1141,9 @@ void nhwc_row_reuse(const ConvGeom& g, const T* ximg, int64_t oh, int64_t kv, co
   constexpr int L = V::lanes;
   const bool stream_out = stream_rows(g, yrow);
   const bool stats = epi.stats.sum != nullptr;
-  std::vector<T> row_stats(stats ? 2 * L * kv : 0);  // per channel vector: L sums, L squares
+  thread_local std::vector<T> row_stats;  // per channel vector: L sums, L squares
+  if (stats) row_stats.assign(2 * L * kv, T(0));  // reuses the thread's buffer
+  const ActivationBounds<T> act(epi.act);
   const ReuseTile<T>* tiles = reuse_tiles_for<T>(g);
   const int64_t nt = ceil_div(g.OW, int64_t(kReusePixels)), pw = ceil_div(g.OW, nt);
   const auto inside = [&](int64_t ow0, int64_t width) {
@@ -1161,7 +1163,7 @@ void nhwc_row_reuse(const ConvGeom& g, const T* ximg, int64_t oh, int64_t kv, co
       const int64_t k0 = v * L;
       const ReuseRow<T> row{&g,         ximg + k0,  wp + k0,
                             Kp,         oh * g.sh - g.pt, biasp + k0,
-                            yrow + k0,  ActivationBounds<T>(epi.act), stream_out,
+                            yrow + k0,  act,        stream_out,
                             stats ? row_stats.data() + 2 * L * v : nullptr};
       tile(row, ow0);
     }
