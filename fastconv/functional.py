@@ -10,7 +10,6 @@ from torch import Tensor
 from . import backend, dispatch, ops, registry
 from .autograd import record_conv2d, record_conv_bn
 from .errors import InvalidConvolution
-from .problem import conv2d_problem
 from .weight_cache import PackedWeight
 
 IntPair = Union[int, tuple, list]
@@ -257,20 +256,16 @@ def conv2d_bn(input: Tensor, weight: Tensor, bias: Optional[Tensor],
                                  algo=algo, activation=activation)
     stride, pad, dilation, name = _normalized(weight.shape, stride, padding, dilation, groups,
                                               algo)
-    if torch.compiler.is_compiling():  # dynamo cannot guard on _plan's memo (tuple keys)
-        out_shape = conv2d_problem(input.shape, weight.shape, stride, pad, dilation,
-                                   groups).output_shape
-    else:
-        out_shape = ops._plan(backend.Pass.FORWARD, input.shape, weight.shape, stride, pad,
-                              dilation, groups, name, "meta", input.dtype).problem.output_shape
-    count = out_shape[0] * out_shape[2] * out_shape[3]
-    if count == 1:  # torch's rule (F.batch_norm)
-        raise ValueError("Expected more than 1 value per channel when training, got input "
-                         f"size {torch.Size(out_shape)}")
     op = (record_conv_bn if _plain_eager(input, weight, bias, bn_weight, bn_bias)
           else ops.conv2d_bn)
     y, _, mean, invstd = op(input, weight, bias, bn_weight, bn_bias, stride, pad, dilation,
                             groups, name, float(eps), activation)
+    # Counted from the output (no plan lookup in code torch.compile traces); one value per
+    # channel is refused as F.batch_norm does, its statistics unused.
+    count = y.shape[0] * y.shape[2] * y.shape[3]
+    if count == 1:
+        raise ValueError("Expected more than 1 value per channel when training, got input "
+                         f"size {y.shape}")
     if training and running_mean is not None and running_var is not None and count > 0:
         update_running_stats(running_mean, running_var, mean, invstd, eps, count, momentum)
     return y
