@@ -7,19 +7,24 @@ namespace FASTCONV_ISA {
 
 constexpr int kTransposeBlock = 16;
 
-// dst[j * ds + i] = src[i * ss + j] for i < rows, j < cols; rows, cols <= kTransposeBlock.
-template <typename T>
-inline void transpose_block(const T* src, int64_t ss, T* dst, int64_t ds, int rows, int cols) {
-  for (int j = 0; j < cols; ++j)
-    for (int i = 0; i < rows; ++i) dst[j * ds + i] = src[i * ss + j];
+// column_dst(j)[i] = src[i * ss + j] for i < rows, j < cols; rows, cols <= kTransposeBlock:
+// column j of the block goes wherever column_dst says (a packer's scattered destinations are
+// written straight from registers: staging them in a local block stalls every read back on
+// the masked stores, which do not forward).
+template <typename T, typename ColumnDst>
+inline void transpose_block_to(const T* src, int64_t ss, int rows, int cols, ColumnDst column_dst) {
+  for (int j = 0; j < cols; ++j) {
+    T* d = column_dst(j);
+    for (int i = 0; i < rows; ++i) d[i] = src[i * ss + j];
+  }
 }
 
 #if defined(FASTCONV_ISA_AVX512)
 // Float blocks of up to 16 x 16 in registers: 4 shuffle stages instead of 256 scalar moves.
 // Partial blocks load their rows with a mask (missing rows are zero) and store with a mask.
-template <>
-inline void transpose_block<float>(const float* src, int64_t ss, float* dst, int64_t ds,
-                                   int rows, int cols) {
+template <typename ColumnDst>
+inline void transpose_block_to(const float* src, int64_t ss, int rows, int cols,
+                               ColumnDst column_dst) {
   const __mmask16 col_mask = __mmask16((1u << cols) - 1u), row_mask = __mmask16((1u << rows) - 1u);
   __m512 r[16], t[16];
   for (int i = 0; i < 16; ++i)
@@ -51,9 +56,15 @@ inline void transpose_block<float>(const float* src, int64_t ss, float* dst, int
     r[j + 8] = _mm512_shuffle_f32x4(t[j], t[8 + j], 0xdd);
     r[j + 12] = _mm512_shuffle_f32x4(t[4 + j], t[12 + j], 0xdd);
   }
-  for (int j = 0; j < cols; ++j) _mm512_mask_storeu_ps(dst + j * ds, row_mask, r[j]);
+  for (int j = 0; j < cols; ++j) _mm512_mask_storeu_ps(column_dst(j), row_mask, r[j]);
 }
 #endif
+
+// dst[j * ds + i] = src[i * ss + j] for i < rows, j < cols; rows, cols <= kTransposeBlock.
+template <typename T>
+inline void transpose_block(const T* src, int64_t ss, T* dst, int64_t ds, int rows, int cols) {
+  transpose_block_to(src, ss, rows, cols, [=](int j) { return dst + j * ds; });
+}
 
 // A filter's piece turned tap-major: dst[t * 16 + c] = src[c * RS + t] for c < rows (<= 16),
 // t < RS, where src is `rows` channels of one OIHW filter (channels x taps, contiguous).
