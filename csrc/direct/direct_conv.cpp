@@ -91,7 +91,7 @@ void pack_grad_input_weights(const T* w, int64_t G, int64_t Kg, int64_t Cg, int6
       T* d = wp + (g * CB + cb) * ntaps * Kg * BK + k * bw;  // tap t' row at d + t' * Kg * bw
       for (int64_t cc = 0; cc < cv; cc += B) {
         const int rows = int(min64(B, cv - cc));
-        filter_piece_tap_major(src + (c0 + cc) * RS, RS, rows, piece);
+        filter_piece_tap_major(src + (c0 + cc) * RS, RS, rows, piece, w + G * Kg * Cg * RS);
         for (int64_t t = 0; t < ntaps; ++t) copy_n(d + t * Kg * bw + cc, piece + taps[t] * B, rows);
       }
       if (bw > cv)

@@ -517,43 +517,59 @@ void grad_weight_pointwise_nchw(const ConvGeom& g, const T* gy, const T* x, T* g
 
 // Grad-input's B, B(k, i) = w[k][c][t] of one group for i = t*Cg + c (tap-major, the column
 // matrix's order), packed whole in gemm.h's layout straight from OIHW in one pass. Threads
-// take 16 filters at a time: each filter's 16 c x RS piece (contiguous; the 16 filters are
-// 16 in-order streams) is transposed in registers, then each tap's 16 x 16 block is copied
-// into 16 consecutive rows of its panel. (A tap-major copy first, then the pack, read and
-// wrote the weights twice: 30 % of 3x3/2 512 @14 at batch 1.)
+// take 16 filters at a time, each read in order: every 16 c x RS piece of a filter is
+// transposed in registers and each tap's run of 16 channels stored into its panel's row k
+// (staged and copied where a run would cross a panel). Before, the runs were staged in a
+// scratch block and copied out: the copies read back masked stores (which do not forward)
+// and took as long as the GEMM, 3x3/2 512 @14 at batch 1. (A tap-major copy first, then
+// the pack, read and wrote the weights twice: 30 % of that layer.)
 template <typename T>
 void pack_grad_input_b(const ConvGeom& g, const T* w, T* out, int nthreads) {
   constexpr int64_t B = kTransposeBlock;
   const GemmBlocking blocking = gemm_blocking<T>();
   const int64_t Cg = g.Cg(), Kg = g.Kg(), RS = g.R * g.S, RSC = RS * Cg, NR = blocking.nr;
   const int64_t KC = gemm_k_block<T>(Kg), npad = round_up(RSC, NR);
+  const T* const w_end = w + Kg * RSC;  // this group's filters
+  // Where each tap's run of channels from c0 starts, i = t*Cg + c0: panel i / NR, column
+  // i % NR (worked out once, not per filter); whether all of c0's runs stay in one panel.
+  const int64_t CB = ceil_div(Cg, B);
+  std::vector<int64_t> run_panel(CB * RS), run_col(CB * RS);
+  std::vector<char> whole_runs(CB, 1);
+  for (int64_t cb = 0; cb < CB; ++cb)
+    for (int64_t t = 0; t < RS; ++t) {
+      const int64_t i = t * Cg + cb * B;
+      run_panel[cb * RS + t] = i / NR;
+      run_col[cb * RS + t] = i % NR;
+      whole_runs[cb] &= i % NR + min64(B, Cg - cb * B) <= NR;
+    }
   parallel_for(ceil_div(Kg, B), threads_for(Kg * RSC * 4, nthreads), [&](int64_t kg) {
     const int64_t k0 = kg * B, kn = min64(B, Kg - k0);
-    T* pieces = thread_scratch<T>(B * RS * B);  // [filter of 16][tap][16 c]
-    for (int64_t c0 = 0; c0 < Cg; c0 += B) {
-      const int rows = int(min64(B, Cg - c0));
-      for (int64_t k = 0; k < kn; ++k) {
-        const T* src = w + ((k0 + k) * Cg + c0) * RS;  // (c, tap) at src[c * RS + tap]
-        filter_piece_tap_major(src, RS, rows, pieces + k * RS * B);
-      }
-      for (int64_t t = 0; t < RS; ++t)
-        for (int64_t k = k0; k < k0 + kn; ++k) {
-          const int64_t pc = (k / KC) * KC, kc = min64(KC, Kg - pc);
-          T* row = out + pc * npad + (k - pc) * NR;  // panel q's row k at row + q * kc * NR
-          const T* run = pieces + ((k - k0) * RS + t) * B;
-          for (int64_t j = 0, i = t * Cg + c0; j < rows;) {  // the run may cross panels
-            const int64_t q = i / NR, off = i % NR, len = min64(rows - j, NR - off);
-            copy_n(row + q * kc * NR + off, run + j, len);
+    T* piece = thread_scratch<T>(RS * B);  // [tap][16 c], for runs that cross a panel
+    for (int64_t k = k0; k < k0 + kn; ++k) {
+      const int64_t pc = (k / KC) * KC, kc = min64(KC, Kg - pc);
+      T* row = out + pc * npad + (k - pc) * NR;  // panel q's row k at row + q * kc * NR
+      const T* filter = w + k * RSC;              // (c, tap) at filter[c * RS + tap]
+      for (int64_t cb = 0; cb < CB; ++cb) {
+        const int64_t c0 = cb * B, *panel = &run_panel[cb * RS], *col = &run_col[cb * RS];
+        const int rows = int(min64(B, Cg - c0));
+        if (whole_runs[cb]) {
+          for (int64_t t0 = 0; t0 < RS; t0 += B)
+            transpose_block_to(filter + c0 * RS + t0, RS, rows, int(min64(B, RS - t0)),
+                               [&](int j) { return row + panel[t0 + j] * kc * NR + col[t0 + j]; },
+                               w_end);
+          continue;
+        }
+        filter_piece_tap_major(filter + c0 * RS, RS, rows, piece, w_end);
+        for (int64_t t = 0; t < RS; ++t)
+          for (int64_t j = 0, i = t * Cg + c0; j < rows;) {  // the run crosses panels
+            const int64_t len = min64(rows - j, NR - i % NR);
+            copy_n(row + (i / NR) * kc * NR + i % NR, piece + t * B + j, len);
             j += len;
             i += len;
           }
-        }
-    }
-    if (npad > RSC)
-      for (int64_t k = k0; k < k0 + kn; ++k) {
-        const int64_t pc = (k / KC) * KC, kc = min64(KC, Kg - pc);
-        zero_n(out + pc * npad + (k - pc) * NR + (RSC / NR) * kc * NR + RSC % NR, npad - RSC);
       }
+      if (npad > RSC) zero_n(row + (RSC / NR) * kc * NR + RSC % NR, npad - RSC);
+    }
   });
 }
 
