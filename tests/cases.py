@@ -91,6 +91,9 @@ CASES = [
     # ResNet's downsample: 1x1, strided, unpadded (ragged: 11 rows over stride 2).
     Case("pointwise_strided", (3, 6, 11, 10), (10, 6, 1, 1), stride=(2, 3)),
     Case("pointwise_strided_groups", (2, 6, 9, 9), (9, 2, 1, 1), stride=2, groups=3),
+    # Padded 1x1 (im2col's grad-input packs its weights as a plain matrix, col2im crops).
+    Case("pointwise_padded_strided_groups", (2, 6, 9, 8), (8, 3, 1, 1), stride=2,
+         padding=(1, 0), groups=2),
     Case("stride_larger_than_kernel", (2, 3, 10, 11), (4, 3, 2, 2), stride=3),
     Case("single_channel", (3, 1, 8, 8), (2, 1, 3, 3), padding=1),
     Case("channel_tails", (2, 40, 7, 6), (40, 40, 3, 3), padding=1),
