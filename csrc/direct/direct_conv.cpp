@@ -67,35 +67,48 @@ inline void with_vectors(int64_t nv, F&& f) {
 // ---------------------------------------------------------------------------------------
 
 // Grad-input's packed weights: the filters flipped, input and output channels swapped, and
-// only the taps of one stride phase, in the forward's packed layout. For G groups of Cg
-// "output" channels (the convolution's inputs c) x Kg "input" channels (its outputs k):
-// block (g, cb) starts at ((g * CB + cb) * ntaps * Kg) * BK and holds [tap'][k][bw] (bw = BK,
-// or for the last block round_up(remaining channels, lanes); channels past Cg are zero),
-// where packed tap t' is the filter's tap taps[t'] (r * S + s). Threads take whole filters
-// w[k] (Cg * RS contiguous values, read in order: reading one block's slice of every
-// filter crossed a page per filter and defeated the prefetchers), each 16 c x RS piece
-// transposed in registers and its taps' rows copied out: 3x3 512 @7, batch 1, the pack went
-// from 1.2 ms (a gather of single values) to 0.3.
+// split by stride phase, each phase in the forward's packed layout. For G groups of Cg
+// "output" channels (the convolution's inputs c) x Kg "input" channels (its outputs k), a
+// phase with n taps has blocks (g, cb) from its `offset` + ((g * CB + cb) * n * Kg) * BK,
+// each [tap'][k][bw] (bw = BK, or for the last block round_up(remaining channels, lanes);
+// channels past Cg are zero). Filter tap s (r * S + s) is that phase's tap' `slot`.
+struct PackedTap {
+  int64_t offset = -1;  // its phase's packing in wp (-1: no phase reads the tap)
+  int64_t ntaps = 0, slot = 0;
+};
+
+// All phases in one pass over w (a pass per phase read the weights sh * sw times). Threads
+// take whole filters w[k] (Cg * RS contiguous values, read in order: reading one block's
+// slice of every filter crossed a page per filter and defeated the prefetchers); each 16 c x
+// RS piece is transposed in registers and each tap's run of channels stored at its packed
+// place (a scratch piece copied out read back masked stores: 3x3 512 @7, batch 1, a third
+// of grad-input's time; a gather of single values took 1.2 ms).
 template <typename T>
 void pack_grad_input_weights(const T* w, int64_t G, int64_t Kg, int64_t Cg, int64_t RS,
-                             const int64_t* taps, int64_t ntaps, int64_t BK, int lanes, T* wp,
-                             int nthreads) {
+                             const PackedTap* taps, int64_t BK, int lanes, T* wp, int nthreads) {
   constexpr int64_t B = kTransposeBlock;
   const int64_t CB = ceil_div(Cg, BK);
+  const T* const end = w + G * Kg * Cg * RS;
   parallel_for(G * Kg, threads_for(G * Kg * Cg * RS * 4, nthreads), [&](int64_t gk) {
     const int64_t g = gk / Kg, k = gk % Kg;
-    T* piece = thread_scratch<T>(RS * B);  // [tap][16 c] of one filter
-    const T* src = w + gk * Cg * RS;       // (c, tap) at src[c * RS + tap]
+    T** dst = thread_scratch<T*>(RS);  // per tap, its row of the block (null: unused)
+    T* unused = thread_scratch<T>(B);  // where unused taps' runs land
+    const T* src = w + gk * Cg * RS;  // (c, tap) at src[c * RS + tap]
     for (int64_t cb = 0; cb < CB; ++cb) {
       const int64_t c0 = cb * BK, cv = min64(BK, Cg - c0), bw = round_up(cv, lanes);
-      T* d = wp + (g * CB + cb) * ntaps * Kg * BK + k * bw;  // tap t' row at d + t' * Kg * bw
+      for (int64_t t = 0; t < RS; ++t)  // tap t's row of block (g, cb) for filter k
+        dst[t] = taps[t].offset < 0 ? nullptr
+                                    : wp + taps[t].offset + (g * CB + cb) * taps[t].ntaps * Kg * BK +
+                                          (taps[t].slot * Kg + k) * bw;
       for (int64_t cc = 0; cc < cv; cc += B) {
         const int rows = int(min64(B, cv - cc));
-        filter_piece_tap_major(src + (c0 + cc) * RS, RS, rows, piece, w + G * Kg * Cg * RS);
-        for (int64_t t = 0; t < ntaps; ++t) copy_n(d + t * Kg * bw + cc, piece + taps[t] * B, rows);
+        for (int64_t t0 = 0; t0 < RS; t0 += B)
+          transpose_block_to(src + (c0 + cc) * RS + t0, RS, rows, int(min64(B, RS - t0)),
+                             [&](int j) { return dst[t0 + j] ? dst[t0 + j] + cc : unused; }, end);
       }
       if (bw > cv)
-        for (int64_t t = 0; t < ntaps; ++t) zero_n(d + t * Kg * bw + cv, bw - cv);
+        for (int64_t t = 0; t < RS; ++t)
+          if (dst[t]) zero_n(dst[t] + cv, bw - cv);
     }
   });
 }
@@ -491,14 +504,18 @@ void grad_input(const ConvGeom& g, const T* gy, int gy_layout, const T* w, T* gx
   int64_t packed_total = 0;
   const std::vector<GradInputPhase> phases = grad_input_phases<T>(g, &packed_total);
   T* wp = workspace_as<T>(kWsPackedWeights, packed_total);
+  std::vector<PackedTap> taps(R * S);
   for (const GradInputPhase& ph : phases) {
-    const int64_t Sp = ph.tw.count;
-    std::vector<int64_t> taps(ph.th.count * Sp);  // the phase's taps, flipped
-    for (int64_t t = 0; t < int64_t(taps.size()); ++t)
-      taps[t] = (ph.th.r_first - (t / Sp) * ph.th.r_step) * S + ph.tw.r_first - (t % Sp) * ph.tw.r_step;
-    pack_grad_input_weights(w, g.groups, Kg, Cg, R * S, taps.data(), int64_t(taps.size()), BK, L,
-                            wp + ph.packed_offset, nthreads);
+    const int64_t Sp = ph.tw.count, n = ph.th.count * Sp;
+    for (int64_t t = 0; t < n; ++t) {  // the phase's taps, flipped
+      PackedTap& tap = taps[(ph.th.r_first - (t / Sp) * ph.th.r_step) * S + ph.tw.r_first -
+                            (t % Sp) * ph.tw.r_step];
+      tap.offset = ph.packed_offset;
+      tap.ntaps = n;
+      tap.slot = t;
+    }
   }
+  pack_grad_input_weights(w, g.groups, Kg, Cg, R * S, taps.data(), BK, L, wp, nthreads);
   // Pixels of a phase that no tap reaches (a kernel smaller than the stride) get zero: a
   // phase is unreached when its row residue or its column residue has no tap.
   bool unreached = false;
