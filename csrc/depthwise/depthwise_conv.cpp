@@ -479,10 +479,10 @@ void forward_nchw_reuse(const ConvGeom& g, const T* x, const T* w, const Epilogu
     zero_n(zeros, g.W);
     NchwTile<T> tile{{},      nullptr, g.W,         g.OW, 0, nullptr, T(0), ActivationBounds<T>(epi.act),
                      nullptr, Prefetcher(), false};
-    // Plane p = n * K + k reads input channel k / m of image n: n, k and the channel stepped
-    // along (no divisions per plane).
-    int64_t n = begin / g.K, k = begin % g.K, j = k % m;
-    const T* xp = x + (n * g.C + k / m) * HW;
+    // Plane p = n * K + k reads input channel k / m of image n: k, j = k % m and the input
+    // plane stepped along (no divisions per plane).
+    int64_t k = begin % g.K, j = k % m;
+    const T* xp = x + (begin / g.K * g.C + k / m) * HW;
     for (int64_t p = begin; p < end; ++p) {
       tile.w = w + k * S * S;
       tile.bias = epi.shift ? epi.shift[k] : T(0);
@@ -493,7 +493,7 @@ void forward_nchw_reuse(const ConvGeom& g, const T* x, const T* w, const Epilogu
       nchw_reuse_plane<T, S, SW>(g, planes, xp, zeros, tile, epi, k, p + 1 < end ? next : nullptr);
       xp = next;
       if (++j == m) j = 0;
-      if (++k == g.K) k = 0, ++n;
+      if (++k == g.K) k = 0;
     }
   });
 }
