@@ -57,21 +57,12 @@ inline void scatter_to_nhwc(const T* src, int layout, int64_t N, int64_t C, int6
           std::memcpy(d + (left + w * step_w) * C, s + w * C, sizeof(T) * C);
       }
     } else if (step_w == 1) {
-      // NCHW -> NHWC in 16 x 16 (channel x pixel) blocks. The row reads C runs of W values
-      // a plane apart, more streams than the prefetchers follow: the next row's runs (where
-      // this thread likely goes next) are prefetched while this one is transposed.
+      // NCHW -> NHWC in 16 x 16 (channel x pixel) blocks.
       const T* s = src + n * C * HW + h * W;
-      const bool ahead = h + 1 < H;
       for (int64_t w0 = w_lo; w0 < w_hi; w0 += kTransposeBlock)
-        for (int64_t c0 = 0; c0 < C; c0 += kTransposeBlock) {
-          const int rows = int(min64(kTransposeBlock, C - c0));
-          if (ahead && w0 == w_lo)
-            for (int c = 0; c < rows; ++c)
-              for (int64_t b = 0; b < W * int64_t(sizeof(T)); b += 64)
-                __builtin_prefetch(reinterpret_cast<const char*>(s + (c0 + c) * HW + W) + b, 0, 1);
-          transpose_block(s + c0 * HW + w0, HW, d + (left + w0) * C + c0, C, rows,
-                          int(min64(kTransposeBlock, w_hi - w0)));
-        }
+        for (int64_t c0 = 0; c0 < C; c0 += kTransposeBlock)
+          transpose_block(s + c0 * HW + w0, HW, d + (left + w0) * C + c0, C,
+                          int(min64(kTransposeBlock, C - c0)), int(min64(kTransposeBlock, w_hi - w0)));
     } else {
       const T* s = src + n * C * HW + h * W;
       for (int64_t w0 = w_lo; w0 < w_hi; w0 += 16) {
