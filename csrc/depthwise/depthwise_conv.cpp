@@ -321,10 +321,15 @@ struct Prefetcher {
   Prefetcher() = default;
   // `bytes` at q over `steps` steps.
   Prefetcher(const void* q, int64_t bytes, int64_t steps)
-      : Prefetcher(q, bytes, steps, lines_per_step(bytes, steps)) {}
-  // The same with lines_per_step(bytes, steps) worked out beforehand (once per call).
-  Prefetcher(const void* q, int64_t bytes, int64_t, int64_t lines_each)
-      : p(static_cast<const char*>(q)), end(p + (q ? bytes : 0)), lines(lines_each) {}
+      : Prefetcher(with_lines(q, bytes, lines_per_step(bytes, steps))) {}
+  // `bytes` at q, `lines` a step (lines_per_step worked out beforehand, once per call).
+  static Prefetcher with_lines(const void* q, int64_t bytes, int64_t lines) {
+    Prefetcher f;
+    f.p = static_cast<const char*>(q);
+    f.end = f.p + (q ? bytes : 0);
+    f.lines = lines;
+    return f;
+  }
   static int64_t lines_per_step(int64_t bytes, int64_t steps) {
     return ceil_div(ceil_div(bytes, 64), max64(steps, 1));
   }
@@ -440,7 +445,7 @@ void nchw_reuse_plane(const ConvGeom& g, const NchwPlanes<T, S, SW>& planes, con
   const int64_t nv = cols.count, v_in = cols.inside, v_out = cols.past, step = SW * L;
   alignas(64) T stats[2 * L];
   tile.stats = epi.stats.sum ? stats : nullptr;
-  tile.ahead = Prefetcher(next_x, planes.plane_bytes, 0, planes.ahead_lines);
+  tile.ahead = Prefetcher::with_lines(next_x, planes.plane_bytes, planes.ahead_lines);
   tile.stream = stream_nchw_rows(planes.out_bytes, planes.row_bytes, y);
   for (int64_t oh0 = 0; oh0 < g.OH; oh0 += RT) {
     tile_input_rows<T, IR, SW>(g, xp, zeros, oh0, tile.in);
