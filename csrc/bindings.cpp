@@ -413,6 +413,7 @@ constexpr TuningField kTuningFields[] = {
     {"im2col_native_min_batch_pixels_pointwise_forward",
      &Tuning::im2col_native_min_batch_pixels_pointwise_forward},
     {"im2col_native_min_pixels_strided_1x1", &Tuning::im2col_native_min_pixels_strided_1x1},
+    {"im2col_col2im_grad_input_min_pixels", &Tuning::im2col_col2im_grad_input_min_pixels},
     {"pointwise_grad_weight_dw_per_pixel", &Tuning::pointwise_grad_weight_dw_per_pixel},
     {"direct_blocks_fastest_max_weight_bytes", &Tuning::direct_blocks_fastest_max_weight_bytes},
     {"direct_grad_weight_chunk_pixels", &Tuning::direct_grad_weight_chunk_pixels},

@@ -312,7 +312,7 @@ def _tune(key: TuneKey) -> Optional[Entry]:
                         warmup=1).median * 1e3
             best[name] = min(best.get(name, t), t)
     winner = min(best, key=best.get)
-    heuristic = choose(p, key.device, dtype, key.prepacked, pass_)
+    heuristic = choose(p, key.device, dtype, key.prepacked, pass_, "nhwc" in key.layout)
     if (heuristic is not None and heuristic.name in best
             and best[heuristic.name] <= best[winner] * (1 + KEEP_HEURISTIC_WITHIN)):
         winner = heuristic.name

@@ -102,11 +102,12 @@ def _choose_on_gpu(problem: Conv2dProblem, device_type: str, dtype: torch.dtype,
 
 def choose(problem: Conv2dProblem, device_type: str = "cpu",
            dtype: torch.dtype = torch.float32, prepacked: bool = False,
-           pass_: Pass = Pass.FORWARD) -> Optional[Algorithm]:
+           pass_: Pass = Pass.FORWARD, channels_last: bool = False) -> Optional[Algorithm]:
     """``auto``: the algorithm for one pass of one convolution, or None when no registered
     algorithm can run it (callers then use torch's own convolution, or report the reasons).
     ``prepacked``: the call's weights come from the weight cache (fastconv.weight_cache), so
-    packing and filter transforms cost nothing.
+    packing and filter transforms cost nothing. ``channels_last``: the pass reads or writes a
+    channels_last tensor (only grad-input's choice depends on it).
 
     * 1x1 without groups: the packed GEMM (1.0-1.35x torch at batch 1, against 0.44-1.0x for
       direct, whose register tile wastes lanes on 7x7 maps).
@@ -148,6 +149,16 @@ def choose(problem: Conv2dProblem, device_type: str = "cpu",
       3.9 vs direct 25.0, 3x3/2 256 g32 @56 5.9 vs 11.7, 256 g32 @28 4.4 vs 7.5), direct
       from 16 (512 g32 @14 2.2 vs 4.2: its tiles sum 16 channels' taps at once).
 
+    Grad-input of strided spatial kernels on maps of 196+ output pixels runs on the packed
+    GEMM where its tensors are NCHW: W^T times grad_y into (c, r, s) columns, then col2im, no
+    transposes (im2col_conv.cpp). Interleaved, 9 rounds, median of best-of-7, ms, im2col vs
+    direct, torch (Zen 4, 2 threads, 2026-12-07): 3x3/2 128 @56 batch 8 10.66 vs 11.50,
+    20.3; batch 4 5.44 vs 5.68; batch 1 1.32 vs 1.43, 1.39; 3x3/2 256 @28 batch 8 9.96 vs
+    10.28, 10.46; batch 1 1.32 vs 1.50, 1.33; 7x7/2 3>64 @224 (a stem: im2col anyway) batch
+    8 22.6 (41.2 through NHWC), 48.7. On 49-pixel maps the GEMM's 32-wide panels are half
+    empty (3x3/2 512 @14 batch 1-4: direct 2-17 % faster), and channels_last tensors would
+    go through im2col's NHWC path (3x3/2 128 @56 batch 8: 13.2 vs direct 11.6).
+
     Grad-input of strided, weight-bound layers on small batches (512+ weights per input
     pixel, at most 1024 input pixels in the batch) runs on the packed GEMM, whose one GEMM
     sweeps the filters once where direct's stride phases each make their own small
@@ -171,6 +182,10 @@ def choose(problem: Conv2dProblem, device_type: str = "cpu",
     if p.groups == 1 and (p.R == p.S == 1 or p.C <= 4) and runs("im2col"):
         return BY_NAME["im2col"]
     if grad_weight and p.groups == 1 and p.stride != (1, 1) and runs("im2col"):
+        return BY_NAME["im2col"]
+    strided_spatial = p.groups == 1 and p.stride != (1, 1) and (p.R, p.S) != (1, 1)
+    if (pass_ == Pass.GRAD_INPUT and strided_spatial and not channels_last
+            and p.OH * p.OW >= 196 and runs("im2col")):
         return BY_NAME["im2col"]
     weights, pixels = p.K * p.Cg * p.R * p.S, p.N * p.H * p.W
     if (pass_ == Pass.GRAD_INPUT and p.groups == 1 and p.stride != (1, 1)
@@ -200,11 +215,13 @@ assert set(FAMILY_CHOICE) == set(FAMILIES), "every registry family needs a choos
 
 
 def resolve(algo: str, problem: Conv2dProblem, device_type: str, dtype: torch.dtype,
-            pass_: Pass = Pass.FORWARD, prepacked: bool = False):
+            pass_: Pass = Pass.FORWARD, prepacked: bool = False, channels_last: bool = False):
     """(algorithm, its kernels for the device) for a call (``prepacked``: its weights come
-    from the weight cache), or AlgorithmUnavailable saying why: the named algorithm's reason, or every algorithm's reason when ``auto`` finds none."""
+    from the weight cache; ``channels_last``: as :func:`choose`'s), or AlgorithmUnavailable
+    saying why: the named algorithm's reason, or every algorithm's reason when ``auto`` finds
+    none."""
     if algo == "auto":
-        chosen = choose(problem, device_type, dtype, prepacked, pass_)
+        chosen = choose(problem, device_type, dtype, prepacked, pass_, channels_last)
         if chosen is None:
             reasons = "; ".join(f"{a.name}: {a.unsupported(problem, device_type, dtype, pass_)}"
                                 for a in ALGORITHMS if a.in_auto)
@@ -321,7 +338,7 @@ def explain(input_shape, weight_shape, stride=1, padding=0, dilation=1, groups: 
             why = f"autotune measured it fastest ({times or 'the only candidate'})"
             choice = entry.algo
     grad_input, grad_weight = (
-        None if to_torch else choose(problem, device_type, dtype, False, p)
+        None if to_torch else choose(problem, device_type, dtype, False, p, channels_last)
         for p in (Pass.GRAD_INPUT, Pass.GRAD_WEIGHT))
     return Explanation(problem=problem, choice=choice, why=why, candidates=tuple(candidates),
                        grad_input_choice=grad_input.name if grad_input else None,

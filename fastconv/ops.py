@@ -49,10 +49,11 @@ _PLANS: dict = {}
 
 def _plan(pass_: Pass, input_shape, weight_shape, stride, padding, dilation, groups: int,
           algo: str, device: str, dtype: torch.dtype, prepacked: bool = False,
-          layout: Optional[str] = None, tune: bool = False):
+          layout: Optional[str] = None, tune: bool = False, channels_last: bool = False):
     """The Plan of one call: the validated problem and the kernels of the algorithm that runs
     it (None on the meta device, where only shapes are computed; ``prepacked``: a forward
-    whose weights come from the weight cache). Memoised: a network calls the same few shapes
+    whose weights come from the weight cache; ``channels_last``: a grad-input that reads or
+    writes channels_last tensors, which ``auto`` routes differently). Memoised: a network calls the same few shapes
     over and over, and the checks cost microseconds.
 
     Under autotune (fastconv.autotune), ``auto`` runs the tuned winner for the call's
@@ -60,7 +61,7 @@ def _plan(pass_: Pass, input_shape, weight_shape, stride, padding, dilation, gro
     kernels only: a fake kernel inside torch.compile's tracing must not time anything)."""
     tuned = algo == "auto" and layout is not None and autotune.is_enabled()
     key = (pass_, input_shape, weight_shape, tuple(stride), tuple(padding), tuple(dilation),
-           groups, algo, device, dtype, prepacked,
+           groups, algo, device, dtype, prepacked, channels_last,
            (layout, tune, autotune.generation()) if tuned else None)
     try:
         plan = _PLANS.get(key)
@@ -75,7 +76,8 @@ def _plan(pass_: Pass, input_shape, weight_shape, stride, padding, dilation, gro
             if tuned:
                 name = autotune.pick(problem, pass_, dtype, layout, device, prepacked,
                                      tune) or algo
-            _, kernels = dispatch.resolve(name, problem, device, dtype, pass_, prepacked)
+            _, kernels = dispatch.resolve(name, problem, device, dtype, pass_, prepacked,
+                                          channels_last)
         plan = Plan(problem, kernels)
         if key is not None:
             if len(_PLANS) > 4096:
@@ -267,7 +269,8 @@ def _conv2d_backward_eager(ctx, grad):
     gx = gw = gb = None
     if needs[0]:
         plan = _plan(Pass.GRAD_INPUT, input.shape, weight.shape, *conv, device, dtype,
-                     layout=_layout_key(algo, gy, gy, weight), tune=True)
+                     layout=_layout_key(algo, gy, gy, weight), tune=True,
+                     channels_last=gy_layout == NHWC or _channels_last(weight))
         gx = _grad_input_run(plan, gy, gy_layout, weight)
     wants_bias = ctx.bias_size is not None and needs[2]
     bias_from_grad = wants_bias and gy.shape[1] == ctx.bias_size
@@ -298,7 +301,8 @@ def _grad_input_plan(grad_output, weight, input_size, stride, padding, dilation,
     _check_operand("weight", weight, grad_output, "grad_output")
     plan = _plan(Pass.GRAD_INPUT, tuple(input_size), weight.shape, stride, padding, dilation,
                  groups, algo, device_type(grad_output), grad_output.dtype, False,
-                 _layout_key(algo, grad_output, grad_output, weight), tune)
+                 _layout_key(algo, grad_output, grad_output, weight), tune,
+                 _channels_last(grad_output) or _channels_last(weight))
     _check_grad_output(grad_output, plan.problem)
     return plan
 

@@ -22,11 +22,11 @@ def _choice(layer, batch=1):
 
 @pytest.mark.parametrize("layer, batch, forward, grad_input, grad_weight", [
     ("conv1 7x7/2 3>64 @224", 8, "im2col", "im2col", "direct"),       # stem
-    ("3x3/2 128 @56", 8, "direct", "direct", "im2col"),               # strided spatial
+    ("3x3/2 128 @56", 8, "direct", "im2col", "im2col"),               # strided, col2im
     ("3x3/2 512 @14", 1, "direct", "im2col", "im2col"),               # weight-bound
     ("3x3/2 512 @14", 8, "direct", "direct", "im2col"),
     ("3x3/2 256 @28", 1, "direct", "im2col", "im2col"),               # 784 input pixels
-    ("3x3/2 128 @56", 1, "direct", "direct", "im2col"),               # 3136
+    ("3x3/2 128 @56", 1, "direct", "im2col", "im2col"),               # 784 output pixels
     ("3x3 256 @14", 1, "direct", "direct", "winograd_f2"),
     ("1x1/2 downsample 256>512 @56", 1, "im2col", "im2col", "im2col"),
     ("3x3 512 @7", 1, "direct", "direct", "winograd_f2"),             # 49 pixels
@@ -41,6 +41,18 @@ def test_auto_per_pass(layer, batch, forward, grad_input, grad_weight):
                          problem.padding[::2], groups=problem.groups)
     assert (e.choice, e.grad_input_choice, e.grad_weight_choice) == tuple(picks)
     assert f"grad-weight {grad_weight}" in str(e)
+
+
+@pytest.mark.parametrize("layer, batch", [("3x3/2 128 @56", 8), ("3x3/2 256 @28", 8)])
+def test_auto_grad_input_follows_the_layout(layer, batch):
+    """Strided grad-input: im2col's col2im runs NCHW natively; channels_last tensors would go
+    through its NHWC path, slower than direct's."""
+    problem = _problem({l.name: l for l in NETWORKS["resnet50"]}[layer], batch)
+    assert dispatch.choose(problem, pass_=Pass.GRAD_INPUT).name == "im2col"
+    assert dispatch.choose(problem, pass_=Pass.GRAD_INPUT, channels_last=True).name == "direct"
+    e = fastconv.explain(problem.input_shape, problem.weight_shape, problem.stride,
+                         problem.padding[::2], channels_last=True)
+    assert e.grad_input_choice == "direct"
 
 
 def test_auto_picks_gemm_for_1x1_and_stems_winograd_for_3x3_and_direct_otherwise():

@@ -34,11 +34,15 @@ SETTINGS = {
     # im2col NCHW forward (and pointwise grad-input): one GEMM per image with implicit im2col,
     # or, pointwise, one GEMM over every image (the images as B's column segments); 1x1 NCHW
     # grad-weight with the threads inside one GEMM (dW split).
-    "im2col_native": dict({t: 1 for t in NATIVE_THRESHOLDS}, pointwise_grad_weight_dw_per_pixel=1),
+    # Strided spatial NCHW grad-input through (c, r, s) columns and col2im, one GEMM over the
+    # images.
+    "im2col_native": dict({t: 1 for t in NATIVE_THRESHOLDS}, pointwise_grad_weight_dw_per_pixel=1,
+                          im2col_col2im_grad_input_min_pixels=1),
     # im2col NCHW forward through the NHWC GEMM, whatever the map size; 1x1 NCHW grad-weight
     # with the pixels split over threads.
     "im2col_nhwc": dict({t: HUGE for t in NATIVE_THRESHOLDS},
-                        pointwise_grad_weight_dw_per_pixel=HUGE),
+                        pointwise_grad_weight_dw_per_pixel=HUGE,
+                        im2col_col2im_grad_input_min_pixels=HUGE),
     # Direct's forward units run block by block, each thread packing the weight blocks it
     # reaches (what weight-bound layers, 9 MiB of 3x3 weights, do at their real size).
     "direct_block_by_block": dict(direct_blocks_fastest_max_weight_bytes=1),
@@ -49,7 +53,11 @@ SETTINGS = {
     # Depthwise channels_last outputs of any size are streamed past the caches.
     "tiny_budgets": dict({t: HUGE for t in NATIVE_THRESHOLDS}, layout_budget_bytes=1,
                          im2col_column_budget_bytes=1000, direct_grad_weight_chunk_pixels=5,
-                         direct_blocks_fastest_max_weight_bytes=1, depthwise_stream_min_bytes=1),
+                         direct_blocks_fastest_max_weight_bytes=1, depthwise_stream_min_bytes=1,
+                         im2col_col2im_grad_input_min_pixels=HUGE),
+    # Strided NCHW grad-input through col2im, one image per GEMM (columns over the budget).
+    "im2col_col2im_per_image": dict(im2col_col2im_grad_input_min_pixels=1,
+                                    im2col_column_budget_bytes=1),
 }
 
 
@@ -103,6 +111,32 @@ def test_tiny_budgets_really_split_the_work():
     assert 0 < used["columns"] <= 1000                   # a few pixels per column chunk
 
 
+@pytest.mark.parametrize("setting", ["im2col_native", "im2col_col2im_per_image"])
+@pytest.mark.parametrize("stride,padding,dilation,groups", [
+    ((2, 1), (1, 1), (1, 1), 1), ((2, 2), (1, 1), (1, 1), 1), ((3, 2), (0, 2), (1, 1), 1),
+    ((2, 3), (2, 1), (2, 1), 2), ((1, 2), (3, 0), (1, 3), 1)])
+def test_col2im_grad_input_takes_its_path(stride, padding, dilation, groups, setting, isa):
+    """Strided NCHW grad-input through (c, r, s) columns and col2im: every stride phase,
+    padding wider than a tap's reach, ragged maps; several images per GEMM or one each.
+    No NHWC copy is made, and the columns hold one GEMM's images."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 4, 11, 10, dtype=torch.float64, generator=g)
+    w = torch.randn(6, 4 // groups, 3, 3, dtype=torch.float64, generator=g)
+    kw = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
+    gy = torch.randn(F.conv2d(x, w, **kw).shape, dtype=torch.float64, generator=g)
+    conv = (list(stride), [padding[0], padding[0], padding[1], padding[1]], list(dilation),
+            groups, "im2col")
+    with tuning(**SETTINGS[setting]):
+        fastconv.release_workspaces()
+        got = ops.conv2d_grad_input(gy, w, list(x.shape), *conv)
+        used = workspace_high_water()
+    expected = torch.nn.grad.conv2d_input(x.shape, w, gy, **kw)
+    assert_close(got, expected, **tolerances(torch.float64, 54, 54 ** .5), what="col2im grad_input")
+    column = (4 // groups) * 9 * gy.shape[2] * gy.shape[3] * 8  # one image's columns, bytes
+    assert used["activation_nhwc"] == 0 and used["output_nhwc"] == 0
+    assert used["columns"] == column * (3 if setting == "im2col_native" else 1)
+
+
 def test_tuning_restores_and_rejects_unknown_fields():
     with tuning() as before:
         pass
@@ -121,7 +155,8 @@ ESTIMATE_CASES = [CASES[CASE_IDS.index(n)] for n in (
     "channel_tails", "many_channels", "large_map_dilated_strided", "large_map_groups")]
 
 
-@pytest.mark.parametrize("setting", ["default", "direct_block_by_block"])
+@pytest.mark.parametrize("setting", ["default", "direct_block_by_block", "im2col_native",
+                                     "im2col_col2im_per_image"])
 @pytest.mark.parametrize("case", ESTIMATE_CASES, ids=lambda c: c.name)
 def test_workspace_estimate_bounds_what_a_call_takes(case, algo, setting):
     if not supported(algo, case, torch.float32):

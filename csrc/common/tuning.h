@@ -37,6 +37,10 @@ struct Tuning {
   // at 784 output pixels (batch 8, ms, native vs NHWC: 256>512 @56 10.3 vs 12.6, torch
   // 11.7), but not at 196 (512>1024 @28: 10.4 vs 9.4) or 49.
   int64_t im2col_native_min_pixels_strided_1x1 = 512;
+  // im2col NCHW grad-input of a strided spatial kernel runs natively (GEMM into (c, r, s)
+  // columns, then col2im) from this many output pixels per image; smaller maps go through
+  // NHWC.
+  int64_t im2col_col2im_grad_input_min_pixels = 196;
   // im2col pointwise NCHW grad-weight: the threads split dW (inside one GEMM) rather than
   // the pixels (partial dW copies added at the end) when dW has more than this many
   // elements per pixel of the batch. Measured: see im2col_conv.cpp.

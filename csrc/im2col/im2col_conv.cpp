@@ -393,6 +393,91 @@ void grad_input_pointwise_nchw(const ConvGeom& g, const T* gy, const T* w, T* gx
   }
 }
 
+// Output positions o in [*lo, *hi) whose tap at offset `off` reads an input inside [0, in):
+// 0 <= o * stride - pad + off < in.
+inline void tap_span(int64_t pad, int64_t off, int64_t stride, int64_t in, int64_t out,
+                     int64_t* lo, int64_t* hi) {
+  const int64_t first = pad - off, last = in - 1 + pad - off;
+  *lo = first > 0 ? min64(out, ceil_div(first, stride)) : 0;
+  *hi = last >= 0 ? min64(out, last / stride + 1) : 0;
+  *hi = max64(*lo, *hi);
+}
+
+// dx[gi*Cg + c][ih][iw] = sum of dcol[(c*R + r)*S + s][oh*OW + ow] over the taps that read
+// (ih, iw) (one image, NCHW): the adjoint of torch's (c, r, s)-ordered im2col. Each thread
+// owns whole channel planes, so the overlapping windows need no synchronisation; stride 1
+// adds contiguous runs.
+template <typename T>
+void col2im_nchw(const ConvGeom& g, const T* dcol, int64_t gi, T* dx, int nthreads) {
+  const int64_t Cg = g.Cg(), RS = g.R * g.S, HW = g.H * g.W, OHW = g.OH * g.OW;
+  parallel_for(Cg, threads_for(Cg * RS * OHW, nthreads), [&](int64_t c) {
+    T* plane = dx + (gi * Cg + c) * HW;
+    std::fill(plane, plane + HW, T(0));
+    for (int64_t r = 0; r < g.R; ++r) {
+      int64_t oh0, oh1;
+      tap_span(g.pt, r * g.dh, g.sh, g.H, g.OH, &oh0, &oh1);
+      for (int64_t q = 0; q < g.S; ++q) {
+        int64_t ow0, ow1;
+        tap_span(g.pl, q * g.dw, g.sw, g.W, g.OW, &ow0, &ow1);
+        const T* src = dcol + ((c * g.R + r) * g.S + q) * OHW;
+        for (int64_t oh = oh0; oh < oh1; ++oh) {
+          T* d = plane + (oh * g.sh - g.pt + r * g.dh) * g.W + ow0 * g.sw - g.pl + q * g.dw;
+          const T* sp = src + oh * g.OW;
+          if (g.sw == 1)
+            for (int64_t ow = ow0; ow < ow1; ++ow) d[ow - ow0] += sp[ow];
+          else
+            for (int64_t ow = ow0; ow < ow1; ++ow) d[(ow - ow0) * g.sw] += sp[ow];
+        }
+      }
+    }
+  });
+}
+
+// Whether an NCHW grad-input with a spatial kernel runs natively (grad_input_col2im_nchw):
+// strided, on maps large enough to fill the GEMM's NR-wide panels (tuning.h).
+bool grad_input_col2im(const ConvGeom& g) {
+  return !is_pointwise(g) && (g.sh > 1 || g.sw > 1) &&
+         g.OH * g.OW >= tuning().im2col_col2im_grad_input_min_pixels;
+}
+
+// Spatial grad-input on NCHW tensors, natively, as Caffe's col2im: per group and image,
+//   dcol (RSC x OHW) = W^T (RSC x Kg) * gy[n] (Kg x OHW), then dx[n] = col2im(dcol),
+// with RSC in torch's (c, r, s) order, so W^T's packing copies runs of the filters as they
+// lie (the NHWC path transposes every filter into tap-major columns) and grad_y needs no
+// transpose. One GEMM spans the images that fit the column budget.
+template <typename T>
+void grad_input_col2im_nchw(const ConvGeom& g, const T* gy, const T* w, T* gx, int nthreads) {
+  const int64_t Cg = g.Cg(), Kg = g.Kg(), RSC = Cg * g.R * g.S, OHW = g.OH * g.OW;
+  const int64_t images = chunk_rows<T>(RSC * OHW, g.N);
+  T* packed = workspace_as<T>(kWsGemmWholeOperand, gemm_packed_size_a<T>(RSC, Kg));
+  T* dcol = workspace_as<T>(kWsColumns, images * RSC * OHW);
+  for (int64_t gi = 0; gi < g.groups; ++gi) {
+    GemmArgs<T> a{};
+    a.M = RSC;
+    a.K = Kg;
+    a.a = w + gi * Kg * RSC;  // A(i, k) = w[gi*Kg + k][i]
+    a.rs_a = 1;
+    a.cs_a = RSC;
+    gemm_pack_a(a, packed, nthreads);
+    a.a_packed = packed;
+    for (int64_t n0 = 0; n0 < g.N; n0 += images) {
+      const int64_t m = min64(images, g.N - n0);
+      a.N = m * OHW;
+      a.b = gy + (n0 * g.K + gi * Kg) * OHW;  // B(k, n*OHW + p) = gy[n0 + n][gi*Kg + k][p]
+      a.rs_b = OHW;
+      a.cs_b = 1;
+      a.n_seg = OHW;
+      a.n_seg_stride_b = g.K * OHW;
+      a.c = dcol;  // image n's dcol at dcol + n * RSC * OHW
+      a.ldc = OHW;
+      a.n_seg_stride_c = RSC * OHW;
+      gemm(a, nthreads);
+      for (int64_t n = 0; n < m; ++n)
+        col2im_nchw(g, dcol + n * RSC * OHW, gi, gx + (n0 + n) * g.C * g.H * g.W, nthreads);
+    }
+  }
+}
+
 // Pointwise grad-weight on NCHW tensors: per group, dW (Kg x Cg) = sum over the images of
 // gy[n] (Kg x P) * x[n]^T (P x Cg), one GEMM whose K runs over every image's pixels (K
 // segments, gemm.h), so C is read and written once per K block, not once per image
@@ -580,6 +665,8 @@ void grad_input(const ConvGeom& g, const T* gy, int gy_layout, const T* w, T* gx
   const bool pointwise = is_pointwise(g);
   if (pointwise && gy_layout == kNCHW && gx_layout == kNCHW && runs_native(g, Pass::kGradInput))
     return grad_input_pointwise_nchw(g, gy, w, gx, nthreads);
+  if (gy_layout == kNCHW && gx_layout == kNCHW && grad_input_col2im(g))
+    return grad_input_col2im_nchw(g, gy, w, gx, nthreads);
   over_image_groups<T>(g, gy, gy_layout, g.K, g.OH, g.OW, gx, gx_layout, g.C, g.H * g.W,
                        !pointwise, nthreads, [&](int64_t n0, int64_t n1, const T* gyn, T* gxn) {
     const NhwcView<T> v{g, n1 - n0};
@@ -785,6 +872,11 @@ int64_t workspace_bytes(const ConvGeom& g, Pass pass) {
   if (pass == Pass::kGradInput && pointwise && runs_native(g, pass))  // natively on NCHW tensors
     return gemm_packed_size_a<T>(Cg, Kg) * E +
            gemm_workspace_bytes<T>(Cg, native_n, Kg, true, false);
+  if (pass == Pass::kGradInput && grad_input_col2im(g)) {  // natively, through (c, r, s) columns
+    const int64_t images = chunk_rows<T>(RSC * OHW, g.N);
+    return (gemm_packed_size_a<T>(RSC, Kg) + images * RSC * OHW) * E +
+           gemm_workspace_bytes<T>(RSC, images * OHW, Kg, true, false);
+  }
   if (pass == Pass::kGradWeight && is_unpadded_1x1(g)) {
     // The other threads' partial sums or the GEMM's panels, and a strided one's subsampled
     // images.
