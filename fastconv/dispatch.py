@@ -159,14 +159,11 @@ def choose(problem: Conv2dProblem, device_type: str = "cpu",
     empty (3x3/2 512 @14 batch 1-4: direct 2-17 % faster), and channels_last tensors would
     go through im2col's NHWC path (3x3/2 128 @56 batch 8: 13.2 vs direct 11.6).
 
-    Grad-input of strided, weight-bound layers on small batches (512+ weights per input
-    pixel, at most 1024 input pixels in the batch) runs on the packed GEMM, whose one GEMM
-    sweeps the filters once where direct's stride phases each make their own small
-    convolution. Interleaved, 25 rounds, ms, im2col vs direct, torch (Zen 4, 2 threads):
-    3x3/2 256 @28 batch 1 (752 weights per pixel) 1.48-1.57 vs 1.68-1.75, 1.52-1.60;
-    3x3/2 512 @14 batch 1 2.38-2.60 vs 2.69-2.94, 2.15-2.25; batch 2 and 4 within 4 %
-    (3.79 vs 3.63, 6.16 vs 5.95); batch 8 (1568 pixels) 12.3 vs 10.8; 3x3/2 128 @56 batch
-    1 (3136 pixels) 1.56 vs 1.55. Stride 1 keeps direct (3x3 512 @7: 2.22 vs 2.44, 1.32).
+    Since direct's grad-input packs every stride phase in one pass (b69f292 and before),
+    it beats im2col's NHWC GEMM on the weight-bound layers that the GEMM once won (ms,
+    direct vs im2col NHWC, 2026-12-07): 3x3/2 512 @14 batch 1 1.75 vs 1.97, channels_last
+    1.61 vs 1.80; batch 2 2.88 vs 3.32, channels_last 2.75 vs 2.98; 3x3/2 256 @28
+    channels_last batch 1 1.36 vs 1.28, batch 2 2.46 vs 2.45.
     """
     if device_type != "cpu":
         return _choose_on_gpu(problem, device_type, dtype, pass_)
@@ -186,10 +183,6 @@ def choose(problem: Conv2dProblem, device_type: str = "cpu",
     strided_spatial = p.groups == 1 and p.stride != (1, 1) and (p.R, p.S) != (1, 1)
     if (pass_ == Pass.GRAD_INPUT and strided_spatial and not channels_last
             and p.OH * p.OW >= 196 and runs("im2col")):
-        return BY_NAME["im2col"]
-    weights, pixels = p.K * p.Cg * p.R * p.S, p.N * p.H * p.W
-    if (pass_ == Pass.GRAD_INPUT and p.groups == 1 and p.stride != (1, 1)
-            and weights >= 512 * pixels and pixels <= 1024 and runs("im2col")):
         return BY_NAME["im2col"]
     min_pixels = 49 if prepacked or grad_weight else 392
     if p.groups == 1 and min(p.Cg, p.Kg) >= 16 and p.N * p.OH * p.OW >= min_pixels:
