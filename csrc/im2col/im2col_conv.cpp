@@ -363,32 +363,45 @@ void forward_nchw_native(const ConvGeom& g, const T* x, const T* packed, const E
   }
 }
 
+// The GEMM of an NCHW grad-input, natively: for group gi and images [n0, n0 + m),
+//   out (M x m*P) = W^T (M x Kg) * gy (Kg x m*P), A(i, k) = w[gi*Kg + k][i] (M values per
+//   filter: Cg for a pointwise layer, RSC in (c, r, s) order otherwise),
+//   B(k, n*P + p) = gy[n0 + n][gi*Kg + k][p],
+// image n's M x P block of out at out + n * out_image (row stride P). A is packed whole into
+// `packed` by the caller (gemm_pack_a once per group, for every image chunk).
+template <typename T>
+GemmArgs<T> grad_input_nchw_gemm(const ConvGeom& g, int64_t M, int64_t gi, const T* w,
+                                 const T* gy, int64_t n0, int64_t m, T* out, int64_t out_image) {
+  const int64_t Kg = g.Kg(), P = g.OH * g.OW;
+  GemmArgs<T> a{};
+  a.M = M;
+  a.N = m * P;
+  a.K = Kg;
+  a.a = w + gi * Kg * M;
+  a.rs_a = 1;
+  a.cs_a = M;
+  a.b = gy + (n0 * g.K + gi * Kg) * P;
+  a.rs_b = P;
+  a.cs_b = 1;
+  a.n_seg = P;
+  a.n_seg_stride_b = g.K * P;
+  a.c = out;
+  a.ldc = P;
+  a.n_seg_stride_c = out_image;
+  return a;
+}
+
 // Pointwise grad-input on NCHW tensors, natively (as the forward, one GEMM per group over
 // every image; converting grad_y and grad_x to NHWC and back cost more than the GEMMs:
 // 1x1 64>256 @56, batch 8, grad-input 15.5 ms through NHWC against torch's 7.0).
-//   gx (Cg x N*P) = W^T (Cg x Kg) * gy (Kg x N*P), W^T packed once
 template <typename T>
 void grad_input_pointwise_nchw(const ConvGeom& g, const T* gy, const T* w, T* gx, int nthreads) {
-  const int64_t Cg = g.Cg(), Kg = g.Kg(), P = g.H * g.W;
-  T* packed = workspace_as<T>(kWsGemmWholeOperand, gemm_packed_size_a<T>(Cg, Kg));
+  const int64_t Cg = g.Cg(), P = g.H * g.W;
+  T* packed = workspace_as<T>(kWsGemmWholeOperand, gemm_packed_size_a<T>(Cg, g.Kg()));
   for (int64_t gi = 0; gi < g.groups; ++gi) {
-    GemmArgs<T> a{};
-    a.M = Cg;
-    a.N = g.N * P;
-    a.K = Kg;
-    a.a = w + gi * Kg * Cg;  // A(c, k) = w[gi*Kg + k][c]
-    a.rs_a = 1;
-    a.cs_a = Cg;
+    GemmArgs<T> a = grad_input_nchw_gemm(g, Cg, gi, w, gy, 0, g.N, gx + gi * Cg * P, g.C * P);
     gemm_pack_a(a, packed, nthreads);
     a.a_packed = packed;
-    a.b = gy + gi * Kg * P;  // B(k, n*P + p) = gy[n][gi*Kg + k][p]
-    a.rs_b = P;
-    a.cs_b = 1;
-    a.n_seg = P;
-    a.n_seg_stride_b = g.K * P;
-    a.c = gx + gi * Cg * P;
-    a.ldc = P;
-    a.n_seg_stride_c = g.C * P;
     gemm(a, nthreads);
   }
 }
@@ -452,25 +465,11 @@ void grad_input_col2im_nchw(const ConvGeom& g, const T* gy, const T* w, T* gx, i
   T* packed = workspace_as<T>(kWsGemmWholeOperand, gemm_packed_size_a<T>(RSC, Kg));
   T* dcol = workspace_as<T>(kWsColumns, images * RSC * OHW);
   for (int64_t gi = 0; gi < g.groups; ++gi) {
-    GemmArgs<T> a{};
-    a.M = RSC;
-    a.K = Kg;
-    a.a = w + gi * Kg * RSC;  // A(i, k) = w[gi*Kg + k][i]
-    a.rs_a = 1;
-    a.cs_a = RSC;
-    gemm_pack_a(a, packed, nthreads);
-    a.a_packed = packed;
     for (int64_t n0 = 0; n0 < g.N; n0 += images) {
       const int64_t m = min64(images, g.N - n0);
-      a.N = m * OHW;
-      a.b = gy + (n0 * g.K + gi * Kg) * OHW;  // B(k, n*OHW + p) = gy[n0 + n][gi*Kg + k][p]
-      a.rs_b = OHW;
-      a.cs_b = 1;
-      a.n_seg = OHW;
-      a.n_seg_stride_b = g.K * OHW;
-      a.c = dcol;  // image n's dcol at dcol + n * RSC * OHW
-      a.ldc = OHW;
-      a.n_seg_stride_c = RSC * OHW;
+      GemmArgs<T> a = grad_input_nchw_gemm(g, RSC, gi, w, gy, n0, m, dcol, RSC * OHW);
+      if (n0 == 0) gemm_pack_a(a, packed, nthreads);  // W^T once per group
+      a.a_packed = packed;
       gemm(a, nthreads);
       for (int64_t n = 0; n < m; ++n)
         col2im_nchw(g, dcol + n * RSC * OHW, gi, gx + (n0 + n) * g.C * g.H * g.W, nthreads);
