@@ -145,9 +145,12 @@ def choose(problem: Conv2dProblem, device_type: str = "cpu",
       19.3; batch 1 1.37 / 2.45 / 4.36 vs 1.61 / 3.24 / 6.98);
     * Winograd from 49 pixels: it transforms no filters, only its dW, once per call
       (batch 1: 3x3 256 @14 F2 1.15 vs direct 2.75, 512 @7 2.10 vs 5.23);
-    * grouped layers: the grouped kernel up to 8 channels per group (batch 8: 128 g32 @56
-      3.9 vs direct 25.0, 3x3/2 256 g32 @56 5.9 vs 11.7, 256 g32 @28 4.4 vs 7.5), direct
-      from 16 (512 g32 @14 2.2 vs 4.2: its tiles sum 16 channels' taps at once).
+    * grouped layers: the grouped kernel up to 16 channels per group, as the other passes
+      (batch 8: 128 g32 @56 3.9 vs direct 25.0, 3x3/2 256 g32 @56 4.2 vs 20.4, 256 g32 @28
+      4.4 vs 7.5; 2026-12-07, 16 per group: 3x3/2 512 g32 @28 4.1-4.2 vs 4.4-4.6, 512 g32
+      @14 2.9 vs 3.9-4.3, batch 1 0.55-0.62 vs 1.35-1.41 and 0.51 vs 0.73), direct from 32
+      (1024 g32 @7 3.7-3.9 vs 6.0, 3x3/2 1024 g32 @14 5.5 vs 7.6: its tiles sum 32 channels'
+      taps at once).
 
     Grad-input of strided spatial kernels on maps of 196+ output pixels runs on the packed
     GEMM where its tensors are NCHW: W^T times grad_y into (c, r, s) columns, then col2im, no
@@ -191,8 +194,7 @@ def choose(problem: Conv2dProblem, device_type: str = "cpu",
             return tile
     if p.Cg == 1 and p.groups > 1 and runs("depthwise"):
         return BY_NAME["depthwise"]
-    max_cg = 8 if grad_weight else 16
-    if p.groups > 1 and 2 <= p.Cg <= max_cg and runs("grouped"):
+    if p.groups > 1 and 2 <= p.Cg <= 16 and runs("grouped"):
         return BY_NAME["grouped"]
     if runs("direct"):
         return BY_NAME["direct"]

@@ -104,7 +104,8 @@ def test_auto_routes_depthwise_and_grouped_layers():
 @pytest.mark.parametrize("layer, grad_weight", [
     ("3x3 128 g32 @56", "grouped"),       # 4 channels per group
     ("3x3/2 256 g32 @56", "grouped"),     # 8, strided
-    ("3x3 512 g32 @14", "direct"),        # 16: direct's grad-weight tiles win
+    ("3x3 512 g32 @14", "grouped"),       # 16
+    ("3x3/2 512 g32 @28", "grouped"),     # 16, strided
     ("3x3 1024 g32 @7", "direct"),        # 32: direct for every pass
 ])
 def test_auto_per_pass_on_grouped_layers(layer, grad_weight):
