@@ -53,8 +53,8 @@ def _plan(pass_: Pass, input_shape, weight_shape, stride, padding, dilation, gro
     """The Plan of one call: the validated problem and the kernels of the algorithm that runs
     it (None on the meta device, where only shapes are computed; ``prepacked``: a forward
     whose weights come from the weight cache; ``channels_last``: a grad-input that reads or
-    writes channels_last tensors, which ``auto`` routes differently). Memoised: a network calls the same few shapes
-    over and over, and the checks cost microseconds.
+    writes channels_last tensors, which ``auto`` routes differently). Memoised: a network
+    calls the same few shapes over and over, and the checks cost microseconds.
 
     Under autotune (fastconv.autotune), ``auto`` runs the tuned winner for the call's
     ``layout`` (:func:`_layout_key`); ``tune``: time the candidates now if the key is new (real
