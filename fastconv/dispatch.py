@@ -162,11 +162,11 @@ def choose(problem: Conv2dProblem, device_type: str = "cpu",
     empty (3x3/2 512 @14 batch 1-4: direct 2-17 % faster), and channels_last tensors would
     go through im2col's NHWC path (3x3/2 128 @56 batch 8: 13.2 vs direct 11.6).
 
-    Since direct's grad-input packs every stride phase in one pass (b69f292 and before),
-    it beats im2col's NHWC GEMM on the weight-bound layers that the GEMM once won (ms,
-    direct vs im2col NHWC, 2026-12-07): 3x3/2 512 @14 batch 1 1.75 vs 1.97, channels_last
-    1.61 vs 1.80; batch 2 2.88 vs 3.32, channels_last 2.75 vs 2.98; 3x3/2 256 @28
-    channels_last batch 1 1.36 vs 1.28, batch 2 2.46 vs 2.45.
+    Since direct's grad-input packs every stride phase in one pass (2026-12-07), it beats
+    im2col's NHWC GEMM on the weight-bound layers that the GEMM once won (ms, direct vs
+    im2col NHWC, 2026-12-07): 3x3/2 512 @14 batch 1 1.75 vs 1.97, channels_last 1.61 vs
+    1.80; batch 2 2.88 vs 3.32, channels_last 2.75 vs 2.98; 3x3/2 256 @28 channels_last
+    batch 1 1.36 vs 1.28, batch 2 2.46 vs 2.45.
     """
     if device_type != "cpu":
         return _choose_on_gpu(problem, device_type, dtype, pass_)

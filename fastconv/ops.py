@@ -60,6 +60,7 @@ def _plan(pass_: Pass, input_shape, weight_shape, stride, padding, dilation, gro
     ``layout`` (:func:`_layout_key`); ``tune``: time the candidates now if the key is new (real
     kernels only: a fake kernel inside torch.compile's tracing must not time anything)."""
     tuned = algo == "auto" and layout is not None and autotune.is_enabled()
+    channels_last = channels_last and algo == "auto"  # a named algorithm runs either layout
     key = (pass_, input_shape, weight_shape, tuple(stride), tuple(padding), tuple(dilation),
            groups, algo, device, dtype, prepacked, channels_last,
            (layout, tune, autotune.generation()) if tuned else None)
@@ -125,6 +126,12 @@ def _channels_last(t: Tensor) -> bool:
     if t.is_contiguous(memory_format=torch.channels_last):
         return True
     return t.dim() == 4 and suggest_memory_format(t) == torch.channels_last
+
+
+def _output_channels_last(operand_channels_last: bool, weight: Tensor) -> bool:
+    """torch's layout rule for a convolution's output (y, or grad_x from grad_y):
+    channels_last when the activation operand or the weight is."""
+    return operand_channels_last or _channels_last(weight)
 
 
 def _dense(t: Tensor) -> tuple[Tensor, int]:
@@ -197,7 +204,7 @@ def conv2d_forward(input: Tensor, weight: Tensor, bias: Optional[Tensor], stride
     cached = cache is not None and cache.usable()
     problem, kernels = _forward_plan(input, weight, bias, stride, padding, dilation, groups,
                                      algo, cached, tune=True)
-    out_cl = _channels_last(input) or _channels_last(weight)
+    out_cl = _output_channels_last(_channels_last(input), weight)
     y = _output(problem.output_shape, input, out_cl)
     if y.numel() == 0:
         if stats is not None:
@@ -222,7 +229,7 @@ def conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor], stride: Sequen
 @conv2d.register_fake
 def _(input, weight, bias, stride, padding, dilation, groups, algo):
     problem, _ = _forward_plan(input, weight, bias, stride, padding, dilation, groups, algo)
-    return _empty(problem.output_shape, input, _channels_last(input) or _channels_last(weight))
+    return _empty(problem.output_shape, input, _output_channels_last(_channels_last(input), weight))
 
 
 def conv2d_setup(ctx, inputs, output, saved=()):
@@ -268,10 +275,10 @@ def _conv2d_backward_eager(ctx, grad):
     gy, gy_layout = _dense(grad)
     gx = gw = gb = None
     if needs[0]:
+        gx_cl = _output_channels_last(gy_layout == NHWC, weight)
         plan = _plan(Pass.GRAD_INPUT, input.shape, weight.shape, *conv, device, dtype,
-                     layout=_layout_key(algo, gy, gy, weight), tune=True,
-                     channels_last=gy_layout == NHWC or _channels_last(weight))
-        gx = _grad_input_run(plan, gy, gy_layout, weight)
+                     layout=_layout_key(algo, gy, gy, weight), tune=True, channels_last=gx_cl)
+        gx = _grad_input_run(plan, gy, gy_layout, weight, gx_cl)
     wants_bias = ctx.bias_size is not None and needs[2]
     bias_from_grad = wants_bias and gy.shape[1] == ctx.bias_size
     if needs[1]:
@@ -297,12 +304,11 @@ conv2d.register_autograd(_conv2d_backward, setup_context=conv2d_setup)
 # --------------------------------------------------------------------------------------------
 
 def _grad_input_plan(grad_output, weight, input_size, stride, padding, dilation, groups, algo,
-                     tune=False):
+                     tune=False, gx_channels_last=False):
     _check_operand("weight", weight, grad_output, "grad_output")
     plan = _plan(Pass.GRAD_INPUT, tuple(input_size), weight.shape, stride, padding, dilation,
                  groups, algo, device_type(grad_output), grad_output.dtype, False,
-                 _layout_key(algo, grad_output, grad_output, weight), tune,
-                 _channels_last(grad_output) or _channels_last(weight))
+                 _layout_key(algo, grad_output, grad_output, weight), tune, gx_channels_last)
     _check_grad_output(grad_output, plan.problem)
     return plan
 
@@ -310,19 +316,22 @@ def _grad_input_plan(grad_output, weight, input_size, stride, padding, dilation,
 def grad_input_forward(grad_output: Tensor, weight: Tensor, input_size, stride, padding,
                        dilation, groups: int, algo: str) -> Tensor:
     """The body of the conv2d_grad_input op."""
+    gy, gy_layout = _dense(grad_output)
+    gx_cl = _output_channels_last(gy_layout == NHWC, weight)
     plan = _grad_input_plan(grad_output, weight, input_size, stride, padding, dilation, groups,
-                            algo, tune=True)
-    return _grad_input_run(plan, *_dense(grad_output), weight)
+                            algo, tune=True, gx_channels_last=gx_cl)
+    return _grad_input_run(plan, gy, gy_layout, weight, gx_cl)
 
 
-def _grad_input_run(plan: Plan, gy: Tensor, gy_layout: int, weight: Tensor) -> Tensor:
-    """grad-input from a dense grad_output: allocates grad_x and runs the plan's kernel."""
+def _grad_input_run(plan: Plan, gy: Tensor, gy_layout: int, weight: Tensor,
+                    gx_channels_last: bool) -> Tensor:
+    """grad-input from a dense grad_output: allocates grad_x in the layout the caller worked
+    out (_output_channels_last) and runs the plan's kernel."""
     problem, kernels = plan
-    out_cl = gy_layout == NHWC or _channels_last(weight)
-    gx = _output(problem.input_shape, gy, out_cl)
+    gx = _output(problem.input_shape, gy, gx_channels_last)
     if gx.numel():
         kernels.grad_input(problem, gy, gy_layout, weight.contiguous(), gx,
-                           NHWC if out_cl else NCHW)
+                           NHWC if gx_channels_last else NCHW)
     return gx
 
 
@@ -340,7 +349,7 @@ def _(grad_output, weight, input_size, stride, padding, dilation, groups, algo):
     problem, _ = _grad_input_plan(grad_output, weight, input_size, stride, padding, dilation,
                                   groups, algo)
     return _empty(problem.input_shape, grad_output,
-                  _channels_last(grad_output) or _channels_last(weight))
+                  _output_channels_last(_channels_last(grad_output), weight))
 
 
 def _grad_input_setup(ctx, inputs, output):
@@ -545,7 +554,7 @@ def conv2d_activation(input: Tensor, weight: Tensor, bias: Optional[Tensor],
 def _(input, weight, bias, stride, padding, dilation, groups, algo, activation):
     _activation_code(activation)
     problem, _ = _forward_plan(input, weight, bias, stride, padding, dilation, groups, algo)
-    return _empty(problem.output_shape, input, _channels_last(input) or _channels_last(weight))
+    return _empty(problem.output_shape, input, _output_channels_last(_channels_last(input), weight))
 
 
 def _conv2d_activation_setup(ctx, inputs, output):
@@ -589,7 +598,7 @@ def conv2d_bn_forward(input, weight, bias, bn_weight, bn_bias, stride, padding, 
                                          algo)
         y, z, mean, invstd = kernels.conv_bn_train(problem, input, weight, bias, bn_weight,
                                                    bn_bias, eps, act)
-        if _channels_last(input) or _channels_last(weight):  # the layout the fake promises
+        if _output_channels_last(_channels_last(input), weight):  # what the fake promises
             y, z = (t.contiguous(memory_format=torch.channels_last) for t in (y, z))
         return y, z, mean, invstd
     stats = torch.empty(2 * K, dtype=torch.float64)
@@ -632,7 +641,7 @@ def _(input, weight, bias, bn_weight, bn_bias, stride, padding, dilation, groups
     _activation_code(activation)
     problem, _ = _forward_plan(input, weight, bias, stride, padding, dilation, groups, algo)
     _check_bn_params(problem.K, input, bn_weight=bn_weight, bn_bias=bn_bias)
-    z = _empty(problem.output_shape, input, _channels_last(input) or _channels_last(weight))
+    z = _empty(problem.output_shape, input, _output_channels_last(_channels_last(input), weight))
     return torch.empty_like(z), z, input.new_empty((problem.K,)), input.new_empty((problem.K,))
 
 
