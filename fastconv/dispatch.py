@@ -268,16 +268,33 @@ class Explanation:
 
 
 def explain(input_shape, weight_shape, stride=1, padding=0, dilation=1, groups: int = 1, *,
-            dtype: torch.dtype = torch.float32, device: str = "cpu",
-            prepacked: bool = False, channels_last: bool = False) -> Explanation:
+            dtype: Optional[torch.dtype] = None, device: Optional[str] = None,
+            prepacked: bool = False, channels_last: Optional[bool] = None) -> Explanation:
     """Which algorithm ``auto`` picks for this convolution's forward and why, with its FLOPs
     and each algorithm's eligibility and workspace. Arguments as
-    torch.nn.functional.conv2d's (shapes instead of tensors); ``prepacked``: weights from the
-    weight cache (an inference call of fastconv.nn.Conv2d or of a fastconv.prepack weight);
-    ``channels_last``: the input's layout. Under autotune (fastconv.autotune) the tuned
-    winner is reported with every candidate's time, once a call has timed them.
-    ``print()`` the result for a readable summary."""
+    torch.nn.functional.conv2d's, with shapes or the tensors themselves: from a tensor input,
+    ``dtype``, ``device`` and ``channels_last`` (the input's layout) default to its own, and
+    from shapes to float32, "cpu" and NCHW. ``prepacked``: weights from the weight cache (an
+    inference call of fastconv.nn.Conv2d or of a fastconv.prepack weight). Under autotune
+    (fastconv.autotune) the tuned winner is reported with every candidate's time, once a call
+    has timed them. ``print()`` the result for a readable summary."""
     from .functional import explicit_padding, pair
+    if isinstance(input_shape, torch.Tensor):
+        from .ops import _channels_last
+        x = input_shape
+        dtype = x.dtype if dtype is None else dtype
+        device = x.device.type if device is None else device
+        if channels_last is None:
+            channels_last = _channels_last(x)
+        input_shape = tuple(x.shape)
+    from .weight_cache import PackedWeight
+    if isinstance(weight_shape, PackedWeight):
+        weight_shape = weight_shape.weight
+    if isinstance(weight_shape, torch.Tensor):
+        weight_shape = tuple(weight_shape.shape)
+    dtype = torch.float32 if dtype is None else dtype
+    device = "cpu" if device is None else device
+    channels_last = bool(channels_last)
     stride, dilation = pair("stride", stride), pair("dilation", dilation)
     pad = explicit_padding(padding, tuple(weight_shape[2:]), stride, dilation)
     if len(input_shape) == 3:

@@ -191,3 +191,20 @@ def test_missing_kernel_is_an_error_not_a_crash():
     with pytest.raises(ValueError, match="unknown algorithm index"):
         _C.forward(99, 0, _problem(NETWORKS["resnet50"][1]).kernel_geometry, 0, 0, 0, 0, 0, 0,
                    0, 0, 0, 0, 0, 1)
+
+
+def test_explain_takes_the_tensors_themselves():
+    # What users have at hand: the call's own tensors. Shape, dtype, device and layout come
+    # from them (a tensor printed into an error message was the answer before).
+    x, w = torch.randn(2, 64, 14, 14, dtype=torch.float64), torch.randn(64, 64, 3, 3)
+    from_tensors = fastconv.explain(x, w, stride=2, padding=1)
+    from_shapes = fastconv.explain(x.shape, w.shape, stride=2, padding=1, dtype=torch.float64)
+    assert from_tensors.choice == from_shapes.choice
+    assert from_tensors.problem == from_shapes.problem
+    assert str(from_tensors) == str(from_shapes)
+    cl = x.to(memory_format=torch.channels_last)
+    assert (fastconv.explain(cl, w, stride=2, padding=1).choice ==
+            fastconv.explain(x.shape, w.shape, stride=2, padding=1, dtype=torch.float64,
+                             channels_last=True).choice)
+    assert fastconv.explain(x, fastconv.prepack(w), padding=1).problem.weight_shape == (64, 64, 3, 3)
+    assert fastconv.explain(x.half(), w.half(), padding=1).choice is None
