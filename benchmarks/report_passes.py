@@ -5,8 +5,8 @@
 
 torch's passes are aten.convolution_backward with one output mask each (what autograd runs
 for that gradient). fastconv's are the op bodies (fastconv.ops.*_forward) with the algorithm
-that 'auto' picks. torch and fastconv alternate for --rounds rounds; the table gives medians
-and the median of the per-round speedups. The first row of each layer, fwd+bwd, is one
+that 'auto' picks. torch and fastconv alternate for --rounds rounds; the table gives medians,
+the median of the per-round speedups and their range (flagged ~ where it is wide). The first row of each layer, fwd+bwd, is one
 training step of the layer through autograd (forward, then input, weight and bias gradients;
 its GFLOP/s count 3x the forward's FLOPs). A network's first layer (3 input channels) takes
 no input gradient in training, so its step is forward, weight and bias gradients (2x).
@@ -67,6 +67,15 @@ def passes(layer, batch: int, algo: str) -> dict:
     }
 
 
+#: A layer's per-round speedups spanning more than this factor (max / min) are flagged: the
+#: machine's speed (or torch's, which swings up to 5x on some layers) changed between rounds.
+NOISY_RANGE = 1.5
+
+
+def flag(ratios: list) -> str:
+    return " ~" if ratios[-1] > NOISY_RANGE * ratios[0] else ""
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--net", default="targets", choices=sorted(LAYER_SETS))
@@ -79,7 +88,8 @@ def main() -> None:
     layers = [l for l in LAYER_SETS[args.net] if not wanted or l.name in wanted]
     print(f"fastconv {fastconv.__version__} isa={fastconv.get_isa()} torch {torch.__version__} "
           f"threads={torch.get_num_threads()} batch={args.batch} algo={args.algo}")
-    print(f"{'layer':40s} {'pass':12s} {'torch ms':>9s} {'ours ms':>9s} {'GF/s':>6s} {'x':>6s}")
+    print(f"{'layer':40s} {'pass':12s} {'torch ms':>9s} {'ours ms':>9s} {'GF/s':>6s} {'x':>6s} "
+          f"{'rounds x':>11s}")
     speedups = {}  # pass -> [(speedup, layer name)]
     for layer in layers:
         with torch.no_grad():
@@ -88,13 +98,17 @@ def main() -> None:
                 for _ in range(args.rounds):
                     t_torch.append(measure(theirs, min_time=0.15, min_reps=3).median)
                     t_ours.append(measure(ours, min_time=0.15, min_reps=3).median)
-                speedup = statistics.median(a / b for a, b in zip(t_torch, t_ours))
+                ratios = sorted(a / b for a, b in zip(t_torch, t_ours))
+                speedup = statistics.median(ratios)
                 ms = statistics.median(t_ours)
                 step = 3 if Operands.needs_input_grad(layer) else 2
                 flops = layer.flops(args.batch) * (step if name == "fwd+bwd" else 1)
                 print(f"{layer.name:40s} {name:12s} {statistics.median(t_torch) * 1e3:9.2f} "
-                      f"{ms * 1e3:9.2f} {flops / ms / 1e9:6.0f} {speedup:5.2f}x")
+                      f"{ms * 1e3:9.2f} {flops / ms / 1e9:6.0f} {speedup:5.2f}x "
+                      f"{ratios[0]:5.2f}-{ratios[-1]:<5.2f}{flag(ratios)}")
                 speedups.setdefault(name, []).append((speedup, layer.name))
+    print(f"rounds x: the lowest and highest per-round speedup; ~: they differ by more than "
+          f"{NOISY_RANGE}x (a noisy layer: rerun it before reading its median)")
     for name, xs in speedups.items():
         geomean = math.exp(statistics.fmean(math.log(x) for x, _ in xs))
         worst = min(xs)
