@@ -416,6 +416,8 @@ constexpr TuningField kTuningFields[] = {
     {"im2col_col2im_grad_input_min_pixels", &Tuning::im2col_col2im_grad_input_min_pixels},
     {"pointwise_grad_weight_dw_per_pixel", &Tuning::pointwise_grad_weight_dw_per_pixel},
     {"direct_blocks_fastest_max_weight_bytes", &Tuning::direct_blocks_fastest_max_weight_bytes},
+    {"im2col_channel_major_grad_weight_max_pixels_per_filter",
+     &Tuning::im2col_channel_major_grad_weight_max_pixels_per_filter},
     {"direct_grad_weight_chunk_pixels", &Tuning::direct_grad_weight_chunk_pixels},
     {"winograd_tile_block", &Tuning::winograd_tile_block},
     {"winograd_channel_block", &Tuning::winograd_channel_block},

@@ -58,6 +58,10 @@ SETTINGS = {
     # Strided NCHW grad-input through col2im, one image per GEMM (columns over the budget).
     "im2col_col2im_per_image": dict(im2col_col2im_grad_input_min_pixels=1,
                                     im2col_column_budget_bytes=1),
+    # Spatial grad-weight through channel-major columns (dW written in OIHW order in place),
+    # several image groups summed.
+    "im2col_channel_major": dict(im2col_channel_major_grad_weight_max_pixels_per_filter=HUGE,
+                                 layout_budget_bytes=1),
 }
 
 
@@ -282,3 +286,34 @@ def test_direct_backward_memory_does_not_grow_with_the_batch(stride, channels_la
             assert_close(got, ref, atol=1e-3, rtol=1e-4, what=f"{name} batch {batch}")
     for name in ("grad_input", "grad_weight"):
         assert used[name, 32] == used[name, 8], (name, used)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("stride,padding,dilation,groups", [
+    ((1, 1), (1, 1), (1, 1), 1), ((2, 2), (1, 1), (1, 1), 1), ((3, 2), (0, 2), (1, 1), 1),
+    ((2, 3), (2, 1), (2, 1), 2), ((1, 2), (3, 0), (1, 3), 1)])
+def test_channel_major_grad_weight_takes_its_path(stride, padding, dilation, groups,
+                                                  channels_last, isa):
+    """im2col grad-weight through channel-major columns, where dW outweighs the columns
+    (3x3/2 512 @14 at batch 1): dW is written in place, with no tap-major copy, and x is read
+    in its own layout, with no NHWC copy; every stride phase, padding wider than a tap's
+    reach, ragged maps, groups, one and several image groups."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 4, 11, 10, dtype=torch.float64, generator=g)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    w = torch.randn(40, 4 // groups, 3, 3, dtype=torch.float64, generator=g)
+    kw = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
+    gy = torch.randn(F.conv2d(x, w, **kw).shape, dtype=torch.float64, generator=g)
+    conv = (list(stride), [padding[0], padding[0], padding[1], padding[1]], list(dilation),
+            groups, "im2col")
+    expected = torch.nn.grad.conv2d_weight(x, w.shape, gy, **kw)
+    for budget in (HUGE, 1):  # the whole batch at once, or one image per group
+        with tuning(im2col_channel_major_grad_weight_max_pixels_per_filter=HUGE,
+                    layout_budget_bytes=budget):
+            fastconv.release_workspaces()
+            got = ops.conv2d_grad_weight(gy, x, list(w.shape), *conv)
+            used = workspace_high_water()
+        assert_close(got, expected, **tolerances(torch.float64, 99, 99 ** .5),
+                     what=f"channel-major grad_weight, layout budget {budget}")
+        assert used["weights_tap_major"] == 0 and used["activation_nhwc"] == 0

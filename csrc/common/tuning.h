@@ -45,6 +45,10 @@ struct Tuning {
   // the pixels (partial dW copies added at the end) when dW has more than this many
   // elements per pixel of the batch. Measured: see im2col_conv.cpp.
   int64_t pointwise_grad_weight_dw_per_pixel = 256;
+  // im2col spatial grad-weight builds channel-major columns (dW written in place in OIHW
+  // order, no tap-major copy to permute) when an image group has at most this many output
+  // pixels per filter of a group. Measured: see pack_channel_major_cols.
+  int64_t im2col_channel_major_grad_weight_max_pixels_per_filter = 1;
   // direct forward (and grad-input): a thread's (tile, channel block) units run the
   // channel blocks of one pixel tile back to back (the tile's input read once, from L1) when
   // all the packed weights fit in this many bytes of L2; otherwise the tiles of one block

@@ -785,6 +785,64 @@ void pack_implicit_cols_from_pixels(const void* ctx, int64_t k0, int64_t kc, int
   }
 }
 
+// Implicit im2col for grad-weight with channel-major columns, i = c * R*S + t (torch's
+// OIHW order), so the GEMM writes dW in place: no tap-major copy to permute afterwards, and
+// x read in its own layout (no NHWC copy). A panel's values are single elements spread over
+// each channel's plane, gathered pixel by pixel through per-column offsets: dearer per
+// value than channel runs, so taken where dW outweighs the columns (tuning.h). Batch 1,
+// ms, two alternating runs each, before (tap-major, dW zeroed first) / after, torch:
+// 3x3/2 512 @14 2.55 1.91 / 1.59 1.59, 2.2; 3x3 512 @7 2.14 2.00 / 1.68 1.60, 2.2; 3x3/2
+// 256 @28 1.50 1.35 / 1.34 1.23, 1.5; 3x3 256 @14 1.45 1.39 / 1.36 1.24, 1.4; batch 8
+// (392 pixels, 512 filters) 3x3/2 512 @14 11.5 10.3 / 10.3 9.6; 3x3 512 @7 10.6 10.1 /
+// 10.2 9.8.
+template <typename T>
+struct ChannelMajorCols {
+  const ConvGeom* g;
+  const T* x;                 // the group's first channel, in x's layout
+  const PixelWindow* pixels;  // one per output pixel of the image group
+  int64_t cs, rs, ps;         // strides in x of a channel, a row and a pixel
+};
+
+template <typename T>
+void pack_channel_major_cols(const void* ctx, int64_t k0, int64_t kc, int64_t j0, int64_t cols,
+                             int64_t nr, T* dst) {
+  const ChannelMajorCols<T>& src = *static_cast<const ChannelMajorCols<T>*>(ctx);
+  const ConvGeom& g = *src.g;
+  const int64_t RS = g.R * g.S, ext_h = (g.R - 1) * g.dh, ext_w = (g.S - 1) * g.dw;
+  constexpr int64_t kPiece = 64;  // columns per pass (a panel is nr <= 32 wide)
+  int64_t off[kPiece], dh[kPiece], dw[kPiece];
+  for (int64_t p0 = 0; p0 < cols; p0 += kPiece) {
+    const int64_t n = min64(kPiece, cols - p0);
+    for (int64_t j = 0; j < n; ++j) {
+      const int64_t i = j0 + p0 + j, c = i / RS, t = i % RS;
+      dh[j] = (t / g.S) * g.dh;
+      dw[j] = (t % g.S) * g.dw;
+      off[j] = c * src.cs + dh[j] * src.rs + dw[j] * src.ps;
+    }
+    for (int64_t k = 0; k < kc; ++k) {
+      const PixelWindow& px = src.pixels[k0 + k];
+      const int64_t at = px.base + px.ih0 * src.rs + px.iw0 * src.ps;  // the window's corner
+      T* d = dst + k * nr + p0;
+      if (px.ih0 >= 0 && px.ih0 + ext_h < g.H && px.iw0 >= 0 && px.iw0 + ext_w < g.W) {
+        for (int64_t j = 0; j < n; ++j) d[j] = src.x[at + off[j]];
+      } else {
+        for (int64_t j = 0; j < n; ++j) {
+          const int64_t ih = px.ih0 + dh[j], iw = px.iw0 + dw[j];
+          d[j] = ih >= 0 && ih < g.H && iw >= 0 && iw < g.W ? src.x[at + off[j]] : T(0);
+        }
+      }
+    }
+  }
+  for (int64_t k = 0; k < kc; ++k) zero_n(dst + k * nr + cols, nr - cols);
+}
+
+// Whether grad-weight builds channel-major columns (pack_channel_major_cols) for an image
+// group of P output pixels.
+inline bool grad_weight_channel_major(const ConvGeom& g, int64_t P) {
+  return !is_pointwise(g) &&
+         P <= g.Kg() * tuning().im2col_channel_major_grad_weight_max_pixels_per_filter;
+}
+
 template <typename T>
 void grad_weight(const ConvGeom& g, const T* gy, int gy_layout, const T* x, int x_layout, T* gw,
                  int nthreads) {
@@ -792,13 +850,17 @@ void grad_weight(const ConvGeom& g, const T* gy, int gy_layout, const T* x, int 
   const bool pointwise = is_pointwise(g);
   if (is_unpadded_1x1(g) && gy_layout == kNCHW && x_layout == kNCHW)
     return grad_weight_pointwise_nchw(g, gy, x, gw, nthreads);
-  T* dwt = pointwise ? gw : workspace_as<T>(kWsWeightsTapMajor, g.K * RSC);
-  std::memset(dwt, 0, sizeof(T) * g.K * RSC);
-  const int64_t NR = gemm_blocking<T>().nr;
-  const bool blocked = !pointwise && Cg % NR == 0 && x_layout != kNHWC;
   const int64_t OHW = g.OH * g.OW;
   const int64_t per_image = g.C * g.H * g.W + g.K * OHW;
   const int64_t group = images_per_group(per_image * int64_t(sizeof(T)));
+  const bool channel_major = grad_weight_channel_major(g, min64(group, g.N) * OHW);
+  T* dwt = pointwise || channel_major ? gw : workspace_as<T>(kWsWeightsTapMajor, g.K * RSC);
+  // The first image group's GEMMs write dwt, later ones add to it. (Zeroing it first cost a
+  // third of the call on weight-bound layers: 3x3/2 512 @14, batch 1, 9 MiB memset by one
+  // thread while the other waited.) Without pixels no GEMM runs.
+  if (g.N * OHW == 0) std::memset(dwt, 0, sizeof(T) * g.K * RSC);
+  const int64_t NR = gemm_blocking<T>().nr;
+  const bool blocked = !pointwise && !channel_major && Cg % NR == 0 && x_layout != kNHWC;
   for (int64_t n0 = 0; n0 < g.N; n0 += group) {
     const int64_t n1 = min64(g.N, n0 + group);
     const NhwcView<T> v{g, n1 - n0};
@@ -809,7 +871,7 @@ void grad_weight(const ConvGeom& g, const T* gy, int gy_layout, const T* x, int 
       gyn = buf;
     }
     const T* xn = x + n0 * g.C * g.H * g.W;
-    if (x_layout != kNHWC) {
+    if (x_layout != kNHWC && !channel_major) {
       T* buf = workspace_as<T>(kWsActivationNhwc, (n1 - n0) * g.C * g.H * g.W);
       if (blocked)  // each block of NR channels of an image as an NHWC image of NR channels
         scatter_to_nhwc(xn, kNCHW, (n1 - n0) * (g.C / NR), NR, g.H, g.W, buf, g.H, g.W, 0, 0, 1,
@@ -829,9 +891,13 @@ void grad_weight(const ConvGeom& g, const T* gy, int gy_layout, const T* x, int 
         windows[p] = {n * g.H * g.W * g.C, ih0, iw0};
       });
     }
+    const bool x_nhwc = x_layout == kNHWC;
     for (int64_t gi = 0; gi < G; ++gi) {
       const ImplicitPixelCols<T> cols{&g, xn + gi * Cg * (blocked ? g.H * g.W : 1), windows,
                                       blocked};
+      const ChannelMajorCols<T> cm_cols{&g, xn + gi * Cg * (x_nhwc ? 1 : g.H * g.W), windows,
+                                        x_nhwc ? 1 : g.H * g.W, (x_nhwc ? g.C : 1) * g.W,
+                                        x_nhwc ? g.C : 1};
       GemmArgs<T> a{};
       a.M = Kg;
       a.N = RSC;
@@ -843,17 +909,20 @@ void grad_weight(const ConvGeom& g, const T* gy, int gy_layout, const T* x, int 
         a.b = xn + gi * Cg;
         a.rs_b = g.C;
         a.cs_b = 1;
+      } else if (channel_major) {
+        a.pack_b_panel = &pack_channel_major_cols<T>;
+        a.pack_b_ctx = &cm_cols;
       } else {
         a.pack_b_panel = &pack_implicit_cols_from_pixels<T>;
         a.pack_b_ctx = &cols;
       }
       a.c = dwt + gi * Kg * RSC;
       a.ldc = RSC;
-      a.accumulate = true;  // dwt starts at zero and sums every image group
+      a.accumulate = n0 > 0;  // sums every image group
       gemm(a, nthreads);
     }
   }
-  if (!pointwise) permute_taps(dwt, g.K, Cg, g.R * g.S, gw, false, nthreads);
+  if (!pointwise && !channel_major) permute_taps(dwt, g.K, Cg, g.R * g.S, gw, false, nthreads);
 }
 
 // Mirrors the workspace_as calls above (GEMM panels included), NCHW tensors assumed.
@@ -900,10 +969,13 @@ int64_t workspace_bytes(const ConvGeom& g, Pass pass) {
     case Pass::kGradInput:  // its B packed straight from OIHW (no tap-major copy)
       return layouts + columns + gemm_packed_size_b<T>(Kg, RSC) * E +
              gemm_workspace_bytes<T>(rows, RSC, Kg, false, true);
-    case Pass::kGradWeight:  // pixel windows instead of columns, one GEMM per group
-      return (pointwise ? 0 : g.K * RSC * E) + layouts +
+    case Pass::kGradWeight: {  // pixel windows instead of columns, one GEMM per group
+      // Channel-major: no tap-major dW, and x read in place (grad_y still converted).
+      const bool cm = grad_weight_channel_major(g, P);
+      return (pointwise || cm ? 0 : g.K * RSC * E) + (cm ? images * image_out * E : layouts) +
              (pointwise ? 0 : round_up(P * int64_t(sizeof(PixelWindow)), E)) +
              gemm_workspace_bytes<T>(Kg, RSC, P, false, false);
+    }
   }
   return 0;
 }
