@@ -162,6 +162,13 @@ def choose(problem: Conv2dProblem, device_type: str = "cpu",
     empty (3x3/2 512 @14 batch 1-4: direct 2-17 % faster), and channels_last tensors would
     go through im2col's NHWC path (3x3/2 128 @56 batch 8: 13.2 vs direct 11.6).
 
+    Grad-weight where the filters outnumber the batch's output pixels 8 to 1 (3x3 512 @7 at
+    batch 1) runs on the packed GEMM, whose channel-major columns write dW in place
+    (im2col_conv.cpp), where Winograd transforms every filter's transform-domain sums back.
+    Interleaved, 9 rounds, ms, im2col vs Winograd F2, torch (2026-12-07, host in a slow
+    phase): 3x3 512 @7 batch 1 1.99 vs 2.91, 3.38 (im2col faster in 9 of 9 rounds); batch 2
+    3.06 vs 3.36 (6 of 9); batch 4 5.82 vs 5.07 (0 of 9); 3x3 256 @14 batch 1 1.52 vs 0.96.
+
     Since direct's grad-input packs every stride phase in one pass (2026-12-07), it beats
     im2col's NHWC GEMM on the weight-bound layers that the GEMM once won (ms, direct vs
     im2col NHWC, 2026-12-07): 3x3/2 512 @14 batch 1 1.75 vs 1.97, channels_last 1.61 vs
@@ -186,6 +193,8 @@ def choose(problem: Conv2dProblem, device_type: str = "cpu",
     strided_spatial = p.groups == 1 and p.stride != (1, 1) and (p.R, p.S) != (1, 1)
     if (pass_ == Pass.GRAD_INPUT and strided_spatial and not channels_last
             and p.OH * p.OW >= 196 and runs("im2col")):
+        return BY_NAME["im2col"]
+    if grad_weight and p.groups == 1 and 8 * p.N * p.OH * p.OW <= p.Kg and runs("im2col"):
         return BY_NAME["im2col"]
     min_pixels = 49 if prepacked or grad_weight else 392
     if p.groups == 1 and min(p.Cg, p.Kg) >= 16 and p.N * p.OH * p.OW >= min_pixels:

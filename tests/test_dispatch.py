@@ -29,7 +29,8 @@ def _choice(layer, batch=1):
     ("3x3/2 128 @56", 1, "direct", "im2col", "im2col"),               # 784 output pixels
     ("3x3 256 @14", 1, "direct", "direct", "winograd_f2"),
     ("1x1/2 downsample 256>512 @56", 1, "im2col", "im2col", "im2col"),
-    ("3x3 512 @7", 1, "direct", "direct", "winograd_f2"),             # 49 pixels
+    ("3x3 512 @7", 1, "direct", "direct", "im2col"),                  # 49 pixels: dW >> pixels
+    ("3x3 512 @7", 4, "direct", "direct", "winograd_f2"),             # 196 pixels
     ("3x3 256 @14", 8, "winograd_f4", "winograd_f4", "winograd_f2"),  # 1568 pixels
     ("3x3 64 @56", 8, "winograd_f6", "winograd_f6", "winograd_f4"),   # no F6 for dW
 ])
