@@ -308,3 +308,25 @@ def test_channels_last_grad_weight_in_place(C, k, stride, padding, dilation, dty
                                  [dilation] * 2, C, "depthwise")
     tol = 1e-4 if dtype == torch.float32 else 1e-10
     torch.testing.assert_close(got.double(), expected, atol=tol * 10, rtol=tol)
+
+
+@pytest.mark.parametrize("C", [5, 40])  # a lone channel tail; whole vectors and a tail
+@pytest.mark.parametrize("k,stride,padding,dilation", [
+    (3, 2, 1, 1), (3, 3, 0, 1), (3, 2, 2, 2), (5, 2, 2, 1)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_channels_last_strided_grad_input_with_a_channel_tail(C, k, stride, padding, dilation,
+                                                              dtype, isa):
+    """Strided channels_last grad-input by scatter, the channel tail masked (it went through
+    the direct kernel's phases)."""
+    g = torch.Generator().manual_seed(C * k + stride + 1)
+    x = torch.randn(3, C, 9, 13, dtype=dtype, generator=g).contiguous(
+        memory_format=torch.channels_last)
+    w = torch.randn(C, 1, k, k, dtype=dtype, generator=g)
+    kw = dict(stride=stride, padding=padding, dilation=dilation, groups=C)
+    gy = torch.randn(F.conv2d(x, w, **kw).shape, dtype=dtype, generator=g).contiguous(
+        memory_format=torch.channels_last)
+    expected = torch.nn.grad.conv2d_input(x.shape, w.double(), gy.double(), **kw)
+    got = ops.conv2d_grad_input(gy, w, list(x.shape), [stride] * 2, [padding] * 4,
+                                [dilation] * 2, C, "depthwise")
+    tol = 1e-4 if dtype == torch.float32 else 1e-10
+    torch.testing.assert_close(got.double(), expected, atol=tol * 10, rtol=tol)

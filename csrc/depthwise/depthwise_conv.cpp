@@ -684,26 +684,44 @@ bool channel_blocks_apply(const ConvGeom& g, int lanes) {
 // Grad-input of strided layers by scatter: each grad_y pixel's channel vector, times each
 // tap's weight vector, is added to the input pixel the tap read. (The direct kernel's
 // phase-split grad-input filled 1 lane in 16 here: 96 channels @112 stride 2, batch 8, 80 ms.)
+// Whole channel vectors, or with channels_last tensors also the channel tail, masked (72
+// channels @56 stride 2, batch 8, through the direct kernel: 14 ms, torch 2.1; see
+// grad_input).
+bool scatter_applies(const ConvGeom& g, int lanes, int gy_layout, int gx_layout) {
+  return channel_blocks_apply(g, lanes) ||
+         (g.Kg() == 1 && gy_layout == kNHWC && gx_layout == kNHWC);
+}
+
 template <typename T>
 void grad_input_scatter(const ConvGeom& g, const T* gy, int gy_layout, const T* w, T* gx,
                         int gx_layout, int nthreads) {
   using V = Vec<T>;
   constexpr int L = V::lanes, B = kTransposeBlock;
-  const int64_t HW = g.H * g.W, OHW = g.OH * g.OW, KB = g.K / L, Kp = packed_channels<T>(g);
+  const int64_t HW = g.H * g.W, OHW = g.OH * g.OW, KB = ceil_div(g.K, int64_t(L));
+  const int64_t Kp = packed_channels<T>(g);
   const T* wp = packed_for_blocks(g, w, nthreads);
   parallel_for(g.N * KB, threads_for(g.flops(), nthreads), [&](int64_t item) {
     const int64_t n = item / KB, k0 = item % KB * L;
+    const LaneMask<T> lanes = lane_mask<T>(0, g.K - k0);  // partial only for the NHWC tail
+    const bool whole = k0 + L <= g.K;
+    const auto load = [&](const T* p) { return whole ? V::load(p) : load_masked(p, lanes); };
+    const auto store = [&](T* p, V v) {
+      if (whole)
+        v.store(p);
+      else
+        store_masked(p, v, lanes);
+    };
     T* scratch = thread_scratch<T>((OHW + HW) * L);
     const ChannelBlock<T> dy = block_of(gy, gy_layout, n, k0, g.K, OHW, scratch);
     T* dx = gx_layout == kNHWC ? gx + n * HW * g.C + k0 : scratch + OHW * L;
     const int64_t dxs = gx_layout == kNHWC ? g.C : L;
-    for (int64_t p = 0; p < HW; ++p) V::zero().store(dx + p * dxs);
+    for (int64_t p = 0; p < HW; ++p) store(dx + p * dxs, V::zero());
     for (int64_t r = 0; r < g.R; ++r) {
       for (int64_t s = 0; s < g.S; ++s) {
         const V wv = V::load(wp + (r * g.S + s) * Kp + k0);
         for_tap_pixels(g, r, s, [&](int64_t out, int64_t in) {
           T* px = dx + in * dxs;
-          fmadd(V::load(dy.data + out * dy.stride), wv, V::load(px)).store(px);
+          store(px, fmadd(load(dy.data + out * dy.stride), wv, load(px)));
         });
       }
     }
@@ -1616,7 +1634,7 @@ void grad_input(const ConvGeom& g, const T* gy, int gy_layout, const T* w, T* gx
       if (gy_layout == kNCHW && gx_layout == kNCHW && grad_input_phases_apply<T>(g))
         return grad_input_phases(g, gy, w, gx, nthreads);
     }
-    if (channel_blocks_apply(g, Vec<T>::lanes))
+    if (scatter_applies(g, Vec<T>::lanes, gy_layout, gx_layout))
       return grad_input_scatter(g, gy, gy_layout, w, gx, gx_layout, nthreads);
     return direct_kernels<T>().grad_input(g, gy, gy_layout, w, gx, gx_layout, nthreads);
   }
