@@ -10,9 +10,9 @@ gathered by the convolution's epilogue).
 depthwise: the MobileNetV2 depthwise layers, forward at batch 1 and 8 in NCHW and
 channels_last (against torch in the same layout) with GFLOP/s and GB/s (input + output +
 weights once) beside the copy bandwidth measured in the same run; training (forward +
-backward) at batch 8.
+backward) at batch 8 in both layouts.
 grouped: ResNeXt-50 32x4d's grouped 3x3 layers (4-32 channels per group), forward at batch 1
-and 8 in both layouts, forward + backward at batch 8.
+and 8 in both layouts, forward + backward at batch 8 in both layouts.
 mobilenet: a whole MobileNetV2 in eval after fastconv.convert + fastconv.fuse, batch 1 and 8,
 with the max |difference| against torch's output.
 
@@ -97,9 +97,9 @@ def copy_bandwidth() -> float:
 
 def layer_rows(layers, rounds: int, algo: str = "auto") -> list:
     """Forward at batch 1 and 8 in NCHW and channels_last (against torch in the same
-    layout), then forward + backward at batch 8 (NCHW), of each layer."""
+    layout), then forward + backward at batch 8 in both layouts, of each layer."""
     cases = [(b, cl) for b in (1, 8) for cl in (False, True)]
-    rows, n, i = [], len(layers) * (len(cases) + 1), 0
+    rows, n, i = [], len(layers) * (len(cases) + 2), 0
     for layer in layers:
         g = torch.Generator().manual_seed(0)
         fan_in = layer.C // layer.groups * layer.R * layer.S
@@ -125,19 +125,25 @@ def layer_rows(layers, rounds: int, algo: str = "auto") -> list:
                              torch_ms=1e3 * statistics.median(t["torch"]),
                              speedup=_ratio(t), gflops=layer.flops(batch) / ms / 1e9,
                              gbps=nbytes / ms / 1e9, err=err))
-        progress(i, n, f"{layer.name} train N=8")
-        i += 1
-        x = torch.randn(layer.input_shape(8), generator=g, requires_grad=True)
-        wg = w.clone().requires_grad_(True)
-        gy = torch.randn(8, layer.K, layer.out_size, layer.out_size, generator=g)
-        t = _interleaved({
-            "torch": lambda: torch.nn.functional.conv2d(x, wg, **kw).backward(gy),
-            "fastconv": lambda: fastconv.conv2d(x, wg, **kw, algo=algo).backward(gy)}, rounds)
-        ms = statistics.median(t["fastconv"])
-        rows.append(dict(layer=layer.name, pass_="forward+backward", batch=8, layout="nchw",
-                         ms=1e3 * ms, torch_ms=1e3 * statistics.median(t["torch"]),
-                         speedup=_ratio(t), gflops=3 * layer.flops(8) / ms / 1e9,
-                         gbps=float("nan"), err=float("nan")))
+        for cl in (False, True):
+            layout = "channels_last" if cl else "nchw"
+            progress(i, n, f"{layer.name} train N=8 {layout}")
+            i += 1
+            fmt = torch.channels_last if cl else torch.contiguous_format
+            x = torch.randn(layer.input_shape(8), generator=g).contiguous(
+                memory_format=fmt).requires_grad_(True)
+            wg = w.clone().requires_grad_(True)
+            gy = torch.randn(8, layer.K, layer.out_size, layer.out_size,
+                             generator=g).contiguous(memory_format=fmt)
+            t = _interleaved({
+                "torch": lambda: torch.nn.functional.conv2d(x, wg, **kw).backward(gy),
+                "fastconv": lambda: fastconv.conv2d(x, wg, **kw, algo=algo).backward(gy)},
+                rounds)
+            ms = statistics.median(t["fastconv"])
+            rows.append(dict(layer=layer.name, pass_="forward+backward", batch=8, layout=layout,
+                             ms=1e3 * ms, torch_ms=1e3 * statistics.median(t["torch"]),
+                             speedup=_ratio(t), gflops=3 * layer.flops(8) / ms / 1e9,
+                             gbps=float("nan"), err=float("nan")))
     progress(n, n, "done")
     return rows
 
@@ -156,8 +162,9 @@ def print_layer_rows(rows, title: str) -> None:
                    r["layout"] == layout and r["pass_"] == "forward"]
             print(f"forward N={batch} {layout}: geomean {geomean(sel):.2f}x, "
                   f"min {min(sel):.2f}x")
-    sel = [r["speedup"] for r in rows if r["pass_"] != "forward"]
-    print(f"forward+backward N=8: geomean {geomean(sel):.2f}x, min {min(sel):.2f}x")
+    for layout in ("nchw", "channels_last"):
+        sel = [r["speedup"] for r in rows if r["pass_"] != "forward" and r["layout"] == layout]
+        print(f"forward+backward N=8 {layout}: geomean {geomean(sel):.2f}x, min {min(sel):.2f}x")
 
 
 def mobilenet_rows(rounds: int) -> list:
