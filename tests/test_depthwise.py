@@ -288,6 +288,19 @@ def test_strided_grad_input_by_phases(row, dtype, isa):
     torch.testing.assert_close(gx.double(), exact, atol=tol, rtol=tol)
 
 
+def _channels_last_backward_case(C, k, stride, padding, dilation, dtype, seed):
+    """(x, w, gy, conv kwargs, op args after the shapes) of a channels_last depthwise
+    backward case: 3 images of 9 x 13, the tensors channels_last."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(3, C, 9, 13, dtype=dtype, generator=g).contiguous(
+        memory_format=torch.channels_last)
+    w = torch.randn(C, 1, k, k, dtype=dtype, generator=g)
+    kw = dict(stride=stride, padding=padding, dilation=dilation, groups=C)
+    gy = torch.randn(F.conv2d(x, w, **kw).shape, dtype=dtype, generator=g).contiguous(
+        memory_format=torch.channels_last)
+    return x, w, gy, kw, ([stride] * 2, [padding] * 4, [dilation] * 2, C, "depthwise")
+
+
 @pytest.mark.parametrize("C", [5, 40])  # a lone channel tail; whole vectors and a tail
 @pytest.mark.parametrize("k,stride,padding,dilation", [
     (3, 1, 1, 1), (3, 2, 1, 1), (3, 3, 0, 1), (3, 1, 2, 2), (5, 2, 2, 1), (5, 1, 3, 1)])
@@ -296,16 +309,10 @@ def test_channels_last_grad_weight_in_place(C, k, stride, padding, dilation, dty
     """Channels_last grad-weight on the tensors as they lie (vectors along the channels, a
     [tap][k] sum per thread): ragged maps, edges, strides, padding past S // 2, dilation,
     the channel tail, several images."""
-    g = torch.Generator().manual_seed(C * k + stride)
-    x = torch.randn(3, C, 9, 13, dtype=dtype, generator=g).contiguous(
-        memory_format=torch.channels_last)
-    w = torch.randn(C, 1, k, k, dtype=dtype, generator=g)
-    kw = dict(stride=stride, padding=padding, dilation=dilation, groups=C)
-    gy = torch.randn(F.conv2d(x, w, **kw).shape, dtype=dtype, generator=g).contiguous(
-        memory_format=torch.channels_last)
+    x, w, gy, kw, conv = _channels_last_backward_case(C, k, stride, padding, dilation, dtype,
+                                                      seed=C * k + stride)
     expected = torch.nn.grad.conv2d_weight(x.double(), w.shape, gy.double(), **kw)
-    got = ops.conv2d_grad_weight(gy, x, list(w.shape), [stride] * 2, [padding] * 4,
-                                 [dilation] * 2, C, "depthwise")
+    got = ops.conv2d_grad_weight(gy, x, list(w.shape), *conv)
     tol = 1e-4 if dtype == torch.float32 else 1e-10
     torch.testing.assert_close(got.double(), expected, atol=tol * 10, rtol=tol)
 
@@ -318,15 +325,9 @@ def test_channels_last_strided_grad_input_with_a_channel_tail(C, k, stride, padd
                                                               dtype, isa):
     """Strided channels_last grad-input by scatter, the channel tail masked (it went through
     the direct kernel's phases)."""
-    g = torch.Generator().manual_seed(C * k + stride + 1)
-    x = torch.randn(3, C, 9, 13, dtype=dtype, generator=g).contiguous(
-        memory_format=torch.channels_last)
-    w = torch.randn(C, 1, k, k, dtype=dtype, generator=g)
-    kw = dict(stride=stride, padding=padding, dilation=dilation, groups=C)
-    gy = torch.randn(F.conv2d(x, w, **kw).shape, dtype=dtype, generator=g).contiguous(
-        memory_format=torch.channels_last)
+    x, w, gy, kw, conv = _channels_last_backward_case(C, k, stride, padding, dilation, dtype,
+                                                      seed=C * k + stride + 1)
     expected = torch.nn.grad.conv2d_input(x.shape, w.double(), gy.double(), **kw)
-    got = ops.conv2d_grad_input(gy, w, list(x.shape), [stride] * 2, [padding] * 4,
-                                [dilation] * 2, C, "depthwise")
+    got = ops.conv2d_grad_input(gy, w, list(x.shape), *conv)
     tol = 1e-4 if dtype == torch.float32 else 1e-10
     torch.testing.assert_close(got.double(), expected, atol=tol * 10, rtol=tol)
