@@ -424,6 +424,7 @@ constexpr TuningField kTuningFields[] = {
     {"winograd_grad_weight_tile_block", &Tuning::winograd_grad_weight_tile_block},
     {"winograd_grad_weight_channel_block", &Tuning::winograd_grad_weight_channel_block},
     {"depthwise_stream_min_bytes", &Tuning::depthwise_stream_min_bytes},
+    {"depthwise_grad_input_stream_min_bytes", &Tuning::depthwise_grad_input_stream_min_bytes},
 };
 
 }  // namespace

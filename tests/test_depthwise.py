@@ -317,14 +317,50 @@ def test_channels_last_grad_weight_in_place(C, k, stride, padding, dilation, dty
     torch.testing.assert_close(got.double(), expected, atol=tol * 10, rtol=tol)
 
 
+@pytest.mark.parametrize("C", [5, 44, 48])  # a lone tail; vectors and a tail; vectors (streamed)
+@pytest.mark.parametrize("R,S,stride,dilation", [
+    (3, 3, (2, 2), (1, 1)), (5, 5, (2, 2), (1, 1)), (1, 3, (2, 2), (1, 1)),
+    (4, 5, (3, 2), (1, 1)), (3, 3, (1, 2), (2, 1))], ids=lambda v: str(v).replace(" ", ""))
+@pytest.mark.parametrize("padding", [(0, 0, 0, 0), (1, 1, 1, 1), (2, 0, 3, 1), (0, 3, 0, 5)],
+                         ids=lambda p: "p" + "".join(map(str, p)))
+@pytest.mark.parametrize("W", [5, 40, 75])  # pixels only; whole and narrower tiles, ragged
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_channels_last_grad_input_by_column_phases(C, R, S, stride, dilation, padding, W,
+                                                   dtype, isa):
+    """Channels_last grad-input of layers strided 2 along the width, by column phases: gx
+    columns of both parities, the unchecked tiles (16 columns and narrower) and the columns
+    at each end that run a pixel at a time, padding (pt, pb, pl, pr) of either parity and past
+    the taps' reach, row strides 1-3 with dilation, the channel tail, streamed stores or not."""
+    g = torch.Generator().manual_seed(C + R * 7 + S + W + sum(padding))
+    pt, pb, pl, pr = padding
+    x = torch.randn(2, C, 7, W, dtype=dtype, generator=g).contiguous(
+        memory_format=torch.channels_last)
+    w = torch.randn(C, 1, R, S, dtype=dtype, generator=g)
+    kw = dict(stride=stride, dilation=dilation, groups=C)
+    xd = x.double().requires_grad_()
+    yd = F.conv2d(F.pad(xd, (pl, pr, pt, pb)), w.double(), **kw)
+    gy = torch.randn(yd.shape, dtype=dtype, generator=g).contiguous(
+        memory_format=torch.channels_last)
+    expected, = torch.autograd.grad(yd, xd, gy.double())
+    conv = (list(stride), [pt, pb, pl, pr], list(dilation), C, "depthwise")
+    tol = 1e-4 if dtype == torch.float32 else 1e-10
+    for stream_min in (1 << 40, 1):
+        with backend.tuning(depthwise_grad_input_stream_min_bytes=stream_min):
+            got = ops.conv2d_grad_input(gy, w, list(x.shape), *conv)
+        assert got.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(got.double(), expected, atol=tol * 10, rtol=tol,
+                                   msg=lambda m: f"streamed below {stream_min} bytes: {m}")
+
+
 @pytest.mark.parametrize("C", [5, 40])  # a lone channel tail; whole vectors and a tail
 @pytest.mark.parametrize("k,stride,padding,dilation", [
     (3, 2, 1, 1), (3, 3, 0, 1), (3, 2, 2, 2), (5, 2, 2, 1)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 def test_channels_last_strided_grad_input_with_a_channel_tail(C, k, stride, padding, dilation,
                                                               dtype, isa):
-    """Strided channels_last grad-input by scatter, the channel tail masked (it went through
-    the direct kernel's phases)."""
+    """Strided channels_last grad-input with a channel tail, masked: by column phases
+    (stride 2 along the width) or scatter (stride 3, dilation). It went through the direct
+    kernel's phases."""
     x, w, gy, kw, conv = _channels_last_backward_case(C, k, stride, padding, dilation, dtype,
                                                       seed=C * k + stride + 1)
     expected = torch.nn.grad.conv2d_input(x.shape, w.double(), gy.double(), **kw)

@@ -50,10 +50,12 @@ SETTINGS = {
     # every loop over groups and chunks runs several times, with ragged last pieces.
     # Direct's units run the tiles of one channel block back to back (the default runs a
     # tile's blocks back to back wherever the weights fit in L2, as on these small cases).
-    # Depthwise channels_last outputs of any size are streamed past the caches.
+    # Depthwise channels_last outputs (and strided grad-inputs) of any size are streamed
+    # past the caches.
     "tiny_budgets": dict({t: HUGE for t in NATIVE_THRESHOLDS}, layout_budget_bytes=1,
                          im2col_column_budget_bytes=1000, direct_grad_weight_chunk_pixels=5,
                          direct_blocks_fastest_max_weight_bytes=1, depthwise_stream_min_bytes=1,
+                         depthwise_grad_input_stream_min_bytes=1,
                          im2col_col2im_grad_input_min_pixels=HUGE),
     # Strided NCHW grad-input through col2im, one image per GEMM (columns over the budget).
     "im2col_col2im_per_image": dict(im2col_col2im_grad_input_min_pixels=1,

@@ -74,6 +74,11 @@ struct Tuning {
   // Depthwise channels_last forward: outputs over this many bytes are written with
   // non-temporal stores. Measured: see stream_rows in depthwise_conv.cpp.
   int64_t depthwise_stream_min_bytes = int64_t(3) << 20;
+  // Depthwise channels_last strided grad-input (grad_input_nhwc_phases): gx over this many
+  // bytes is written with non-temporal stores. 3x3/2, 2 threads, 9 interleaved rounds, ms,
+  // streamed / stored: 144 @56 batch 4 (6.9 MiB) 0.17 / 0.13, batch 8 (13.8 MiB) 0.53 / 0.85,
+  // batch 16 1.47 / 2.40; 192 @28 batch 16 (9.2 MiB) 0.24 / 0.21.
+  int64_t depthwise_grad_input_stream_min_bytes = int64_t(12) << 20;
 };
 
 // The process-wide values; set only between calls (fastconv.backend.tuning).

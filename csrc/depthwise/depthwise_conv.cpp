@@ -16,8 +16,10 @@
 //     a time, weights packed [tap][k]; taps outside the input read a zero vector. With a
 //     multiplier > 1 each vector of output channels gathers its input channels.
 //   * Grad-input: stride-1, multiplier-1 layers as a forward with rotated filters; NCHW
-//     float stride-2 3x3 / 5x5 by stride phases in register tiles; other strided ones by
-//     scatter in channel blocks; the rest by the direct kernel.
+//     float stride-2 3x3 / 5x5 by stride phases in register tiles; channels_last ones
+//     strided 2 along the width (3 or 5 taps there) by column phases, vectors along the
+//     channels; other strided ones by scatter in channel blocks; the rest by the direct
+//     kernel.
 //   * Grad-weight: one output channel per work item (no reduction across threads), in the
 //     NCHW forward's tiles turned around where they apply, else with its R*S sums vectorised
 //     along the staged planes' rows; 7-wide maps in channel blocks.
@@ -1615,6 +1617,152 @@ void grad_input_phases(const ConvGeom& g, const T* gy, const T* w, T* gx, int nt
                   : grad_input_phases<T, 5, 0>(g, gy, w, gx, nthreads);
 }
 
+// ---------------------------------------------------------------------------------------
+// Channels_last grad-input of layers strided along the width, by column phases
+// ---------------------------------------------------------------------------------------
+
+// gx of a layer with stride 2 and S = 3 or 5 taps along the width (dilation 1 there;
+// multiplier 1; any rows: R, stride, dilation and padding), on NHWC tensors, vectors along
+// the channels. Gx column c receives the taps s of its parity (c + pl - s even), each from
+// gy column (c + pl - s) / 2. A tile computes 2 J consecutive gx columns from c0 (c0 + pl
+// even) of one gx row and channel vector: each of the J + S / 2 gy vectors of a gy row it
+// reads is loaded once and multiplied by every tap that sends it into the tile (3 J FMAs per
+// J + 1 loads for 3x3), into 2 J accumulators, over the gy rows whose taps reach the gx row;
+// gx is written once. Tiles read only gy columns inside [0, OW), with no checks: narrower
+// tiles end the row, and the one or two columns at each end that would read outside run a
+// pixel at a time. (With checks in every tile, a 28-wide row, all edges, ran 1.6x slower.
+// The scatter read and wrote each gx pixel once per tap: 192 channels @28 stride 2, batch 8,
+// 0.25 ms, torch 0.13.)
+constexpr int kPhaseColumnPairs = kVectorRegisters >= 32 ? 8 : 4;  // J, at most
+constexpr int kPhaseMaxTapRows = 8;                                // R, at most
+
+template <typename T>
+struct NhwcPhaseRow {             // one gx row
+  const T* gy[kPhaseMaxTapRows];  // the gy rows whose taps reach it
+  const T* w[kPhaseMaxTapRows];   // and their taps' weights: tap s, channel k at w[s * Kp + k]
+  int rows;
+  int64_t Kp, C, pl;
+  T* gx;
+  bool stream;  // whole-line stores, non-temporal
+};
+
+// 2 J gx columns from c0 (c0 + pl even), channels [k0, k0 + L); Partial: the channel tail,
+// its `lanes` masked.
+template <typename T, int S, int J, bool Partial>
+void nhwc_phase_tile(const NhwcPhaseRow<T>& row, int64_t c0, int64_t k0, LaneMask<T> lanes) {
+  using V = Vec<T>;
+  constexpr int lo = -(S - 1) / 2;
+  const int64_t C = row.C, u = (c0 + row.pl) / 2;  // gy column of tap 0 at gx column c0
+  V acc[2 * J];  // every loop over it unrolled, or GCC keeps it on the stack
+#pragma GCC unroll 16
+  for (int q = 0; q < 2 * J; ++q) acc[q] = V::zero();
+  for (int i = 0; i < row.rows; ++i) {
+    const T* gr = row.gy[i] + u * C + k0;
+    V wv[S];
+#pragma GCC unroll 8
+    for (int s = 0; s < S; ++s) wv[s] = V::load(row.w[i] + s * row.Kp + k0);
+#pragma GCC unroll 16
+    for (int d = lo; d < J; ++d) {  // gy column u + d reaches gx columns c0 + 2 d + s
+      V gv = Partial ? load_masked(gr + d * C, lanes) : V::load(gr + d * C);
+      keep_in_register(gv);
+#pragma GCC unroll 8
+      for (int s = 0; s < S; ++s) {
+        const int q = 2 * d + s;
+        if (q >= 0 && q < 2 * J) acc[q] = fmadd(wv[s], gv, acc[q]);
+      }
+    }
+  }
+  T* gx = row.gx + c0 * C + k0;
+#pragma GCC unroll 16
+  for (int q = 0; q < 2 * J; ++q) {
+    if (Partial)
+      store_masked(gx + q * C, acc[q], lanes);
+    else if (row.stream)
+      acc[q].stream(gx + q * C);
+    else
+      acc[q].store(gx + q * C);
+  }
+}
+
+// Gx column c alone, its taps checked against gy's width.
+template <typename T, int S>
+void nhwc_phase_pixel(const NhwcPhaseRow<T>& row, int64_t OW, int64_t c, int64_t k0,
+                      LaneMask<T> lanes) {
+  using V = Vec<T>;
+  V acc = V::zero();
+  for (int i = 0; i < row.rows; ++i)
+    for (int s = (c + row.pl) & 1; s < S; s += 2) {
+      const int64_t ow = (c + row.pl - s) / 2;
+      if (ow >= 0 && ow < OW)
+        acc = fmadd(V::load(row.w[i] + s * row.Kp + k0),
+                    load_masked(row.gy[i] + ow * row.C + k0, lanes), acc);
+    }
+  store_masked(row.gx + c * row.C + k0, acc, lanes);
+}
+
+template <typename T>
+bool nhwc_phases_apply(const ConvGeom& g, int gy_layout, int gx_layout) {
+  return g.Kg() == 1 && gy_layout == kNHWC && gx_layout == kNHWC && g.sw == 2 && g.dw == 1 &&
+         (g.S == 3 || g.S == 5) && g.R <= kPhaseMaxTapRows;
+}
+
+template <typename T, int S, int... I>
+void grad_input_nhwc_phases(const ConvGeom& g, const T* gy, const T* w, T* gx, int nthreads,
+                            std::integer_sequence<int, I...>) {
+  using Tile = void (*)(const NhwcPhaseRow<T>&, int64_t, int64_t, LaneMask<T>);
+  static const Tile tiles[2][sizeof...(I)] = {{&nhwc_phase_tile<T, S, I + 1, false>...},
+                                              {&nhwc_phase_tile<T, S, I + 1, true>...}};
+  constexpr int L = Vec<T>::lanes, J = kPhaseColumnPairs;
+  const int64_t Kp = packed_channels<T>(g), KV = ceil_div(g.K, int64_t(L));
+  const T* wp = packed_for_blocks(g, w, nthreads);
+  // Tiles cover gx columns [a, b): from the first of pl's parity whose taps all read gy
+  // columns >= 0, to the last whose taps read gy columns < OW (or W).
+  const int64_t lowest = max64(0, S - 1 - g.pl), first = lowest + ((lowest + g.pl) & 1);
+  const int64_t begin = min64(g.W, first), end = max64(begin, min64(g.W, 2 * g.OW - g.pl));
+  // gx far larger than the caches goes around them (tuning.h).
+  const bool stream = g.N * g.H * g.W * g.C * int64_t(sizeof(T)) >
+                          tuning().depthwise_grad_input_stream_min_bytes &&
+                      g.C % L == 0 && reinterpret_cast<uintptr_t>(gx) % (L * sizeof(T)) == 0;
+  parallel_for(g.N * g.H, threads_for(g.flops(), nthreads), [&](int64_t item) {
+    const int64_t n = item / g.H, ih = item % g.H;
+    NhwcPhaseRow<T> row{};
+    row.Kp = Kp, row.C = g.C, row.pl = g.pl;
+    for (int64_t r = 0; r < g.R; ++r) {  // the gy rows whose tap r reads gx row ih
+      const int64_t at = ih + g.pt - r * g.dh;
+      if (at < 0 || at % g.sh || at / g.sh >= g.OH) continue;
+      row.gy[row.rows] = gy + (n * g.OH + at / g.sh) * g.OW * g.C;
+      row.w[row.rows++] = wp + r * g.S * Kp;
+    }
+    row.gx = gx + item * g.W * g.C;
+    row.stream = stream;
+    const auto pixels = [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c)
+        for (int64_t v = 0; v < KV; ++v)
+          nhwc_phase_pixel<T, S>(row, g.OW, c, v * L, lane_mask<T>(0, g.K - v * L));
+    };
+    pixels(0, begin);
+    // Pixel-major, as the forward's rows: consecutive tiles write neighbouring lines.
+    int64_t c0 = begin;
+    while (end - c0 >= 2) {
+      const int64_t pairs = min64(J, (end - c0) / 2);
+      for (int64_t v = 0; v < KV; ++v) {
+        const int64_t k0 = v * L, lanes = min64(L, g.K - k0);
+        tiles[lanes < L][pairs - 1](row, c0, k0, lane_mask<T>(0, lanes));
+      }
+      c0 += 2 * pairs;
+    }
+    pixels(c0, g.W);
+    if (row.stream) stream_fence();
+  });
+}
+
+template <typename T>
+void grad_input_nhwc_phases(const ConvGeom& g, const T* gy, const T* w, T* gx, int nthreads) {
+  const auto widths = std::make_integer_sequence<int, kPhaseColumnPairs>{};
+  if (g.S == 3) return grad_input_nhwc_phases<T, 3>(g, gy, w, gx, nthreads, widths);
+  return grad_input_nhwc_phases<T, 5>(g, gy, w, gx, nthreads, widths);
+}
+
 bool grad_input_as_forward(const ConvGeom& g) {
   const int64_t eh = g.dh * (g.R - 1), ew = g.dw * (g.S - 1);
   return g.Kg() == 1 && g.sh == 1 && g.sw == 1 && g.pt <= eh && g.pb <= eh && g.pl <= ew &&
@@ -1634,6 +1782,8 @@ void grad_input(const ConvGeom& g, const T* gy, int gy_layout, const T* w, T* gx
       if (gy_layout == kNCHW && gx_layout == kNCHW && grad_input_phases_apply<T>(g))
         return grad_input_phases(g, gy, w, gx, nthreads);
     }
+    if (nhwc_phases_apply<T>(g, gy_layout, gx_layout))
+      return grad_input_nhwc_phases(g, gy, w, gx, nthreads);
     if (scatter_applies(g, Vec<T>::lanes, gy_layout, gx_layout))
       return grad_input_scatter(g, gy, gy_layout, w, gx, gx_layout, nthreads);
     return direct_kernels<T>().grad_input(g, gy, gy_layout, w, gx, gx_layout, nthreads);
