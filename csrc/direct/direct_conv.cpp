@@ -662,6 +662,20 @@ inline void gy_sum_tile(const T* gy, int64_t grow, int64_t gpix, int64_t oh0, in
   for (int i = 0; i < NBK * L; ++i) out[i] += sums[i];
 }
 
+// dst[q * ld + c] = src[c * plane + p0 + q] for c < C, q < P: pixels p0 .. p0 + P - 1 of C
+// planes of an NCHW image turned NHWC.
+template <typename T>
+void nchw_pixels_to_nhwc(const T* src, int64_t C, int64_t plane, int64_t p0, int64_t P,
+                         int64_t ld, T* dst) {
+  constexpr int B = kTransposeBlock;
+  // A block of channels at a time along the pixels: 16 read streams, not C (64 streams,
+  // one line each per block, left every read to miss: the stem's grad-weight took 7 ms more).
+  for (int64_t c0 = 0; c0 < C; c0 += B)
+    for (int64_t q0 = 0; q0 < P; q0 += B)
+      transpose_block(src + c0 * plane + p0 + q0, plane, dst + q0 * ld + c0, ld,
+                      int(min64(B, C - c0)), int(min64(B, P - q0)));
+}
+
 // gb (optional): grad-bias from the same sweep. The unit of each channel block's first tile
 // also sums the chunk of grad_y it has just read (from L2, not memory): VGG-16's stem at
 // batch 8 spent 2.9 ms of its 28 ms weight and bias gradients in a separate pass over the
@@ -695,13 +709,30 @@ void grad_weight_bias(const ConvGeom& g, const T* gy, int gy_layout, const T* x,
   const bool x_copy = !(Cp == g.C && x_layout == kNHWC && !g.padded() && !strip);
   const bool gy_copy = gy_layout != kNHWC || Kgp != Kg;
   const int64_t ldg = gy_copy ? G * Kgp : g.K, kgs = gy_copy ? Kgp : Kg;
+  // Chunks of whole output rows of one image: x and gy of a chunk stay in L2 while every unit
+  // sweeps it.
+  const int64_t rows_per_chunk =
+      max64(1, tuning().direct_grad_weight_chunk_pixels / max64(1, g.OW));
+  const int64_t chunks_per_image = ceil_div(g.OH, rows_per_chunk);
+  // NCHW grad_y (channels in whole vectors per group) is turned NHWC a chunk at a time, each
+  // thread the channels of its own units into its own L2-sized buffer, right before it
+  // sweeps them: not written out whole and read back. Stem, batch 8 (25.7 MB of grad_y),
+  // grad-weight minus the same call on an NHWC grad_y, ms: converted whole first 2.6; in
+  // chunks shared by the threads (a barrier each, half of every chunk read from the other
+  // core's L2) 1.8-2.0, with the next chunk prefetched no better; per thread 1.0-1.1.
+  const bool gy_chunks = gy_layout == kNCHW && Kgp == Kg;
+  const int64_t gy_chunk = rows_per_chunk * g.OW * ldg;
+  const int nt = threads_for(g.flops(), nthreads);
   // Both copies are made a group of images at a time, under the layout budget, so the
   // extra memory of a call does not grow with the batch.
   const int64_t x_image = Hp * Wp * Cp, gy_image = g.OH * g.OW * ldg;
   const int64_t group = min64(g.N, images_per_group(((x_copy ? x_image : 0) +
-                                                     (gy_copy ? gy_image : 0)) * int64_t(sizeof(T))));
+                                                     (gy_copy && !gy_chunks ? gy_image : 0)) *
+                                                    int64_t(sizeof(T))));
   T* xbuf = x_copy ? workspace_as<T>(kWsActivationNhwc, group * x_image + slack) : nullptr;
-  T* gybuf = gy_copy ? workspace_as<T>(kWsGradOutputNhwc, group * gy_image) : nullptr;
+  T* gybuf = gy_copy ? workspace_as<T>(kWsGradOutputNhwc, gy_chunks ? nt * gy_chunk
+                                                                    : group * gy_image)
+                     : nullptr;
   if (slack) std::memset(xbuf + group * x_image, 0, sizeof(T) * slack);
 
   // Units: (group, k block, tap (strip mode: tap row), tile), each owned by one thread for
@@ -712,11 +743,6 @@ void grad_weight_bias(const ConvGeom& g, const T* gy, int gy_layout, const T* x,
   // With gb: one row of BK float64 sums per channel block.
   double* bias_accum = gb ? workspace_as<double>(kWsGradBiasSums, G * KB * BK) : nullptr;
   if (gb) std::fill(bias_accum, bias_accum + G * KB * BK, 0.0);
-  // Chunks of whole output rows of one image: x and gy of a chunk stay in L2 while every unit
-  // sweeps it.
-  const int64_t rows_per_chunk =
-      max64(1, tuning().direct_grad_weight_chunk_pixels / max64(1, g.OW));
-  const int64_t chunks_per_image = ceil_div(g.OH, rows_per_chunk);
   for (int64_t n0 = 0; n0 < g.N; n0 += group) {
     const int64_t images = min64(group, g.N - n0);
     const T* xp = x + n0 * g.C * g.H * g.W;
@@ -737,7 +763,9 @@ void grad_weight_bias(const ConvGeom& g, const T* gy, int gy_layout, const T* x,
       xp = xbuf;
     }
     const T* gyn = gy + n0 * g.K * g.OH * g.OW;
-    if (gy_copy && Kgp == Kg) {
+    if (gy_chunks) {
+      // converted in the units' region
+    } else if (gy_copy && Kgp == Kg) {
       scatter_to_nhwc(gyn, gy_layout, images, g.K, g.OH, g.OW, gybuf, g.OH, g.OW, 0, 0, 1, 1,
                       nthreads);
       gyn = gybuf;
@@ -756,29 +784,47 @@ void grad_weight_bias(const ConvGeom& g, const T* gy, int gy_layout, const T* x,
       }
       gyn = gybuf;
     }
-    parallel(threads_for(g.flops(), nthreads), [&](int tid, int nth) {
+    parallel(nt, [&](int tid, int nth) {
       int64_t u0, u1;
       split_range(units, nth, tid, &u0, &u1);
       if (n0 == 0) std::memset(accum + u0 * kUrc * BK, 0, sizeof(T) * (u1 - u0) * kUrc * BK);
+      // The channels of this thread's units: their blocks' [k_lo, k_hi).
+      const auto block_start = [&](int64_t blk) { return blk / KB * Kg + blk % KB * BK; };
+      const auto block_end = [&](int64_t blk) {
+        return blk / KB * Kg + min64(Kg, (blk % KB + 1) * BK);
+      };
+      const int64_t k_lo = u0 < u1 ? block_start(u0 / (tiles * taps)) : 0;
+      const int64_t k_hi = u0 < u1 ? block_end((u1 - 1) / (tiles * taps)) : 0;
+      T* own = gy_chunks ? gybuf + tid * gy_chunk : nullptr;
       for (int64_t n = 0; n < images; ++n)
         for (int64_t ch = 0; ch < chunks_per_image; ++ch) {
           const int64_t oh0 = ch * rows_per_chunk, oh1 = min64(g.OH, oh0 + rows_per_chunk);
+          // The chunk's grad_y, NHWC, as rows [first, oh1) from gy_rows.
+          const T* gy_rows = gyn + n * g.OH * g.OW * ldg;
+          int64_t first = 0;
+          if (gy_chunks && k_lo < k_hi) {
+            nchw_pixels_to_nhwc(gyn + (n * g.K + k_lo) * g.OH * g.OW, k_hi - k_lo,
+                                g.OH * g.OW, oh0 * g.OW, (oh1 - oh0) * g.OW, g.K, own + k_lo);
+            gy_rows = own, first = oh0;
+          }
           for (int64_t u = u0; u < u1; ++u) {
             const int64_t tile = u % tiles, t = (u / tiles) % taps, blk = u / (tiles * taps);
             const int64_t gi = blk / KB, kb = blk % KB;
             const int64_t r = strip ? t : t / g.S, s = strip ? 0 : t % g.S;
-            const T* xb =
-                xp + ((n * Hp + r * g.dh) * Wp + s * g.dw) * Cp + gi * Cg + tile * kUrc;
-            const T* gyb = gyn + n * g.OH * g.OW * ldg + gi * kgs + kb * BK;
+            const int64_t xrow = g.sh * Wp * Cp;
+            const T* xb = xp + ((n * Hp + r * g.dh) * Wp + s * g.dw) * Cp + gi * Cg +
+                          tile * kUrc + first * xrow;
+            const T* gyb = gy_rows + gi * kgs + kb * BK;
             const int64_t kv = min64(BK, Kg - kb * BK);
             T* a = accum + u * kUrc * BK;
             const bool with_bias = bias_accum && t == 0 && tile == 0;  // one unit per block
             with_vectors<kNbk>(ceil_div(kv, int64_t(L)), [&](auto v) {
               constexpr int V = decltype(v)::value;
-              gw_tile<T, kUrc, V>(xb, g.sh * Wp * Cp, g.sw * Cp, gyb, g.OW * ldg, ldg, oh0, oh1,
-                                  g.OW, a);
+              gw_tile<T, kUrc, V>(xb, xrow, g.sw * Cp, gyb, g.OW * ldg, ldg, oh0 - first,
+                                  oh1 - first, g.OW, a);
               if (with_bias)
-                gy_sum_tile<T, V>(gyb, g.OW * ldg, ldg, oh0, oh1, g.OW, bias_accum + blk * BK);
+                gy_sum_tile<T, V>(gyb, g.OW * ldg, ldg, oh0 - first, oh1 - first, g.OW,
+                                  bias_accum + blk * BK);
             });
           }
         }
@@ -842,8 +888,15 @@ int64_t workspace_bytes(const ConvGeom& g, Pass pass) {
       const int64_t Cp = strip ? g.C : (G - 1) * Cg + CT * kUrc;
       const int64_t units = G * ceil_div(Kg, BK) * (strip ? g.R * ST : RS * CT);
       const int64_t x_image = Hp * Wp * Cp, gy_image = g.OH * g.OW * G * round_up(Kg, L);
-      const int64_t group = min64(g.N, images_per_group((x_image + gy_image) * E));
-      return E * (group * (x_image + gy_image) + (strip ? kUrc : 0) +
+      // NCHW grad_y with whole vectors per group goes NHWC a chunk at a time, a buffer per
+      // thread.
+      const bool gy_chunks = Kg % L == 0;
+      const int64_t rows_per_chunk =
+          max64(1, tuning().direct_grad_weight_chunk_pixels / max64(1, g.OW));
+      const int64_t gy_whole = gy_chunks ? 0 : gy_image;
+      const int64_t gy_chunks_size = gy_chunks ? omp_get_max_threads() * rows_per_chunk * g.OW * g.K : 0;
+      const int64_t group = min64(g.N, images_per_group((x_image + gy_whole) * E));
+      return E * (group * (x_image + gy_whole) + gy_chunks_size + (strip ? kUrc : 0) +
                   (Cp != g.C ? group * Hp * Wp * g.C : 0) + units * kUrc * BK) +
              8 * G * ceil_div(Kg, BK) * BK;  // the grad-bias sums, when asked for
     }
