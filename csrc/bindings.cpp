@@ -419,6 +419,7 @@ constexpr TuningField kTuningFields[] = {
     {"im2col_channel_major_grad_weight_max_pixels_per_filter",
      &Tuning::im2col_channel_major_grad_weight_max_pixels_per_filter},
     {"direct_grad_weight_chunk_pixels", &Tuning::direct_grad_weight_chunk_pixels},
+    {"direct_grad_weight_pixel_split_max_bytes", &Tuning::direct_grad_weight_pixel_split_max_bytes},
     {"winograd_tile_block", &Tuning::winograd_tile_block},
     {"winograd_channel_block", &Tuning::winograd_channel_block},
     {"winograd_grad_weight_tile_block", &Tuning::winograd_grad_weight_tile_block},

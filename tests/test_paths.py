@@ -44,8 +44,10 @@ SETTINGS = {
                         pointwise_grad_weight_dw_per_pixel=HUGE,
                         im2col_col2im_grad_input_min_pixels=HUGE),
     # Direct's forward units run block by block, each thread packing the weight blocks it
-    # reaches (what weight-bound layers, 9 MiB of 3x3 weights, do at their real size).
-    "direct_block_by_block": dict(direct_blocks_fastest_max_weight_bytes=1),
+    # reaches (what weight-bound layers, 9 MiB of 3x3 weights, do at their real size); its
+    # grad-weight splits the units over the threads, not the pixels (large dW).
+    "direct_block_by_block": dict(direct_blocks_fastest_max_weight_bytes=1,
+                                  direct_grad_weight_pixel_split_max_bytes=1),
     # One image per layout group, a few pixels per column chunk and per grad-weight chunk:
     # every loop over groups and chunks runs several times, with ragged last pieces.
     # Direct's units run the tiles of one channel block back to back (the default runs a

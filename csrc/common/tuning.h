@@ -57,6 +57,13 @@ struct Tuning {
   // direct grad-weight: output pixels per chunk that every dW tile sweeps (x and grad_y of a
   // chunk stay in L2).
   int64_t direct_grad_weight_chunk_pixels = 512;
+  // direct grad-weight: where the units' sums take at most this many bytes, each thread
+  // sums every unit over its share of the pixels into its own copy (grad_weight_bias).
+  // Batch 8, ms, units split / pixel split, same process: stem 14.1 / 11.4, VGG-16 stem
+  // 20.5 / 14.4, 3x3 64 @56 (152 KiB of sums) 13.1 / 11.2, 3x3/2 128 @56 (608 KiB) 17.5 /
+  // 14.4, 3x3 128 @28 (608 KiB) 9.6 / 9.6, 3x3 256 @14 (2.4 MiB) 9.7 / 10.0, 3x3/2 512 @14
+  // (9.5 MiB) 14.7 / 19.0.
+  int64_t direct_grad_weight_pixel_split_max_bytes = int64_t(1) << 20;
   // Winograd: tiles per block (the GEMMs' N) and output channels per block (their M). A
   // thread transforms one block of tiles for all input channels, then runs the (m+2)^2
   // GEMMs of each channel block on it. Sweep: see csrc/winograd/winograd_conv.cpp.

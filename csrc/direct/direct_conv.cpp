@@ -676,6 +676,15 @@ void nchw_pixels_to_nhwc(const T* src, int64_t C, int64_t plane, int64_t p0, int
                       int(min64(B, C - c0)), int(min64(B, P - q0)));
 }
 
+// Copies of grad-weight's unit sums (`bytes` each): one per thread where they are small
+// and the chunks many enough (the pixel split, see grad_weight_bias), else one.
+inline int grad_weight_sum_copies(const ConvGeom& g, int64_t bytes, int64_t chunks_per_image,
+                                  int nt) {
+  const bool split = nt > 1 && g.N * chunks_per_image >= 2 * nt &&
+                     bytes <= tuning().direct_grad_weight_pixel_split_max_bytes;
+  return split ? nt : 1;
+}
+
 // gb (optional): grad-bias from the same sweep. The unit of each channel block's first tile
 // also sums the chunk of grad_y it has just read (from L2, not memory): VGG-16's stem at
 // batch 8 spent 2.9 ms of its 28 ms weight and bias gradients in a separate pass over the
@@ -737,12 +746,20 @@ void grad_weight_bias(const ConvGeom& g, const T* gy, int gy_layout, const T* x,
 
   // Units: (group, k block, tap (strip mode: tap row), tile), each owned by one thread for
   // the whole of a parallel region, so the accumulators need no synchronisation and results
-  // are deterministic.
-  const int64_t units = G * KB * taps * tiles;
-  T* accum = workspace_as<T>(kWsAccumulators, units * kUrc * BK);
-  // With gb: one row of BK float64 sums per channel block.
-  double* bias_accum = gb ? workspace_as<double>(kWsGradBiasSums, G * KB * BK) : nullptr;
-  if (gb) std::fill(bias_accum, bias_accum + G * KB * BK, 0.0);
+  // are deterministic. Or, where the units' sums are small (the stem: 28 units, 43 KiB),
+  // each thread runs every unit over its share of the chunks into its own copy of the sums,
+  // added up at the end: it converts only its own chunks of an NCHW grad_y, where a split
+  // of the units has every thread convert the whole chunk its units need.
+  const int64_t units = G * KB * taps * tiles, sums = units * kUrc * BK;
+  const int copies = grad_weight_sum_copies(g, sums * int64_t(sizeof(T)), chunks_per_image, nt);
+  const bool pixel_split = copies > 1;
+  T* accum = workspace_as<T>(kWsAccumulators, copies * sums);
+  if (pixel_split) std::memset(accum, 0, sizeof(T) * copies * sums);
+  // With gb: one row of BK float64 sums per channel block (a copy per thread, as above).
+  const int64_t bias_sums = G * KB * BK;
+  double* bias_accum =
+      gb ? workspace_as<double>(kWsGradBiasSums, copies * bias_sums) : nullptr;
+  if (gb) std::fill(bias_accum, bias_accum + copies * bias_sums, 0.0);
   for (int64_t n0 = 0; n0 < g.N; n0 += group) {
     const int64_t images = min64(group, g.N - n0);
     const T* xp = x + n0 * g.C * g.H * g.W;
@@ -785,9 +802,19 @@ void grad_weight_bias(const ConvGeom& g, const T* gy, int gy_layout, const T* x,
       gyn = gybuf;
     }
     parallel(nt, [&](int tid, int nth) {
-      int64_t u0, u1;
-      split_range(units, nth, tid, &u0, &u1);
-      if (n0 == 0) std::memset(accum + u0 * kUrc * BK, 0, sizeof(T) * (u1 - u0) * kUrc * BK);
+      // Units [u0, u1) over chunks [f0, f1) (numbered n * chunks_per_image + ch), into
+      // sums at acc and bias sums at bacc.
+      int64_t u0 = 0, u1 = units, f0 = 0, f1 = images * chunks_per_image;
+      T* acc = accum;
+      double* bacc = bias_accum;
+      if (pixel_split) {
+        split_range(f1, nth, tid, &f0, &f1);
+        acc += tid * sums;
+        if (bacc) bacc += tid * bias_sums;
+      } else {
+        split_range(units, nth, tid, &u0, &u1);
+        if (n0 == 0) std::memset(acc + u0 * kUrc * BK, 0, sizeof(T) * (u1 - u0) * kUrc * BK);
+      }
       // The channels of this thread's units: their blocks' [k_lo, k_hi).
       const auto block_start = [&](int64_t blk) { return blk / KB * Kg + blk % KB * BK; };
       const auto block_end = [&](int64_t blk) {
@@ -796,39 +823,44 @@ void grad_weight_bias(const ConvGeom& g, const T* gy, int gy_layout, const T* x,
       const int64_t k_lo = u0 < u1 ? block_start(u0 / (tiles * taps)) : 0;
       const int64_t k_hi = u0 < u1 ? block_end((u1 - 1) / (tiles * taps)) : 0;
       T* own = gy_chunks ? gybuf + tid * gy_chunk : nullptr;
-      for (int64_t n = 0; n < images; ++n)
-        for (int64_t ch = 0; ch < chunks_per_image; ++ch) {
-          const int64_t oh0 = ch * rows_per_chunk, oh1 = min64(g.OH, oh0 + rows_per_chunk);
-          // The chunk's grad_y, NHWC, as rows [first, oh1) from gy_rows.
-          const T* gy_rows = gyn + n * g.OH * g.OW * ldg;
-          int64_t first = 0;
-          if (gy_chunks && k_lo < k_hi) {
-            nchw_pixels_to_nhwc(gyn + (n * g.K + k_lo) * g.OH * g.OW, k_hi - k_lo,
-                                g.OH * g.OW, oh0 * g.OW, (oh1 - oh0) * g.OW, g.K, own + k_lo);
-            gy_rows = own, first = oh0;
-          }
-          for (int64_t u = u0; u < u1; ++u) {
-            const int64_t tile = u % tiles, t = (u / tiles) % taps, blk = u / (tiles * taps);
-            const int64_t gi = blk / KB, kb = blk % KB;
-            const int64_t r = strip ? t : t / g.S, s = strip ? 0 : t % g.S;
-            const int64_t xrow = g.sh * Wp * Cp;
-            const T* xb = xp + ((n * Hp + r * g.dh) * Wp + s * g.dw) * Cp + gi * Cg +
-                          tile * kUrc + first * xrow;
-            const T* gyb = gy_rows + gi * kgs + kb * BK;
-            const int64_t kv = min64(BK, Kg - kb * BK);
-            T* a = accum + u * kUrc * BK;
-            const bool with_bias = bias_accum && t == 0 && tile == 0;  // one unit per block
-            with_vectors<kNbk>(ceil_div(kv, int64_t(L)), [&](auto v) {
-              constexpr int V = decltype(v)::value;
-              gw_tile<T, kUrc, V>(xb, xrow, g.sw * Cp, gyb, g.OW * ldg, ldg, oh0 - first,
-                                  oh1 - first, g.OW, a);
-              if (with_bias)
-                gy_sum_tile<T, V>(gyb, g.OW * ldg, ldg, oh0 - first, oh1 - first, g.OW,
-                                  bias_accum + blk * BK);
-            });
-          }
+      for (int64_t f = f0; f < f1; ++f) {
+        const int64_t n = f / chunks_per_image, ch = f % chunks_per_image;
+        const int64_t oh0 = ch * rows_per_chunk, oh1 = min64(g.OH, oh0 + rows_per_chunk);
+        // The chunk's grad_y, NHWC, as rows [first, oh1) from gy_rows.
+        const T* gy_rows = gyn + n * g.OH * g.OW * ldg;
+        int64_t first = 0;
+        if (gy_chunks && k_lo < k_hi) {
+          nchw_pixels_to_nhwc(gyn + (n * g.K + k_lo) * g.OH * g.OW, k_hi - k_lo, g.OH * g.OW,
+                              oh0 * g.OW, (oh1 - oh0) * g.OW, g.K, own + k_lo);
+          gy_rows = own, first = oh0;
         }
+        for (int64_t u = u0; u < u1; ++u) {
+          const int64_t tile = u % tiles, t = (u / tiles) % taps, blk = u / (tiles * taps);
+          const int64_t gi = blk / KB, kb = blk % KB;
+          const int64_t r = strip ? t : t / g.S, s = strip ? 0 : t % g.S;
+          const int64_t xrow = g.sh * Wp * Cp;
+          const T* xb = xp + ((n * Hp + r * g.dh) * Wp + s * g.dw) * Cp + gi * Cg +
+                        tile * kUrc + first * xrow;
+          const T* gyb = gy_rows + gi * kgs + kb * BK;
+          const int64_t kv = min64(BK, Kg - kb * BK);
+          T* a = acc + u * kUrc * BK;
+          const bool with_bias = bacc && t == 0 && tile == 0;  // one unit per block
+          with_vectors<kNbk>(ceil_div(kv, int64_t(L)), [&](auto v) {
+            constexpr int V = decltype(v)::value;
+            gw_tile<T, kUrc, V>(xb, xrow, g.sw * Cp, gyb, g.OW * ldg, ldg, oh0 - first,
+                                oh1 - first, g.OW, a);
+            if (with_bias)
+              gy_sum_tile<T, V>(gyb, g.OW * ldg, ldg, oh0 - first, oh1 - first, g.OW,
+                                bacc + blk * BK);
+          });
+        }
+      }
     });
+  }
+  for (int c = 1; c < copies; ++c) {  // the other threads' sums, in a fixed order
+    for (int64_t i = 0; i < sums; ++i) accum[i] += accum[c * sums + i];
+    for (int64_t i = 0; bias_accum && i < bias_sums; ++i)
+      bias_accum[i] += bias_accum[c * bias_sums + i];
   }
   // Unpack [unit][row of tile][k in block] into OIHW; a row is input channel c of tap t, or
   // in strip mode the pair (s, c) at position s*Cg + c of tap row t's strip.
@@ -894,11 +926,14 @@ int64_t workspace_bytes(const ConvGeom& g, Pass pass) {
       const int64_t rows_per_chunk =
           max64(1, tuning().direct_grad_weight_chunk_pixels / max64(1, g.OW));
       const int64_t gy_whole = gy_chunks ? 0 : gy_image;
-      const int64_t gy_chunks_size = gy_chunks ? omp_get_max_threads() * rows_per_chunk * g.OW * g.K : 0;
+      const int nt = threads_for(g.flops(), omp_get_max_threads());
+      const int64_t gy_chunks_size = gy_chunks ? nt * rows_per_chunk * g.OW * g.K : 0;
+      const int copies = grad_weight_sum_copies(g, units * kUrc * BK * E,
+                                                ceil_div(g.OH, rows_per_chunk), nt);
       const int64_t group = min64(g.N, images_per_group((x_image + gy_whole) * E));
       return E * (group * (x_image + gy_whole) + gy_chunks_size + (strip ? kUrc : 0) +
-                  (Cp != g.C ? group * Hp * Wp * g.C : 0) + units * kUrc * BK) +
-             8 * G * ceil_div(Kg, BK) * BK;  // the grad-bias sums, when asked for
+                  (Cp != g.C ? group * Hp * Wp * g.C : 0) + copies * units * kUrc * BK) +
+             8 * copies * G * ceil_div(Kg, BK) * BK;  // the grad-bias sums, when asked for
     }
   }
   return 0;
