@@ -205,16 +205,22 @@ void pack_forward_weights(const ConvGeom& g, int x_layout, int y_layout, const T
 }
 
 template <typename T>
-void forward_nchw_native(const ConvGeom& g, const T* x, const T* packed, const Epilogue<T>& epi,
-                         T* y, int nthreads);
+void forward_nchw_native(const ConvGeom& g, const T* x, const T* packed, const T* w,
+                         const Epilogue<T>& epi, T* y, int nthreads);
 
 template <typename T>
 void forward(const ConvGeom& g, const T* x, int x_layout, const T* w, const T* packed,
              const Epilogue<T>& epi, T* y, int y_layout, int nthreads) {
+  // A pointwise layer's native forward is one GEMM per group over every image: without
+  // cached weights its A (w as it lies) is packed inside the GEMM, a block at a time into L2,
+  // not whole into memory and read back. 1x1 512>2048 @7, batch 1: the weights packed
+  // first took 1.29 ms, cached 0.78.
+  if (!packed && forward_native(g, x_layout, y_layout) && is_pointwise(g))
+    return forward_nchw_native<T>(g, x, nullptr, w, epi, y, nthreads);
   packed = packed_or_pack_now(packed, g, x_layout, y_layout, w, kWsGemmWholeOperand,
                               &weight_packing<T>, &pack_forward_weights<T>, nthreads);
   if (forward_native(g, x_layout, y_layout))
-    return forward_nchw_native(g, x, packed, epi, y, nthreads);
+    return forward_nchw_native<T>(g, x, packed, nullptr, epi, y, nthreads);
   const int64_t OHW = g.OH * g.OW;
   const int64_t G = g.groups, Cg = g.Cg(), Kg = g.Kg(), RSC = g.R * g.S * Cg;
   const int64_t packed_group = gemm_packed_size_b<T>(RSC, Kg);
@@ -323,12 +329,13 @@ void pack_implicit_cols(const void* ctx, int64_t k0, int64_t kc, int64_t j0, int
 }
 
 // NCHW forward, natively. Per group, y[n] (Kg x OHW) = W (Kg x RSC) * cols(x[n]), W packed
-// once. A pointwise layer runs one GEMM over every image (column segments, gemm.h): B and C
-// are the images themselves, so per-image GEMMs' narrow N (49 pixels @7) does not starve
-// the threads or reload W's panels once per image.
+// once (`packed`), or, pointwise, read as it lies from w (packed inside the GEMM). A
+// pointwise layer runs one GEMM over every image (column segments, gemm.h): B and C are the
+// images themselves, so per-image GEMMs' narrow N (49 pixels @7) does not starve the threads
+// or reload W's panels once per image.
 template <typename T>
-void forward_nchw_native(const ConvGeom& g, const T* x, const T* packed, const Epilogue<T>& epi,
-                         T* y, int nthreads) {
+void forward_nchw_native(const ConvGeom& g, const T* x, const T* packed, const T* w,
+                         const Epilogue<T>& epi, T* y, int nthreads) {
   const int64_t G = g.groups, Cg = g.Cg(), Kg = g.Kg(), RSC = Cg * g.R * g.S;
   const int64_t HW = g.H * g.W, OHW = g.OH * g.OW;
   const int64_t packed_group = gemm_packed_size_a<T>(Kg, RSC);
@@ -336,7 +343,13 @@ void forward_nchw_native(const ConvGeom& g, const T* x, const T* packed, const E
     GemmArgs<T> a{};
     a.M = Kg;
     a.K = RSC;
-    a.a_packed = packed + gi * packed_group;  // the same for every image
+    if (packed) {
+      a.a_packed = packed + gi * packed_group;  // the same for every image
+    } else {  // A(k, c) = w[gi*Kg + k][c]
+      a.a = w + gi * Kg * RSC;
+      a.rs_a = RSC;
+      a.cs_a = 1;
+    }
     a.ldc = OHW;
     a.epi = epi.from_channel(gi * Kg);
     a.epi.per_row = true;
@@ -367,8 +380,8 @@ void forward_nchw_native(const ConvGeom& g, const T* x, const T* packed, const E
 //   out (M x m*P) = W^T (M x Kg) * gy (Kg x m*P), A(i, k) = w[gi*Kg + k][i] (M values per
 //   filter: Cg for a pointwise layer, RSC in (c, r, s) order otherwise),
 //   B(k, n*P + p) = gy[n0 + n][gi*Kg + k][p],
-// image n's M x P block of out at out + n * out_image (row stride P). A is packed whole into
-// `packed` by the caller (gemm_pack_a once per group, for every image chunk).
+// image n's M x P block of out at out + n * out_image (row stride P). A caller that runs
+// several image chunks packs A whole once per group (gemm_pack_a).
 template <typename T>
 GemmArgs<T> grad_input_nchw_gemm(const ConvGeom& g, int64_t M, int64_t gi, const T* w,
                                  const T* gy, int64_t n0, int64_t m, T* out, int64_t out_image) {
@@ -394,16 +407,13 @@ GemmArgs<T> grad_input_nchw_gemm(const ConvGeom& g, int64_t M, int64_t gi, const
 // Pointwise grad-input on NCHW tensors, natively (as the forward, one GEMM per group over
 // every image; converting grad_y and grad_x to NHWC and back cost more than the GEMMs:
 // 1x1 64>256 @56, batch 8, grad-input 15.5 ms through NHWC against torch's 7.0).
+// W^T is packed inside the GEMM, a block at a time into L2 (packed whole first, it went to
+// memory and back: 1x1 2048>512 @7, batch 1, ms).
 template <typename T>
 void grad_input_pointwise_nchw(const ConvGeom& g, const T* gy, const T* w, T* gx, int nthreads) {
   const int64_t Cg = g.Cg(), P = g.H * g.W;
-  T* packed = workspace_as<T>(kWsGemmWholeOperand, gemm_packed_size_a<T>(Cg, g.Kg()));
-  for (int64_t gi = 0; gi < g.groups; ++gi) {
-    GemmArgs<T> a = grad_input_nchw_gemm(g, Cg, gi, w, gy, 0, g.N, gx + gi * Cg * P, g.C * P);
-    gemm_pack_a(a, packed, nthreads);
-    a.a_packed = packed;
-    gemm(a, nthreads);
-  }
+  for (int64_t gi = 0; gi < g.groups; ++gi)
+    gemm(grad_input_nchw_gemm(g, Cg, gi, w, gy, 0, g.N, gx + gi * Cg * P, g.C * P), nthreads);
 }
 
 // Output positions o in [*lo, *hi) whose tap at offset `off` reads an input inside [0, in):
@@ -934,12 +944,12 @@ int64_t workspace_bytes(const ConvGeom& g, Pass pass) {
   const bool pointwise = is_pointwise(g);
   const int64_t tap_major = g.R * g.S > 1 ? g.K * RSC * E : 0;
   const int64_t native_n = pointwise ? g.N * OHW : OHW;  // one GEMM over all images or one each
-  if (pass == Pass::kForward && runs_native(g, pass))
-    return tap_major + g.groups * gemm_packed_size_a<T>(Kg, RSC) * E +
-           gemm_workspace_bytes<T>(Kg, native_n, RSC, true, false);
+  if (pass == Pass::kForward && runs_native(g, pass))  // pointwise: W packed inside the GEMM
+    return pointwise ? gemm_workspace_bytes<T>(Kg, native_n, RSC, false, false)
+                     : tap_major + g.groups * gemm_packed_size_a<T>(Kg, RSC) * E +
+                           gemm_workspace_bytes<T>(Kg, native_n, RSC, true, false);
   if (pass == Pass::kGradInput && pointwise && runs_native(g, pass))  // natively on NCHW tensors
-    return gemm_packed_size_a<T>(Cg, Kg) * E +
-           gemm_workspace_bytes<T>(Cg, native_n, Kg, true, false);
+    return gemm_workspace_bytes<T>(Cg, native_n, Kg, false, false);
   if (pass == Pass::kGradInput && grad_input_col2im(g)) {  // natively, through (c, r, s) columns
     const int64_t images = chunk_rows<T>(RSC * OHW, g.N);
     return (gemm_packed_size_a<T>(RSC, Kg) + images * RSC * OHW) * E +
