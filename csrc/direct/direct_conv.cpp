@@ -678,9 +678,9 @@ void nchw_pixels_to_nhwc(const T* src, int64_t C, int64_t plane, int64_t p0, int
 
 // Copies of grad-weight's unit sums (`bytes` each): one per thread where they are small
 // and the chunks many enough (the pixel split, see grad_weight_bias), else one.
-inline int grad_weight_sum_copies(const ConvGeom& g, int64_t bytes, int64_t chunks_per_image,
-                                  int nt) {
-  const bool split = nt > 1 && g.N * chunks_per_image >= 2 * nt &&
+// `chunks`: the chunks of one parallel region (an image group's).
+inline int grad_weight_sum_copies(int64_t bytes, int64_t chunks, int nt) {
+  const bool split = nt > 1 && chunks >= 2 * nt &&
                      bytes <= tuning().direct_grad_weight_pixel_split_max_bytes;
   return split ? nt : 1;
 }
@@ -730,7 +730,7 @@ void grad_weight_bias(const ConvGeom& g, const T* gy, int gy_layout, const T* x,
   // chunks shared by the threads (a barrier each, half of every chunk read from the other
   // core's L2) 1.8-2.0, with the next chunk prefetched no better; per thread 1.0-1.1.
   const bool gy_chunks = gy_layout == kNCHW && Kgp == Kg;
-  const int64_t gy_chunk = rows_per_chunk * g.OW * ldg;
+  const int64_t gy_chunk = min64(rows_per_chunk, g.OH) * g.OW * ldg;
   const int nt = threads_for(g.flops(), nthreads);
   // Both copies are made a group of images at a time, under the layout budget, so the
   // extra memory of a call does not grow with the batch.
@@ -751,7 +751,8 @@ void grad_weight_bias(const ConvGeom& g, const T* gy, int gy_layout, const T* x,
   // added up at the end: it converts only its own chunks of an NCHW grad_y, where a split
   // of the units has every thread convert the whole chunk its units need.
   const int64_t units = G * KB * taps * tiles, sums = units * kUrc * BK;
-  const int copies = grad_weight_sum_copies(g, sums * int64_t(sizeof(T)), chunks_per_image, nt);
+  const int copies =
+      grad_weight_sum_copies(sums * int64_t(sizeof(T)), group * chunks_per_image, nt);
   const bool pixel_split = copies > 1;
   T* accum = workspace_as<T>(kWsAccumulators, copies * sums);
   if (pixel_split) std::memset(accum, 0, sizeof(T) * copies * sums);
@@ -927,9 +928,10 @@ int64_t workspace_bytes(const ConvGeom& g, Pass pass) {
           max64(1, tuning().direct_grad_weight_chunk_pixels / max64(1, g.OW));
       const int64_t gy_whole = gy_chunks ? 0 : gy_image;
       const int nt = threads_for(g.flops(), omp_get_max_threads());
-      const int64_t gy_chunks_size = gy_chunks ? nt * rows_per_chunk * g.OW * g.K : 0;
-      const int copies = grad_weight_sum_copies(g, units * kUrc * BK * E,
-                                                ceil_div(g.OH, rows_per_chunk), nt);
+      const int64_t gy_chunks_size = gy_chunks ? nt * min64(rows_per_chunk, g.OH) * g.OW * g.K : 0;
+      // A copy of the sums per thread wherever they are small enough (a bound: a call with
+      // fewer threads may split the pixels where this one would not).
+      const int copies = grad_weight_sum_copies(units * kUrc * BK * E, 2 * int64_t(nt), nt);
       const int64_t group = min64(g.N, images_per_group((x_image + gy_whole) * E));
       return E * (group * (x_image + gy_whole) + gy_chunks_size + (strip ? kUrc : 0) +
                   (Cp != g.C ? group * Hp * Wp * g.C : 0) + copies * units * kUrc * BK) +
