@@ -547,11 +547,19 @@ void nhwc_row(const ConvGeom& g, const T* ximg, int64_t oh, int64_t k0, const T*
 // later loads from x, by the 4 KiB offset of the two, we think): 144 @56 stride 2, ms over
 // 22 offsets of x, streamed mean 0.29 max 0.35 vs 0.39 and 0.73; 192 @28 0.25 / 0.35 vs
 // 0.29 / 0.48; 576 @14 (3.4 MiB) 0.18 either way.
+// Whether an NHWC output of `bytes` in all (over `min_bytes`), `channels` per pixel, from p
+// is written with non-temporal stores: whole vectors per pixel, vector-aligned.
+template <typename T>
+bool stream_nhwc(int64_t bytes, int64_t min_bytes, int64_t channels, const T* p) {
+  constexpr int L = Vec<T>::lanes;
+  return bytes > min_bytes && channels % L == 0 &&
+         reinterpret_cast<uintptr_t>(p) % (L * sizeof(T)) == 0;
+}
+
 template <typename T>
 bool stream_rows(const ConvGeom& g, const T* yrow) {
-  constexpr int L = Vec<T>::lanes;
-  return g.N * g.OH * g.OW * g.K * int64_t(sizeof(T)) > tuning().depthwise_stream_min_bytes &&
-         reinterpret_cast<uintptr_t>(yrow) % (L * sizeof(T)) == 0 && g.K % L == 0;
+  return stream_nhwc(g.N * g.OH * g.OW * g.K * int64_t(sizeof(T)),
+                     tuning().depthwise_stream_min_bytes, g.K, yrow);
 }
 
 // Rows whose input vectors are reused along the width (nhwc_row_reuse, below): 3 or 5 taps
@@ -1720,9 +1728,8 @@ void grad_input_nhwc_phases(const ConvGeom& g, const T* gy, const T* w, T* gx, i
   const int64_t lowest = max64(0, S - 1 - g.pl), first = lowest + ((lowest + g.pl) & 1);
   const int64_t begin = min64(g.W, first), end = max64(begin, min64(g.W, 2 * g.OW - g.pl));
   // gx far larger than the caches goes around them (tuning.h).
-  const bool stream = g.N * g.H * g.W * g.C * int64_t(sizeof(T)) >
-                          tuning().depthwise_grad_input_stream_min_bytes &&
-                      g.C % L == 0 && reinterpret_cast<uintptr_t>(gx) % (L * sizeof(T)) == 0;
+  const bool stream = stream_nhwc(g.N * g.H * g.W * g.C * int64_t(sizeof(T)),
+                                  tuning().depthwise_grad_input_stream_min_bytes, g.C, gx);
   parallel_for(g.N * g.H, threads_for(g.flops(), nthreads), [&](int64_t item) {
     const int64_t n = item / g.H, ih = item % g.H;
     NhwcPhaseRow<T> row{};

@@ -781,13 +781,9 @@ void grad_weight_bias(const ConvGeom& g, const T* gy, int gy_layout, const T* x,
       xp = xbuf;
     }
     const T* gyn = gy + n0 * g.K * g.OH * g.OW;
-    if (gy_chunks) {
-      // converted in the units' region
-    } else if (gy_copy && Kgp == Kg) {
-      scatter_to_nhwc(gyn, gy_layout, images, g.K, g.OH, g.OW, gybuf, g.OH, g.OW, 0, 0, 1, 1,
-                      nthreads);
-      gyn = gybuf;
-    } else if (gy_copy) {
+    // An NCHW grad_y with whole vectors per group is converted in the units' region (gy_chunks);
+    // groups padded to whole vectors are copied here, a value at a time.
+    if (gy_copy && !gy_chunks) {
       const int64_t OHW = g.OH * g.OW;
       for (int64_t pix = 0; pix < images * OHW; ++pix) {
         const int64_t n = pix / OHW, q = pix % OHW;
