@@ -965,7 +965,9 @@ void grad_weight_nhwc_row(const ConvGeom& g, const T* gy, const T* x, int64_t ro
   const T* xn = x + n * g.H * g.W * C + k0;
   const T* gyr = gy + row * g.OW * g.K + k0;
   const LaneMask<T> lanes = lane_mask<T>(0, g.K - k0);
-  const auto load = [&](const T* p) { return Whole ? V::load(p) : load_masked(p, lanes); };
+  const auto load = [&](const T* p) __attribute__((always_inline)) {
+    return Whole ? V::load(p) : load_masked(p, lanes);
+  };
   // Each tap's input row (null: outside the input) and column offset: iw = ow * sw + col.
   const T* xrow[RS];
   int64_t col[RS];
@@ -978,23 +980,26 @@ void grad_weight_nhwc_row(const ConvGeom& g, const T* gy, const T* x, int64_t ro
     hi = min64(hi, g.W - col[t] <= 0 ? 0 : ceil_div(g.W - col[t], sw));
   }
   hi = max64(hi, lo);
+  // The accumulators' indices are constants (static_for): in runtime loops GCC kept them
+  // on the stack.
   V acc[RS];
-  for (int t = 0; t < RS; ++t) acc[t] = V::load(part + t * Kp + k0);
-  const auto edge = [&](int64_t ow) {
+  static_for<RS>([&](auto t) { acc[t] = V::load(part + t * Kp + k0); });
+  const auto edge = [&](int64_t ow) __attribute__((always_inline)) {
     const V d = load(gyr + ow * g.K);
-    for (int t = 0; t < RS; ++t) {
+    static_for<RS>([&](auto t) __attribute__((always_inline)) {
       const int64_t iw = ow * sw + col[t];
       if (xrow[t] && iw >= 0 && iw < g.W) acc[t] = fmadd(d, load(xrow[t] + iw * C), acc[t]);
-    }
+    });
   };
   for (int64_t ow = 0; ow < lo; ++ow) edge(ow);
   for (int64_t ow = lo; ow < hi; ++ow) {
     const V d = load(gyr + ow * g.K);
-    for (int t = 0; t < RS; ++t)
+    static_for<RS>([&](auto t) __attribute__((always_inline)) {
       if (xrow[t]) acc[t] = fmadd(d, load(xrow[t] + (ow * sw + col[t]) * C), acc[t]);
+    });
   }
   for (int64_t ow = hi; ow < g.OW; ++ow) edge(ow);
-  for (int t = 0; t < RS; ++t) acc[t].store(part + t * Kp + k0);
+  static_for<RS>([&](auto t) { acc[t].store(part + t * Kp + k0); });
 }
 
 template <typename T, int S>
