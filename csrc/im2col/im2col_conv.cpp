@@ -847,10 +847,16 @@ void pack_channel_major_cols(const void* ctx, int64_t k0, int64_t kc, int64_t j0
 }
 
 // Whether grad-weight builds channel-major columns (pack_channel_major_cols) for an image
-// group of P output pixels.
-inline bool grad_weight_channel_major(const ConvGeom& g, int64_t P) {
-  return !is_pointwise(g) &&
-         P <= g.Kg() * tuning().im2col_channel_major_grad_weight_max_pixels_per_filter;
+// group of P output pixels: where dW outweighs the columns (tuning.h), and for NCHW x of
+// strided spatial kernels, whose NHWC copy (the tap-major path's) holds sh x sw input pixels
+// per output pixel and cost more than the gathers. Batch 8, ms, channel-major / tap-major,
+// torch, 3 interleaved rounds: 3x3/2 128 @56 11.2 / 12.8, 10.6; 3x3/2 256 @28 10.0 / 11.2,
+// 10.7; batch 1 the same within 1 %. (Stride 1 stays tap-major: 3x3 64 @56 batch 1 1.58 /
+// 1.46, 3x3 64>128 @112 11.4 / 10.9.)
+inline bool grad_weight_channel_major(const ConvGeom& g, int64_t P, int x_layout) {
+  if (is_pointwise(g)) return false;
+  if (P <= g.Kg() * tuning().im2col_channel_major_grad_weight_max_pixels_per_filter) return true;
+  return x_layout != kNHWC && g.R * g.S > 1 && g.sh * g.sw >= 4;
 }
 
 template <typename T>
@@ -863,7 +869,7 @@ void grad_weight(const ConvGeom& g, const T* gy, int gy_layout, const T* x, int 
   const int64_t OHW = g.OH * g.OW;
   const int64_t per_image = g.C * g.H * g.W + g.K * OHW;
   const int64_t group = images_per_group(per_image * int64_t(sizeof(T)));
-  const bool channel_major = grad_weight_channel_major(g, min64(group, g.N) * OHW);
+  const bool channel_major = grad_weight_channel_major(g, min64(group, g.N) * OHW, x_layout);
   T* dwt = pointwise || channel_major ? gw : workspace_as<T>(kWsWeightsTapMajor, g.K * RSC);
   // The first image group's GEMMs write dwt, later ones add to it. (Zeroing it first cost a
   // third of the call on weight-bound layers: 3x3/2 512 @14, batch 1, 9 MiB memset by one
@@ -981,7 +987,7 @@ int64_t workspace_bytes(const ConvGeom& g, Pass pass) {
              gemm_workspace_bytes<T>(rows, RSC, Kg, false, true);
     case Pass::kGradWeight: {  // pixel windows instead of columns, one GEMM per group
       // Channel-major: no tap-major dW, and x read in place (grad_y still converted).
-      const bool cm = grad_weight_channel_major(g, P);
+      const bool cm = grad_weight_channel_major(g, P, kNCHW);
       return (pointwise || cm ? 0 : g.K * RSC * E) + (cm ? images * image_out * E : layouts) +
              (pointwise ? 0 : round_up(P * int64_t(sizeof(PixelWindow)), E)) +
              gemm_workspace_bytes<T>(Kg, RSC, P, false, false);
