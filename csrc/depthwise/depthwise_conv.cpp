@@ -965,7 +965,7 @@ void grad_weight_nhwc_row(const ConvGeom& g, const T* gy, const T* x, int64_t ro
   const T* xn = x + n * g.H * g.W * C + k0;
   const T* gyr = gy + row * g.OW * g.K + k0;
   const LaneMask<T> lanes = lane_mask<T>(0, g.K - k0);
-  const auto load = [&](const T* p) __attribute__((always_inline)) {
+  const auto load = [&](const T* p) FASTCONV_ALWAYS_INLINE {
     return Whole ? V::load(p) : load_masked(p, lanes);
   };
   // Each tap's input row (null: outside the input) and column offset: iw = ow * sw + col.
@@ -984,9 +984,9 @@ void grad_weight_nhwc_row(const ConvGeom& g, const T* gy, const T* x, int64_t ro
   // on the stack.
   V acc[RS];
   static_for<RS>([&](auto t) { acc[t] = V::load(part + t * Kp + k0); });
-  const auto edge = [&](int64_t ow) __attribute__((always_inline)) {
+  const auto edge = [&](int64_t ow) FASTCONV_ALWAYS_INLINE {
     const V d = load(gyr + ow * g.K);
-    static_for<RS>([&](auto t) __attribute__((always_inline)) {
+    static_for<RS>([&](auto t) FASTCONV_ALWAYS_INLINE {
       const int64_t iw = ow * sw + col[t];
       if (xrow[t] && iw >= 0 && iw < g.W) acc[t] = fmadd(d, load(xrow[t] + iw * C), acc[t]);
     });
@@ -994,7 +994,7 @@ void grad_weight_nhwc_row(const ConvGeom& g, const T* gy, const T* x, int64_t ro
   for (int64_t ow = 0; ow < lo; ++ow) edge(ow);
   for (int64_t ow = lo; ow < hi; ++ow) {
     const V d = load(gyr + ow * g.K);
-    static_for<RS>([&](auto t) __attribute__((always_inline)) {
+    static_for<RS>([&](auto t) FASTCONV_ALWAYS_INLINE {
       if (xrow[t]) acc[t] = fmadd(d, load(xrow[t] + (ow * sw + col[t]) * C), acc[t]);
     });
   }
@@ -1255,7 +1255,7 @@ void nhwc_reuse_tile(const ReuseRow<T>& row, int64_t ow0) {
     // Column j at xp, stepped by one pixel per column and kept opaque: with the J column
     // offsets j * C folded into the addresses, GCC held them in J registers and spilled.
     const T* xp = x + ((ih0 + r * dh) * W + iw0) * C;
-    static_for<J>([&](auto j) __attribute__((always_inline)) {
+    static_for<J>([&](auto j) FASTCONV_ALWAYS_INLINE {
       constexpr bool edge = j < E || j >= J - E;  // may lie in the padding
       V xv;
       if constexpr (Inside || !edge) {
@@ -1270,7 +1270,7 @@ void nhwc_reuse_tile(const ReuseRow<T>& row, int64_t ow0) {
       keep_in_register(xv);
       xp += C;
       __asm__("" : "+r"(xp));
-      static_for<S>([&](auto s) __attribute__((always_inline)) {
+      static_for<S>([&](auto s) FASTCONV_ALWAYS_INLINE {
         constexpr int d = j - s;  // SW * (the pixel whose tap s reads column j)
         if constexpr (d >= 0 && d % SW == 0 && d / SW < PW)
           acc[d / SW] = fmadd(xv, wv[s], acc[d / SW]);
@@ -1296,7 +1296,13 @@ void nhwc_reuse_tile(const ReuseRow<T>& row, int64_t ow0) {
 }
 
 // Pixels per reuse tile: what the registers hold beside the S weights and the input vector.
+// Sanitized builds (correctness only) instantiate tiles of up to 4: the unrolled bodies of
+// all 16 widths took the file's sanitized compile from ~2 minutes to over 7.
+#if defined(__SANITIZE_ADDRESS__)
+constexpr int kReusePixels = 4;
+#else
 constexpr int kReusePixels = kVectorRegisters >= 32 ? 16 : 8;
+#endif
 
 template <typename T>
 using ReuseTile = void (*)(const ReuseRow<T>&, int64_t);
