@@ -132,9 +132,10 @@ def test_outputs_larger_than_the_caches(W, channels_last, dtype, isa):
 
 
 # channels_last rows with S = 3 or 5 taps, stride 1 or 2 and padding up to S // 2 reuse each
-# input vector across a register tile of up to 16 pixels (8 on AVX2; float32): widths below,
-# at and above one tile, rows of several tiles with a narrower last one, tiles that touch the
-# padding on the left, the right or both, vertical dilation, and padding past S // 2 (the
+# input vector across a register tile of up to 16 pixels (8 on AVX2, 4 in sanitized builds;
+# float32): widths below, at and above one tile, rows of several tiles with a narrower last
+# one, tiles that touch the padding on the left, the right or both, vertical dilation, and
+# padding past S // 2 (the
 # generic rows). NCHW maps narrower than two vectors run the same rows on NHWC tiles.
 REUSE_ROWS = [
     # (kernel, stride, padding (top, bottom, left, right), dilation, H, W)
@@ -365,5 +366,32 @@ def test_channels_last_strided_grad_input_with_a_channel_tail(C, k, stride, padd
                                                       seed=C * k + stride + 1)
     expected = torch.nn.grad.conv2d_input(x.shape, w.double(), gy.double(), **kw)
     got = ops.conv2d_grad_input(gy, w, list(x.shape), *conv)
+    tol = 1e-4 if dtype == torch.float32 else 1e-10
+    torch.testing.assert_close(got.double(), expected, atol=tol * 10, rtol=tol)
+
+
+@pytest.mark.parametrize("padding,dilation,W", [
+    ((1, 1, 4, 0), (1, 2), 1),   # left padding past every output pixel: OW = 1, 4 columns padded
+    ((0, 0, 6, 1), (1, 3), 2),   # OW = 3, the first taps reach the input only from ow = 2
+    ((1, 1, 0, 5), (1, 2), 1)])  # the same on the right
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_channels_last_grad_weight_wide_padding_on_narrow_maps(padding, dilation, W, dtype,
+                                                               isa):
+    """Channels_last grad-weight where the padding on one side is wider than the output row:
+    the outputs whose taps all lie inside the row are none, and the edge loops stop at the
+    row's end (they ran to the padding's width, reading grad_y past the row)."""
+    g = torch.Generator().manual_seed(W)
+    C = 40
+    x = torch.randn(2, C, 3, W, dtype=dtype, generator=g).contiguous(
+        memory_format=torch.channels_last)
+    w = torch.randn(C, 1, 3, 3, dtype=dtype, generator=g)
+    pt, pb, pl, pr = padding
+    xp = F.pad(x, (pl, pr, pt, pb))
+    gy = torch.randn(F.conv2d(xp, w, dilation=dilation, groups=C).shape, dtype=dtype,
+                     generator=g).contiguous(memory_format=torch.channels_last)
+    expected = torch.nn.grad.conv2d_weight(xp.double(), w.shape, gy.double(),
+                                           dilation=dilation, groups=C)
+    got = ops.conv2d_grad_weight(gy, x, list(w.shape), [1, 1], list(padding), list(dilation),
+                                 C, "depthwise")
     tol = 1e-4 if dtype == torch.float32 else 1e-10
     torch.testing.assert_close(got.double(), expected, atol=tol * 10, rtol=tol)

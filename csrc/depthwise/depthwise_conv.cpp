@@ -979,6 +979,7 @@ void grad_weight_nhwc_row(const ConvGeom& g, const T* gy, const T* x, int64_t ro
     lo = max64(lo, col[t] >= 0 ? 0 : ceil_div(-col[t], sw));
     hi = min64(hi, g.W - col[t] <= 0 ? 0 : ceil_div(g.W - col[t], sw));
   }
+  lo = min64(lo, g.OW);  // padding wider than the row: every output is an edge one
   hi = max64(hi, lo);
   // The accumulators' indices are constants (static_for): in runtime loops GCC kept them
   // on the stack.
