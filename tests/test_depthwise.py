@@ -135,7 +135,8 @@ def test_outputs_larger_than_the_caches(W, channels_last, dtype, isa):
 # input vector across a register tile of up to 16 pixels (8 on AVX2, 4 in sanitized builds;
 # float32): widths below, at and above one tile, rows of several tiles with a narrower last
 # one, tiles that touch the padding on the left, the right or both, vertical dilation, and
-# padding past S // 2 (the generic rows). NCHW maps narrower than two vectors run the same rows on NHWC tiles.
+# padding past S // 2 (the generic rows). NCHW maps narrower than two vectors run the same
+# rows on NHWC tiles.
 REUSE_ROWS = [
     # (kernel, stride, padding (top, bottom, left, right), dilation, H, W)
     (3, 1, (1, 1, 1, 1), 1, 5, 1),      # one pixel: its tile touches both sides
