@@ -426,6 +426,7 @@ constexpr TuningField kTuningFields[] = {
     {"winograd_grad_weight_channel_block", &Tuning::winograd_grad_weight_channel_block},
     {"depthwise_stream_min_bytes", &Tuning::depthwise_stream_min_bytes},
     {"depthwise_grad_input_stream_min_bytes", &Tuning::depthwise_grad_input_stream_min_bytes},
+    {"gemm_own_panels_max_rows", &Tuning::gemm_own_panels_max_rows},
 };
 
 }  // namespace

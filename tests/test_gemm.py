@@ -8,13 +8,26 @@ import pytest
 import torch
 
 from fastconv import ops
+from fastconv.backend import tuning
 from conftest import assert_close
 
 DTYPES = [torch.float32, torch.float64]
 
 
+@pytest.fixture(autouse=True, params=["own_panels", "shared_b_blocks"])
+def b_packing(request):
+    """Every test under both ways of packing B (gemm.cpp): products of one A block pack their
+    B micro-panels per thread, one at a time (the default); with gemm_own_panels_max_rows=1
+    only single-row products do, and the rest pack whole B blocks shared by the threads."""
+    if request.param == "own_panels":
+        yield request.param
+    else:
+        with tuning(gemm_own_panels_max_rows=1):
+            yield request.param
+
+
 def _check(a, b, c0=None, *, accumulate=False, scale=None, shift=None, per_row=True,
-           relu=False, what=""):
+           relu=False, what="", slack=1.0):
     c = c0.clone() if c0 is not None else None
     out = ops.gemm(a, b, c, accumulate=accumulate, scale=scale, shift=shift, per_row=per_row,
                    relu=relu)
@@ -30,7 +43,7 @@ def _check(a, b, c0=None, *, accumulate=False, scale=None, shift=None, per_row=T
         ref = torch.where(ref < 0, torch.zeros_like(ref), ref)  # NaN stays NaN
     eps = torch.finfo(a.dtype).eps
     k = a.shape[1]
-    assert_close(out, ref, atol=4 * eps * max(1, k) ** 0.5 * 4, rtol=4 * eps * 8,
+    assert_close(out, ref, atol=slack * 4 * eps * max(1, k) ** 0.5 * 4, rtol=slack * 4 * eps * 8,
                  what=f"gemm {what} M,N,K={a.shape[0]},{b.shape[1]},{k} {a.dtype}")
     return out
 
@@ -228,5 +241,30 @@ def test_column_segments(dtype, threads, isa):
             out = ops.gemm_column_segments(a, b, shift=col_shift, per_row=False)
             exp = ref + col_shift.double().reshape(S, 1, L)
             assert_close(out, exp, **tol, what=f"{what} per-column epilogue")
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+def test_one_a_block_over_many_panels(dtype, threads, isa):
+    """Products of one A block (M <= MC) over B wider than NC and K over two KC blocks: the
+    threads' panel ranges end inside a tile row, the last panel is partial, and the second K
+    block accumulates onto the first, with a per-row and a per-column epilogue. (A million
+    outputs: the error's tail is wider than the other tests' bound, hence the slack.)"""
+    blk = ops.gemm_blocking(dtype)
+    n, k = blk["nc"] + 2 * blk["nr"] + 5, 3 * blk["kc"] // 2 + 9
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for m in (1, blk["mr"] + 1, blk["mc"]):
+            a, b = _rand(m, k, dtype=dtype), _rand(k, n, dtype=dtype, seed=1)
+            _check(a, b, what="one A block", slack=3)
+            _check(a, b, _rand(m, n, dtype=dtype, seed=2), accumulate=True,
+                   shift=_rand(m, dtype=dtype, seed=3), relu=True, what="one A block, per row",
+                   slack=3)
+            scale = 1 + _rand(n, dtype=dtype, seed=4).clamp(-2, 2) / 4  # near 1: the tolerance
+            _check(a, b, scale=scale, shift=_rand(n, dtype=dtype, seed=5),
+                   per_row=False, what="one A block, per column", slack=3)
     finally:
         torch.set_num_threads(before)

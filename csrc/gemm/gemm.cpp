@@ -3,6 +3,7 @@
 
 #include "../common/simd.h"
 #include "../common/transpose.h"
+#include "../common/tuning.h"
 #include "../common/workspace.h"
 
 namespace fastconv {
@@ -161,24 +162,23 @@ void pack_b_panel_segmented(const GemmArgs<T>& g, int64_t p0, int64_t kc, int64_
 // Pack rows [p0, p0 + kc) x columns [j0, j0 + nc) of B into NR-wide micro-panels,
 // Bp[panel][k][NR], zero-padding the last panel. Only panels [q0, q1) are packed.
 template <typename T, int NR>
+void pack_b_panel(const GemmArgs<T>& g, int64_t p0, int64_t kc, int64_t c0, int64_t cols,
+                  T* d) {
+  if (g.pack_b_panel) return g.pack_b_panel(g.pack_b_ctx, p0, kc, c0, cols, NR, d);
+  if (g.n_seg > 0) return pack_b_panel_segmented<T, NR>(g, p0, kc, c0, cols, d);
+  const T* b = g.b + c0 * g.cs_b;
+  for_each_k_run(g.k_seg, g.k_seg_first, g.seg_stride_b, g.rs_b, p0, kc,
+                 [&](int64_t off, int64_t len, int64_t base) {
+    pack_panel_run<T, NR>(b + base, g.cs_b, g.rs_b, cols, len, d + off * NR);
+  });
+}
+
+template <typename T, int NR>
 void pack_b(const GemmArgs<T>& g, int64_t p0, int64_t kc, int64_t j0, int64_t nc, T* bp,
             int64_t q0, int64_t q1) {
   for (int64_t q = q0; q < q1; ++q) {
-    T* d = bp + q * kc * NR;
-    const int64_t c0 = j0 + q * NR, cols = min64(NR, j0 + nc - c0);
-    if (g.pack_b_panel) {
-      g.pack_b_panel(g.pack_b_ctx, p0, kc, c0, cols, NR, d);
-      continue;
-    }
-    if (g.n_seg > 0) {
-      pack_b_panel_segmented<T, NR>(g, p0, kc, c0, cols, d);
-      continue;
-    }
-    const T* b = g.b + c0 * g.cs_b;
-    for_each_k_run(g.k_seg, g.k_seg_first, g.seg_stride_b, g.rs_b, p0, kc,
-                   [&](int64_t off, int64_t len, int64_t base) {
-      pack_panel_run<T, NR>(b + base, g.cs_b, g.rs_b, cols, len, d + off * NR);
-    });
+    const int64_t c0 = j0 + q * NR;
+    pack_b_panel<T, NR>(g, p0, kc, c0, min64(NR, j0 + nc - c0), bp + q * kc * NR);
   }
 }
 
@@ -405,6 +405,52 @@ void gemm_own_rows(const GemmArgs<T>& g, int nt, T* abuf, T* bbuf) {
   });
 }
 
+// Products of one A block (M <= MC) whose B is not prepacked use each B micro-panel with
+// that block only. Packing a whole KC x NC block of B first (all threads, into L3, then a
+// barrier) moves B through the caches twice and leaves the FMAs waiting on the packing.
+// Here each thread packs its own micro-panels one at a time into an L1-sized buffer and runs
+// every tile of the A block over each at once; A's packing is the only barrier. Measured:
+// see Tuning::gemm_own_panels_max_rows (common/tuning.h).
+template <typename T>
+bool packs_own_panels(int64_t M, int64_t N, bool b_prepacked, int nt) {
+  constexpr int NR = Blocking<T>::NBV * Vec<T>::lanes;
+  return !b_prepacked && M <= min64(Blocking<T>::MC, tuning().gemm_own_panels_max_rows) &&
+         ceil_div(N, NR) >= 2 * nt;
+}
+
+template <typename T>
+void gemm_own_panels(const GemmArgs<T>& g, int nt, T* abuf, T* bbuf) {
+  constexpr int MR = Blocking<T>::MR, NR = Blocking<T>::NBV * Vec<T>::lanes;
+  const int64_t KC = k_block<T>(g.K), kc_max = min64(KC, g.K);
+  const int64_t ma = ceil_div(g.M, MR), nb = ceil_div(g.N, NR);
+  parallel(nt, [&](int tid, int nth) {
+    T* own_b = bbuf + tid * kc_max * NR;
+    int64_t q0, q1;
+    for (int64_t pc = 0; pc < g.K; pc += KC) {                   // PC loop
+      const int64_t kc = min64(KC, g.K - pc);
+      const bool accumulate = g.accumulate || pc > 0, last = pc + kc == g.K;
+      const T* ablk = abuf;
+      if (g.a_packed) {
+        ablk = g.a_packed + pc * round_up(g.M, MR);
+      } else {
+        split_range(ma, nth, tid, &q0, &q1);                     // threads pack A together
+        pack_a<T, MR>(g, 0, g.M, pc, kc, abuf, q0, q1);
+#pragma omp barrier
+      }
+      split_range(nb, nth, tid, &q0, &q1);
+      for (int64_t q = q0; q < q1; ++q) {                        // JR loop, own panels
+        const int64_t col = q * NR;
+        pack_b_panel<T, NR>(g, pc, kc, col, min64(NR, g.N - col), own_b);
+        for (int64_t ir = 0; ir < ma; ++ir)                      // IR loop
+          tile_of<T>(g, kc, ablk + ir * kc * MR, own_b, ir * MR, col, accumulate, last);
+      }
+      if (!g.a_packed) {
+#pragma omp barrier  // A is repacked next
+      }
+    }
+  });
+}
+
 template <typename T>
 void gemm(const GemmArgs<T>& g, int nthreads) {
   using B = Blocking<T>;
@@ -417,11 +463,14 @@ void gemm(const GemmArgs<T>& g, int nthreads) {
   const int64_t kc_max = min64(KC, g.K);
   const int nt = threads_for(2 * g.M * g.N * g.K, nthreads);
   const bool own_rows = splits_rows<T>(g.M, g.N, nt);
+  const bool own_panels = !own_rows && packs_own_panels<T>(g.M, g.N, g.b_packed, nt);
   const int64_t a_block = kc_max * round_up(min64(MC, g.M), MR);
-  T* bbuf = g.b_packed ? nullptr
-                       : workspace_as<T>(kWsGemmPanelsB, kc_max * round_up(min64(NC, g.N), NR));
+  T* bbuf = g.b_packed    ? nullptr
+            : own_panels ? workspace_as<T>(kWsGemmPanelsB, nt * kc_max * NR)
+                         : workspace_as<T>(kWsGemmPanelsB, kc_max * round_up(min64(NC, g.N), NR));
   T* abuf = g.a_packed ? nullptr : workspace_as<T>(kWsGemmPanelsA, (own_rows ? nt : 1) * a_block);
   if (own_rows) return gemm_own_rows<T>(g, nt, abuf, bbuf);
+  if (own_panels) return gemm_own_panels<T>(g, nt, abuf, bbuf);
 
   parallel(nt, [&](int tid, int nth) {
     for (int64_t jc = 0; jc < g.N; jc += NC) {                   // JC loop
@@ -481,7 +530,15 @@ int64_t gemm_workspace_bytes(int64_t M, int64_t N, int64_t K, bool a_prepacked,
   const int64_t a = a_prepacked ? 0
                                 : (splits_rows<T>(M, N, nt) ? nt : 1) * kc_max *
                                       round_up(min64(B::MC, M), MR);
-  const int64_t b = b_prepacked ? 0 : kc_max * round_up(min64(round_up(B::NC, NR), N), NR);
+  // B: the shared block (also split rows'), or for one A block a micro-panel per thread.
+  // Callers estimate with shapes that bound their calls' rather than equal them, and a call
+  // of fewer columns may take more threads or the shared block: with one A block, at most
+  // 2 x threads panels (packs_own_panels) whichever of the two it takes.
+  const int64_t panels = ceil_div(min64(round_up(B::NC, NR), N), NR);
+  const bool one_a_block = M <= B::MC && !splits_rows<T>(M, N, nt);
+  const int64_t b = b_prepacked  ? 0
+                    : one_a_block ? kc_max * NR * min64(panels, 2 * int64_t(omp_get_max_threads()))
+                                  : kc_max * NR * panels;
   return (a + b) * int64_t(sizeof(T));
 }
 template int64_t gemm_workspace_bytes<float>(int64_t, int64_t, int64_t, bool, bool);
