@@ -62,6 +62,10 @@ SETTINGS = {
     # Strided NCHW grad-input through col2im, one image per GEMM (columns over the budget).
     "im2col_col2im_per_image": dict(im2col_col2im_grad_input_min_pixels=1,
                                     im2col_column_budget_bytes=1),
+    # GEMMs of one A block with whole B blocks packed by all threads before a barrier (the
+    # default packs B a micro-panel at a time per thread there).
+    "gemm_shared_b_blocks": dict(gemm_own_panels_max_rows=1,
+                                 **{t: 1 for t in NATIVE_THRESHOLDS}),
     # Spatial grad-weight through channel-major columns (dW written in OIHW order in place),
     # several image groups summed.
     "im2col_channel_major": dict(im2col_channel_major_grad_weight_max_pixels_per_filter=HUGE,
@@ -145,6 +149,37 @@ def test_col2im_grad_input_takes_its_path(stride, padding, dilation, groups, set
     column = (4 // groups) * 9 * gy.shape[2] * gy.shape[3] * 8  # one image's columns, bytes
     assert used["activation_nhwc"] == 0 and used["output_nhwc"] == 0
     assert used["columns"] == column * (3 if setting == "im2col_native" else 1)
+
+
+@pytest.mark.parametrize("C,R,S,stride,padding,dilation", [
+    (3, 7, 7, (2, 2), (3, 3, 3, 3), (1, 1)),    # the stem: 7 taps over two phases
+    (2, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1)),    # one phase
+    (2, 3, 5, (1, 3), (0, 2, 4, 1), (2, 2)),    # three phases, padding wider than the reach
+    (2, 2, 4, (2, 2), (1, 0, 0, 3), (1, 3)),    # dilation 3 over stride 2: phases 0, 1, 0, 1
+    (3, 1, 3, (3, 4), (0, 0, 5, 5), (1, 1)),    # columns beyond the input on both sides
+    (96, 3, 3, (2, 2), (1, 1, 1, 1), (1, 1)),   # two K blocks that split a tap row's phases
+    (1, 3, 3, (1, 2), (0, 0, 0, 0), (1, 4)),    # taps past the map: whole rows of zeros
+])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_implicit_im2col_packing(C, R, S, stride, padding, dilation, dtype, isa):
+    """The native NCHW forward's implicit im2col (pack_implicit_cols): each stride phase of an
+    input row gathered once with its padding, every tap copied from it, panels that span
+    output rows and end partial, K blocks that start and end inside a row of taps."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, C, 13, 23, dtype=dtype, generator=g)
+    w = torch.randn(5, C, R, S, dtype=dtype, generator=g)
+    pt, pb, pl, pr = padding
+    xp = F.pad(x, (pl, pr, pt, pb))
+    expected = F.conv2d(xp.double(), w.double(), stride=stride, dilation=dilation)
+    with tuning(**SETTINGS["im2col_native"]):
+        fastconv.release_workspaces()
+        got = ops.conv2d_forward(x, w, None, list(stride), list(padding), list(dilation), 1,
+                                 "im2col")
+        used = workspace_high_water()
+    assert used["output_nhwc"] == 0 and used["activation_nhwc"] == 0  # native, implicit
+    assert_close(got, expected.to(dtype), **tolerances(dtype, C * R * S, (C * R * S) ** .5),
+                 what=f"implicit im2col C={C} {R}x{S} stride {stride} padding {padding} "
+                      f"dilation {dilation}")
 
 
 def test_tuning_restores_and_rejects_unknown_fields():
