@@ -248,16 +248,19 @@ def test_column_segments(dtype, threads, isa):
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
 def test_one_a_block_over_many_panels(dtype, threads, isa):
-    """Products of one A block (M <= MC) over B wider than NC and K over two KC blocks: the
-    threads' panel ranges end inside a tile row, the last panel is partial, and the second K
-    block accumulates onto the first, with a per-row and a per-column epilogue. (A million
-    outputs: the error's tail is wider than the other tests' bound, hence the slack.)"""
+    """Products of one A block (M <= MC, or more over a short K) over B wider than NC and K
+    over two KC blocks: the threads' panel ranges end inside a tile row, the last panel is
+    partial, and the second K block accumulates onto the first, with a per-row and a
+    per-column epilogue. (A million outputs: the error's tail is wider than the other tests'
+    bound, hence the slack.)"""
     blk = ops.gemm_blocking(dtype)
     n, k = blk["nc"] + 2 * blk["nr"] + 5, 3 * blk["kc"] // 2 + 9
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        for m in (1, blk["mr"] + 1, blk["mc"]):
+        # The last: more rows than MC over a short K, still one A block (its bytes fit).
+        for m, k in ((1, k), (blk["mr"] + 1, k), (blk["mc"], k),
+                     (2 * blk["mc"] + 5, blk["kc"] // 4 + 3)):
             a, b = _rand(m, k, dtype=dtype), _rand(k, n, dtype=dtype, seed=1)
             _check(a, b, what="one A block", slack=3)
             _check(a, b, _rand(m, n, dtype=dtype, seed=2), accumulate=True,

@@ -64,13 +64,15 @@ struct Tuning {
   // 14.4, 3x3 128 @28 (608 KiB) 9.6 / 9.6, 3x3 256 @14 (2.4 MiB) 9.7 / 10.0, 3x3/2 512 @14
   // (9.5 MiB) 14.7 / 19.0.
   int64_t direct_grad_weight_pixel_split_max_bytes = int64_t(1) << 20;
-  // GEMM (gemm.cpp, gemm_own_panels): products of one A block (at most MC rows, and at
-  // most this many) pack B a micro-panel at a time per thread, each used at once, instead
-  // of a whole B block before a barrier. A setting for tests (1: that path only for 1-row
-  // products); every product of one A block gains. NCHW forward, batch 8, 2 threads, ms,
-  // own panels / shared B blocks, 5 interleaved rounds: 1x1 64>64 @56 1.39 / 1.52 (and 1.53
-  // / 1.98 in another run), 1x1 256>64 @56 5.84 / 6.42, 1x1 512>128 @28 5.03 / 6.20; the
-  // stem (7x7/2, implicit im2col) 12.9 / 12.7, within its noise.
+  // GEMM (gemm.cpp, gemm_own_panels): products of one A block (at most MC rows or MC x KC
+  // values, and at most this many rows) pack B a micro-panel at a time per thread, each
+  // used at once, instead of a whole B block before a barrier. A setting for tests (1: that
+  // path only for 1-row products); every product of one A block gains. NCHW forward, batch
+  // 8, 2 threads, ms, own panels / shared B blocks, 5 interleaved rounds: 1x1 64>64 @56 1.39
+  // / 1.52 (and 1.53 / 1.98 in another run), 1x1 256>64 @56 5.84 / 6.42, 1x1 512>128 @28
+  // 5.03 / 6.20; with up to MC x KC values (rows capped at 240 / not): 1x1 64>256 @56 5.25 /
+  // 6.99, 128>512 @28 4.64 / 5.18, 256>1024 @14 4.75 / 4.86. The stem (7x7/2, implicit
+  // im2col) 12.9 / 12.7, within its noise.
   int64_t gemm_own_panels_max_rows = int64_t(1) << 30;
   // Winograd: tiles per block (the GEMMs' N) and output channels per block (their M). A
   // thread transforms one block of tiles for all input channels, then runs the (m+2)^2

@@ -405,17 +405,24 @@ void gemm_own_rows(const GemmArgs<T>& g, int nt, T* abuf, T* bbuf) {
   });
 }
 
-// Products of one A block (M <= MC) whose B is not prepacked use each B micro-panel with
-// that block only. Packing a whole KC x NC block of B first (all threads, into L3, then a
+// Products of one A block (M <= MC rows, or more of a short K: the block's bytes are the
+// budget, so 1x1 64>256 is one block of 256 x 64) whose B is not prepacked use each B
+// micro-panel with that block only. Packing a whole KC x NC block of B first (all threads, into L3, then a
 // barrier) moves B through the caches twice and leaves the FMAs waiting on the packing.
 // Here each thread packs its own micro-panels one at a time into an L1-sized buffer and runs
 // every tile of the A block over each at once; A's packing is the only barrier. Measured:
 // see Tuning::gemm_own_panels_max_rows (common/tuning.h).
 template <typename T>
-bool packs_own_panels(int64_t M, int64_t N, bool b_prepacked, int nt) {
+bool fits_one_a_block(int64_t M, int64_t K) {
+  using B = Blocking<T>;
+  return M <= tuning().gemm_own_panels_max_rows &&
+         (M <= B::MC || round_up(M, B::MR) * min64(k_block<T>(K), K) <= B::MC * B::KC);
+}
+
+template <typename T>
+bool packs_own_panels(int64_t M, int64_t N, int64_t K, bool b_prepacked, int nt) {
   constexpr int NR = Blocking<T>::NBV * Vec<T>::lanes;
-  return !b_prepacked && M <= min64(Blocking<T>::MC, tuning().gemm_own_panels_max_rows) &&
-         ceil_div(N, NR) >= 2 * nt;
+  return !b_prepacked && fits_one_a_block<T>(M, K) && ceil_div(N, NR) >= 2 * nt;
 }
 
 template <typename T>
@@ -463,8 +470,8 @@ void gemm(const GemmArgs<T>& g, int nthreads) {
   const int64_t kc_max = min64(KC, g.K);
   const int nt = threads_for(2 * g.M * g.N * g.K, nthreads);
   const bool own_rows = splits_rows<T>(g.M, g.N, nt);
-  const bool own_panels = !own_rows && packs_own_panels<T>(g.M, g.N, g.b_packed, nt);
-  const int64_t a_block = kc_max * round_up(min64(MC, g.M), MR);
+  const bool own_panels = !own_rows && packs_own_panels<T>(g.M, g.N, g.K, g.b_packed, nt);
+  const int64_t a_block = kc_max * round_up(own_panels ? g.M : min64(MC, g.M), MR);
   T* bbuf = g.b_packed    ? nullptr
             : own_panels ? workspace_as<T>(kWsGemmPanelsB, nt * kc_max * NR)
                          : workspace_as<T>(kWsGemmPanelsB, kc_max * round_up(min64(NC, g.N), NR));
@@ -527,15 +534,22 @@ int64_t gemm_workspace_bytes(int64_t M, int64_t N, int64_t K, bool a_prepacked,
   // block any K' <= K takes, just under 1.5 KC.
   const int64_t kc_max = max64(k_block<T>(K), min64(K, B::KC + B::KC / 2 - 1));
   const int nt = threads_for(2 * M * N * K, omp_get_max_threads());
+  // A and B: split rows' per-thread A blocks and a shared B block; or one A block (all of
+  // A) and a micro-panel per thread; or shared blocks of both. Callers estimate with shapes
+  // that bound their calls' rather than equal them, and a call of fewer columns may take
+  // more threads or the shared blocks. So: one A block of more than MC rows holds at most
+  // MC x KC values (fits_one_a_block) and kc_max columns, whatever the call's K; with at
+  // most MC rows, B takes
+  // at most 2 x threads panels (packs_own_panels) either way; with more, whether one A
+  // block fits depends on the call's K, and the shared B block bounds both.
+  const bool rows = splits_rows<T>(M, N, nt), one_a_block = !rows && M <= B::MC;
   const int64_t a = a_prepacked ? 0
-                                : (splits_rows<T>(M, N, nt) ? nt : 1) * kc_max *
-                                      round_up(min64(B::MC, M), MR);
-  // B: the shared block (also split rows'), or for one A block a micro-panel per thread.
-  // Callers estimate with shapes that bound their calls' rather than equal them, and a call
-  // of fewer columns may take more threads or the shared block: with one A block, at most
-  // 2 x threads panels (packs_own_panels) whichever of the two it takes.
+                    : rows      ? nt * kc_max * round_up(min64(B::MC, M), MR)
+                                : max64(kc_max * round_up(min64(B::MC, M), MR),
+                                        M > B::MC ? round_up(M, MR) * min64(kc_max, B::MC * B::KC /
+                                                                            round_up(M, MR))
+                                                  : 0);
   const int64_t panels = ceil_div(min64(round_up(B::NC, NR), N), NR);
-  const bool one_a_block = M <= B::MC && !splits_rows<T>(M, N, nt);
   const int64_t b = b_prepacked  ? 0
                     : one_a_block ? kc_max * NR * min64(panels, 2 * int64_t(omp_get_max_threads()))
                                   : kc_max * NR * panels;
