@@ -201,7 +201,7 @@ ESTIMATE_CASES = [CASES[CASE_IDS.index(n)] for n in (
 
 
 @pytest.mark.parametrize("setting", ["default", "direct_block_by_block", "im2col_native",
-                                     "im2col_col2im_per_image"])
+                                     "im2col_col2im_per_image", "gemm_shared_b_blocks"])
 @pytest.mark.parametrize("case", ESTIMATE_CASES, ids=lambda c: c.name)
 def test_workspace_estimate_bounds_what_a_call_takes(case, algo, setting):
     if not supported(algo, case, torch.float32):
@@ -230,6 +230,31 @@ def _check_workspace_estimate(case, algo):
         estimate = a.workspace_bytes(problem, pass_, torch.float32)
         assert used <= estimate, f"{pass_.name}: used {used} bytes, estimated {estimate}"
         assert estimate <= 2 * used + 4096, f"{pass_.name}: estimate {estimate} vs used {used}"
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_workspace_estimate_bounds_gemms_that_change_path(threads):
+    """A call's GEMMs may take another path than the shape the estimate is made for: here
+    the col2im grad-input's last image group (one image, 400 columns) splits rows where the
+    full groups (18 images) run one A block with a micro-panel per thread."""
+    from cases import Case
+    case = Case("col2im_last_group", (19, 16, 40, 40), (64, 16, 3, 3), stride=2, padding=1)
+    x, w, _ = case.make(torch.float32)
+    gy = torch.randn(F.conv2d(x, w, **case.kwargs()).shape)
+    stride, pad, dilation = case.explicit()
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with tuning(im2col_col2im_grad_input_min_pixels=1):
+            fastconv.release_workspaces()
+            ops.conv2d_grad_input(gy, w, list(x.shape), list(stride), list(pad), list(dilation),
+                                  1, "im2col")
+            used = sum(workspace_high_water().values())
+            estimate = registry.get("im2col").workspace_bytes(case.problem(), Pass.GRAD_INPUT,
+                                                              torch.float32)
+    finally:
+        torch.set_num_threads(before)
+    assert used <= estimate, f"used {used} bytes, estimated {estimate}"
 
 
 @pytest.mark.parametrize("groups", [1, 2])

@@ -536,23 +536,27 @@ int64_t gemm_workspace_bytes(int64_t M, int64_t N, int64_t K, bool a_prepacked,
   const int nt = threads_for(2 * M * N * K, omp_get_max_threads());
   // A and B: split rows' per-thread A blocks and a shared B block; or one A block (all of
   // A) and a micro-panel per thread; or shared blocks of both. Callers estimate with shapes
-  // that bound their calls' rather than equal them, and a call of fewer columns may take
-  // more threads or the shared blocks. So: one A block of more than MC rows holds at most
-  // MC x KC values (fits_one_a_block) and kc_max columns, whatever the call's K; with at
-  // most MC rows, B takes
-  // at most 2 x threads panels (packs_own_panels) either way; with more, whether one A
-  // block fits depends on the call's K, and the shared B block bounds both.
-  const bool rows = splits_rows<T>(M, N, nt), one_a_block = !rows && M <= B::MC;
-  const int64_t a = a_prepacked ? 0
-                    : rows      ? nt * kc_max * round_up(min64(B::MC, M), MR)
-                                : max64(kc_max * round_up(min64(B::MC, M), MR),
-                                        M > B::MC ? round_up(M, MR) * min64(kc_max, B::MC * B::KC /
-                                                                            round_up(M, MR))
-                                                  : 0);
+  // that bound their calls' rather than equal them, and a call of fewer columns, a shorter
+  // K or another thread count may take another path than this shape would. So each term
+  // bounds every path a call within the shape can take:
+  //  * A: one A block of more than MC rows holds at most MC x KC values (fits_one_a_block)
+  //    and kc_max columns, whatever the call's K; split rows take nt shared-size blocks.
+  //  * B: with at most MC rows (and the tests' row cap not below M), a micro-panel per
+  //    thread, at most 2 x threads of them (packs_own_panels), or, where a call of at most
+  //    kSplitRowsMaxColumns columns splits rows (8 MR rows or more), that many columns of
+  //    B; otherwise whole shared blocks.
+  const bool rows = splits_rows<T>(M, N, nt);
+  const bool own_possible = M <= tuning().gemm_own_panels_max_rows;
+  const int64_t shared_a = kc_max * round_up(min64(B::MC, M), MR);
+  const int64_t one_a = M <= B::MC ? shared_a
+                                   : round_up(M, MR) * min64(kc_max, B::MC * B::KC / round_up(M, MR));
+  const int64_t a = a_prepacked ? 0 : max64(rows ? nt * shared_a : shared_a, own_possible ? one_a : 0);
   const int64_t panels = ceil_div(min64(round_up(B::NC, NR), N), NR);
-  const int64_t b = b_prepacked  ? 0
-                    : one_a_block ? kc_max * NR * min64(panels, 2 * int64_t(omp_get_max_threads()))
-                                  : kc_max * NR * panels;
+  const int64_t own_b = kc_max * NR * min64(panels, 2 * int64_t(omp_get_max_threads()));
+  const int64_t rows_b = M >= 8 * MR ? kc_max * round_up(min64(N, kSplitRowsMaxColumns), NR) : 0;
+  const int64_t b = b_prepacked                          ? 0
+                    : !rows && M <= B::MC && own_possible ? max64(own_b, rows_b)
+                                                          : kc_max * NR * panels;
   return (a + b) * int64_t(sizeof(T));
 }
 template int64_t gemm_workspace_bytes<float>(int64_t, int64_t, int64_t, bool, bool);
