@@ -159,8 +159,8 @@ void pack_b_panel_segmented(const GemmArgs<T>& g, int64_t p0, int64_t kc, int64_
   }
 }
 
-// Pack rows [p0, p0 + kc) x columns [j0, j0 + nc) of B into NR-wide micro-panels,
-// Bp[panel][k][NR], zero-padding the last panel. Only panels [q0, q1) are packed.
+// One B micro-panel: rows [p0, p0 + kc) x columns [c0, c0 + cols) of B into d[k][NR],
+// zero-padded past cols.
 template <typename T, int NR>
 void pack_b_panel(const GemmArgs<T>& g, int64_t p0, int64_t kc, int64_t c0, int64_t cols,
                   T* d) {
@@ -173,6 +173,8 @@ void pack_b_panel(const GemmArgs<T>& g, int64_t p0, int64_t kc, int64_t c0, int6
   });
 }
 
+// Pack rows [p0, p0 + kc) x columns [j0, j0 + nc) of B into NR-wide micro-panels,
+// Bp[panel][k][NR], zero-padding the last panel. Only panels [q0, q1) are packed.
 template <typename T, int NR>
 void pack_b(const GemmArgs<T>& g, int64_t p0, int64_t kc, int64_t j0, int64_t nc, T* bp,
             int64_t q0, int64_t q1) {
@@ -407,8 +409,9 @@ void gemm_own_rows(const GemmArgs<T>& g, int nt, T* abuf, T* bbuf) {
 
 // Products of one A block (M <= MC rows, or more of a short K: the block's bytes are the
 // budget, so 1x1 64>256 is one block of 256 x 64) whose B is not prepacked use each B
-// micro-panel with that block only. Packing a whole KC x NC block of B first (all threads, into L3, then a
-// barrier) moves B through the caches twice and leaves the FMAs waiting on the packing.
+// micro-panel with that block only. Packing a whole KC x NC block of B first (all threads,
+// into L3, then a barrier) moves B through the caches twice and leaves the FMAs waiting on
+// the packing.
 // Here each thread packs its own micro-panels one at a time into an L1-sized buffer and runs
 // every tile of the A block over each at once; A's packing is the only barrier. Measured:
 // see Tuning::gemm_own_panels_max_rows (common/tuning.h).
