@@ -527,8 +527,8 @@ void gemm(const GemmArgs<T>& g, int nthreads) {
 }
 
 template <typename T>
-int64_t gemm_workspace_bytes(int64_t M, int64_t N, int64_t K, bool a_prepacked,
-                             bool b_prepacked) {
+int64_t gemm_workspace_bytes(int64_t M, int64_t N, int64_t K, unsigned calls) {
+  const bool a_prepacked = calls & kGemmAPrepacked, b_prepacked = calls & kGemmBPrepacked;
   using B = Blocking<T>;
   constexpr int MR = B::MR, NR = B::NBV * Vec<T>::lanes;
   if (M <= 0 || N <= 0 || K <= 0) return 0;
@@ -545,9 +545,9 @@ int64_t gemm_workspace_bytes(int64_t M, int64_t N, int64_t K, bool a_prepacked,
   //  * A: one A block of more than MC rows holds at most MC x KC values (fits_one_a_block)
   //    and kc_max columns, whatever the call's K; split rows take nt shared-size blocks.
   //  * B: with at most MC rows (and the tests' row cap not below M), a micro-panel per
-  //    thread, at most 2 x threads of them (packs_own_panels), or, where a call of at most
-  //    kSplitRowsMaxColumns columns splits rows (8 MR rows or more), that many columns of
-  //    B; otherwise whole shared blocks.
+  //    thread, at most 2 x threads of them (packs_own_panels), or, where calls may have
+  //    fewer columns and one of at most kSplitRowsMaxColumns splits rows (8 MR rows or
+  //    more), that many columns of B; otherwise whole shared blocks.
   const bool rows = splits_rows<T>(M, N, nt);
   const bool own_possible = M <= tuning().gemm_own_panels_max_rows;
   const int64_t shared_a = kc_max * round_up(min64(B::MC, M), MR);
@@ -556,14 +556,14 @@ int64_t gemm_workspace_bytes(int64_t M, int64_t N, int64_t K, bool a_prepacked,
   const int64_t a = a_prepacked ? 0 : max64(rows ? nt * shared_a : shared_a, own_possible ? one_a : 0);
   const int64_t panels = ceil_div(min64(round_up(B::NC, NR), N), NR);
   const int64_t own_b = kc_max * NR * min64(panels, 2 * int64_t(omp_get_max_threads()));
-  const int64_t rows_b = M >= 8 * MR ? kc_max * round_up(min64(N, kSplitRowsMaxColumns), NR) : 0;
+  const int64_t rows_b = (calls & kGemmFewerColumns) && M >= 8 * MR ? kc_max * round_up(min64(N, kSplitRowsMaxColumns), NR) : 0;
   const int64_t b = b_prepacked                          ? 0
                     : !rows && M <= B::MC && own_possible ? max64(own_b, rows_b)
                                                           : kc_max * NR * panels;
   return (a + b) * int64_t(sizeof(T));
 }
-template int64_t gemm_workspace_bytes<float>(int64_t, int64_t, int64_t, bool, bool);
-template int64_t gemm_workspace_bytes<double>(int64_t, int64_t, int64_t, bool, bool);
+template int64_t gemm_workspace_bytes<float>(int64_t, int64_t, int64_t, unsigned);
+template int64_t gemm_workspace_bytes<double>(int64_t, int64_t, int64_t, unsigned);
 
 template <typename T>
 int64_t gemm_packed_size_a(int64_t M, int64_t K) {

@@ -104,9 +104,17 @@ template <typename T>
 void gemm_macro_kernel(int64_t m, int64_t n, int64_t kc, const T* ap, const T* bp, T* c,
                        int64_t ldc, bool accumulate, bool last, const Epilogue<T>& epi,
                        int64_t row0, int64_t col0);
-// Bytes of panel workspace one gemm() call of this shape takes (operands not prepacked).
+// What the calls one workspace serves have in common besides their bounding shape.
+enum GemmCalls : unsigned {
+  kGemmPacksBoth = 0,
+  kGemmAPrepacked = 1,     // A comes packed (gemm_pack_a): no A panels
+  kGemmBPrepacked = 2,     // B comes packed: no B panels
+  kGemmFewerColumns = 4,   // a call may have fewer columns than N (an image group cut short)
+};
+// Bytes of panel workspace any gemm() call of at most M x N x K takes (rows and K may be
+// shorter in any call; columns only with kGemmFewerColumns).
 template <typename T> int64_t gemm_workspace_bytes(int64_t M, int64_t N, int64_t K,
-                                                   bool a_prepacked, bool b_prepacked);
+                                                   unsigned calls);
 }  // namespace FASTCONV_ISA
 #endif
 

@@ -991,15 +991,16 @@ int64_t workspace_bytes(const ConvGeom& g, Pass pass) {
   const int64_t tap_major = g.R * g.S > 1 ? g.K * RSC * E : 0;
   const int64_t native_n = pointwise ? g.N * OHW : OHW;  // one GEMM over all images or one each
   if (pass == Pass::kForward && runs_native(g, pass))  // pointwise: W packed inside the GEMM
-    return pointwise ? gemm_workspace_bytes<T>(Kg, native_n, RSC, false, false)
+    return pointwise ? gemm_workspace_bytes<T>(Kg, native_n, RSC, kGemmPacksBoth)
                      : tap_major + g.groups * gemm_packed_size_a<T>(Kg, RSC) * E +
-                           gemm_workspace_bytes<T>(Kg, native_n, RSC, true, false);
+                           gemm_workspace_bytes<T>(Kg, native_n, RSC, kGemmAPrepacked);
   if (pass == Pass::kGradInput && pointwise && runs_native(g, pass))  // natively on NCHW tensors
-    return gemm_workspace_bytes<T>(Cg, native_n, Kg, false, false);
+    return gemm_workspace_bytes<T>(Cg, native_n, Kg, kGemmPacksBoth);
   if (pass == Pass::kGradInput && grad_input_col2im(g)) {  // natively, through (c, r, s) columns
     const int64_t images = chunk_rows<T>(RSC * OHW, g.N);
     return (gemm_packed_size_a<T>(RSC, Kg) + images * RSC * OHW) * E +
-           gemm_workspace_bytes<T>(RSC, images * OHW, Kg, true, false);
+           gemm_workspace_bytes<T>(RSC, images * OHW, Kg,
+                                           kGemmAPrepacked | kGemmFewerColumns);
   }
   if (pass == Pass::kGradWeight && is_unpadded_1x1(g)) {
     // The other threads' partial sums or the GEMM's panels, and a strided one's subsampled
@@ -1008,7 +1009,7 @@ int64_t workspace_bytes(const ConvGeom& g, Pass pass) {
     const int nt = pointwise_grad_weight_threads(g, omp_get_max_threads());
     const int64_t pixels = g.N * OHW;
     const int64_t sums = max64((nt - 1) * g.K * Cg * E,
-                               gemm_workspace_bytes<T>(Kg, Cg, pixels, false, false));
+                               gemm_workspace_bytes<T>(Kg, Cg, pixels, kGemmPacksBoth));
     const bool strided = g.sh > 1 || g.sw > 1;
     const int64_t sub = strided ? min64(g.N, images_per_group(g.C * OHW * E)) * g.C * OHW * E : 0;
     return sums + sub;
@@ -1021,16 +1022,16 @@ int64_t workspace_bytes(const ConvGeom& g, Pass pass) {
   switch (pass) {
     case Pass::kForward:
       return tap_major + layouts + columns + g.groups * gemm_packed_size_b<T>(RSC, Kg) * E +
-             gemm_workspace_bytes<T>(rows, Kg, RSC, false, true);
+             gemm_workspace_bytes<T>(rows, Kg, RSC, kGemmBPrepacked);
     case Pass::kGradInput:  // its B packed straight from OIHW (no tap-major copy)
       return layouts + columns + gemm_packed_size_b<T>(Kg, RSC) * E +
-             gemm_workspace_bytes<T>(rows, RSC, Kg, false, true);
+             gemm_workspace_bytes<T>(rows, RSC, Kg, kGemmBPrepacked);
     case Pass::kGradWeight: {  // pixel windows instead of columns, one GEMM per group
       // Channel-major: no tap-major dW, and x read in place (grad_y still converted).
       const bool cm = grad_weight_channel_major(g, P, kNCHW);
       return (pointwise || cm ? 0 : g.K * RSC * E) + (cm ? images * image_out * E : layouts) +
              (pointwise ? 0 : round_up(P * int64_t(sizeof(PixelWindow)), E)) +
-             gemm_workspace_bytes<T>(Kg, RSC, P, false, false);
+             gemm_workspace_bytes<T>(Kg, RSC, P, kGemmPacksBoth);
     }
   }
   return 0;
