@@ -583,7 +583,8 @@ void nhwc_row_reuse(const ConvGeom& g, const T* ximg, int64_t oh, int64_t kv, co
 // Small maps, multiplier 1: blocks of up to 4 channel vectors of one image at a time,
 // transposed into an NHWC tile in L1 (16 x 16 register transposes), convolved there by the
 // channels_last row kernels (vectors along the channels: full even on a 7x7 map) and
-// transposed back. Memory sees x and y once.
+// transposed back. Memory sees x and y once. (Prefetching the next block's input over this
+// block's rows changed nothing: batch 8, ms, 960 @7 0.201 vs 0.200, 576 @14/2 0.215 vs 0.210.)
 template <typename T>
 void forward_nchw_channel_blocks(const ConvGeom& g, const T* x, const T* w,
                                  const Epilogue<T>& epi, T* y, int nthreads) {
@@ -644,6 +645,11 @@ void forward_nchw(const ConvGeom& g, const T* x, const T* w, const Epilogue<T>& 
   // Blocks whose NHWC tiles are well past L1 (48 KiB here) lose to the flat path: 192
   // channels @28, batch 8 (100 KiB of tiles): 0.72 ms blocked, 0.46 flat; stride 2 (62 KiB)
   // 0.26 blocked, 0.65 flat; @14 and @7 blocked wins 3.4x and 2.2x.
+  // Tried and lost (session 21): 'same'-padded stride-1 maps as one run of vectors across
+  // rows and planes (no transposes; tap t a masked load at t's offset, its weight permuted
+  // to each lane's plane). S*S unaligned loads per vector, none reused: batch 8, 2 threads,
+  // ms, 960 @7 0.155-0.215 by placement (blocks 0.19-0.20), 5x5 1152 @7 0.44-0.59 (blocks
+  // 0.278 above).
   const bool fits_l1 = (g.H * g.W + g.OH * g.OW) * L * int64_t(sizeof(T)) <= (64 << 10);
   const int64_t blocked = g.Kg() == 1 && fits_l1 ? g.K / L * L : 0;
   if (blocked) forward_nchw_channel_blocks(g, x, w, epi, y, nthreads);
