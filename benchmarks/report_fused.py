@@ -2,6 +2,7 @@
 
     python benchmarks/report_fused.py [--section conv_bn,depthwise,grouped,mobilenet]
         [--rounds 3] [--algo auto] [--json F]
+    python benchmarks/report_fused.py --section placement
 
 conv_bn: fastconv.nn.ConvBNReLU2d against torch's Conv2d -> BatchNorm2d -> ReLU(inplace) on
 ResNet-50's layers at batch 8: eval (running statistics folded into the weights, ReLU in the
@@ -15,6 +16,10 @@ grouped: ResNeXt-50 32x4d's grouped 3x3 layers (4-32 channels per group), forwar
 and 8 in both layouts, forward + backward at batch 8 in both layouts.
 mobilenet: a whole MobileNetV2 in eval after fastconv.convert + fastconv.fuse, batch 1 and 8,
 with the max |difference| against torch's output.
+placement (not in the default sections): the depthwise NCHW forward at batch 8 with x placed
+at several byte offsets past a 4 KiB boundary, fastconv and torch timed alternately at each.
+Where x lies against y moves the small maps' times by up to 1.5x; this names the spread that
+one run of the depthwise section samples once.
 
 Each row times torch and fastconv alternately for --rounds rounds; the speedup is the median
 of the per-round ratios (the machine's speed drifts by up to 2x between runs).
@@ -167,6 +172,36 @@ def print_layer_rows(rows, title: str) -> None:
         print(f"forward+backward N=8 {layout}: geomean {geomean(sel):.2f}x, min {min(sel):.2f}x")
 
 
+PLACEMENT_OFFSETS = (0, 64, 256, 1024, 2048, 3072)  # bytes past a 4 KiB boundary
+
+
+def placement_rows(rounds: int, algo: str = "auto") -> list:
+    layers = [layer for layer in NETWORKS["mobilenet_v2"] if layer.groups > 1]
+    rows = []
+    for i, layer in enumerate(layers):
+        progress(i, len(layers), layer.name)
+        g = torch.Generator().manual_seed(0)
+        w = torch.randn(layer.weight_shape(), generator=g)
+        kw = dict(stride=layer.stride, padding=layer.padding, groups=layer.groups)
+        shape = layer.input_shape(8)
+        numel = torch.Size(shape).numel()
+        buf = torch.randn(numel + 2048, generator=g)
+        page = (-buf.data_ptr() // 4) % 1024  # floats up to buf's next 4 KiB boundary
+        ours, theirs = [], []
+        for offset in PLACEMENT_OFFSETS:
+            start = page + offset // 4
+            x = buf[start:start + numel].view(shape)
+            t = _interleaved({"torch": lambda: torch.nn.functional.conv2d(x, w, **kw),
+                              "fastconv": lambda: fastconv.conv2d(x, w, **kw, algo=algo)},
+                             rounds)
+            ours.append(1e3 * statistics.median(t["fastconv"]))
+            theirs.append(1e3 * statistics.median(t["torch"]))
+        rows.append(dict(layer=layer.name, offsets=list(PLACEMENT_OFFSETS), ms=ours,
+                         torch_ms=theirs))
+    progress(len(layers), len(layers), "done")
+    return rows
+
+
 def mobilenet_rows(rounds: int) -> list:
     torch.manual_seed(0)
     ref = MobileNetV2().eval()
@@ -227,6 +262,22 @@ def main(argv=None):
                 [layer for layer in NETWORKS[net] if layer.groups > 1], args.rounds, args.algo)
             print_layer_rows(rows, f"{title} (algo={args.algo}; ms median; speedup = torch / "
                                    f"ours)")
+    if "placement" in sections:
+        rows = out["placement"] = placement_rows(args.rounds, args.algo)
+        print(f"\nDepthwise NCHW forward, batch 8, x at byte offsets {PLACEMENT_OFFSETS} past a "
+              f"4 KiB boundary (algo={args.algo}; ms median of rounds at each)")
+        print(f"{'layer':24s} {'ours min':>8s} {'median':>7s} {'max':>7s} {'torch min':>9s} "
+              f"{'median':>7s} {'max':>7s} {'x at median':>11s}")
+        for r in rows:
+            ours, theirs = r["ms"], r["torch_ms"]
+            print(f"{r['layer']:24s} {min(ours):8.3f} {statistics.median(ours):7.3f} "
+                  f"{max(ours):7.3f} {min(theirs):9.3f} {statistics.median(theirs):7.3f} "
+                  f"{max(theirs):7.3f} "
+                  f"{statistics.median(theirs) / statistics.median(ours):11.2f}")
+        print("per offset, ours (torch): " + "; ".join(
+            f"{r['layer']}: " + " ".join(f"{o}:{m:.3f}({t:.3f})" for o, m, t in
+                                         zip(r["offsets"], r["ms"], r["torch_ms"]))
+            for r in rows))
     if "mobilenet" in sections:
         rows = out["mobilenet"] = mobilenet_rows(args.rounds)
         print("\nMobileNetV2 eval after convert + fuse (ms median of rounds)")
