@@ -645,7 +645,7 @@ void forward_nchw(const ConvGeom& g, const T* x, const T* w, const Epilogue<T>& 
   // Blocks whose NHWC tiles are well past L1 (48 KiB here) lose to the flat path: 192
   // channels @28, batch 8 (100 KiB of tiles): 0.72 ms blocked, 0.46 flat; stride 2 (62 KiB)
   // 0.26 blocked, 0.65 flat; @14 and @7 blocked wins 3.4x and 2.2x.
-  // Tried and lost (session 21): 'same'-padded stride-1 maps as one run of vectors across
+  // Tried and lost: 'same'-padded stride-1 maps as one run of vectors across
   // rows and planes (no transposes; tap t a masked load at t's offset, its weight permuted
   // to each lane's plane). S*S unaligned loads per vector, none reused: batch 8, 2 threads,
   // ms, 960 @7 0.155-0.215 by placement (blocks 0.19-0.20), 5x5 1152 @7 0.44-0.59 (blocks

@@ -551,12 +551,13 @@ int64_t gemm_workspace_bytes(int64_t M, int64_t N, int64_t K, unsigned calls) {
   const bool rows = splits_rows<T>(M, N, nt);
   const bool own_possible = M <= tuning().gemm_own_panels_max_rows;
   const int64_t shared_a = kc_max * round_up(min64(B::MC, M), MR);
-  const int64_t one_a = M <= B::MC ? shared_a
-                                   : round_up(M, MR) * min64(kc_max, B::MC * B::KC / round_up(M, MR));
-  const int64_t a = a_prepacked ? 0 : max64(rows ? nt * shared_a : shared_a, own_possible ? one_a : 0);
+  const int64_t one_a = M <= B::MC ? shared_a : min64(round_up(M, MR) * kc_max, B::MC * B::KC);
+  const int64_t a =
+      a_prepacked ? 0 : max64(rows ? nt * shared_a : shared_a, own_possible ? one_a : 0);
   const int64_t panels = ceil_div(min64(round_up(B::NC, NR), N), NR);
   const int64_t own_b = kc_max * NR * min64(panels, 2 * int64_t(omp_get_max_threads()));
-  const int64_t rows_b = (calls & kGemmFewerColumns) && M >= 8 * MR ? kc_max * round_up(min64(N, kSplitRowsMaxColumns), NR) : 0;
+  const bool rows_possible = (calls & kGemmFewerColumns) && M >= 8 * MR;
+  const int64_t rows_b = rows_possible ? kc_max * round_up(min64(N, kSplitRowsMaxColumns), NR) : 0;
   const int64_t b = b_prepacked                          ? 0
                     : !rows && M <= B::MC && own_possible ? max64(own_b, rows_b)
                                                           : kc_max * NR * panels;

@@ -999,8 +999,7 @@ int64_t workspace_bytes(const ConvGeom& g, Pass pass) {
   if (pass == Pass::kGradInput && grad_input_col2im(g)) {  // natively, through (c, r, s) columns
     const int64_t images = chunk_rows<T>(RSC * OHW, g.N);
     return (gemm_packed_size_a<T>(RSC, Kg) + images * RSC * OHW) * E +
-           gemm_workspace_bytes<T>(RSC, images * OHW, Kg,
-                                           kGemmAPrepacked | kGemmFewerColumns);
+           gemm_workspace_bytes<T>(RSC, images * OHW, Kg, kGemmAPrepacked | kGemmFewerColumns);
   }
   if (pass == Pass::kGradWeight && is_unpadded_1x1(g)) {
     // The other threads' partial sums or the GEMM's panels, and a strided one's subsampled
