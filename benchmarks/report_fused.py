@@ -10,7 +10,8 @@ convolution's epilogue; no gradients) and train (forward + backward, batch stati
 gathered by the convolution's epilogue).
 depthwise: the MobileNetV2 depthwise layers, forward at batch 1 and 8 in NCHW and
 channels_last (against torch in the same layout) with GFLOP/s and GB/s (input + output +
-weights once) beside the copy bandwidth measured in the same run; training (forward +
+weights once) beside the copy bandwidth measured in the same run (a 64 MiB copy) and, per
+row, a copy of the forward's own bytes timed in the same rounds; training (forward +
 backward) at batch 8 in both layouts.
 grouped: ResNeXt-50 32x4d's grouped 3x3 layers (4-32 channels per group), forward at batch 1
 and 8 in both layouts, forward + backward at batch 8 in both layouts.
@@ -117,19 +118,28 @@ def layer_rows(layers, rounds: int, algo: str = "auto") -> list:
             if cl:
                 x = x.contiguous(memory_format=torch.channels_last)
             wl = w.contiguous(memory_format=torch.channels_last) if cl else w
+            y_numel = batch * layer.K * layer.out_size ** 2
+            # The floor at this size: a copy that reads and writes as many bytes as the call
+            # (x in, y out), timed in the same rounds. At batch 1 and 8 these fit in L2/L3,
+            # where a copy runs ~5x faster than the 64 MiB one.
+            src = torch.randn((x.numel() + y_numel) // 2, generator=g)
+            dst = torch.empty_like(src)
             with torch.no_grad():
                 err = (fastconv.conv2d(x, wl, **kw, algo=algo) - torch.nn.functional.conv2d(
                     x.double(), w.double(), **kw)).abs().max().item()
                 t = _interleaved({"torch": lambda: torch.nn.functional.conv2d(x, wl, **kw),
-                                  "fastconv": lambda: fastconv.conv2d(x, wl, **kw, algo=algo)},
+                                  "fastconv": lambda: fastconv.conv2d(x, wl, **kw, algo=algo),
+                                  "copy": lambda: dst.copy_(src)},
                                  rounds)
             ms = statistics.median(t["fastconv"])
-            nbytes = 4 * (x.numel() + batch * layer.K * layer.out_size ** 2 + w.numel())
+            copy_ms = statistics.median(t["copy"])
+            nbytes = 4 * (x.numel() + y_numel + w.numel())
             rows.append(dict(layer=layer.name, pass_="forward", batch=batch,
                              layout="channels_last" if cl else "nchw", ms=1e3 * ms,
                              torch_ms=1e3 * statistics.median(t["torch"]),
                              speedup=_ratio(t), gflops=layer.flops(batch) / ms / 1e9,
-                             gbps=nbytes / ms / 1e9, err=err))
+                             gbps=nbytes / ms / 1e9, copy_ms=1e3 * copy_ms,
+                             copies=ms / copy_ms, err=err))
         for cl in (False, True):
             layout = "channels_last" if cl else "nchw"
             progress(i, n, f"{layer.name} train N=8 {layout}")
@@ -148,19 +158,23 @@ def layer_rows(layers, rounds: int, algo: str = "auto") -> list:
             rows.append(dict(layer=layer.name, pass_="forward+backward", batch=8, layout=layout,
                              ms=1e3 * ms, torch_ms=1e3 * statistics.median(t["torch"]),
                              speedup=_ratio(t), gflops=3 * layer.flops(8) / ms / 1e9,
-                             gbps=float("nan"), err=float("nan")))
+                             gbps=float("nan"), copy_ms=float("nan"), copies=float("nan"),
+                             err=float("nan")))
     progress(n, n, "done")
     return rows
 
 
 def print_layer_rows(rows, title: str) -> None:
     print(f"\n{title}")
+    print("(copy ms: a tensor copy of as many bytes as the forward reads and writes, timed in "
+          "the same rounds; copies: ours / copy)")
     print(f"{'layer':24s} {'pass':16s} {'N':>2s} {'layout':14s} {'torch ms':>9s} "
-          f"{'ours':>7s} {'x':>5s} {'GFLOP/s':>8s} {'GB/s':>6s} {'err':>8s}")
+          f"{'ours':>7s} {'x':>5s} {'GFLOP/s':>8s} {'GB/s':>6s} {'copy ms':>8s} {'copies':>6s} "
+          f"{'err':>8s}")
     for r in rows:
         print(f"{r['layer']:24s} {r['pass_']:16s} {r['batch']:2d} {r['layout']:14s} "
               f"{r['torch_ms']:9.3f} {r['ms']:7.3f} {r['speedup']:5.2f} {r['gflops']:8.1f} "
-              f"{r['gbps']:6.1f} {r['err']:8.1e}")
+              f"{r['gbps']:6.1f} {r['copy_ms']:8.3f} {r['copies']:6.1f} {r['err']:8.1e}")
     for batch in (1, 8):
         for layout in ("nchw", "channels_last"):
             sel = [r["speedup"] for r in rows if r["batch"] == batch and
