@@ -276,6 +276,7 @@ def update_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor
     """running = (1 - momentum) running + momentum batch, in place; the variance unbiased
     (count / (count - 1)), as F.batch_norm keeps it in its running estimate."""
     with torch.no_grad():
-        var = (invstd.double().pow(-2) - eps) * (count / (count - 1))
+        # (a constant channel's invstd, rounded to float32, could give -1e-12 here)
+        var = (invstd.double().pow(-2) - eps).clamp_(min=0) * (count / (count - 1))
         running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
         running_var.mul_(1 - momentum).add_(var.to(running_var.dtype), alpha=momentum)

@@ -8,16 +8,20 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-from .nn import ACTIVATION_MODULES, ConvBNReLU2d
+from .nn import ACTIVATION_MODULES, ConvBNReLU2d, fusable_conv_bn
 
 
 class FuseWarning(UserWarning):
-    """A part of a model that fuse() could not look into (its forward does not trace)."""
+    """A part of a model that fuse() left unfused: its forward does not trace, or its traced
+    graph depends on the train / eval mode."""
+
+
+class _Unfusable(Exception):
+    """Why a module's own forward cannot be fused through its torch.fx graph."""
 
 
 def _conv_bn_pair(conv, bn) -> bool:
-    return (isinstance(conv, torch.nn.Conv2d) and type(bn) is torch.nn.BatchNorm2d
-            and bn.num_features == conv.out_channels)
+    return fusable_conv_bn(conv, bn) is None
 
 
 def _activation_of(module) -> Optional[str]:
@@ -75,12 +79,32 @@ class _Tracer(fx.Tracer):
         return super().is_leaf_module(m, qualname)
 
 
+def _trace(model: torch.nn.Module) -> fx.Graph:
+    """model's fx graph, which must not depend on the train / eval mode: tracing records
+    the Python value of ``self.training`` (``F.dropout(x, p, self.training)``, stochastic
+    depth), so such a graph would keep the mode it was traced in for good. Traced in the
+    model's own modes, all-train and all-eval; the modes are restored."""
+    modes = [(m, m.training) for m in model.modules()]
+    graph = _Tracer().trace(model)
+    try:
+        for mode in (True, False):
+            model.train(mode)
+            if str(_Tracer().trace(model)) != str(graph):
+                raise _Unfusable("its traced graph differs between train and eval mode (its "
+                                 "forward reads self.training)")
+    finally:
+        for m, training in modes:
+            m.training = training
+    return graph
+
+
 def _fuse_graph(model: torch.nn.Module) -> tuple[torch.nn.Module, int]:
     """Traces model with torch.fx and fuses conv -> bn (-> activation) node chains whose
-    intermediate results have no other use. Returns the GraphModule and the count."""
-    tracer = _Tracer()
-    graph = tracer.trace(model)
+    intermediate results have no other use. Returns the GraphModule and the count; model
+    itself is left as it was."""
+    graph = _trace(model)
     modules = dict(model.named_modules())
+    added = []  # fused modules, on model only until the GraphModule has taken them
     fused = 0
     for node in list(graph.nodes):
         if node.op != "call_module" or not isinstance(modules.get(node.target), torch.nn.Conv2d):
@@ -105,6 +129,7 @@ def _fuse_graph(model: torch.nn.Module) -> tuple[torch.nn.Module, int]:
             name += "_"
         model.add_module(name, fused_module)
         modules[name] = fused_module
+        added.append(name)
         with graph.inserting_after(last):
             new = graph.call_module(name, (node.args[0],))
         last.replace_all_uses_with(new)
@@ -113,8 +138,14 @@ def _fuse_graph(model: torch.nn.Module) -> tuple[torch.nn.Module, int]:
         fused += 1
     if fused == 0:
         return model, 0
-    graph.lint()
-    return fx.GraphModule(model, graph, model.__class__.__name__), fused
+    try:
+        graph.lint()
+        result = fx.GraphModule(model, graph, model.__class__.__name__)
+    finally:
+        for name in added:  # else model's state_dict would hold every fused tensor twice
+            del model._modules[name]
+    result.training = model.training  # the root's flag only: children keep their own modes
+    return result, fused
 
 
 def _has_pair(module: torch.nn.Module) -> bool:
@@ -136,9 +167,14 @@ def fuse(model: torch.nn.Module) -> torch.nn.Module:
       conv's and the batch norm's outputs have no other use. ``F.relu``, ``torch.relu``,
       ``x.relu()``, ``F.relu6`` and ``F.hardtanh(x, 0, 6)`` after the batch norm count as
       its activation. The result is a torch.fx.GraphModule.
-    * A module whose forward does not trace (data-dependent control flow, say) is left as it
-      is, with a :class:`FuseWarning` naming it and the reason; its children are still
+    * A module whose forward does not trace (data-dependent control flow, say), or whose
+      traced graph differs between train and eval mode (it reads ``self.training``), is left
+      as it is, with a :class:`FuseWarning` naming it and the reason; its children are still
       fused.
+    * Only torch's and fastconv's own Conv2d and BatchNorm2d classes fuse, and only without
+      forward or backward hooks: a subclass may compute differently (weight
+      standardisation, parametrizations), and hooks (pruning, the older weight_norm) would
+      no longer run.
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"fuse expects a torch.nn.Module, got {type(model).__name__}")
@@ -148,7 +184,8 @@ def fuse(model: torch.nn.Module) -> torch.nn.Module:
 def _fuse(module: torch.nn.Module, path: str) -> torch.nn.Module:
     if isinstance(module, ConvBNReLU2d) or not _has_pair(module):
         return module
-    if isinstance(module, torch.nn.Sequential):
+    # Sequential's own forward only: a subclass's forward may use its children otherwise.
+    if isinstance(module, torch.nn.Sequential) and type(module).forward is torch.nn.Sequential.forward:
         _fuse_sequential(module)
         for name, child in list(module._modules.items()):
             module._modules[name] = _fuse(child, f"{path}.{name}")
@@ -156,11 +193,12 @@ def _fuse(module: torch.nn.Module, path: str) -> torch.nn.Module:
     try:
         fused, _ = _fuse_graph(module)
         return fused
+    except _Unfusable as err:
+        reason = f"left {path} ({type(module).__name__}) unfused: {err}"
     except Exception as err:  # fx raises many kinds of errors for untraceable code
-        warnings.warn(f"fastconv.fuse: could not trace {path} ({type(module).__name__}): "
-                      f"{type(err).__name__}: {err}. Its own Conv2d -> BatchNorm2d chains stay "
-                      "unfused; its submodules are fused separately.", FuseWarning,
-                      stacklevel=3)
+        reason = f"could not trace {path} ({type(module).__name__}): {type(err).__name__}: {err}"
+    warnings.warn(f"fastconv.fuse: {reason}. Its own Conv2d -> BatchNorm2d chains stay "
+                  "unfused; its submodules are fused separately.", FuseWarning, stacklevel=3)
     for name, child in list(module._modules.items()):
         if child is not None:
             module._modules[name] = _fuse(child, f"{path}.{name}")

@@ -1,6 +1,7 @@
 """``fastconv.nn.Conv2d``: a drop-in torch.nn.Conv2d running fastconv's kernels."""
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Optional
 
 import torch
@@ -14,6 +15,12 @@ from .weight_cache import PackedWeight
 #: Activation modules ConvBNReLU2d can absorb, by fastconv's activation name.
 ACTIVATION_MODULES = {"relu": torch.nn.ReLU, "relu6": torch.nn.ReLU6}
 _ACTIVATION_NAMES = {t: n for n, t in ACTIVATION_MODULES.items()}
+_HOOK_TABLES = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
+
+
+def _hooks_of(module: torch.nn.Module) -> list:
+    """The names of module's non-empty hook tables (a fused forward would not run them)."""
+    return [t for t in _HOOK_TABLES if getattr(module, t, None)]
 
 
 class Conv2d(torch.nn.Conv2d):
@@ -93,6 +100,27 @@ class Conv2d(torch.nn.Conv2d):
         return super().extra_repr() + f", algo={self.algo!r}"
 
 
+def fusable_conv_bn(conv: torch.nn.Module, bn: torch.nn.Module) -> Optional[str]:
+    """None if ``conv`` -> ``bn`` can run as one ConvBNReLU2d computing the same thing, else
+    why not. Only torch's and fastconv's own Conv2d classes (a subclass, parametrized ones
+    included, may compute its weight or output otherwise), torch.nn.BatchNorm2d itself (not
+    SyncBatchNorm), matching channels, and no hooks on either (pruning and the older
+    weight_norm recompute the weight in a forward pre-hook)."""
+    if type(conv) not in (torch.nn.Conv2d, Conv2d):
+        return (f"{type(conv).__name__} is not torch.nn.Conv2d or fastconv.nn.Conv2d (a "
+                "subclass may compute differently)")
+    if type(bn) is not torch.nn.BatchNorm2d:
+        return f"{type(bn).__name__} is not torch.nn.BatchNorm2d"
+    if bn.num_features != conv.out_channels:
+        return (f"BatchNorm2d has {bn.num_features} features but the Conv2d has "
+                f"{conv.out_channels} output channels")
+    for name, m in (("Conv2d", conv), ("BatchNorm2d", bn)):
+        if _hooks_of(m):
+            return (f"the {name} has hooks ({', '.join(_hooks_of(m))}), which a fused "
+                    "forward would not run")
+    return None
+
+
 class ConvBNReLU2d(torch.nn.Sequential):
     """Conv2d -> BatchNorm2d -> activation in one fused operation, behaving exactly like
     ``torch.nn.Sequential(Conv2d(...), BatchNorm2d(...), ReLU())`` in train and in eval.
@@ -118,6 +146,7 @@ class ConvBNReLU2d(torch.nn.Sequential):
                  eps: float = 1e-5, momentum: Optional[float] = 0.1, affine: bool = True,
                  track_running_stats: bool = True, activation: Optional[str] = "relu", *,
                  algo: str = "auto", device=None, dtype=None):
+        activation = None if activation == "none" else activation
         factory = {"device": device, "dtype": dtype}
         conv = Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
                       bias, padding_mode, algo=algo, **factory)
@@ -140,9 +169,10 @@ class ConvBNReLU2d(torch.nn.Sequential):
             raise TypeError(f"expected a Conv2d, got {type(conv).__name__}")
         if type(bn) is not torch.nn.BatchNorm2d:
             raise TypeError(f"expected a torch.nn.BatchNorm2d, got {type(bn).__name__}")
-        if bn.num_features != conv.out_channels:
-            raise ValueError(f"BatchNorm2d has {bn.num_features} features but the Conv2d has "
-                             f"{conv.out_channels} output channels")
+        why = fusable_conv_bn(conv, bn)
+        if why is not None:
+            raise (TypeError if type(conv) not in (torch.nn.Conv2d, Conv2d) else
+                   ValueError)(f"cannot fuse: {why}")
         if not isinstance(conv, Conv2d):
             conv = Conv2d.from_torch(conv, algo or "auto")
         elif algo is not None:
@@ -153,31 +183,62 @@ class ConvBNReLU2d(torch.nn.Sequential):
                 raise TypeError(f"cannot fuse activation {type(activation).__name__}; expected "
                                 "ReLU or ReLU6")
             activation = name
+        activation = None if activation == "none" else activation
         new = cls.__new__(cls)
         modules = [conv, bn] + ([_activation_module(activation)] if activation else [])
         torch.nn.Sequential.__init__(new, *modules)
         new._folded = None
         return new
 
+    def __getitem__(self, idx):
+        # Sequential slices by calling the class with an OrderedDict, which this constructor
+        # does not take: a slice is a plain Sequential of those children.
+        if isinstance(idx, slice):
+            return torch.nn.Sequential(OrderedDict(list(self._modules.items())[idx]))
+        return super().__getitem__(idx)
+
     @property
-    def activation(self) -> str:
-        """'relu', 'relu6' or 'none' (from the third child, so swapping it is noticed)."""
-        act = self._modules.get("2")
-        return "none" if act is None else _ACTIVATION_NAMES[type(act)]
+    def activation(self) -> Optional[str]:
+        """'relu', 'relu6' or 'none' (from the third child, so swapping it is noticed); None
+        when the children are no longer a fusable Conv2d -> BatchNorm2d (-> ReLU / ReLU6)."""
+        mods = self._modules
+        act = mods.get("2")
+        if act is None:
+            return "none" if len(mods) == 2 else None
+        return _ACTIVATION_NAMES.get(type(act)) if len(mods) == 3 else None
+
+    def _fused(self) -> bool:
+        """Whether the children are still what the fused forward computes: a fastconv
+        Conv2d, a BatchNorm2d and ReLU / ReLU6 or nothing, none with hooks. Swapped or
+        added children (SyncBatchNorm.convert_sync_batchnorm, append) run one after
+        another, as nn.Sequential runs them."""
+        mods = self._modules  # (every call: plain checks, 0.3 us; fusable_conv_bn's 1.5)
+        conv, bn = mods.get("0"), mods.get("1")
+        if type(conv) is not Conv2d or type(bn) is not torch.nn.BatchNorm2d:
+            return False
+        if len(mods) != 2 and not (len(mods) == 3 and type(mods.get("2")) in _ACTIVATION_NAMES):
+            return False
+        for m in mods.values():
+            if (m._forward_pre_hooks or m._forward_hooks or m._backward_pre_hooks
+                    or m._backward_hooks):
+                return False
+        return bn.num_features == conv.out_channels
 
     def _batch_norm_args(self):
         """BatchNorm2d.forward's bookkeeping: (training with batch statistics, running
-        statistics to use or update, the update's momentum)."""
+        statistics to use or update, the update's momentum, whether num_batches_tracked
+        counts this call: done by the caller once the call has succeeded, so that an input
+        the convolution refuses leaves it as torch's sequence would)."""
         bn = self._modules["1"]
         factor = 0.0 if bn.momentum is None else bn.momentum
-        if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
-            bn.num_batches_tracked.add_(1)
-            factor = (1.0 / float(bn.num_batches_tracked) if bn.momentum is None
+        counts = bn.training and bn.track_running_stats and bn.num_batches_tracked is not None
+        if counts:
+            factor = (1.0 / (float(bn.num_batches_tracked) + 1) if bn.momentum is None
                       else bn.momentum)
         batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
         use_running = not bn.training or bn.track_running_stats
         return (batch_stats, bn.running_mean if use_running else None,
-                bn.running_var if use_running else None, factor)
+                bn.running_var if use_running else None, factor, counts)
 
     def _folded_weights(self):
         """The folded (weight, bias) as a PackedWeight and a tensor, kept while every
@@ -211,8 +272,10 @@ class ConvBNReLU2d(torch.nn.Sequential):
         super()._load_from_state_dict(*args, **kwargs)
 
     def forward(self, input: Tensor) -> Tensor:
+        if not self._fused():
+            return torch.nn.Sequential.forward(self, input)
         conv, bn = self._modules["0"], self._modules["1"]
-        batch_stats, running_mean, running_var, momentum = self._batch_norm_args()
+        batch_stats, running_mean, running_var, momentum, counts = self._batch_norm_args()
         if conv.padding_mode != "zeros":
             input = F.pad(input, conv._reversed_padding_repeated_twice, mode=conv.padding_mode)
             padding = 0
@@ -227,9 +290,12 @@ class ConvBNReLU2d(torch.nn.Sequential):
             packed, b = self._folded_weights()
             return conv2d_activation(input, packed, b, *args, algo=conv.algo,
                                      activation=self.activation)
-        return conv2d_bn(input, conv.weight, conv.bias, running_mean, running_var, bn.weight,
-                         bn.bias, batch_stats, momentum, bn.eps, self.activation, *args,
-                         algo=conv.algo)
+        y = conv2d_bn(input, conv.weight, conv.bias, running_mean, running_var, bn.weight,
+                      bn.bias, batch_stats, momentum, bn.eps, self.activation, *args,
+                      algo=conv.algo)
+        if counts:
+            bn.num_batches_tracked.add_(1)
+        return y
 
 
 def _activation_module(activation: str) -> torch.nn.Module:

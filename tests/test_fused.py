@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.nn.utils.prune
 
 import fastconv
 from fastconv import backend, ops
@@ -450,3 +451,134 @@ def test_output_changed_in_place_after_conv_bn_trains_like_torch():
         grads.append([p.grad for p in m.parameters()])
     for g_ref, g_ours in zip(*grads):
         assert_close(g_ours, g_ref, atol=1e-4, rtol=1e-4, what="gradient")
+
+
+# --------------------------------------------------------------------------------------------
+# What fuse() and ConvBNReLU2d must not fuse, and children changed after fusing
+# --------------------------------------------------------------------------------------------
+
+class _ModeDependent(nn.Module):
+    """Dropout through self.training: fx would record the mode the trace saw."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        return F.dropout(F.relu(self.bn(self.conv(x))), 0.5, self.training)
+
+
+def test_fuse_leaves_a_forward_that_reads_the_mode_unfused():
+    torch.manual_seed(0)
+    model = nn.Sequential(_ModeDependent(4))
+    ref = copy.deepcopy(model)
+    with pytest.warns(fastconv.FuseWarning, match="train and eval"):
+        fused = fastconv.fuse(model)  # traced in train mode
+    assert type(fused[0].conv) is nn.Conv2d  # not fused, so dropout still follows the mode
+    fused.eval(), ref.eval()
+    x = torch.randn(2, 4, 6, 6)
+    with torch.no_grad():
+        assert_close(fused(x), ref(x), atol=1e-6, rtol=1e-6, what="eval after fuse in train")
+
+
+def test_fuse_leaves_the_original_model_as_it_was():
+    torch.manual_seed(0)
+    model = _Block(4, torch.relu).eval()
+    model.bn3.train()  # a mixed mode survives the traces
+    keys = list(model.state_dict())
+    fused = fastconv.fuse(model)
+    assert isinstance(fused, torch.fx.GraphModule)
+    assert list(model.state_dict()) == keys  # no '*_fused' copies added to the original
+    assert not fused.training and fused.bn3.training and not fused.conv3.training
+
+
+class _StandardizedConv(nn.Conv2d):
+    """Weight standardisation: a Conv2d subclass whose output is not conv(x, weight)."""
+
+    def forward(self, x):
+        w = self.weight
+        w = (w - w.mean(dim=(1, 2, 3), keepdim=True)) / (w.std(dim=(1, 2, 3), keepdim=True) + 1e-5)
+        return self._conv_forward(x, w, self.bias)
+
+
+def _pruned_conv():
+    conv = nn.Conv2d(3, 4, 3, padding=1)
+    torch.nn.utils.prune.l1_unstructured(conv, "weight", amount=0.5)  # a forward pre-hook
+    return conv
+
+
+@pytest.mark.parametrize("make_conv", [lambda: _StandardizedConv(3, 4, 3, padding=1), _pruned_conv],
+                         ids=["subclass", "pruned"])
+def test_convs_that_compute_otherwise_are_not_fused(make_conv):
+    torch.manual_seed(0)
+    model = nn.Sequential(make_conv(), nn.BatchNorm2d(4), nn.ReLU()).eval()
+    x = torch.randn(2, 3, 6, 6)
+    expected = model(x)  # (a pruned conv's weight is not a leaf: no deepcopy)
+    fused = fastconv.fuse(model)
+    assert not any(isinstance(m, ConvBNReLU2d) for m in fused.modules())
+    assert_close(fused(x), expected, atol=1e-6, rtol=1e-6, what="eval output")
+    with pytest.raises((TypeError, ValueError), match="cannot fuse"):
+        ConvBNReLU2d.from_modules(make_conv(), nn.BatchNorm2d(4))
+
+
+def test_fuse_keeps_a_sequential_subclass_forward():
+    class Twice(nn.Sequential):  # uses the conv's output twice
+        def forward(self, x):
+            z = self[0](x)
+            return self[1](z) + z
+
+    torch.manual_seed(0)
+    model = Twice(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4))
+    ref = copy.deepcopy(model)
+    fused = fastconv.fuse(model)
+    assert not any(isinstance(m, ConvBNReLU2d) for m in fused.modules())
+    x = torch.randn(2, 3, 6, 6)
+    assert_close(fused(x), ref(x), atol=1e-6, rtol=1e-6, what="train output")
+
+
+def test_changed_children_run_one_after_another():
+    torch.manual_seed(0)
+    m = ConvBNReLU2d(3, 4, 3, padding=1)
+    x = torch.randn(2, 3, 6, 6)
+    m[1] = nn.GroupNorm(2, 4)  # as SyncBatchNorm.convert_sync_batchnorm swaps the BN
+    assert_close(m(x), F.relu(m[1](m[0](x))), atol=0, rtol=0, what="swapped norm")
+    m = ConvBNReLU2d(3, 4, 3, padding=1, activation=None)
+    m.append(nn.Sigmoid())
+    assert m.activation is None
+    assert_close(m(x), torch.sigmoid(m[1](m[0](x))), atol=0, rtol=0, what="appended child")
+    head = m[0:2]
+    assert type(head) is nn.Sequential and len(head) == 2 and head[0] is m[0]
+
+
+def test_hooks_added_after_fusing_still_run():
+    m = ConvBNReLU2d(3, 4, 3, padding=1).eval()
+    seen = []
+    m[0].register_forward_hook(lambda mod, args, out: seen.append(out.shape))
+    with torch.no_grad():
+        m(torch.randn(1, 3, 5, 5))
+    assert seen == [torch.Size([1, 4, 5, 5])]
+
+
+def test_refused_input_does_not_count_a_batch():
+    m = ConvBNReLU2d(3, 4, 3, padding=1, momentum=None)
+    with pytest.raises(Exception):
+        m(torch.randn(2, 5, 6, 6))  # 5 channels, the conv takes 3
+    assert m[1].num_batches_tracked.item() == 0
+    m(torch.randn(2, 3, 6, 6))
+    assert m[1].num_batches_tracked.item() == 1
+
+
+def test_activation_none_by_name():
+    m = ConvBNReLU2d(3, 4, 3, activation="none")
+    assert len(m) == 2 and m.activation == "none"
+    again = ConvBNReLU2d.from_modules(m[0], m[1], m.activation)
+    assert len(again) == 2
+
+
+def test_constant_channel_keeps_a_running_variance_of_zero():
+    m = ConvBNReLU2d(3, 4, 1, momentum=1.0)
+    with torch.no_grad():
+        m[0].weight.zero_()
+        m[0].bias.fill_(3.0)  # every output value of each channel equal
+    m(torch.randn(2, 3, 5, 5))
+    assert (m[1].running_var >= 0).all() and m[1].running_var.abs().max() < 1e-9
