@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import dispatch, ops
-from .functional import conv2d, conv2d_activation, conv2d_bn, fold_batch_norm
+from .functional import (_has_fastconv_kernels, conv2d, conv2d_activation, conv2d_bn,
+                         fold_batch_norm)
 from .weight_cache import PackedWeight
 
 #: Activation modules ConvBNReLU2d can absorb, by fastconv's activation name.
@@ -285,8 +286,10 @@ class ConvBNReLU2d(torch.nn.Sequential):
         no_grad = not torch.is_grad_enabled() or not any(
             p.requires_grad for p in (conv.weight, conv.bias, bn.weight, bn.bias)
             if p is not None)
+        # (folding needs fastconv kernels: other dtypes run torch's three modules' functions
+        # through conv2d_bn, not a fold rounded to bfloat16)
         if (not batch_stats and no_grad and not torch.compiler.is_compiling()
-                and input.dim() == 4):
+                and input.dim() == 4 and _has_fastconv_kernels(input)):
             packed, b = self._folded_weights()
             return conv2d_activation(input, packed, b, *args, algo=conv.algo,
                                      activation=self.activation)

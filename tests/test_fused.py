@@ -353,6 +353,9 @@ def test_other_dtypes_run_torch():
     ref = _torch_sequence(m)
     x = torch.randn(2, 3, 6, 6, dtype=torch.bfloat16)
     assert torch.equal(m(x), ref(x))
+    m.eval(), ref.eval()
+    with torch.no_grad():  # eval without gradients: torch's modules too, no bfloat16 fold
+        assert torch.equal(m(x), ref(x))
 
 
 def test_inference_mode_folds_per_call():
