@@ -79,6 +79,17 @@ CASES = [
     Case("groups_strided", (2, 6, 9, 9), (9, 2, 3, 3), groups=3, stride=2, padding=1),
     Case("depthwise", (2, 8, 9, 9), (8, 1, 3, 3), groups=8, padding=1),
     Case("depthwise_multiplier", (2, 4, 9, 9), (8, 1, 3, 3), groups=4, padding=1, stride=2),
+    # Depthwise beyond 3x3: multiplier 3 with a dilated 5x5, 7x7 at stride 3, an even kernel
+    # 'same'-padded, 1x1 strided; then whole vectors of channels on a narrow map (NCHW
+    # channel blocks) and channels_last strided.
+    Case("depthwise_multiplier3_k5_dilated", (2, 3, 11, 12), (9, 1, 5, 5), groups=3,
+         dilation=2, padding=(3, 2)),
+    Case("depthwise_k7_stride3", (2, 5, 15, 14), (5, 1, 7, 7), groups=5, stride=3, padding=3),
+    Case("depthwise_even_same", (2, 6, 9, 10), (6, 1, 4, 4), groups=6, padding="same"),
+    Case("depthwise_1x1_strided", (2, 8, 7, 8), (8, 1, 1, 1), groups=8, stride=2),
+    Case("depthwise_channel_blocks", (2, 32, 7, 7), (32, 1, 3, 3), groups=32, padding=1),
+    Case("depthwise_channels_last_strided", (2, 16, 9, 9), (16, 1, 3, 3), groups=16, stride=2,
+         padding=1, channels_last=True),
     Case("same_even_kernel", (2, 3, 9, 8), (4, 3, 4, 4), padding="same"),
     Case("same_even_rect", (1, 3, 7, 9), (4, 3, 2, 3), padding="same"),
     Case("same_dilated", (2, 3, 9, 10), (4, 3, 3, 3), padding="same", dilation=2),

@@ -162,14 +162,18 @@ def test_gradcheck_conv2d_bn(bias, affine, activation, channels_last):
         lambda x, w: ops.conv2d_activation(x, w, b, *rest[:5], activation), (x, w))
 
 
-def test_compile_fused_module():
+@pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum", "cumulative"])
+def test_compile_fused_module(momentum):
     torch.manual_seed(0)
-    m = ConvBNReLU2d(3, 6, 3, padding=1, activation="relu6")
-    ref = copy.deepcopy(m)
+    m = ConvBNReLU2d(3, 6, 3, padding=1, activation="relu6", momentum=momentum)
+    ref = _torch_sequence(m)
     compiled = torch.compile(m, fullgraph=True, backend="inductor")
-    x = torch.randn(2, 3, 8, 8)
-    assert_close(compiled(x), ref(x), atol=1e-5, rtol=1e-5, what="train")
-    assert_close(m[1].running_mean, ref[1].running_mean, atol=1e-6, rtol=1e-6, what="mean")
+    for step in range(2):
+        x = torch.randn(2, 3, 8, 8)
+        assert_close(compiled(x), ref(x), atol=1e-5, rtol=1e-5, what=f"train, step {step}")
+        for (name, buf), buf_ref in zip(m[1].named_buffers(), ref[1].buffers()):
+            assert_close(buf.double(), buf_ref.double(), atol=1e-6, rtol=1e-6,
+                         what=f"{name}, step {step}")
     m.eval(), ref.eval()
     with torch.no_grad():
         assert_close(compiled(x), ref(x), atol=1e-5, rtol=1e-5, what="eval")
@@ -315,6 +319,25 @@ def test_module_layers_and_layouts(kind, dtype):
     with torch.no_grad():
         x = torch.randn(2, 8, 11, 12, dtype=dtype)
         assert_close(m(x), ref(x), atol=atol, rtol=atol, what="eval")
+
+
+@pytest.mark.parametrize("algo,groups", [("direct", 1), ("im2col", 1), ("winograd_f2", 1),
+                                         ("winograd_f4", 1), ("winograd_f6", 1),
+                                         ("depthwise", 16), ("grouped", 4)])
+def test_module_runs_every_algorithm_named(algo, groups):
+    """Each algorithm by name, in train (batch statistics from its epilogue) and in eval (its
+    packing of the folded weights, made once and reused, and the activation epilogue)."""
+    torch.manual_seed(2)
+    m = ConvBNReLU2d(16, 16, 3, padding=1, groups=groups, activation="relu6", algo=algo)
+    ref = _torch_sequence(m)
+    atol = 2e-4 if algo.startswith("winograd") else 2e-5
+    _compare_training(m, ref, lambda: torch.randn(2, 16, 9, 10), steps=2, atol=atol)
+    m.eval(), ref.eval()
+    x = torch.randn(2, 16, 9, 10)
+    with torch.no_grad():
+        for call in ("first", "cached"):
+            assert_close(m(x), ref(x), atol=atol, rtol=atol, what=f"eval, {call} call")
+    assert m._folded is not None  # the folded weights were kept for the second call
 
 
 def test_state_dict_loads_into_the_torch_sequence_and_back():
