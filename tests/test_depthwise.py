@@ -26,6 +26,9 @@ GEOMETRIES = [
     (16, 1, 5, 3, (2, 0), 2, 13, 9),
     (48, 1, 3, 1, 1, 1, 14, 14),
     (80, 1, 3, 1, 1, 1, 7, 7),      # NCHW blocks of 4 vectors, then a ragged one
+    # Multipliers over whole vectors: grad-input slice by slice through the paths above.
+    (32, 2, 3, 1, 1, 1, 7, 7),
+    (16, 2, 3, 2, 1, 1, 11, 12),
     # NCHW maps 32+ wide run row by row (narrower ones flat).
     (24, 1, 3, 1, 1, 1, 7, 40),     # rows of 40: two whole vectors and a partial one
     (6, 2, 5, 2, (2, 1), (1, 2), 6, 75),  # strided, dilated rows of 35, multiplier 2

@@ -684,11 +684,19 @@ def test_no_memory_growth_over_10000_calls(op, algo):
         return
     for _ in range(500):
         call()
-    before = _rss_bytes()
-    for _ in range(10_000):
-        call()
-    grown = _rss_bytes() - before
-    assert grown <= 2 * 2**20, f"{op}: resident memory grew by {grown / 2**20:.2f} MiB"
+    # A leak grows the same in every window of 10,000 calls; the heap settling after the
+    # tests before (arenas, fragmentation) grows one window only. Up to three windows.
+    growth = []
+    for _window in range(3):
+        before = _rss_bytes()
+        for _ in range(10_000):
+            call()
+        growth.append(_rss_bytes() - before)
+        if growth[-1] <= 2 * 2**20:
+            return
+    assert False, (f"{op}: resident memory grew by "
+                   f"{', '.join(f'{g / 2**20:.2f}' for g in growth)} MiB in three windows of "
+                   "10,000 calls")
 
 
 @pytest.mark.parametrize("view", ["width_sliced", "channel_sliced", "batch_sliced"])

@@ -197,7 +197,8 @@ def test_tuning_restores_and_rejects_unknown_fields():
 ESTIMATE_CASES = [CASES[CASE_IDS.index(n)] for n in (
     "basic", "strided_asym", "dilated_asym_padded", "groups_strided", "pointwise",
     "pointwise_strided", "stem_like",
-    "channel_tails", "many_channels", "large_map_dilated_strided", "large_map_groups")]
+    "channel_tails", "many_channels", "large_map_dilated_strided", "large_map_groups",
+    "depthwise_multiplier", "depthwise_multiplier3_k5_dilated", "depthwise_channel_blocks")]
 
 
 @pytest.mark.parametrize("setting", ["default", "direct_block_by_block", "im2col_native",

@@ -75,7 +75,8 @@ const char* workspace_slot_name(WorkspaceSlot slot) {
       "activation_nhwc", "grad_output_nhwc", "output_nhwc",    "staging",
       "packed_weights",  "weights_tap_major", "columns",       "accumulators",
       "grad_bias_sums",  "tap_tables",        "gemm_whole_operand", "gemm_panels_a",
-      "gemm_panels_b",   "winograd_input",    "winograd_output"};
+      "gemm_panels_b",   "winograd_input",    "winograd_output", "multiplier_slice",
+      "multiplier_sum"};
   return names[slot];
 }
 

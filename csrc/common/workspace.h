@@ -24,6 +24,8 @@ enum WorkspaceSlot : int {
   kWsGemmPanelsB,       // the GEMM's packed B block (KC x NC)
   kWsWinogradInput,     // Winograd: per-thread transformed input of one tile block (B panels)
   kWsWinogradOutput,    // Winograd: per-thread transform-domain products before the output transform
+  kWsMultiplierSlice,   // depthwise, multiplier m: grad_y's and w's channels j, j + m, ... dense
+  kWsMultiplierSum,     // depthwise, multiplier m: one slice's grad-input, before it is added
   kWsSlots
 };
 

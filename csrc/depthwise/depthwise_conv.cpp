@@ -630,6 +630,20 @@ void forward_nchw_channel_blocks(const ConvGeom& g, const T* x, const T* w,
   });
 }
 
+// The NCHW forward's channels that run in channel blocks (forward_nchw_channel_blocks): maps
+// narrower than two vectors (a 7-wide map filled 7 of 16 lanes per row) that the reuse tiles
+// do not take, whole vectors of channels at multiplier 1; the rest (channel tails) run flat.
+// Blocks whose NHWC tiles are well past L1 (48 KiB here) lose to the flat path: 192
+// channels @28, batch 8 (100 KiB of tiles): 0.72 ms blocked, 0.46 flat; stride 2 (62 KiB)
+// 0.26 blocked, 0.65 flat; @14 and @7 blocked wins 3.4x and 2.2x.
+template <typename T>
+int64_t nchw_blocked_channels(const ConvGeom& g) {
+  constexpr int L = Vec<T>::lanes;
+  if (nchw_tiles_apply<T>(g) || g.OW >= 2 * L) return 0;
+  const bool fits_l1 = (g.H * g.W + g.OH * g.OW) * L * int64_t(sizeof(T)) <= (64 << 10);
+  return g.Kg() == 1 && fits_l1 ? g.K / L * L : 0;
+}
+
 template <typename T>
 void forward_nchw(const ConvGeom& g, const T* x, const T* w, const Epilogue<T>& epi, T* y,
                   int nthreads) {
@@ -640,18 +654,12 @@ void forward_nchw(const ConvGeom& g, const T* x, const T* w, const Epilogue<T>& 
     if (nchw_tiles_apply<T>(g)) return forward_nchw_reuse(g, x, w, epi, y, nthreads);
   }
   if (g.OW >= 2 * L) return forward_nchw_tiles(g, x, w, epi, y, nthreads);
-  // Maps narrower than two vectors (a 7-wide map filled 7 of 16 lanes per row): whole blocks
-  // of channels through NHWC tiles, the rest (multipliers, channel tails) flat.
-  // Blocks whose NHWC tiles are well past L1 (48 KiB here) lose to the flat path: 192
-  // channels @28, batch 8 (100 KiB of tiles): 0.72 ms blocked, 0.46 flat; stride 2 (62 KiB)
-  // 0.26 blocked, 0.65 flat; @14 and @7 blocked wins 3.4x and 2.2x.
   // Tried and lost: 'same'-padded stride-1 maps as one run of vectors across
   // rows and planes (no transposes; tap t a masked load at t's offset, its weight permuted
   // to each lane's plane). S*S unaligned loads per vector, none reused: batch 8, 2 threads,
   // ms, 960 @7 0.155-0.215 by placement (blocks 0.19-0.20), 5x5 1152 @7 0.44-0.59 (blocks
   // 0.278 above).
-  const bool fits_l1 = (g.H * g.W + g.OH * g.OW) * L * int64_t(sizeof(T)) <= (64 << 10);
-  const int64_t blocked = g.Kg() == 1 && fits_l1 ? g.K / L * L : 0;
+  const int64_t blocked = nchw_blocked_channels<T>(g);
   if (blocked) forward_nchw_channel_blocks(g, x, w, epi, y, nthreads);
   if (blocked < g.K) forward_nchw_flat(g, x, w, epi, y, blocked, nthreads);
 }
@@ -1842,7 +1850,52 @@ ConvGeom grad_input_geometry(const ConvGeom& g) {
 
 template <typename T>
 void grad_input(const ConvGeom& g, const T* gy, int gy_layout, const T* w, T* gx, int gx_layout,
+                int nthreads);
+
+// Multiplier m > 1: gx is the sum over j < m of the grad-input of the multiplier-1 layer of
+// output channels j, m + j, 2m + j, ... (their grad_y channels and filters gathered dense),
+// each run by the paths below. The direct kernel filled m lanes of a vector per group:
+// batch 8, 2 threads, ms (torch): 32 channels x 2 @56 14.2 (5.3), stride 2 8.1 (1.4);
+// channels_last 64 x 2 @28 6.1 (1.3); 48 x 4 @28 stride 2 3.6 (0.67).
+template <typename T>
+void grad_input_by_multiplier(const ConvGeom& g, const T* gy, int gy_layout, const T* w, T* gx,
+                              int gx_layout, int nthreads) {
+  const int64_t m = g.Kg(), C = g.C, RS = g.R * g.S, OHW = g.OH * g.OW, HW = g.H * g.W;
+  ConvGeom one = g;
+  one.K = C;
+  T* gy_j = workspace_as<T>(kWsMultiplierSlice, g.N * C * OHW + C * RS);
+  T* w_j = gy_j + g.N * C * OHW;
+  T* part = workspace_as<T>(kWsMultiplierSum, g.N * C * HW);
+  const int threads = threads_for(g.N * g.K * OHW * 4, nthreads);
+  for (int64_t j = 0; j < m; ++j) {
+    for (int64_t c = 0; c < C; ++c) copy_n(w_j + c * RS, w + (c * m + j) * RS, RS);
+    if (gy_layout == kNCHW) {  // planes (n, c m + j) -> (n, c)
+      parallel_for(g.N * C, threads, [&](int64_t p) {
+        copy_n(gy_j + p * OHW, gy + (p / C * g.K + p % C * m + j) * OHW, OHW);
+      });
+    } else {  // pixels' channels c m + j -> c
+      parallel_for(g.N * OHW, threads, [&](int64_t p) {
+        const T* src = gy + p * g.K + j;
+        T* dst = gy_j + p * C;
+        for (int64_t c = 0; c < C; ++c) dst[c] = src[c * m];
+      });
+    }
+    T* out = j == 0 ? gx : part;
+    grad_input(one, gy_j, gy_layout, w_j, out, gx_layout, nthreads);
+    if (j > 0) {  // same layout, so elementwise
+      const int64_t n = g.N * C * HW, chunk = 1 << 14;
+      parallel_for(ceil_div(n, chunk), threads, [&](int64_t b) {
+        const int64_t lo = b * chunk, len = min64(chunk, n - lo);
+        for (int64_t i = 0; i < len; ++i) gx[lo + i] += part[lo + i];
+      });
+    }
+  }
+}
+
+template <typename T>
+void grad_input(const ConvGeom& g, const T* gy, int gy_layout, const T* w, T* gx, int gx_layout,
                 int nthreads) {
+  if (g.Kg() > 1) return grad_input_by_multiplier(g, gy, gy_layout, w, gx, gx_layout, nthreads);
   if (!grad_input_as_forward(g)) {
     if constexpr (kTilesBuilt<T>) {
       if (gy_layout == kNCHW && gx_layout == kNCHW && grad_input_phases_apply<T>(g))
@@ -1866,17 +1919,28 @@ void grad_input(const ConvGeom& g, const T* gy, int gy_layout, const T* w, T* gx
 template <typename T>
 int64_t workspace_bytes(const ConvGeom& g, Pass pass) {
   if (pass == Pass::kGradInput) {
-    if (!grad_input_as_forward(g))  // the scatter: packed weights (and per-thread scratch)
+    if (g.Kg() > 1) {  // grad_input_by_multiplier: its two buffers, then each slice's call
+      ConvGeom one = g;
+      one.K = g.C;
+      return int64_t(sizeof(T)) * (g.N * g.C * (g.OH * g.OW + g.H * g.W) + g.C * g.R * g.S) +
+             workspace_bytes<T>(one, Pass::kGradInput);
+    }
+    if (!grad_input_as_forward(g)) {
+      if constexpr (kTilesBuilt<T>) {
+        if (grad_input_phases_apply<T>(g)) return 0;  // register tiles, reading gy as it is
+      }
+      // the scatter: packed weights (and per-thread scratch)
       return channel_blocks_apply(g, Vec<T>::lanes)
                  ? int64_t(sizeof(T)) * weight_packing<T>(g, kNHWC, kNHWC).elements
                  : direct_kernels<T>().workspace_bytes(g, pass);
+    }
     return int64_t(sizeof(T)) * g.K * g.R * g.S +
            workspace_bytes<T>(grad_input_geometry(g), Pass::kForward);
   }
   if (pass == Pass::kGradWeight) return 0;  // NCHW operands need no copies
-  const int64_t image = g.C * g.H * g.W;
-  return int64_t(sizeof(T)) * (weight_packing<T>(g, kNHWC, kNHWC).elements +
-                               min64(images_per_group(image * int64_t(sizeof(T))), g.N) * image);
+  // The NCHW forward packs weights for its channel blocks only (packed_for_blocks).
+  return nchw_blocked_channels<T>(g) ? int64_t(sizeof(T)) * g.R * g.S * packed_channels<T>(g)
+                                     : 0;
 }
 
 }  // namespace
