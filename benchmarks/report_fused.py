@@ -3,6 +3,7 @@
     python benchmarks/report_fused.py [--section conv_bn,depthwise,grouped,mobilenet]
         [--rounds 3] [--algo auto] [--json F]
     python benchmarks/report_fused.py --section placement
+    python benchmarks/report_fused.py --section multiplier
 
 conv_bn: fastconv.nn.ConvBNReLU2d against torch's Conv2d -> BatchNorm2d -> ReLU(inplace) on
 ResNet-50's layers at batch 8: eval (running statistics folded into the weights, ReLU in the
@@ -17,6 +18,8 @@ grouped: ResNeXt-50 32x4d's grouped 3x3 layers (4-32 channels per group), forwar
 and 8 in both layouts, forward + backward at batch 8 in both layouts.
 mobilenet: a whole MobileNetV2 in eval after fastconv.convert + fastconv.fuse, batch 1 and 8,
 with the max |difference| against torch's output.
+multiplier (not in the default sections): depthwise layers with channel multipliers 2 and 4
+(fastconv.shapes.DEPTHWISE_MULTIPLIER_LAYERS), as the depthwise section times its layers.
 placement (not in the default sections): the depthwise NCHW forward at batch 8 with x placed
 at several byte offsets past a 4 KiB boundary, fastconv and torch timed alternately at each.
 Where x lies against y moves the small maps' times by up to 1.5x; this names the spread that
@@ -39,7 +42,7 @@ import fastconv
 from fastconv.bench import geomean, measure, progress
 from fastconv.bench.models import MobileNetV2
 from fastconv.nn import ConvBNReLU2d
-from fastconv.shapes import NETWORKS
+from fastconv.shapes import DEPTHWISE_MULTIPLIER_LAYERS, NETWORKS
 
 
 def _interleaved(fns: dict, rounds: int, min_time: float = 0.2) -> dict:
@@ -276,6 +279,10 @@ def main(argv=None):
                 [layer for layer in NETWORKS[net] if layer.groups > 1], args.rounds, args.algo)
             print_layer_rows(rows, f"{title} (algo={args.algo}; ms median; speedup = torch / "
                                    f"ours)")
+    if "multiplier" in sections:
+        rows = out["multiplier"] = layer_rows(DEPTHWISE_MULTIPLIER_LAYERS, args.rounds, args.algo)
+        print_layer_rows(rows, f"Depthwise with channel multipliers (algo={args.algo}; ms median; "
+                               "speedup = torch / ours)")
     if "placement" in sections:
         rows = out["placement"] = placement_rows(args.rounds, args.algo)
         print(f"\nDepthwise NCHW forward, batch 8, x at byte offsets {PLACEMENT_OFFSETS} past a "

@@ -155,6 +155,15 @@ NETWORKS = {
 }
 ALL_LAYERS = [layer for layers in NETWORKS.values() for layer in layers]
 
+#: Depthwise layers with channel multipliers (out = m x in; none of the networks above has
+#: them): report_fused.py --section multiplier.
+DEPTHWISE_MULTIPLIER_LAYERS = [
+    ConvLayer("depthwise_multiplier", name, C, H, C * m, 3, stride, 1, C)
+    for name, C, H, m, stride in [("dw 3x3 32x2 @56", 32, 56, 2, 1),
+                                  ("dw 3x3/2 32x2 @56", 32, 56, 2, 2),
+                                  ("dw 3x3 64x2 @28", 64, 28, 2, 1),
+                                  ("dw 3x3/2 48x4 @28", 48, 28, 4, 2)]]
+
 #: The ResNet-50 3x3 layers and stem that the direct-convolution speed target is stated on.
 RESNET50_DIRECT_TARGETS = [
     layer for layer in NETWORKS["resnet50"]

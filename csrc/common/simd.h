@@ -34,7 +34,7 @@ namespace FASTCONV_ISA {
 // Vec<T>: `lanes` values of T. Operations: zero, load (unaligned), broadcast of one value
 // from memory, fused multiply-add, add, sub, mul, relu, min_with, clamp, where_between, store
 // (unaligned), stream (a non-temporal store to a vector-aligned address, past the caches;
-// stream_fence after), gather(base, int32 indices), even_lanes / odd_lanes (a stride-2
+// stream_fence after), gather(base, int32 indices), permute(v, int32 lane indices), even_lanes / odd_lanes (a stride-2
 // split) and zip_low / zip_high (its inverse). Nothing else is needed by the kernels.
 // Gathers cost ~5 cycles per element here: they beat only scalar loops with per-lane
 // branches (csrc/winograd).
@@ -78,6 +78,14 @@ inline Vec<float> gather(const float* base, const int32_t* idx) {  // base[idx[i
 }
 inline Vec<double> gather(const double* base, const int32_t* idx) {
   return {_mm512_i32gather_pd(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(idx)), base, 8)};
+}
+// v[idx[i]] per lane (idx[i] < lanes): one cross-lane permute.
+inline Vec<float> permute(Vec<float> v, const int32_t* idx) {
+  return {_mm512_permutexvar_ps(_mm512_loadu_si512(idx), v.v)};
+}
+inline Vec<double> permute(Vec<double> v, const int32_t* idx) {
+  const __m256i i = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(idx));
+  return {_mm512_permutexvar_pd(_mm512_cvtepi32_epi64(i), v.v)};
 }
 inline Vec<float> sub(Vec<float> a, Vec<float> b) { return {_mm512_sub_ps(a.v, b.v)}; }
 inline Vec<double> sub(Vec<double> a, Vec<double> b) { return {_mm512_sub_pd(a.v, b.v)}; }
@@ -178,6 +186,18 @@ inline Vec<float> gather(const float* base, const int32_t* idx) {  // base[idx[i
 inline Vec<double> gather(const double* base, const int32_t* idx) {
   return {_mm256_i32gather_pd(base, _mm_loadu_si128(reinterpret_cast<const __m128i*>(idx)), 8)};
 }
+// v[idx[i]] per lane (idx[i] < lanes). Doubles as pairs of floats: lane i takes float
+// lanes 2 idx[i] and 2 idx[i] + 1.
+inline Vec<float> permute(Vec<float> v, const int32_t* idx) {
+  return {_mm256_permutevar8x32_ps(v.v, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(idx)))};
+}
+inline Vec<double> permute(Vec<double> v, const int32_t* idx) {
+  const __m256i twice = _mm256_slli_epi64(
+      _mm256_cvtepi32_epi64(_mm_loadu_si128(reinterpret_cast<const __m128i*>(idx))), 1);
+  const __m256i pairs = _mm256_or_si256(
+      twice, _mm256_slli_epi64(_mm256_add_epi64(twice, _mm256_set1_epi64x(1)), 32));
+  return {_mm256_castps_pd(_mm256_permutevar8x32_ps(_mm256_castpd_ps(v.v), pairs))};
+}
 inline Vec<float> sub(Vec<float> a, Vec<float> b) { return {_mm256_sub_ps(a.v, b.v)}; }
 inline Vec<double> sub(Vec<double> a, Vec<double> b) { return {_mm256_sub_pd(a.v, b.v)}; }
 inline Vec<float> mul(Vec<float> a, Vec<float> b) { return {_mm256_mul_ps(a.v, b.v)}; }
@@ -275,6 +295,12 @@ template <typename T>
 inline Vec<T> gather(const T* base, const int32_t* idx) {  // base[idx[i]] per lane
   Vec<T> r;
   for (int i = 0; i < Vec<T>::lanes; ++i) r.v[i] = base[idx[i]];
+  return r;
+}
+template <typename T>
+inline Vec<T> permute(Vec<T> v, const int32_t* idx) {  // v[idx[i]] per lane
+  Vec<T> r;
+  for (int i = 0; i < Vec<T>::lanes; ++i) r.v[i] = v.v[idx[i]];
   return r;
 }
 template <typename T>
