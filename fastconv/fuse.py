@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-from .nn import ACTIVATION_MODULES, ConvBNReLU2d, fusable_conv_bn
+from .nn import ACTIVATION_MODULES, ConvBNReLU2d, _hooks_of, fusable_conv_bn
 
 
 class FuseWarning(UserWarning):
@@ -25,6 +25,10 @@ def _conv_bn_pair(conv, bn) -> bool:
 
 
 def _activation_of(module) -> Optional[str]:
+    """The activation name of a ReLU / ReLU6 module fuse() may absorb (not one with hooks,
+    which the fused module would not run)."""
+    if module is None or _hooks_of(module):
+        return None
     return next((n for n, t in ACTIVATION_MODULES.items() if type(module) is t), None)
 
 
@@ -79,32 +83,50 @@ class _Tracer(fx.Tracer):
         return super().is_leaf_module(m, qualname)
 
 
-def _trace(model: torch.nn.Module) -> fx.Graph:
+def _trace(model: torch.nn.Module) -> tuple[fx.Graph, list]:
     """model's fx graph, which must not depend on the train / eval mode: tracing records
     the Python value of ``self.training`` (``F.dropout(x, p, self.training)``, stochastic
-    depth), so such a graph would keep the mode it was traced in for good. Traced in the
-    model's own modes, all-train and all-eval; the modes are restored."""
+    depth), so such a graph would keep the mode it was traced in for good. Traced all-train
+    and all-eval (the flags set directly: a train() override may do more), then in the
+    model's own modes, which are restored. Returns the last graph and the names of the
+    attributes its trace put on model (tensor constants, which the GraphModule copies);
+    the other traces' are removed, so that each trace names its constants alike."""
     modes = [(m, m.training) for m in model.modules()]
-    graph = _Tracer().trace(model)
+
+    def trace() -> tuple[str, fx.Graph, list]:
+        before = set(model.__dict__)
+        graph = _Tracer().trace(model)
+        return str(graph), graph, [n for n in model.__dict__ if n not in before]
+
+    def drop(names) -> None:
+        for name in names:
+            delattr(model, name)
+
     try:
+        texts = []
         for mode in (True, False):
-            model.train(mode)
-            if str(_Tracer().trace(model)) != str(graph):
-                raise _Unfusable("its traced graph differs between train and eval mode (its "
-                                 "forward reads self.training)")
+            for m in model.modules():
+                m.training = mode
+            text, _, added = trace()
+            drop(added)
+            texts.append(text)
     finally:
         for m, training in modes:
             m.training = training
-    return graph
+    text, graph, added = trace()
+    if any(t != text for t in texts):
+        drop(added)
+        raise _Unfusable("its traced graph differs between train and eval mode (its forward "
+                         "reads self.training)")
+    return graph, added
 
 
 def _fuse_graph(model: torch.nn.Module) -> tuple[torch.nn.Module, int]:
     """Traces model with torch.fx and fuses conv -> bn (-> activation) node chains whose
     intermediate results have no other use. Returns the GraphModule and the count; model
     itself is left as it was."""
-    graph = _trace(model)
+    graph, added = _trace(model)  # added: attributes on model until the GraphModule has them
     modules = dict(model.named_modules())
-    added = []  # fused modules, on model only until the GraphModule has taken them
     fused = 0
     for node in list(graph.nodes):
         if node.op != "call_module" or not isinstance(modules.get(node.target), torch.nn.Conv2d):
@@ -136,14 +158,14 @@ def _fuse_graph(model: torch.nn.Module) -> tuple[torch.nn.Module, int]:
         for dead in ([last, bn_node, node] if last is not bn_node else [bn_node, node]):
             graph.erase_node(dead)
         fused += 1
-    if fused == 0:
-        return model, 0
     try:
+        if fused == 0:
+            return model, 0
         graph.lint()
         result = fx.GraphModule(model, graph, model.__class__.__name__)
     finally:
         for name in added:  # else model's state_dict would hold every fused tensor twice
-            del model._modules[name]
+            delattr(model, name)
     result.training = model.training  # the root's flag only: children keep their own modes
     return result, fused
 

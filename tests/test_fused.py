@@ -608,3 +608,56 @@ def test_constant_channel_keeps_a_running_variance_of_zero():
         m[0].bias.fill_(3.0)  # every output value of each channel equal
     m(torch.randn(2, 3, 5, 5))
     assert (m[1].running_var >= 0).all() and m[1].running_var.abs().max() < 1e-9
+
+
+class _WithConstant(nn.Module):
+    """A forward that makes a tensor constant, which fx stores on the model."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        return F.relu(self.bn(self.conv(x))) * torch.tensor(2.0)
+
+
+class _FreezesInEval(nn.Module):
+    """train() does more than set the flags."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.block = _WithConstant(c)
+
+    def forward(self, x):
+        return self.block(x)
+
+    def train(self, mode=True):
+        super().train(mode)
+        self.block.conv.weight.requires_grad_(mode)
+        return self
+
+
+def test_fuse_traces_constants_and_modes_without_side_effects():
+    torch.manual_seed(0)
+    model = _FreezesInEval(4)
+    ref = copy.deepcopy(model)
+    names = set(model.__dict__) | set(model.block.__dict__)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", fastconv.FuseWarning)
+        fused = fastconv.fuse(model)
+    assert any(isinstance(m, ConvBNReLU2d) for m in fused.modules())
+    assert set(model.__dict__) | set(model.block.__dict__) == names  # no fx constants left
+    assert model.block.conv.weight.requires_grad  # its train() override never ran
+    x = torch.randn(2, 4, 6, 6)
+    assert_close(fused(x), ref(x), atol=1e-5, rtol=1e-5, what="train output")
+
+
+def test_activation_with_hooks_is_not_absorbed():
+    seq = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU())
+    seen = []
+    seq[2].register_forward_hook(lambda mod, args, out: seen.append(1))
+    fused = fastconv.fuse(seq)
+    assert isinstance(fused[0], ConvBNReLU2d) and fused[0].activation == "none"
+    assert isinstance(fused[2], nn.ReLU)
+    fused(torch.randn(1, 3, 6, 6))
+    assert seen == [1]
