@@ -34,8 +34,9 @@ namespace FASTCONV_ISA {
 // Vec<T>: `lanes` values of T. Operations: zero, load (unaligned), broadcast of one value
 // from memory, fused multiply-add, add, sub, mul, relu, min_with, clamp, where_between, store
 // (unaligned), stream (a non-temporal store to a vector-aligned address, past the caches;
-// stream_fence after), gather(base, int32 indices), permute(v, int32 lane indices), even_lanes / odd_lanes (a stride-2
-// split) and zip_low / zip_high (its inverse). Nothing else is needed by the kernels.
+// stream_fence after), gather(base, int32 indices), permute(v, int32 lane indices),
+// even_lanes / odd_lanes (a stride-2 split) and zip_low / zip_high (its inverse). Nothing
+// else is needed by the kernels.
 // Gathers cost ~5 cycles per element here: they beat only scalar loops with per-lane
 // branches (csrc/winograd).
 template <typename T>
